@@ -1,0 +1,30 @@
+"""batchnorm: batch normalization for PyTorch, correct and fast, with the tools around it.
+
+    import batchnorm as bn
+    layer = bn.BatchNorm2d(64, activation="relu")      # drop-in for torch.nn.BatchNorm2d
+    y = layer(x, residual=shortcut)                     # relu(bn(x) + shortcut)
+"""
+
+from . import backends, functional, reference
+from .nn import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+    "backends",
+    "functional",
+    "reference",
+]

@@ -1,0 +1,82 @@
+"""The activations a batch-norm layer can fuse, in plain torch ops.
+
+Every backend implements the same set; these torch versions serve the `reference` and
+`aten` backends and define what the fast kernels must match.
+
+For an activation g applied to u = z' (+ residual):
+
+    relu        g(u) = max(u, 0)                  g'(u) = [u > 0]
+    leaky_relu  g(u) = u if u > 0 else 0.01 u     g'(u) = 1 if u > 0 else 0.01
+    sigmoid     g(u) = 1 / (1 + exp(-u))          g'(u) = g(u) (1 - g(u))
+    tanh        g(u) = tanh(u)                    g'(u) = 1 - tanh(u)^2
+    silu        g(u) = u sigmoid(u)               g'(u) = s (1 + u (1 - s)),  s = sigmoid(u)
+    gelu        g(u) = u Phi(u)  (exact, erf)     g'(u) = Phi(u) + u phi(u)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+NAMES = (None, "relu", "leaky_relu", "sigmoid", "tanh", "silu", "gelu")
+
+LEAKY_SLOPE = 0.01
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def check(name: str | None) -> str | None:
+    """Return `name` if it is a supported activation, else raise ValueError."""
+    if name not in NAMES:
+        raise ValueError(
+            f"activation={name!r} is not supported; choose one of {', '.join(map(repr, NAMES))}"
+        )
+    return name
+
+
+def forward(u: Tensor, name: str | None) -> Tensor:
+    """g(u), elementwise."""
+    if name is None:
+        return u
+    if name == "relu":
+        return torch.relu(u)
+    if name == "leaky_relu":
+        return torch.nn.functional.leaky_relu(u, LEAKY_SLOPE)
+    if name == "sigmoid":
+        return torch.sigmoid(u)
+    if name == "tanh":
+        return torch.tanh(u)
+    if name == "silu":
+        return torch.nn.functional.silu(u)
+    if name == "gelu":
+        return torch.nn.functional.gelu(u)
+    raise AssertionError(name)
+
+
+def derivative(u: Tensor, name: str | None) -> Tensor | None:
+    """g'(u), elementwise, in differentiable torch ops (double backward goes through it).
+
+    Returns None for the identity, so callers can skip the multiply.
+    """
+    if name is None:
+        return None
+    if name == "relu":
+        return (u > 0).to(u.dtype)
+    if name == "leaky_relu":
+        return torch.where(u > 0, 1.0, LEAKY_SLOPE).to(u.dtype)
+    if name == "sigmoid":
+        s = torch.sigmoid(u)
+        return s * (1 - s)
+    if name == "tanh":
+        t = torch.tanh(u)
+        return 1 - t * t
+    if name == "silu":
+        s = torch.sigmoid(u)
+        return s * (1 + u * (1 - s))
+    if name == "gelu":
+        cdf = 0.5 * (1 + torch.erf(u * _INV_SQRT2))
+        pdf = torch.exp(-0.5 * u * u) * _INV_SQRT_2PI
+        return cdf + u * pdf
+    raise AssertionError(name)

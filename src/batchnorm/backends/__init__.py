@@ -1,0 +1,79 @@
+"""The backend registry: which implementations of the kernel contract exist, and which runs.
+
+`available()` lists the backends this machine can run. `resolve(name, x)` picks one for an
+input: an explicit name (or the environment variable BATCHNORM_BACKEND) forces it, and
+when the forced backend cannot take the input it falls back to `aten` (the dispatcher says
+so with `reason`); "auto" asks the registered backends in priority order and takes the
+first that is available, supports the input and prefers it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+from torch import Tensor
+
+from .aten import AtenBackend
+from .base import Backend
+from .reference import ReferenceBackend
+
+ENV_VAR = "BATCHNORM_BACKEND"
+
+_REGISTRY: dict[str, Backend] = {}
+_PRIORITY: dict[str, int] = {}  # backends auto may choose, lower asked first
+
+
+def register(backend: Backend, *, auto_priority: int | None = None) -> None:
+    """Add a backend; `auto_priority` (lower first) lets `auto` consider it."""
+    _REGISTRY[backend.name] = backend
+    if auto_priority is not None:
+        _PRIORITY[backend.name] = auto_priority
+
+
+def get(name: str) -> Backend:
+    """The backend called `name`; ValueError listing the known names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown batch-norm backend {name!r}; known: {', '.join(sorted(_REGISTRY))} or 'auto'"
+        ) from None
+
+
+def names() -> list[str]:
+    """Every registered backend, available here or not."""
+    return sorted(_REGISTRY)
+
+
+def available() -> list[str]:
+    """The registered backends that can run on this machine."""
+    return [n for n, b in sorted(_REGISTRY.items()) if b.unavailable() is None]
+
+
+class Choice(NamedTuple):
+    backend: Backend
+    reason: str  # why this one: "forced", "auto", or the fallback's cause
+
+
+def resolve(name: str | None, x: Tensor) -> Choice:
+    """The backend that will run `x` for a request of `name` ("auto", a name, or None = env)."""
+    requested = name or os.environ.get(ENV_VAR) or "auto"
+    fallback = _REGISTRY["aten"]
+    if requested != "auto":
+        backend = get(requested)
+        why_not = backend.unavailable() or backend.unsupported(x)
+        if why_not is None:
+            return Choice(backend, "forced")
+        return Choice(fallback, f"{requested} cannot run this input ({why_not}); fell back to aten")
+    for candidate in sorted(_PRIORITY, key=_PRIORITY.__getitem__):
+        backend = _REGISTRY[candidate]
+        if backend.unavailable() is None and backend.unsupported(x) is None and backend.preferred(x):
+            return Choice(backend, "auto")
+    return Choice(fallback, "auto")
+
+
+register(ReferenceBackend())
+register(AtenBackend(), auto_priority=100)
+
+__all__ = ["Backend", "Choice", "ENV_VAR", "available", "get", "names", "register", "resolve"]

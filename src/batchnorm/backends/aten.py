@@ -1,0 +1,49 @@
+"""The `aten` backend: torch's own batch-norm kernels, composed with the extras.
+
+The fallback for every device, dtype and layout. For plain batch norm (no policy that
+needs the statistics apart from the normalization) it calls `torch.native_batch_norm`,
+so its speed and autograd (double backward included) are torch's; activation and
+residual are then applied with torch ops. For everything else it runs the kernel
+contract with the reference's torch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import activations
+from .reference import ReferenceBackend
+
+
+class AtenBackend(ReferenceBackend):
+    name = "aten"
+
+    def preferred(self, x: Tensor) -> bool:
+        return True
+
+    @staticmethod
+    def normalize(
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        eps: float,
+        activation: str | None,
+        residual: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Whole-op batch norm on the N-D input through torch's autograd.
+
+        With running statistics given, normalizes with them (evaluation) and returns
+        (y, None, None). Without, normalizes with the batch statistics and returns
+        (y, mean, invstd), each (C,) in the accumulation dtype, for the running update.
+        """
+        training = running_mean is None
+        y, mean, invstd = torch.native_batch_norm(
+            x, weight, bias, running_mean, running_var, training, 0.0, eps
+        )
+        if residual is not None:
+            y = y + residual
+        y = activations.forward(y, activation)
+        return (y, mean, invstd) if training else (y, None, None)

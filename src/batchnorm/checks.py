@@ -1,0 +1,106 @@
+"""Input validation: every bad input gets a ValueError or TypeError that names the problem
+and says what to do, before any kernel runs."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import activations
+
+_SMALL_BATCH_HINT = (
+    "batch norm needs at least two values per channel to estimate a variance in training. "
+    "Use drop_last=True in the DataLoader (a last batch of one example), call model.eval() "
+    "to normalize with the running statistics, or train with a larger batch"
+)
+
+
+def check_input(x: object, num_features: int | None = None) -> Tensor:
+    """A floating-point tensor of shape (N, C, *spatial), C = num_features if given."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"batch norm expects a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"batch norm needs floating-point input, got {x.dtype}; convert it first, e.g. x.float()"
+        )
+    if x.dim() < 2:
+        raise ValueError(
+            f"batch norm expects input of shape (N, C, ...) with at least 2 dimensions, got shape "
+            f"{tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)"
+        )
+    if num_features is not None and x.shape[1] != num_features:
+        raise ValueError(
+            f"expected {num_features} channels in dimension 1, got input of shape {tuple(x.shape)} "
+            f"with {x.shape[1]}; channels must come second (N, C, ...): for channels-last data "
+            "use x.permute(...) or the memory format torch.channels_last, not a different shape"
+        )
+    return x
+
+
+def check_ndim(x: Tensor, allowed: tuple[int, ...], layer: str) -> None:
+    """A module's rank check (BatchNorm2d takes 4-D input, ...)."""
+    if x.dim() not in allowed:
+        want = " or ".join(f"{d}-D" for d in allowed)
+        raise ValueError(
+            f"{layer} expects {want} input, got {x.dim()}-D input of shape {tuple(x.shape)}; "
+            "use BatchNorm1d for (N, C) or (N, C, L), BatchNorm2d for (N, C, H, W), "
+            "BatchNorm3d for (N, C, D, H, W)"
+        )
+
+
+def check_per_channel(x: Tensor, **tensors: Tensor | None) -> None:
+    """Each given (C,) tensor has C elements, a floating dtype usable with x, and x's device."""
+    c = x.shape[1]
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.numel() != c:
+            raise ValueError(f"{name} has {t.numel()} elements but the input has {c} channels")
+        if t.device != x.device:
+            raise ValueError(
+                f"{name} is on {t.device} but the input is on {x.device}; move the module "
+                f"with .to({str(x.device)!r}) or the input with .to({str(t.device)!r})"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+        if t.dtype != x.dtype and t.dtype != torch.float32:
+            raise TypeError(
+                f"{name} is {t.dtype} but the input is {x.dtype}; parameters and buffers must "
+                "match the input's dtype, or be float32 for float16/bfloat16 input"
+            )
+
+
+def check_residual(x: Tensor, residual: Tensor | None) -> None:
+    if residual is None:
+        return
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a Tensor, got {type(residual).__name__}")
+    if residual.shape != x.shape:
+        raise ValueError(
+            f"residual has shape {tuple(residual.shape)} but the input has {tuple(x.shape)}; "
+            "the residual is added elementwise before the activation and must match"
+        )
+    if residual.device != x.device or residual.dtype != x.dtype:
+        raise ValueError(
+            f"residual is {residual.dtype} on {residual.device} but the input is {x.dtype} on "
+            f"{x.device}; convert it with residual.to(x)"
+        )
+
+
+def check_training_batch(x: Tensor) -> None:
+    """Training needs two values per channel or more (an empty batch is handled apart)."""
+    n = x.numel() // x.shape[1]
+    if n == 1:
+        raise ValueError(
+            f"got input of shape {tuple(x.shape)}: one value per channel in training mode. "
+            + _SMALL_BATCH_HINT
+        )
+
+
+def check_momentum(momentum: float | None) -> None:
+    if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum}")
+
+
+def check_activation(name: str | None) -> str | None:
+    return activations.check(name)

@@ -1,0 +1,77 @@
+"""Canonical views of a batch-norm input: `(N, C, L)` channels-first or `(M, C)` channels-last.
+
+Every kernel sees one of these two shapes and nothing else. A view is taken without a
+copy whenever the memory allows it:
+
+- 2-D input `(N, C)`                              -> `(M=N, C)`        kind "mc"
+- contiguous `(N, C, *S)`                         -> `(N, C, L=prod S)` kind "ncl"
+- channels-last `(N, *S, C)` in memory            -> `(M=N*prod S, C)` kind "mc"
+
+Anything else (a strided slice, say) is not viewable; `canonical(..., copy=True)` then
+makes a contiguous copy and the backends that need a view say they cannot take it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class View(NamedTuple):
+    """A canonical view and how to go back to the input's shape."""
+
+    data: Tensor  # (N, C, L) or (M, C)
+    kind: str  # "ncl" or "mc"
+
+
+def _channels_last_order(x: Tensor) -> Tensor:
+    """x permuted to (N, *S, C)."""
+    return x.permute(0, *range(2, x.dim()), 1)
+
+
+def kind_of(x: Tensor) -> str | None:
+    """"ncl", "mc", or None when `x` cannot be viewed without a copy."""
+    if x.dim() == 2:
+        return "mc" if x.stride(1) == 1 or x.shape[1] == 1 else None
+    if x.is_contiguous():
+        return "ncl"
+    if _channels_last_order(x).is_contiguous():
+        return "mc"
+    return None
+
+
+def canonical(x: Tensor, kind: str | None = None) -> View:
+    """The canonical view of `x`, of the given kind if one is asked (copying when needed)."""
+    want = kind or kind_of(x) or "ncl"
+    if x.dim() == 2:
+        return View(x if x.stride(1) == 1 else x.contiguous(), "mc")
+    c = x.shape[1]
+    if want == "ncl":
+        return View(x.contiguous().view(x.shape[0], c, -1), "ncl")
+    return View(_channels_last_order(x).contiguous().view(-1, c), "mc")
+
+
+def restore(data: Tensor, like: Tensor, kind: str) -> Tensor:
+    """Undo `canonical`: a tensor shaped like `like`, in the memory format of `kind`."""
+    if like.dim() == 2 or kind == "ncl":
+        return data.view(like.shape)
+    n, c = like.shape[0], like.shape[1]
+    spatial = like.shape[2:]
+    return data.view(n, *spatial, c).permute(0, like.dim() - 1, *range(1, like.dim() - 1))
+
+
+def reduce_dims(v: Tensor) -> tuple[int, ...]:
+    """The dimensions a per-channel reduction runs over in a canonical view."""
+    return (0, 2) if v.dim() == 3 else (0,)
+
+
+def per_channel(t: Tensor, v: Tensor) -> Tensor:
+    """A per-channel vector `(C,)` shaped to broadcast against the canonical view `v`."""
+    return t.view(1, -1, 1) if v.dim() == 3 else t.view(1, -1)
+
+
+def values_per_channel(x: Tensor) -> int:
+    """How many values each channel has in `x`: N * prod(spatial)."""
+    return x.numel() // x.shape[1] if x.shape[1] else 0

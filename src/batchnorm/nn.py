@@ -1,0 +1,142 @@
+"""Drop-in batch-norm modules: `BatchNorm1d/2d/3d` and their Lazy versions.
+
+Each subclasses the matching `torch.nn.BatchNorm*` (so `isinstance(m, nn.BatchNorm2d)`
+holds, and the constructor arguments, parameters, buffers and state_dict keys are
+torch's) and adds keyword-only extras:
+
+- `activation=`: None, "relu", "leaky_relu", "sigmoid", "tanh", "silu" or "gelu", applied
+  after gamma and beta (fused by the fast backends);
+- `forward(x, residual=None)`: residual added before the activation,
+  `g(bn(x) + residual)`, the ResNet pattern;
+- `backend=`: "auto" (default), or a name from `batchnorm.backends.available()`;
+- a guard that keeps non-finite batch statistics out of the running statistics; skips
+  are counted in `nonfinite_skips`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _LazyNormBase
+
+from . import checks
+from . import functional as F
+from .stats import NonFiniteGuard
+
+
+class _Extras:
+    """What our modules add to torch's: the keyword-only extras and the forward that uses them."""
+
+    _ndims: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        activation: str | None = None,
+        backend: str | None = "auto",
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
+        self.activation = checks.check_activation(activation)
+        self.backend = backend
+        self._guard = NonFiniteGuard(type(self).__name__)
+
+    @property
+    def nonfinite_skips(self) -> int:
+        """How many running-statistic updates were skipped for a non-finite batch statistic."""
+        return self._guard.count
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        checks.check_ndim(input, self._ndims, type(self).__name__)
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        """g(gamma * (x - mu) / sqrt(var + eps) + beta + residual); shapes as torch's module."""
+        checks.check_input(input, None if self.num_features == 0 else self.num_features)
+        self._check_input_dim(input)
+        update = self.training and self.track_running_stats
+        # torch's rule: batch statistics in training, and in evaluation when there are no
+        # running statistics; the buffers are passed only when they are read or updated.
+        uses_buffers = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if uses_buffers else None,
+            self.running_var if uses_buffers else None,
+            self.weight,
+            self.bias,
+            self.training or self.running_mean is None,
+            self.momentum,
+            self.eps,
+            activation=self.activation,
+            residual=residual,
+            backend=self.backend,
+            num_batches_tracked=self.num_batches_tracked if update else None,
+            guard=self._guard,
+        )
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.activation is not None:
+            text += f", activation={self.activation!r}"
+        if self.backend not in ("auto", None):
+            text += f", backend={self.backend!r}"
+        return text
+
+
+class BatchNorm1d(_Extras, torch.nn.BatchNorm1d):
+    """Batch norm over (N, C) or (N, C, L) input; a drop-in for torch.nn.BatchNorm1d."""
+
+    _ndims = (2, 3)
+
+
+class BatchNorm2d(_Extras, torch.nn.BatchNorm2d):
+    """Batch norm over (N, C, H, W) input; a drop-in for torch.nn.BatchNorm2d."""
+
+    _ndims = (4,)
+
+
+class BatchNorm3d(_Extras, torch.nn.BatchNorm3d):
+    """Batch norm over (N, C, D, H, W) input; a drop-in for torch.nn.BatchNorm3d."""
+
+    _ndims = (5,)
+
+
+class _Lazy(_LazyNormBase):
+    """num_features inferred from the first input's dimension 1, as torch's Lazy modules."""
+
+    def __init__(
+        self,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        activation: str | None = None,
+        backend: str | None = "auto",
+    ) -> None:
+        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.activation = checks.check_activation(activation)
+        self.backend = backend
+
+
+class LazyBatchNorm1d(_Lazy, BatchNorm1d):
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_Lazy, BatchNorm2d):
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_Lazy, BatchNorm3d):
+    cls_to_become = BatchNorm3d
