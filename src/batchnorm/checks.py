@@ -97,6 +97,15 @@ def check_training_batch(x: Tensor) -> None:
         )
 
 
+def check_global_count(count: int, local_shape: tuple[int, ...]) -> None:
+    """The synchronized batch (all processes together) needs two values per channel or more."""
+    if count <= 1:
+        raise ValueError(
+            f"the global batch across all processes has {count} value(s) per channel (this "
+            f"process's part has shape {tuple(local_shape)}). " + _SMALL_BATCH_HINT
+        )
+
+
 def check_momentum(momentum: float | None) -> None:
     if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum}")

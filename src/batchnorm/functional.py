@@ -7,6 +7,8 @@ non-finite guard). Policy lives here; the backends only compute.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
@@ -14,6 +16,16 @@ from . import activations, backends, checks, layout
 from .autograd import BatchNormFunction
 from .reference import acc_dtype
 from .stats import NonFiniteGuard, Stats, update_running
+
+
+class Synchronizer(Protocol):
+    """What SyncBatchNorm plugs in: the two reductions across processes (distributed.py)."""
+
+    def reduce_stats(self, local: Stats) -> Stats:
+        """The global statistics from this process's (count, mean, m2), on every process."""
+
+    def reduce_grads(self, sums: Tensor) -> Tensor:
+        """The global (2, C) (sum_d, sum_d_xhat) from this process's."""
 
 _DEFAULT_GUARD = NonFiniteGuard("batchnorm.functional.batch_norm")
 
@@ -33,6 +45,7 @@ def batch_norm(
     backend: str | None = "auto",
     num_batches_tracked: Tensor | None = None,
     guard: NonFiniteGuard | None = None,
+    sync: Synchronizer | None = None,
 ) -> Tensor:
     """y = g(gamma * (x - mu) / sqrt(var + eps) + beta + residual), per channel.
 
@@ -49,7 +62,9 @@ def batch_norm(
     (counted by `guard`, warned once).
 
     `backend`: "auto", a name from `batchnorm.backends.available()`, or None to read the
-    BATCHNORM_BACKEND environment variable.
+    BATCHNORM_BACKEND environment variable. `sync`: reductions across processes, for
+    SyncBatchNorm; the batch is then the union of every process's batch (this process's
+    part may be empty).
     """
     x = checks.check_input(input)
     checks.check_per_channel(
@@ -58,16 +73,14 @@ def batch_norm(
     checks.check_residual(x, residual)
     checks.check_activation(activation)
     checks.check_momentum(momentum)
-    if x.numel() == 0:
-        return _empty(x, weight, bias, activation, residual)
-
     use_batch_stats = training or running_mean is None
+    if x.numel() == 0 and not (use_batch_stats and sync is not None):
+        return _empty(x, weight, bias, activation, residual)
     be = backends.resolve(backend, x).backend
     if not use_batch_stats:
         return _normalize_eval(x, weight, bias, running_mean, running_var, eps, activation, residual, be)
 
-    checks.check_training_batch(x)
-    y, batch = _normalize_batch(x, weight, bias, eps, activation, residual, be)
+    y, batch = _normalize_batch(x, weight, bias, eps, activation, residual, be, sync)
     if training and running_mean is not None and running_var is not None:
         with torch.no_grad():
             accepted = update_running(running_mean, running_var, batch, momentum, num_batches_tracked)
@@ -75,9 +88,11 @@ def batch_norm(
     return y
 
 
-def _normalize_batch(x, weight, bias, eps, activation, residual, be) -> tuple[Tensor, Stats]:
+def _normalize_batch(x, weight, bias, eps, activation, residual, be, sync=None) -> tuple[Tensor, Stats]:
     """Normalize with the batch's own statistics; return y and those statistics."""
-    if be.normalize is not None:
+    if sync is None:
+        checks.check_training_batch(x)
+    if be.normalize is not None and sync is None:
         y, mean, invstd = be.normalize(x, weight, bias, None, None, eps, activation, residual)
         count = torch.full_like(mean, layout.values_per_channel(x))
         # The whole-op kernel returns invstd; var is recovered for the running update
@@ -85,12 +100,25 @@ def _normalize_batch(x, weight, bias, eps, activation, residual, be) -> tuple[Te
         var = (invstd.double().pow(-2) - eps).clamp(min=0).to(mean.dtype)
         return y, Stats(count, mean.detach(), (var * count).detach())
     with torch.no_grad():
-        batch = Stats(*be.stats(layout.canonical(x).data))
+        batch = _local_stats(x, be)
+        if sync is not None:
+            batch = sync.reduce_stats(batch)
+            # Every process holds the same global count, so all raise together.
+            checks.check_global_count(int(batch.count[0]) if batch.count.numel() else 0, x.shape)
         invstd = torch.rsqrt(batch.var + eps)
+    grad_reducer = None if sync is None else sync.reduce_grads
     y = BatchNormFunction.apply(
-        x, weight, bias, residual, batch.mean, invstd, batch.count, be, activation, True, None
+        x, weight, bias, residual, batch.mean, invstd, batch.count, be, activation, True, grad_reducer
     )
     return y, batch
+
+
+def _local_stats(x: Tensor, be) -> Stats:
+    """This process's (count, mean, m2); zeros for an empty batch (a Chan-merge identity)."""
+    if x.numel() == 0:
+        zeros = torch.zeros(x.shape[1], dtype=acc_dtype(x.dtype), device=x.device)
+        return Stats(zeros, zeros.clone(), zeros.clone())
+    return Stats(*be.stats(layout.canonical(x).data))
 
 
 def _normalize_eval(x, weight, bias, running_mean, running_var, eps, activation, residual, be) -> Tensor:
