@@ -13,6 +13,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Batch normalization for PyTorch: layers, tools, benchmarks and experiments."""
+
+
 @app.command("backends")
 def backends_command() -> None:
     """List the batch-norm backends and whether this machine can run them."""
