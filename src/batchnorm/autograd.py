@@ -39,8 +39,8 @@ class BatchNormFunction(torch.autograd.Function):
     ) -> Tensor:
         view = layout.canonical(x)
         res_view = None if residual is None else layout.canonical(residual, view.kind).data
-        scale, shift = reference.affine(mean, invstd, weight, bias)
-        y = backend.apply(view.data, scale, shift, activation, res_view)
+        scale, shift = reference.affine(invstd, weight, bias)
+        y = backend.apply(view.data, mean, scale, shift, activation, res_view)
         ctx.save_for_backward(x, residual, mean, invstd, scale, shift, count)
         ctx.kind = view.kind
         ctx.backend, ctx.activation = backend, activation

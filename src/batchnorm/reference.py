@@ -9,7 +9,10 @@ Forward, per channel c, over the n values z_i of the mini-batch:
     mu      = mean_i z_i                                    -> stats()
     var     = mean_i (z_i - mu)^2             (biased)
     z_hat_i = (z_i - mu) / sqrt(var + eps)
-    z'_i    = gamma * z_hat_i + beta            = scale * z_i + shift     -> apply()
+    z'_i    = gamma * z_hat_i + beta            = (z_i - mu) * scale + shift   -> apply()
+              (scale = gamma / sqrt(var + eps), shift = beta: the mean is subtracted
+              first, never folded into the shift, so a channel with a large mean and a
+              small spread keeps its precision in fp32)
     a_i     = g(z'_i + residual_i)
 
 Backward, with d_i = dL/da_i * g'(u_i), u_i = z'_i + residual_i:
@@ -55,9 +58,9 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return count, mean, m2
 
 
-def _pre_activation(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None) -> Tensor:
-    """u = scale * z + shift (+ residual), in the accumulation dtype."""
-    u = x.to(scale.dtype) * per_channel(scale, x) + per_channel(shift, x)
+def _pre_activation(x, mean, scale, shift, residual) -> Tensor:
+    """u = (z - mu) * scale + shift (+ residual), in the accumulation dtype."""
+    u = (x.to(scale.dtype) - per_channel(mean, x)) * per_channel(scale, x) + per_channel(shift, x)
     if residual is not None:
         u = u + residual.to(u.dtype)
     return u
@@ -65,19 +68,20 @@ def _pre_activation(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | 
 
 def apply(
     x: Tensor,
+    mean: Tensor,
     scale: Tensor,
     shift: Tensor,
     activation: str | None = None,
     residual: Tensor | None = None,
 ) -> Tensor:
-    """y = g(scale * x + shift + residual), per channel; output in x's dtype and view shape."""
-    return activations.forward(_pre_activation(x, scale, shift, residual), activation).to(x.dtype)
+    """y = g((x - mean) * scale + shift + residual), per channel; output in x's dtype and shape."""
+    return activations.forward(_pre_activation(x, mean, scale, shift, residual), activation).to(x.dtype)
 
 
-def _grad_before_activation(dy, x, scale, shift, activation, residual) -> Tensor:
+def _grad_before_activation(dy, x, mean, scale, shift, activation, residual) -> Tensor:
     """d = dy * g'(u), recomputing u from the saved input."""
     d = dy.to(scale.dtype)
-    slope = activations.derivative(_pre_activation(x, scale, shift, residual), activation)
+    slope = activations.derivative(_pre_activation(x, mean, scale, shift, residual), activation)
     return d if slope is None else d * slope
 
 
@@ -92,7 +96,7 @@ def backward_reduce(
     residual: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-channel (sum_d, sum_d_xhat), the gradients of beta and gamma."""
-    d = _grad_before_activation(dy, x, scale, shift, activation, residual)
+    d = _grad_before_activation(dy, x, mean, scale, shift, activation, residual)
     xhat = (x.to(mean.dtype) - per_channel(mean, x)) * per_channel(invstd, x)
     dims = reduce_dims(x)
     return d.sum(dims), (d * xhat).sum(dims)
@@ -115,19 +119,17 @@ def backward_apply(
     `scale` is gamma / sqrt(var + eps); `mean_d`, `mean_d_xhat` are sum_d / n and
     sum_d_xhat / n in training, zeros in evaluation. Outputs in x's (residual's) dtype.
     """
-    d = _grad_before_activation(dy, x, scale, shift, activation, residual)
+    d = _grad_before_activation(dy, x, mean, scale, shift, activation, residual)
     xhat = (x.to(mean.dtype) - per_channel(mean, x)) * per_channel(invstd, x)
     dx = per_channel(scale, x) * (d - per_channel(mean_d, x) - xhat * per_channel(mean_d_xhat, x))
     dres = None if residual is None else d.to(residual.dtype)
     return dx.to(x.dtype), dres
 
 
-def affine(mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The per-channel map z' = scale * z + shift equal to gamma * (z - mu) * invstd + beta."""
+def affine(invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(scale, shift) of z' = (z - mu) * scale + shift: scale = gamma * invstd, shift = beta."""
     scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(invstd.dtype)
+    shift = torch.zeros_like(invstd) if bias is None else bias.to(invstd.dtype)
     return scale, shift
 
 
@@ -139,8 +141,8 @@ class _BatchNorm(torch.autograd.Function):
         ctx.eps, ctx.activation = eps, activation
         ctx.save_for_backward(x, weight, bias, residual, running_mean, running_var)
         mean, invstd = _statistics(x, running_mean, running_var, eps)
-        scale, shift = affine(mean, invstd, weight, bias)
-        return apply(x, scale, shift, activation, residual)
+        scale, shift = affine(invstd, weight, bias)
+        return apply(x, mean, scale, shift, activation, residual)
 
     @staticmethod
     def backward(ctx, dy):
@@ -148,7 +150,7 @@ class _BatchNorm(torch.autograd.Function):
         # Recomputed from the saved inputs with differentiable ops: double backward sees
         # how mu and var depend on x.
         mean, invstd = _statistics(x, running_mean, running_var, ctx.eps)
-        scale, shift = affine(mean, invstd, weight, bias)
+        scale, shift = affine(invstd, weight, bias)
         sum_d, sum_d_xhat = backward_reduce(dy, x, mean, invstd, scale, shift, ctx.activation, residual)
         if running_mean is None:  # batch statistics: the mean terms of the chain rule
             n = x.numel() // x.shape[1]

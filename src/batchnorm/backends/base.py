@@ -6,14 +6,18 @@ x, dy, residual are `(N, C, L)` or `(M, C)`; per-channel vectors are `(C,)` in t
 accumulation dtype (fp64 for fp64 input, fp32 otherwise).
 
     stats(x)                                      -> (count, mean, m2)
-    apply(x, scale, shift, activation, residual)  -> y = g(scale x + shift + residual)
+    apply(x, mean, scale, shift, activation, residual)
+                                                  -> y = g((x - mean) scale + shift + residual)
     backward_reduce(dy, x, mean, invstd, scale, shift, activation, residual)
                                                   -> (sum_d, sum_d_xhat)
     backward_apply(dy, x, mean, invstd, scale, shift, mean_d, mean_d_xhat,
                    activation, residual)          -> (dx, dresidual or None)
 
-with d = dy * g'(u), u = scale x + shift + residual, xhat = (x - mean) invstd, and
-dx = scale (d - mean_d - xhat mean_d_xhat). `reference.py` states each equation.
+with d = dy * g'(u), u = (x - mean) scale + shift + residual, xhat = (x - mean) invstd,
+and dx = scale (d - mean_d - xhat mean_d_xhat). scale = gamma invstd and shift = beta:
+the mean is always subtracted from x first (never folded into the shift), which keeps fp32
+exact enough for a channel with mean 1e4 and spread 1e-2. `reference.py` states each
+equation.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ class Backend:
     def stats(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
 
-    def apply(self, x, scale, shift, activation=None, residual=None) -> Tensor:
+    def apply(self, x, mean, scale, shift, activation=None, residual=None) -> Tensor:
         raise NotImplementedError
 
     def backward_reduce(self, dy, x, mean, invstd, scale, shift, activation=None, residual=None):

@@ -14,8 +14,8 @@ class ReferenceBackend(Backend):
     def stats(self, x):
         return reference.stats(x)
 
-    def apply(self, x, scale, shift, activation=None, residual=None):
-        return reference.apply(x, scale, shift, activation, residual)
+    def apply(self, x, mean, scale, shift, activation=None, residual=None):
+        return reference.apply(x, mean, scale, shift, activation, residual)
 
     def backward_reduce(self, dy, x, mean, invstd, scale, shift, activation=None, residual=None):
         return reference.backward_reduce(dy, x, mean, invstd, scale, shift, activation, residual)
