@@ -40,6 +40,12 @@ class AtenBackend(ReferenceBackend):
         (y, mean, invstd), each (C,) in the accumulation dtype, for the running update.
         """
         training = running_mean is None
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # torch keeps fp32 statistics for half input only on its mixed-dtype path, which
+            # it takes when the parameters are fp32: give it fp32 identity parameters.
+            c = x.shape[1]
+            weight = torch.ones(c, device=x.device) if weight is None else weight
+            bias = torch.zeros(c, device=x.device) if bias is None else bias
         y, mean, invstd = torch.native_batch_norm(
             x, weight, bias, running_mean, running_var, training, 0.0, eps
         )
