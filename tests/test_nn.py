@@ -74,6 +74,8 @@ def pair(case):
 def test_matches_torch_module(case):
     ours, theirs = pair(case)
     tol = TOL[case["dtype"]]
+    # Without an fp32 parameter or buffer, torch keeps half input's statistics in half.
+    half_stats_in_torch = case["dtype"] in (torch.float16, torch.bfloat16) and not case["affine"]
     for step, training in enumerate([True, True, False]):
         ours.train(training)
         theirs.train(training)
@@ -81,12 +83,17 @@ def test_matches_torch_module(case):
         xa = x.detach().clone().requires_grad_()
         xb = x.detach().clone().requires_grad_()
         ya, yb = ours(xa), theirs(xb)
-        assert ya.dtype == yb.dtype == x.dtype and ya.shape == x.shape
+        if half_stats_in_torch and (training or not case["track"]):
+            # torch computes these statistics in half precision; DESIGN asks for fp32, so
+            # the float64 reference on the same input is the oracle here.
+            xb = x.detach().double().requires_grad_()
+            yb = torch.nn.functional.batch_norm(xb, None, None, training=True, eps=theirs.eps)
+        assert ya.dtype == x.dtype and ya.shape == x.shape
         torch.testing.assert_close(ya.double(), yb.double(), **tol)
         dy = torch.randn(ya.shape, generator=torch.Generator().manual_seed(step), dtype=torch.float64).to(x.dtype)
         pa, pb = list(ours.parameters()), list(theirs.parameters())
         ga = torch.autograd.grad(ya, [xa, *pa], dy)
-        gb = torch.autograd.grad(yb, [xb, *pb], dy)
+        gb = torch.autograd.grad(yb, [xb, *pb], dy.to(yb.dtype))
         for a, b in zip(ga, gb):
             scale = max(1.0, float(b.double().abs().max()))
             torch.testing.assert_close(a.double() / scale, b.double() / scale, **tol)

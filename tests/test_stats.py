@@ -35,7 +35,7 @@ def test_update_running_follows_torch_convention():
     x = torch.randn(10, 4, dtype=torch.float64)
     batch = _stats_of(x)
     rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
-    update_running(rm, rv, batch, 0.1, None)
+    update_running(rm, rv, batch.mean, batch.unbiased_var, 0.1, None)
     torch.testing.assert_close(rm, 0.1 * x.mean(0))
     torch.testing.assert_close(rv, 0.9 + 0.1 * x.var(0, unbiased=True))
 
@@ -45,7 +45,7 @@ def test_cumulative_average_with_momentum_none():
     nbt = torch.tensor(0)
     xs = [torch.randn(8, 2, dtype=torch.float64) for _ in range(3)]
     for x in xs:
-        update_running(rm, rv, _stats_of(x), None, nbt)
+        update_running(rm, rv, _stats_of(x).mean, _stats_of(x).unbiased_var, None, nbt)
     assert int(nbt) == 3
     torch.testing.assert_close(rm, torch.stack([x.mean(0) for x in xs]).mean(0))
     torch.testing.assert_close(rv, torch.stack([x.var(0) for x in xs]).mean(0))
@@ -56,7 +56,7 @@ def test_non_finite_batch_leaves_running_stats_untouched(bad):
     x = torch.randn(8, 3, dtype=torch.float64)
     x[2, 1] = bad
     rm, rv, nbt = torch.full((3,), 0.5, dtype=torch.float64), torch.full((3,), 2.0, dtype=torch.float64), torch.tensor(4)
-    accepted = update_running(rm, rv, _stats_of(x), 0.1, nbt)
+    accepted = update_running(rm, rv, _stats_of(x).mean, _stats_of(x).unbiased_var, 0.1, nbt)
     assert not bool(accepted)
     assert torch.equal(rm, torch.full((3,), 0.5, dtype=torch.float64))
     assert torch.equal(rv, torch.full((3,), 2.0, dtype=torch.float64))

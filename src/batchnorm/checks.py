@@ -89,10 +89,21 @@ def check_residual(x: Tensor, residual: Tensor | None) -> None:
 
 def check_training_batch(x: Tensor) -> None:
     """Training needs two values per channel or more (an empty batch is handled apart)."""
-    n = x.numel() // x.shape[1]
-    if n == 1:
+    check_training_batch_count(x.numel() // x.shape[1], x.shape)
+
+
+def check_training_batch_count(count: int, shape: tuple[int, ...], masked: bool = False) -> None:
+    """`count` values per channel (the valid ones, with a mask) must be two or more."""
+    if count == 0 and masked:
         raise ValueError(
-            f"got input of shape {tuple(x.shape)}: one value per channel in training mode. "
+            f"every position of the input of shape {tuple(shape)} is masked out: there are no "
+            "values to compute batch statistics from in training mode; keep at least two valid "
+            "positions per batch, or call model.eval()"
+        )
+    if count <= 1:
+        what = "valid value" if masked else "value"
+        raise ValueError(
+            f"got input of shape {tuple(shape)}: {count} {what} per channel in training mode. "
             + _SMALL_BATCH_HINT
         )
 

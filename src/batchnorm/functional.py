@@ -2,7 +2,8 @@
 
 It checks the input, picks a backend (`backends.resolve`), computes the statistics,
 normalizes, and updates the running statistics (`stats.update_running`, with the
-non-finite guard). Policy lives here; the backends only compute.
+non-finite guard). Policy lives here (ghost batches, masks, batch renormalization,
+synchronization across processes); the backends only compute.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from . import activations, backends, checks, layout
+from . import activations, backends, checks, layout, variants
 from .autograd import BatchNormFunction
-from .reference import acc_dtype
-from .stats import NonFiniteGuard, Stats, update_running
+from .reference import acc_dtype, affine
+from .stats import NonFiniteGuard, Stats, merge_stacked, update_running
+from .variants import Renorm
 
 
 class Synchronizer(Protocol):
@@ -26,6 +28,7 @@ class Synchronizer(Protocol):
 
     def reduce_grads(self, sums: Tensor) -> Tensor:
         """The global (2, C) (sum_d, sum_d_xhat) from this process's."""
+
 
 _DEFAULT_GUARD = NonFiniteGuard("batchnorm.functional.batch_norm")
 
@@ -46,12 +49,16 @@ def batch_norm(
     num_batches_tracked: Tensor | None = None,
     guard: NonFiniteGuard | None = None,
     sync: Synchronizer | None = None,
+    mask: Tensor | None = None,
+    virtual_batch_size: int | None = None,
+    renorm: Renorm | None = None,
+    unbiased_running_var: bool = True,
 ) -> Tensor:
     """y = g(gamma * (x - mu) / sqrt(var + eps) + beta + residual), per channel.
 
     Shapes: input (N, C, *spatial); running_mean, running_var, weight, bias (C,) or None;
-    residual like input. Returns a tensor like input, in the input's dtype (statistics are
-    computed in fp32 for fp16/bf16, fp64 for fp64).
+    residual like input; mask (N, *spatial) bool. Returns a tensor like input, in the
+    input's dtype (statistics are computed in fp32 for fp16/bf16, fp64 for fp64).
 
     As `torch.nn.functional.batch_norm`: the batch statistics normalize when `training`
     is true or no running statistics are given; in training the running statistics, when
@@ -61,10 +68,20 @@ def batch_norm(
     batch with a non-finite mean or variance leaves the running statistics untouched
     (counted by `guard`, warned once).
 
+    Training-only options (evaluation ignores them: it normalizes every position with the
+    running statistics):
+    - `mask`: statistics over the positions where mask is True; every position is
+      normalized with them, and only valid positions' gradients reach the statistics.
+    - `virtual_batch_size=k`: ghost batch norm, each chunk of k examples normalized with its
+      own statistics; the running statistics see the merged statistics once per call.
+    - `renorm`: batch renormalization (variants.Renorm), its schedule stepped by
+      `num_batches_tracked`; needs running statistics.
+    - `unbiased_running_var=False`: store the biased batch variance (Keras/Flax convention).
+    - `sync`: reductions across processes (SyncBatchNorm); the batch is then the union of
+      every process's batch (this process's part may be empty).
+
     `backend`: "auto", a name from `batchnorm.backends.available()`, or None to read the
-    BATCHNORM_BACKEND environment variable. `sync`: reductions across processes, for
-    SyncBatchNorm; the batch is then the union of every process's batch (this process's
-    part may be empty).
+    BATCHNORM_BACKEND environment variable.
     """
     x = checks.check_input(input)
     checks.check_per_channel(
@@ -73,6 +90,12 @@ def batch_norm(
     checks.check_residual(x, residual)
     checks.check_activation(activation)
     checks.check_momentum(momentum)
+    if mask is not None:
+        variants.check_mask(x, mask)
+    if virtual_batch_size is not None:
+        variants.chunks(max(x.shape[0], 1), virtual_batch_size, 1)  # validates k
+    if sync is not None and (mask is not None or virtual_batch_size is not None):
+        raise ValueError("masks and ghost batches are not supported together with SyncBatchNorm")
     use_batch_stats = training or running_mean is None
     if x.numel() == 0 and not (use_batch_stats and sync is not None):
         return _empty(x, weight, bias, activation, residual)
@@ -80,25 +103,77 @@ def batch_norm(
     if not use_batch_stats:
         return _normalize_eval(x, weight, bias, running_mean, running_var, eps, activation, residual, be)
 
-    y, batch = _normalize_batch(x, weight, bias, eps, activation, residual, be, sync)
+    limits = None
+    if renorm is not None and training:
+        if running_mean is None or running_var is None:
+            raise ValueError("batch renormalization needs running statistics: track_running_stats=True")
+        limits = renorm.limits(0 if num_batches_tracked is None else int(num_batches_tracked))
+    plain = sync is None and mask is None and virtual_batch_size is None and limits is None
+    if plain and be.normalize is not None:
+        checks.check_training_batch(x)
+        y, mean, invstd = be.normalize(x, weight, bias, None, None, eps, activation, residual)
+        n = layout.values_per_channel(x)
+        # The whole-op kernel returns invstd; var is recovered for the running update
+        # (clamped: rounding can push a zero variance a hair below zero).
+        var = invstd.detach().double().pow(-2).sub_(eps).clamp_(min=0).to(mean.dtype)
+        batch = Stats(torch.full_like(var, n), mean.detach(), var * n)
+    else:
+        y, batch = _normalize_chunks(
+            x, weight, bias, eps, activation, residual, be, sync, mask, virtual_batch_size,
+            limits, running_mean, running_var,
+        )  # fmt: skip
     if training and running_mean is not None and running_var is not None:
         with torch.no_grad():
-            accepted = update_running(running_mean, running_var, batch, momentum, num_batches_tracked)
+            stored_var = batch.unbiased_var if unbiased_running_var else batch.var
+            accepted = update_running(
+                running_mean, running_var, batch.mean, stored_var, momentum, num_batches_tracked
+            )
         (guard or _DEFAULT_GUARD).record(accepted)
     return y
 
 
-def _normalize_batch(x, weight, bias, eps, activation, residual, be, sync=None) -> tuple[Tensor, Stats]:
-    """Normalize with the batch's own statistics; return y and those statistics."""
+def _scale_shift(weight, bias, invstd, correction=None) -> tuple[Tensor, Tensor]:
+    """Per-channel (scale, shift), differentiable in weight and bias; with batch
+    renormalization's (r, d): scale = gamma r invstd, shift = beta + gamma d."""
+    if correction is None:
+        return affine(invstd, weight, bias)
+    r, d = correction
+    scale, shift = affine(invstd * r, weight, bias)
+    return scale, shift + (d if weight is None else weight.to(d.dtype) * d)
+
+
+def _normalize_chunks(
+    x, weight, bias, eps, activation, residual, be, sync, mask, virtual_batch_size, limits,
+    running_mean, running_var,
+) -> tuple[Tensor, Stats]:  # fmt: skip
+    """Normalize each ghost chunk (the whole batch when there are none) with its own
+    statistics; return y and the statistics of the whole batch (Chan-merged)."""
+    values_per_example = layout.values_per_channel(x[:1]) if x.shape[0] else 1
+    bounds = (
+        [(0, x.shape[0])]
+        if virtual_batch_size is None
+        else variants.chunks(x.shape[0], virtual_batch_size, values_per_example)
+    )
+    outputs, parts = [], []
+    for start, length in bounds:
+        xs = x.narrow(0, start, length)
+        rs = None if residual is None else residual.narrow(0, start, length)
+        if mask is None:
+            y, batch = _normalize_one(xs, weight, bias, eps, activation, rs, be, sync, limits, running_mean, running_var)
+        else:
+            ms = mask.narrow(0, start, length)
+            y, batch = _normalize_masked(xs, ms, weight, bias, eps, activation, rs, limits, running_mean, running_var)
+        outputs.append(y)
+        parts.append(batch)
+    if len(parts) == 1:
+        return outputs[0], parts[0]
+    return torch.cat(outputs, 0), merge_stacked(*(torch.stack(t) for t in zip(*parts)))
+
+
+def _normalize_one(x, weight, bias, eps, activation, residual, be, sync, limits, running_mean, running_var):
+    """One batch (or ghost chunk) through the backend's kernels and BatchNormFunction."""
     if sync is None:
         checks.check_training_batch(x)
-    if be.normalize is not None and sync is None:
-        y, mean, invstd = be.normalize(x, weight, bias, None, None, eps, activation, residual)
-        count = torch.full_like(mean, layout.values_per_channel(x))
-        # The whole-op kernel returns invstd; var is recovered for the running update
-        # (clamped: rounding can push a zero variance a hair below zero).
-        var = (invstd.double().pow(-2) - eps).clamp(min=0).to(mean.dtype)
-        return y, Stats(count, mean.detach(), (var * count).detach())
     with torch.no_grad():
         batch = _local_stats(x, be)
         if sync is not None:
@@ -106,11 +181,32 @@ def _normalize_batch(x, weight, bias, eps, activation, residual, be, sync=None) 
             # Every process holds the same global count, so all raise together.
             checks.check_global_count(int(batch.count[0]) if batch.count.numel() else 0, x.shape)
         invstd = torch.rsqrt(batch.var + eps)
+        correction = None
+        if limits is not None:
+            correction = variants.renorm_correction(batch, running_mean, running_var, eps, *limits)
+    scale, shift = _scale_shift(weight, bias, invstd, correction)
     grad_reducer = None if sync is None else sync.reduce_grads
     y = BatchNormFunction.apply(
-        x, weight, bias, residual, batch.mean, invstd, batch.count, be, activation, True, grad_reducer
+        x, scale, shift, residual, batch.mean, invstd, batch.count, be, activation, True, grad_reducer
     )
     return y, batch
+
+
+def _normalize_masked(x, mask, weight, bias, eps, activation, residual, limits, running_mean, running_var):
+    """Masked batch norm in torch ops (no backend has a masked kernel): autograd differentiates
+    the statistics, which see only the valid positions."""
+    batch = variants.masked_stats(x, mask)
+    checks.check_training_batch_count(int(batch.count[0]) if batch.count.numel() else 0, x.shape, masked=True)
+    correction = None
+    if limits is not None:
+        detached = Stats(*(t.detach() for t in batch))
+        correction = variants.renorm_correction(detached, running_mean, running_var, eps, *limits)
+    shift = _scale_shift(weight, bias, torch.ones_like(batch.mean), correction)[1]
+    y = variants.masked_normalize(
+        x, mask, batch, eps, lambda invstd: _scale_shift(weight, None, invstd, correction)[0],
+        shift, activation, residual,
+    )  # fmt: skip
+    return y, Stats(*(t.detach() for t in batch))
 
 
 def _local_stats(x: Tensor, be) -> Stats:
@@ -128,8 +224,9 @@ def _normalize_eval(x, weight, bias, running_mean, running_var, eps, activation,
     acc = acc_dtype(x.dtype)
     mean = running_mean.detach().to(acc)
     invstd = torch.rsqrt(running_var.detach().to(acc) + eps)
+    scale, shift = affine(invstd, weight, bias)
     return BatchNormFunction.apply(
-        x, weight, bias, residual, mean, invstd, None, be, activation, False, None
+        x, scale, shift, residual, mean, invstd, None, be, activation, False, None
     )
 
 

@@ -69,33 +69,42 @@ def merge_stacked(count: Tensor, mean: Tensor, m2: Tensor) -> Stats:
 def update_running(
     running_mean: Tensor,
     running_var: Tensor,
-    batch: Stats,
+    mean: Tensor,
+    var: Tensor,
     momentum: float | None,
     num_batches_tracked: Tensor | None,
 ) -> Tensor:
-    """Fold one batch's statistics into the running ones, in place, unless any is non-finite.
+    """Fold one batch's mean and variance (unbiased, as stored) into the running ones, in place,
+    unless any is non-finite.
 
-    Returns a 0-d bool tensor: True when the update was applied. The decision is taken on
-    the device (no host synchronization): a skipped update leaves the running statistics
-    and `num_batches_tracked` exactly as they were.
+    Returns a 0-d bool tensor: True when the update was applied. A skipped update leaves the
+    running statistics and `num_batches_tracked` exactly as they were.
     """
-    mean = batch.mean.to(running_mean.dtype)
-    unbiased = batch.unbiased_var.to(running_var.dtype)
+    mean = mean.to(running_mean.dtype)
+    unbiased = var.to(running_var.dtype)
     accepted = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    if accepted.device.type == "cpu":
+        # On the host the decision costs nothing: skip, or two in-place lerps.
+        if accepted:
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            factor = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
+            running_mean.lerp_(mean, factor)
+            running_var.lerp_(unbiased, factor)
+        return accepted
+    # On an accelerator, decide on the device: no host synchronization in the training step.
     if num_batches_tracked is not None:
         num_batches_tracked.add_(accepted.to(num_batches_tracked.dtype))
     if momentum is None:
-        if num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         factor = 1.0 / num_batches_tracked.clamp(min=1).to(running_mean.dtype)
     else:
-        factor = torch.tensor(momentum, dtype=running_mean.dtype, device=running_mean.device)
+        factor = torch.full((), momentum, dtype=running_mean.dtype, device=running_mean.device)
     factor = torch.where(accepted, factor, torch.zeros_like(factor))
     # where() rather than a multiply: 0 * inf would still poison the buffers.
-    new_mean = torch.where(accepted, mean, running_mean)
-    new_var = torch.where(accepted, unbiased, running_var)
-    running_mean.mul_(1 - factor).add_(new_mean * factor)
-    running_var.mul_(1 - factor).add_(new_var * factor)
+    running_mean.lerp_(torch.where(accepted, mean, running_mean), factor)
+    running_var.lerp_(torch.where(accepted, unbiased, running_var), factor)
     return accepted
 
 
