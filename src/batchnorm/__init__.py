@@ -6,6 +6,7 @@
 """
 
 from . import backends, functional, reference
+from .conventions import from_flax, from_keras
 from .nn import (
     BatchNorm1d,
     BatchNorm2d,
@@ -14,6 +15,7 @@ from .nn import (
     LazyBatchNorm2d,
     LazyBatchNorm3d,
 )
+from .variants import Renorm
 
 __version__ = "0.1.0"
 
@@ -24,7 +26,10 @@ __all__ = [
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
+    "Renorm",
     "backends",
+    "from_flax",
+    "from_keras",
     "functional",
     "reference",
 ]

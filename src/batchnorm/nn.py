@@ -9,6 +9,11 @@ torch's) and adds keyword-only extras:
 - `forward(x, residual=None)`: residual added before the activation,
   `g(bn(x) + residual)`, the ResNet pattern;
 - `backend=`: "auto" (default), or a name from `batchnorm.backends.available()`;
+- `virtual_batch_size=k`: ghost batch norm (chunks of k examples in training);
+- `renorm=Renorm(...)`: batch renormalization, scheduled by `num_batches_tracked`;
+- `forward(x, residual=None, mask=None)`: statistics over the positions where the boolean
+  mask (N, *spatial) is True;
+- `unbiased_running_var=False`: store the biased variance (Keras/Flax convention);
 - a guard that keeps non-finite batch statistics out of the running statistics; skips
   are counted in `nonfinite_skips`.
 """
@@ -22,6 +27,7 @@ from torch.nn.modules.batchnorm import _LazyNormBase
 from . import checks
 from . import functional as F
 from .stats import NonFiniteGuard
+from .variants import Renorm
 
 
 class _Extras:
@@ -42,12 +48,14 @@ class _Extras:
         bias: bool = True,
         activation: str | None = None,
         backend: str | None = "auto",
+        virtual_batch_size: int | None = None,
+        renorm: Renorm | None = None,
+        unbiased_running_var: bool = True,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
-        self.activation = checks.check_activation(activation)
-        self.backend = backend
+        _set_extras(self, activation, backend, virtual_batch_size, renorm, unbiased_running_var)
         self._guard = NonFiniteGuard(type(self).__name__)
 
     @property
@@ -58,8 +66,9 @@ class _Extras:
     def _check_input_dim(self, input: Tensor) -> None:
         checks.check_ndim(input, self._ndims, type(self).__name__)
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        """g(gamma * (x - mu) / sqrt(var + eps) + beta + residual); shapes as torch's module."""
+    def forward(self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """g(gamma * (x - mu) / sqrt(var + eps) + beta + residual); shapes as torch's module,
+        mask (N, *spatial) bool."""
         checks.check_input(input, None if self.num_features == 0 else self.num_features)
         self._check_input_dim(input)
         update = self.training and self.track_running_stats
@@ -80,6 +89,10 @@ class _Extras:
             backend=self.backend,
             num_batches_tracked=self.num_batches_tracked if update else None,
             guard=self._guard,
+            mask=mask,
+            virtual_batch_size=self.virtual_batch_size,
+            renorm=self.renorm,
+            unbiased_running_var=self.unbiased_running_var,
         )
 
     def extra_repr(self) -> str:
@@ -88,7 +101,29 @@ class _Extras:
             text += f", activation={self.activation!r}"
         if self.backend not in ("auto", None):
             text += f", backend={self.backend!r}"
+        if self.virtual_batch_size is not None:
+            text += f", virtual_batch_size={self.virtual_batch_size}"
+        if self.renorm is not None:
+            text += f", renorm={self.renorm}"
+        if not self.unbiased_running_var:
+            text += ", unbiased_running_var=False"
         return text
+
+
+def _set_extras(module, activation, backend, virtual_batch_size, renorm, unbiased_running_var) -> None:
+    """Validate and store the keyword-only extras (shared by the eager and Lazy modules)."""
+    if virtual_batch_size is not None and (isinstance(virtual_batch_size, bool) or virtual_batch_size < 2):
+        raise ValueError(f"virtual_batch_size must be an int >= 2 or None, got {virtual_batch_size!r}")
+    if renorm is not None:
+        if not isinstance(renorm, Renorm):
+            raise TypeError(f"renorm must be a batchnorm.Renorm, got {type(renorm).__name__}")
+        if not module.track_running_stats:
+            raise ValueError("batch renormalization needs running statistics: track_running_stats=True")
+    module.activation = checks.check_activation(activation)
+    module.backend = backend
+    module.virtual_batch_size = virtual_batch_size
+    module.renorm = renorm
+    module.unbiased_running_var = unbiased_running_var
 
 
 class BatchNorm1d(_Extras, torch.nn.BatchNorm1d):
@@ -124,10 +159,12 @@ class _Lazy(_LazyNormBase):
         bias: bool = True,
         activation: str | None = None,
         backend: str | None = "auto",
+        virtual_batch_size: int | None = None,
+        renorm: Renorm | None = None,
+        unbiased_running_var: bool = True,
     ) -> None:
         super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self.activation = checks.check_activation(activation)
-        self.backend = backend
+        _set_extras(self, activation, backend, virtual_batch_size, renorm, unbiased_running_var)
 
 
 class LazyBatchNorm1d(_Lazy, BatchNorm1d):
