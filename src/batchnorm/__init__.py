@@ -5,7 +5,7 @@
     y = layer(x, residual=shortcut)                     # relu(bn(x) + shortcut)
 """
 
-from . import backends, functional, reference
+from . import backends, functional, reference, tools
 from .conventions import from_flax, from_keras
 from .nn import (
     BatchNorm1d,
@@ -14,6 +14,22 @@ from .nn import (
     LazyBatchNorm1d,
     LazyBatchNorm2d,
     LazyBatchNorm3d,
+)
+from .tools import (
+    Changes,
+    adapt,
+    check,
+    convert,
+    fold,
+    freeze,
+    frozen_stats,
+    insert,
+    monitor,
+    recalibrate,
+    revert,
+    stats_restore,
+    stats_snapshot,
+    unfreeze,
 )
 from .variants import Renorm
 
@@ -26,8 +42,23 @@ __all__ = [
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
+    "Changes",
     "Renorm",
+    "adapt",
     "backends",
+    "check",
+    "convert",
+    "fold",
+    "freeze",
+    "frozen_stats",
+    "insert",
+    "monitor",
+    "recalibrate",
+    "revert",
+    "stats_restore",
+    "stats_snapshot",
+    "tools",
+    "unfreeze",
     "from_flax",
     "from_keras",
     "functional",

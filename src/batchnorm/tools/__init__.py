@@ -1,0 +1,40 @@
+"""Operations on whole models: fit batch norm in (`insert`, `convert`/`revert`), serve it
+(`fold`), fix it (`freeze`/`unfreeze`, `frozen_stats`, `stats_snapshot`/`stats_restore`)
+and re-estimate its statistics (`recalibrate`, `adapt`).
+
+Each tool takes the model first and returns `(model, changes)`: the model is changed in
+place unless `inplace=False` (a deep copy is changed instead), and `changes` (a `Changes`)
+lists what was changed and what was skipped, per module path.
+"""
+
+from ._common import Changes
+from .check import CheckReport, Finding, check
+from .convert import convert, revert
+from .fold import Activation, ChannelAffine, fold
+from .freeze import freeze, frozen_stats, stats_restore, stats_snapshot, unfreeze
+from .insert import insert
+from .monitor import Monitor, monitor, monitor_overhead
+from .recalibrate import adapt, recalibrate
+
+__all__ = [
+    "Activation",
+    "ChannelAffine",
+    "Changes",
+    "CheckReport",
+    "Finding",
+    "Monitor",
+    "adapt",
+    "check",
+    "convert",
+    "fold",
+    "freeze",
+    "frozen_stats",
+    "insert",
+    "monitor",
+    "monitor_overhead",
+    "recalibrate",
+    "revert",
+    "stats_restore",
+    "stats_snapshot",
+    "unfreeze",
+]

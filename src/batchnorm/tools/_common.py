@@ -1,0 +1,102 @@
+"""What every whole-model tool shares: the record of changes, the copy-or-not rule, and
+which modules count as batch norm.
+
+Convention: every tool takes the model first and returns `(model, changes)`. The model is
+changed in place unless `inplace=False`, which deep-copies it first (the caller's model is
+then untouched). `changes` lists, per module path, what was changed and what was skipped
+and why, so nothing is altered or left out silently.
+
+Batch-norm layers are recognized as:
+
+- any `torch.nn.modules.batchnorm._BatchNorm` (torch's BatchNorm1d/2d/3d, SyncBatchNorm,
+  ours, and user subclasses);
+- "frozen" style modules such as torchvision's or detectron2's `FrozenBatchNorm2d`, by duck
+  typing (torchvision is not a dependency): a module whose buffers include `weight`,
+  `bias`, `running_mean` and `running_var`, with no parameters and no `momentum`
+  attribute. Their output is `(x - running_mean) / sqrt(running_var + eps) * weight + bias`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+_FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+
+@dataclass
+class Changes:
+    """What a tool did to a model.
+
+    changed: (module path, what changed) per change, in model order ("" is the root).
+    skipped: (module path, why it was left alone).
+    previous: for tools that overwrite running statistics (recalibrate, adapt), the
+        statistics before, as `stats_snapshot` returns them: `stats_restore(model,
+        changes.previous)` switches back.
+    """
+
+    changed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    previous: dict[str, dict[str, Any]] | None = None
+
+    def change(self, path: str, what: str) -> None:
+        self.changed.append((path, what))
+
+    def skip(self, path: str, why: str) -> None:
+        self.skipped.append((path, why))
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.changed)} changed, {len(self.skipped)} skipped"]
+        lines += [f"  changed {path or '<model>'}: {what}" for path, what in self.changed]
+        lines += [f"  skipped {path or '<model>'}: {why}" for path, why in self.skipped]
+        return "\n".join(lines)
+
+
+def prepare(model: nn.Module, inplace: bool) -> nn.Module:
+    """The model to work on: itself, or a deep copy when `inplace` is false."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    return model if inplace else copy.deepcopy(model)
+
+
+def is_frozen_style(module: nn.Module) -> bool:
+    """A FrozenBatchNorm2d-like module (see the module docstring)."""
+    buffers = dict(module.named_buffers(recurse=False))
+    return (
+        all(name in buffers for name in _FROZEN_BUFFERS)
+        and next(module.parameters(recurse=False), None) is None
+        and not hasattr(module, "momentum")
+    )
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """Any batch-norm layer: torch's, ours, a subclass, or a frozen-style module."""
+    return isinstance(module, _BatchNorm) or is_frozen_style(module)
+
+
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every batch-norm layer of `model` as (path, module), in model order."""
+    return [(path, m) for path, m in model.named_modules() if is_batchnorm(m)]
+
+
+def require_batchnorm(model: nn.Module, tool: str) -> list[tuple[str, nn.Module]]:
+    """The batch-norm layers, or a ValueError saying there are none."""
+    layers = batchnorm_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{tool}: the model ({type(model).__name__}) has no batch-norm layer; "
+            "add some with batchnorm.insert(model) first"
+        )
+    return layers
+
+
+def replace(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Put `new` at `path` ("" replaces the root: the new module is returned as the model)."""
+    if path == "":
+        return new
+    model.set_submodule(path, new)
+    return model

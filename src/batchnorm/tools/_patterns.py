@@ -1,0 +1,197 @@
+"""Which module feeds which: the `(producer, consumer)` pairs the tools rewrite.
+
+A pair is a module called exactly once whose output goes to exactly one consumer (an
+activation, a batch norm, ...), found by tracing the model with `torch.fx`; when tracing
+fails (data-dependent control flow, say), by walking every `nn.Sequential` in order, where
+child i feeds child i + 1. Batch-norm layers (ours included) are kept as leaves of the
+trace, so their own forward is never traced.
+
+Activations are recognized as modules (`nn.ReLU()`), functions (`F.relu(x)`,
+`torch.relu(x)`) or tensor methods (`x.relu()`); `activation_name` says which of the
+activations our layers can fuse it is, if any.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections import Counter
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .. import activations
+from ._common import is_batchnorm
+
+
+class Consumer(NamedTuple):
+    """What takes a producer's output as its first argument, and nothing else does."""
+
+    op: Any  # an nn.Module, a function, or a tensor method's name
+    args: tuple  # its other positional arguments
+    kwargs: dict
+    path: str | None  # the module's path when op is a module
+    node: fx.Node | None  # its fx node (None on the Sequential fallback)
+
+
+class Pair(NamedTuple):
+    producer: str  # path of a module called exactly once
+    consumer: Consumer
+    after: Consumer | None  # the sole consumer of the consumer's output, when there is one
+
+
+class _Tracer(fx.Tracer):
+    """torch's default tracer, with every batch-norm layer kept as a leaf."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_batchnorm(m) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str | None]:
+    """(graph module, None), or (None, why tracing failed)."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as error:  # fx raises many kinds; the caller falls back and records why
+        return None, f"torch.fx could not trace the model ({type(error).__name__}: {error})"
+    return fx.GraphModule(model, graph), None
+
+
+def module_calls(graph: fx.Graph) -> Counter:
+    """How many times each module path is called in the graph."""
+    return Counter(n.target for n in graph.nodes if n.op == "call_module")
+
+
+def sole_user(node: fx.Node) -> fx.Node | None:
+    """The one node that uses `node`, if exactly one does."""
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def consumer_of(node: fx.Node, gm: fx.GraphModule, calls: Counter | None = None) -> Consumer | None:
+    """The sole consumer of `node` taking it as first argument; with `calls`, a module
+    consumer must also be called only there."""
+    user = sole_user(node)
+    if user is None or not user.args or user.args[0] is not node:
+        return None
+    if user.op == "call_module":
+        if calls is not None and calls[user.target] != 1:
+            return None
+        return Consumer(gm.get_submodule(user.target), user.args[1:], dict(user.kwargs), user.target, user)
+    if user.op in ("call_function", "call_method"):
+        return Consumer(user.target, user.args[1:], dict(user.kwargs), None, user)
+    return None
+
+
+def pairs(model: nn.Module) -> tuple[list[Pair], str | None]:
+    """Every (producer, consumer) pair of the model, and a note when tracing failed."""
+    gm, why = trace(model)
+    if gm is None:
+        return _sequential_pairs(model), why + "; used the order of nn.Sequential containers"
+    calls = module_calls(gm.graph)
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or calls[node.target] != 1:
+            continue
+        consumer = consumer_of(node, gm, calls)
+        if consumer is not None:
+            after = consumer_of(consumer.node, gm, calls)
+            found.append(Pair(node.target, consumer, after))
+    return found, None
+
+
+def _sequential_pairs(model: nn.Module) -> list[Pair]:
+    """Child i feeds child i + 1 in every nn.Sequential (a module appearing twice is left out)."""
+    seen = Counter(id(m) for m in model.modules(remove_duplicate=False))
+    found = []
+    for path, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = [(f"{path}.{name}" if path else name, m) for name, m in seq.named_children()]
+        children = [(p, m) for p, m in children if not isinstance(m, nn.Identity)]
+        for i in range(len(children) - 1):
+            (first, m1), (second, m2) = children[i], children[i + 1]
+            if seen[id(m1)] != 1 or seen[id(m2)] != 1:
+                continue
+            after = None
+            if i + 2 < len(children) and seen[id(children[i + 2][1])] == 1:
+                after = Consumer(children[i + 2][1], (), {}, children[i + 2][0], None)
+            found.append(Pair(first, Consumer(m2, (), {}, second, None), after))
+    return found
+
+
+# Fusable activations, by form. Modules are matched by exact type and checked for
+# arguments that change the function (a LeakyReLU slope other than ours, tanh-GELU).
+_MODULES = {
+    nn.ReLU: "relu",
+    nn.LeakyReLU: "leaky_relu",
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.SiLU: "silu",
+    nn.GELU: "gelu",
+}
+_FUNCTIONS = {
+    F.relu: "relu",
+    F.relu_: "relu",
+    torch.relu: "relu",
+    torch.relu_: "relu",
+    F.leaky_relu: "leaky_relu",
+    torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    torch.tanh: "tanh",
+    F.tanh: "tanh",
+    F.silu: "silu",
+    F.gelu: "gelu",
+}
+_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh", "tanh_": "tanh"}
+
+# Other activations: not fusable, but still "an activation" for `insert`.
+_OTHER_MODULES = (
+    nn.ELU, nn.CELU, nn.SELU, nn.GLU, nn.Hardtanh, nn.ReLU6, nn.PReLU, nn.RReLU, nn.Softplus,
+    nn.Softsign, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid, nn.Tanhshrink,
+)  # fmt: skip
+_OTHER_FUNCTIONS = (
+    F.elu, F.celu, F.selu, F.glu, F.hardtanh, F.relu6, F.prelu, F.rrelu, F.softplus,
+    F.softsign, F.mish, F.hardswish, F.hardsigmoid, F.logsigmoid, F.tanhshrink,
+)  # fmt: skip
+
+
+def activation_name(c: Consumer) -> str | None:
+    """The name our layers fuse `c` under ("relu", ...), or None when it is not fusable."""
+    if isinstance(c.op, nn.Module):
+        name = _MODULES.get(type(c.op))
+        if name == "leaky_relu" and not math.isclose(c.op.negative_slope, activations.LEAKY_SLOPE):
+            return None
+        if name == "gelu" and c.op.approximate != "none":
+            return None
+        return name if not c.args and not c.kwargs else None
+    if isinstance(c.op, str):
+        return _METHODS.get(c.op) if not c.args and not c.kwargs else None
+    name = _FUNCTIONS.get(c.op) if callable(c.op) else None
+    extra = dict(c.kwargs)
+    extra.pop("inplace", None)  # in place or not, the value is the same
+    if name == "leaky_relu":
+        slope = c.args[0] if c.args else extra.pop("negative_slope", activations.LEAKY_SLOPE)
+        return name if math.isclose(slope, activations.LEAKY_SLOPE) and len(c.args) <= 2 and not extra else None
+    if name == "gelu":
+        return name if extra.pop("approximate", "none") == "none" and not c.args and not extra else None
+    if name == "relu" and c.args in ((False,), (True,)) and not extra:
+        return name  # F.relu(x, inplace) written positionally
+    return name if not c.args and not extra else None
+
+
+def is_activation(c: Consumer) -> bool:
+    """Any activation: fusable, or one of the other common ones."""
+    if isinstance(c.op, nn.Module):
+        return type(c.op) in _MODULES or isinstance(c.op, _OTHER_MODULES)
+    if isinstance(c.op, str):
+        return c.op in _METHODS
+    return c.op in _FUNCTIONS or any(c.op is f for f in _OTHER_FUNCTIONS)
+
+
+def is_add(node: fx.Node) -> bool:
+    """A plain two-tensor addition: a + b, a += b, torch.add(a, b), a.add(b), a.add_(b)."""
+    plain = node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)
+    method = node.op == "call_method" and node.target in ("add", "add_")
+    return (plain or method) and len(node.args) == 2 and not node.kwargs

@@ -1,0 +1,237 @@
+"""`convert`: torch's batch-norm layers to ours (optionally fusing the activation and the
+residual add after them); `revert`: ours back to torch's.
+
+What maps, module by module (every other batch-norm subclass is left alone and recorded):
+
+    torch.nn.BatchNorm1d/2d/3d   <->  batchnorm.BatchNorm1d/2d/3d
+    torch.nn.SyncBatchNorm       <->  batchnorm.distributed.SyncBatchNorm (when importable;
+                                      torch's cannot become a plain BatchNorm without
+                                      knowing the process group, so it is skipped otherwise)
+    FrozenBatchNorm2d-style       ->  batchnorm.BatchNorm2d, frozen (`freeze`); revert gives
+                                      a frozen torch.nn.BatchNorm2d
+
+The new layer takes over the old one's parameter and buffer tensors themselves (an
+optimizer holding them keeps working), its eps, momentum, affine, track_running_stats,
+training mode, frozen state and forward/backward hooks; device and dtype follow.
+
+`fuse=True`, after converting: a batch norm of ours whose output goes only to a fusable
+activation (relu, leaky_relu(0.01), sigmoid, tanh, silu, exact gelu) takes it as
+`activation=`; and the ResNet pattern `act(bn(x) + shortcut)` becomes
+`bn(x, residual=shortcut)` with the activation fused. An activation module used only
+there is replaced by nn.Identity in place (the model keeps its class); an activation
+written as a function, a shared activation module, or a residual add can only be fused by
+rewriting the traced graph, and the model returned is then a `torch.fx.GraphModule` with
+the same submodules and state_dict keys (recorded in `changes`).
+"""
+
+from __future__ import annotations
+
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from .. import nn as ours
+from ._common import Changes, is_frozen_style, prepare, replace, require_batchnorm
+from ._patterns import activation_name, consumer_of, is_add, module_calls, pairs, sole_user, trace
+from .freeze import frozen_state, pin_eval
+
+_TO_OURS: dict[type, type] = {
+    nn.BatchNorm1d: ours.BatchNorm1d,
+    nn.BatchNorm2d: ours.BatchNorm2d,
+    nn.BatchNorm3d: ours.BatchNorm3d,
+}
+_TO_TORCH: dict[type, type] = {v: k for k, v in _TO_OURS.items()}
+# Options of ours that torch's layers cannot express: revert keeps a layer that uses one.
+_NOT_IN_TORCH = {"activation": None, "virtual_batch_size": None, "renorm": None, "unbiased_running_var": True}
+
+
+def _our_sync_batchnorm() -> type | None:
+    try:
+        from ..distributed import SyncBatchNorm
+    except ImportError:
+        return None
+    return SyncBatchNorm
+
+
+def _rebuild(old: nn.Module, cls: type, **extra) -> nn.Module:
+    """A `cls` layer with `old`'s settings, owning `old`'s very tensors, mode, hooks and frozen state."""
+    tensors = [t for t in (*old.parameters(recurse=False), *old.buffers(recurse=False)) if t.is_floating_point()]
+    like = {"device": tensors[0].device, "dtype": tensors[0].dtype} if tensors else {}
+    affine = getattr(old, "affine", True)
+    new = cls(
+        old.num_features,
+        eps=old.eps,
+        momentum=getattr(old, "momentum", 0.1),
+        affine=affine,
+        track_running_stats=getattr(old, "track_running_stats", True),
+        **like,
+        **({"bias": old.bias is not None} if affine else {}),
+        **extra,
+    )
+    for name, tensor in (*old.named_parameters(recurse=False), *old.named_buffers(recurse=False)):
+        setattr(new, name, tensor)
+    for name, value in vars(old).items():
+        if name.startswith(("_forward", "_backward", "_is_full_backward")):
+            setattr(new, name, value)
+    new.train(old.training)
+    if frozen_state(old) is not None:
+        pin_eval(new, frozen_state(old))
+    return new
+
+
+def _from_frozen_style(old: nn.Module) -> nn.Module:
+    """A frozen BatchNorm2d of ours equal to a FrozenBatchNorm2d-style module in every mode."""
+    new = ours.BatchNorm2d(old.running_mean.numel(), eps=old.eps, device=old.weight.device, dtype=old.weight.dtype)
+    new.weight = nn.Parameter(old.weight, requires_grad=False)
+    new.bias = nn.Parameter(old.bias, requires_grad=False)
+    new.running_mean = old.running_mean
+    new.running_var = old.running_var
+    # Unfreezing later makes gamma and beta trainable, as in a BatchNorm2d built afresh.
+    pin_eval(new, {"weight": True, "bias": True})
+    return new
+
+
+def _to_ours(m: nn.Module) -> tuple[nn.Module | None, str | None]:
+    """(our layer, None), or (None, why not; None when there is nothing to do)."""
+    if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+        return None, "uninitialized lazy layer: run one forward first so num_features is known"
+    if type(m) in _TO_OURS:
+        return _rebuild(m, _TO_OURS[type(m)]), None
+    if type(m) is nn.SyncBatchNorm:
+        sync = _our_sync_batchnorm()
+        if sync is None:
+            return None, "torch.nn.SyncBatchNorm: batchnorm.distributed is not available"
+        return _rebuild(m, sync, process_group=m.process_group), None
+    if is_frozen_style(m):
+        if not hasattr(m, "eps"):
+            return None, f"{type(m).__name__} looks like FrozenBatchNorm2d but has no eps attribute"
+        return _from_frozen_style(m), None
+    if type(m) in _TO_TORCH or type(m) is _our_sync_batchnorm():
+        return None, None
+    return None, f"{type(m).__name__} is not one of torch's batch-norm classes; its behaviour may differ"
+
+
+def _to_torch(m: nn.Module) -> tuple[nn.Module | None, str | None]:
+    """(torch's layer, None), or (None, why not; None when there is nothing to do)."""
+    sync = _our_sync_batchnorm()
+    target = _TO_TORCH.get(type(m)) or (nn.SyncBatchNorm if sync is not None and type(m) is sync else None)
+    if target is None:
+        if type(m) in _TO_OURS or type(m) is nn.SyncBatchNorm or is_frozen_style(m):
+            return None, None
+        return None, f"{type(m).__name__} is not one of ours; left as it is"
+    used = [f"{k}={getattr(m, k)!r}" for k, default in _NOT_IN_TORCH.items() if getattr(m, k, default) != default]
+    if used:
+        return None, f"uses {', '.join(used)}, which torch's {target.__name__} cannot express"
+    extra = {"process_group": m.process_group} if target is nn.SyncBatchNorm else {}
+    return _rebuild(m, target, **extra), None
+
+
+def _swap_all(model: nn.Module, how, tool: str, inplace: bool) -> tuple[nn.Module, Changes]:
+    model = prepare(model, inplace)
+    changes = Changes()
+    for path, m in require_batchnorm(model, tool):
+        new, why = how(m)
+        if new is not None:
+            model = replace(model, path, new)
+            changes.change(path, f"{type(m).__module__}.{type(m).__name__} -> {type(new).__module__}.{type(new).__name__}")
+        elif why is not None:
+            changes.skip(path, why)
+    return model, changes
+
+
+def convert(model: nn.Module, *, fuse: bool = False, inplace: bool = True) -> tuple[nn.Module, Changes]:
+    """torch's batch-norm layers to ours (see the module docstring). Returns (model, changes).
+
+    fuse: also fuse the activation (and the residual add) that follows a layer of ours.
+    Evaluation outputs are the same before and after, to floating-point rounding.
+    """
+    model, changes = _swap_all(model, _to_ours, "convert", inplace)
+    if fuse:
+        model = _fuse_modules(model, changes)
+        model = _fuse_graph(model, changes)
+    return model, changes
+
+
+def revert(model: nn.Module, *, inplace: bool = True) -> tuple[nn.Module, Changes]:
+    """Our batch-norm layers back to torch's. Returns (model, changes).
+
+    A layer using something torch's cannot express (a fused activation, ...) is kept and
+    recorded in `changes.skipped`.
+    """
+    return _swap_all(model, _to_torch, "revert", inplace)
+
+
+def _fusable(m: nn.Module) -> bool:
+    """A layer of ours with no activation yet."""
+    return isinstance(m, ours._Extras) and isinstance(m, _BatchNorm) and m.activation is None
+
+
+def _fuse_modules(model: nn.Module, changes: Changes) -> nn.Module:
+    """BN -> activation module used only there: the BN takes the activation, the module becomes Identity."""
+    found, why = pairs(model)
+    for pair in found:
+        bn, act = model.get_submodule(pair.producer), pair.consumer
+        name = activation_name(act)
+        if act.path is None or name is None or not _fusable(bn):
+            continue
+        bn.activation = name
+        model = replace(model, act.path, nn.Identity())
+        changes.change(pair.producer, f"fused the activation {name} ({act.path} is now nn.Identity)")
+    if why is not None:
+        changes.skip("", why + " (no graph fusion)")
+    return model
+
+
+def _fuse_graph(model: nn.Module, changes: Changes) -> nn.Module:
+    """act(bn(x)) with a functional or shared activation, and act(bn(x) + shortcut), by graph rewrite."""
+    gm, _ = trace(model)
+    if gm is None:
+        return model
+    calls = module_calls(gm.graph)
+    rewritten = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or calls[node.target] != 1 or len(node.args) != 1 or node.kwargs:
+            continue
+        bn = gm.get_submodule(node.target)
+        if not _fusable(bn):
+            continue
+        shortcut, tail = _residual(node)
+        act = consumer_of(tail, gm)  # a shared activation module is fine: only this call goes
+        name = activation_name(act) if act is not None else None
+        if name is None:
+            continue
+        with gm.graph.inserting_before(act.node):
+            args = (node.args[0],) if shortcut is None else (node.args[0], shortcut)
+            fused = gm.graph.call_module(node.target, args)
+        act.node.replace_all_uses_with(fused)
+        for dead in dict.fromkeys((act.node, tail, node)):  # tail is node without an add
+            gm.graph.erase_node(dead)
+        bn.activation = name
+        rewritten = True
+        what = f"fused the activation {name}" + ("" if shortcut is None else f" and the residual add of {shortcut.name}")
+        changes.change(node.target, what)
+    if not rewritten:
+        return model
+    gm.graph.lint()
+    gm.recompile()
+    gm.training = model.training
+    changes.change("", f"{type(model).__name__} became a torch.fx.GraphModule (graph rewritten to fuse)")
+    return gm
+
+
+def _residual(node: fx.Node) -> tuple[fx.Node | None, fx.Node]:
+    """(shortcut, add node) when bn's output goes only to `bn + shortcut`, else (None, node).
+
+    In-place forms (`out += shortcut`, `out.add_(shortcut)`) qualify only with bn's output
+    as the tensor modified, which nothing else reads.
+    """
+    add = sole_user(node)
+    if add is None or not is_add(add):
+        return None, node
+    a, b = add.args
+    inplace = add.target in ("add_",) or getattr(add.target, "__name__", "") == "iadd"
+    if a is node and isinstance(b, fx.Node) and b is not node and b.op != "get_attr":
+        return b, add
+    if b is node and not inplace and isinstance(a, fx.Node) and a.op != "get_attr":
+        return a, add
+    return None, node

@@ -1,0 +1,220 @@
+"""convert / revert: torch's batch norm <-> ours, and fuse=True (activation, residual add)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import batchnorm as bn
+from batchnorm.tools import convert, revert
+
+from .models import FrozenBatchNorm2d, ResNet, randomize
+
+
+def _mixed() -> nn.Module:
+    """torch's 1d/2d/3d with every setting that maps, and one of ours already."""
+    return nn.ModuleDict(
+        {
+            "a": nn.BatchNorm1d(5, eps=1e-3, momentum=None),
+            "b": nn.BatchNorm2d(4, affine=False),
+            "c": nn.BatchNorm3d(3, momentum=0.3, track_running_stats=False),
+            "d": bn.BatchNorm2d(4),
+            "e": nn.BatchNorm2d(4, dtype=torch.float64),
+        }
+    )
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    return {
+        "a": torch.randn(6, 5, generator=g),
+        "b": torch.randn(3, 4, 5, 5, generator=g),
+        "c": torch.randn(2, 3, 2, 3, 3, generator=g),
+        "d": torch.randn(3, 4, 5, 5, generator=g),
+        "e": torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64),
+    }
+
+
+def test_convert_keeps_everything_and_revert_undoes_it():
+    model = randomize(_mixed())
+    model["b"].train()
+    model["a"].eval()
+    before = {k: dict(m.state_dict()) for k, m in model.items()}
+    params = {n: p for n, p in model.named_parameters()}
+    ref = copy.deepcopy(model)
+    out, changes = convert(model)
+    assert out is model
+    assert {p for p, _ in changes.changed} == {"a", "b", "c", "e"}
+    for key, m in model.items():
+        assert type(m).__module__ == "batchnorm.nn", key
+        old = ref[key]
+        assert (m.eps, m.momentum, m.affine, m.track_running_stats, m.training) == (
+            old.eps, old.momentum, old.affine, old.track_running_stats, old.training
+        )
+        assert m.state_dict().keys() == before[key].keys()
+        for name, value in before[key].items():
+            assert torch.equal(m.state_dict()[name], value)
+    assert model["e"].weight.dtype == torch.float64
+    # The very same parameter tensors: an optimizer built before keeps working.
+    assert all(p is params[n] for n, p in model.named_parameters())
+    model.eval(), ref.eval()
+    for key, x in _inputs().items():
+        torch.testing.assert_close(model[key](x), ref[key](x), rtol=1e-6, atol=1e-6)
+    back, changes = revert(model)
+    assert {p for p, _ in changes.changed} == {"a", "b", "c", "d", "e"}
+    assert [type(m) for m in back.values()] == [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.BatchNorm2d, nn.BatchNorm2d]
+
+
+def test_convert_not_inplace_leaves_the_model():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    copy_, _ = convert(model, inplace=False)
+    assert type(model[1]) is nn.BatchNorm2d and type(copy_[1]) is bn.BatchNorm2d
+
+
+def test_convert_carries_hooks():
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(type(m)))
+    convert(model)
+    model(torch.randn(4, 3))
+    assert seen == [bn.BatchNorm1d]
+
+
+def test_sync_batchnorm_is_converted_or_skipped_with_a_reason():
+    model = nn.Sequential(nn.SyncBatchNorm(3))
+    _, changes = convert(model)
+    try:
+        from batchnorm.distributed import SyncBatchNorm
+    except ImportError:
+        assert type(model[0]) is nn.SyncBatchNorm
+        assert changes.skipped and "SyncBatchNorm" in changes.skipped[0][1]
+    else:
+        assert type(model[0]) is SyncBatchNorm
+        revert(model)
+        assert type(model[0]) is nn.SyncBatchNorm
+
+
+def test_frozen_style_becomes_a_frozen_batchnorm_with_the_same_outputs():
+    frozen = randomize(FrozenBatchNorm2d(4))
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), frozen)
+    x = torch.randn(3, 2, 5, 5)
+    expected = model(x)
+    convert(model)
+    assert type(model[1]) is bn.BatchNorm2d
+    model.train()  # a frozen layer stays in evaluation mode
+    assert not model[1].training and not model[1].weight.requires_grad
+    torch.testing.assert_close(model(x), expected)
+    revert(model)
+    model.train()
+    assert type(model[1]) is nn.BatchNorm2d and not model[1].training
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_unknown_subclass_and_lazy_layers_are_skipped():
+    class Mine(nn.BatchNorm2d):
+        pass
+
+    model = nn.Sequential(Mine(3), nn.LazyBatchNorm2d())
+    _, changes = convert(model)
+    assert type(model[0]) is Mine and type(model[1]) is nn.LazyBatchNorm2d
+    assert [p for p, _ in changes.skipped] == ["0", "1"]
+
+
+def test_no_batchnorm_is_an_error():
+    with pytest.raises(ValueError, match="no batch-norm layer"):
+        convert(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        convert("model")
+
+
+def _compare(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
+    for mode in (False, True):
+        a.train(mode), b.train(mode)
+        torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-6)
+
+
+def test_fuse_sequential_in_place_keeps_the_class():
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.GELU("tanh")))
+    ref = copy.deepcopy(model)
+    fused, changes = convert(model, fuse=True)
+    assert type(fused) is nn.Sequential
+    assert fused[1].activation == "silu" and isinstance(fused[2], nn.Identity)
+    assert fused[4].activation is None and isinstance(fused[5], nn.GELU)  # tanh-GELU is not ours
+    _compare(fused, ref, torch.randn(4, 3, 6, 6))
+
+
+def test_fuse_resnet_residual_and_shared_relu():
+    model = randomize(ResNet(), seed=3)
+    ref = copy.deepcopy(model)
+    fused, changes = convert(model, fuse=True)
+    assert isinstance(fused, fx.GraphModule)
+    assert fused.get_submodule("layer1.bn2").activation == "relu"
+    residual_calls = [n for n in fused.graph.nodes if n.op == "call_module" and len(n.args) == 2]
+    assert {n.target for n in residual_calls} == {"layer1.bn2", "layer2.bn2"}
+    assert not any(n.op == "call_function" and "add" in str(n.target) for n in fused.graph.nodes)
+    assert fused.state_dict().keys() == ref.state_dict().keys()
+    _compare(fused, ref, torch.randn(3, 3, 8, 8))
+
+
+def test_fuse_functional_activations():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+            self.bn = nn.BatchNorm1d(6)
+            self.fc2 = nn.Linear(6, 6)
+            self.bn2 = nn.BatchNorm1d(6)
+
+        def forward(self, x):
+            y = F.leaky_relu(self.bn(self.fc(x)))
+            return self.bn2(self.fc2(y)).sigmoid()
+
+    model = randomize(Net())
+    ref = copy.deepcopy(model)
+    fused, _ = convert(model, fuse=True)
+    assert (fused.bn.activation, fused.bn2.activation) == ("leaky_relu", "sigmoid")
+    _compare(fused, ref, torch.randn(5, 4))
+
+
+def test_fuse_leaves_a_bn_whose_output_is_used_twice():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            y = self.bn(x)
+            return torch.relu(y) + y
+
+    model, changes = convert(Net(), fuse=True)
+    assert model.bn.activation is None
+    assert not isinstance(model, fx.GraphModule)
+
+
+def test_fuse_untraceable_model_uses_sequential_order():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU())
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: fx cannot trace it
+                return self.body(x)
+            return self.body(-x)
+
+    model = randomize(Net())
+    ref = copy.deepcopy(model)
+    fused, changes = convert(model, fuse=True)
+    assert fused.body[1].activation == "relu"
+    assert any("could not trace" in why for _, why in changes.skipped)
+    _compare(fused, ref, torch.randn(6, 3))
+
+
+def test_revert_keeps_layers_torch_cannot_express():
+    model = nn.Sequential(bn.BatchNorm1d(3, virtual_batch_size=4), bn.BatchNorm1d(3, unbiased_running_var=False))
+    _, changes = revert(model)
+    assert [type(m) for m in model] == [bn.BatchNorm1d, bn.BatchNorm1d]
+    assert [p for p, _ in changes.skipped] == ["0", "1"]
+    assert "virtual_batch_size=4" in changes.skipped[0][1]

@@ -1,0 +1,121 @@
+"""fold: evaluation-mode batch norm merged into the layer before it, outputs unchanged."""
+
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import batchnorm as bn
+from batchnorm.tools import Activation, ChannelAffine, convert, fold
+
+from .models import FrozenBatchNorm2d, ResNet, randomize
+
+_LAYERS = {
+    "linear": (nn.Linear, bn.BatchNorm1d, 0),
+    "conv1d": (nn.Conv1d, bn.BatchNorm1d, 1),
+    "conv2d": (nn.Conv2d, bn.BatchNorm2d, 2),
+    "conv3d": (nn.Conv3d, bn.BatchNorm3d, 3),
+    "convt1d": (nn.ConvTranspose1d, bn.BatchNorm1d, 1),
+    "convt2d": (nn.ConvTranspose2d, bn.BatchNorm2d, 2),
+    "convt3d": (nn.ConvTranspose3d, nn.BatchNorm3d, 3),
+}
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    kind=st.sampled_from(sorted(_LAYERS)),
+    groups=st.sampled_from([1, 2, 3]),
+    per_group=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    bias=st.booleans(),
+    activation=st.sampled_from([None, "relu", "tanh"]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_fold_matches_the_eval_model(kind, groups, per_group, bias, activation, dtype, seed):
+    layer_class, norm_class, spatial = _LAYERS[kind]
+    torch.manual_seed(seed)
+    cin, cout = per_group[0] * groups, per_group[1] * groups
+    if layer_class is nn.Linear:
+        layer = nn.Linear(cin, cout, bias=bias)
+    else:
+        layer = layer_class(cin, cout, 3, groups=groups, bias=bias, padding=1)
+    if norm_class.__module__ != "batchnorm.nn":  # torch's layer (convt3d): no fused activation
+        activation = None
+    extra = {"activation": activation} if activation else {}
+    model = randomize(nn.Sequential(layer, norm_class(cout, **extra)), seed).to(dtype).eval()
+    x = torch.randn(4, cin, *([5] * spatial), dtype=dtype)
+    expected = model(x)
+    folded, changes = fold(model, inplace=False)
+    assert changes.changed == [("1", "folded into 0" + (f" (activation {activation} kept)" if activation else ""))]
+    assert not any(isinstance(m, _BatchNorm) for m in folded.modules())
+    assert folded[0].bias is not None and isinstance(folded[1], Activation)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(folded(x), expected, **tol)
+
+
+def test_fold_resnet_with_fused_residual():
+    model = randomize(ResNet(), seed=5)
+    fused, _ = convert(model, fuse=True, inplace=False)
+    fused.eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = fused(x)
+    folded, changes = fold(fused)
+    assert len(changes.changed) == 6 and not changes.skipped
+    assert not any(isinstance(m, _BatchNorm) for m in folded.modules())
+    torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_nothing_to_fold_into_becomes_channel_affine():
+    model = randomize(nn.Sequential(nn.Conv2d(2, 3, 1), nn.ReLU(), nn.BatchNorm2d(3), FrozenBatchNorm2d(3))).eval()
+    x = torch.randn(2, 2, 4, 4)
+    expected = model(x)
+    fold(model)
+    assert isinstance(model[2], ChannelAffine) and isinstance(model[3], ChannelAffine)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_training_mode_is_an_error_and_nothing_changes():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match="evaluation mode.*model.eval"):
+        fold(model)
+    assert isinstance(model[1], nn.BatchNorm1d)
+
+
+def test_channel_mismatch_is_a_recorded_skip():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(5)).eval()
+    weight = model[0].weight.clone()
+    _, changes = fold(model)
+    assert isinstance(model[1], nn.BatchNorm1d) and torch.equal(model[0].weight, weight)
+    assert changes.skipped == [("1", "has 5 channels but 0 produces 4; not folded")]
+
+
+def test_without_running_stats_is_skipped():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False)).eval()
+    _, changes = fold(model)
+    assert isinstance(model[1], nn.BatchNorm1d) and changes.skipped
+
+
+def test_shared_conv_is_not_folded():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 1)
+            self.bn = nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + self.conv(x)
+
+    model = randomize(Net()).eval()
+    x = torch.randn(2, 2, 3, 3)
+    expected = model(x)
+    fold(model)
+    assert isinstance(model.bn, ChannelAffine)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_channel_affine_checks_its_input():
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        ChannelAffine(torch.ones(3), torch.zeros(3))(torch.randn(2, 4))
