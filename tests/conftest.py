@@ -10,3 +10,11 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+# Without a GPU, the triton backend's kernels run in Triton's CPU interpreter. Triton reads
+# TRITON_INTERPRET as it is imported (its own tl.* helpers are decorated then), so the
+# variable is set here, before any test module can import triton.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
