@@ -1,6 +1,8 @@
 """Operations on whole models: fit batch norm in (`insert`, `convert`/`revert`), serve it
 (`fold`), fix it (`freeze`/`unfreeze`, `frozen_stats`, `stats_snapshot`/`stats_restore`)
-and re-estimate its statistics (`recalibrate`, `adapt`).
+and re-estimate its statistics (`recalibrate`, `adapt`); and look inside it: `monitor`
+(what reaches each nonlinearity during training) and `check` (a batch-norm health check,
+returning a `CheckReport`, not `(model, changes)`).
 
 Each tool takes the model first and returns `(model, changes)`: the model is changed in
 place unless `inplace=False` (a deep copy is changed instead), and `changes` (a `Changes`)

@@ -111,9 +111,8 @@ class CheckReport:
         colour = {"error": "red", "warning": "yellow", "info": "cyan"}
         for f in self.findings:
             evidence = "\n".join(f"{k} = {_short(v)}" for k, v in f.evidence.items())
-            table.add_row(
-                f"[{colour[f.severity]}]{f.severity}[/]", f.layer or "(model)", f"{f.kind}: {f.message}", evidence, f.advice
-            )
+            severity = f"[{colour[f.severity]}]{f.severity}[/]"
+            table.add_row(severity, f.layer or "(model)", f"{f.kind}: {f.message}", evidence, f.advice)
         return table
 
     def __rich__(self):
@@ -165,7 +164,7 @@ def _layer_findings(model: nn.Module, name: str, m: _BatchNorm, dead_gamma: floa
             "the model is in evaluation mode but this layer is in training mode",
             {"model.training": False, "layer.training": True},
             "call model.eval() after any code that sets submodules' modes (or use "
-            "batchnorm.freeze for layers meant to stay fixed)",
+            "batchnorm.tools.freeze for layers meant to stay fixed)",
         ))  # fmt: skip
     if m.running_mean is None:
         found.append(Finding(
@@ -181,7 +180,7 @@ def _layer_findings(model: nn.Module, name: str, m: _BatchNorm, dead_gamma: floa
                 name, "nonfinite_running_stats", "error",
                 f"{int(bad.sum())} of {bad.numel()} channels have a non-finite running mean or variance",
                 {"channels": _first(bad)},
-                "recompute them: batchnorm.recalibrate(model, train_batches), after finding "
+                "recompute them: batchnorm.tools.recalibrate(model, train_batches), after finding "
                 "the cause (a diverged step, an fp16 overflow)",
             ))  # fmt: skip
         negative = var < 0
@@ -200,7 +199,7 @@ def _layer_findings(model: nn.Module, name: str, m: _BatchNorm, dead_gamma: floa
                 "num_batches_tracked is 0 and the running statistics are still mean 0, variance 1",
                 {"num_batches_tracked": 0},
                 "the layer never ran in training mode (or its statistics were not saved): "
-                "batchnorm.recalibrate(model, train_batches)",
+                "batchnorm.tools.recalibrate(model, train_batches)",
             ))  # fmt: skip
     if m.weight is not None:
         dead = m.weight.detach().abs() < dead_gamma
@@ -278,7 +277,8 @@ def _data_findings(model, layers, inputs, shift_tol, var_tol, gap_tol, min_value
                 "training unstable and the running statistics unreliable",
                 {"values_per_channel": smallest, "min_values": min_values},
                 "use larger batches, SyncBatchNorm across devices (batchnorm.distributed), "
-                "batch renormalization, or frozen statistics (batchnorm.freeze) when fine-tuning; "
+                "batch renormalization (batchnorm.Renorm), or frozen statistics "
+                "(batchnorm.tools.freeze) when fine-tuning; "
                 "ghost batches only help with batches that are too large",
             ))  # fmt: skip
         if m.running_mean is not None:
@@ -290,10 +290,12 @@ def _data_findings(model, layers, inputs, shift_tol, var_tol, gap_tol, min_value
         if not math.isfinite(gap) or gap > gap_tol:
             found.append(Finding(
                 "", "train_eval_gap", "warning",
-                f"the output with batch statistics differs from the output with running statistics by {gap:.3g} (relative)",
+                f"the output with batch statistics differs from the output with running "
+                f"statistics by {gap:.3g} (relative)",
                 {"relative_difference": gap, "gap_tol": gap_tol},
                 "see the stale_statistics and small_batch findings; recalibrate the statistics "
-                "on training data (batchnorm.recalibrate) or adapt them to this data (batchnorm.adapt)",
+                "on training data (batchnorm.tools.recalibrate) or adapt them to this data "
+                "(batchnorm.tools.adapt)",
             ))  # fmt: skip
     return found
 
@@ -321,8 +323,8 @@ def _stale(name: str, m: _BatchNorm, data: Stats, shift_tol: float, var_tol: flo
             "log_ratio_limit": ratio_limit,
             "values_per_channel_seen": int(n),
         },
-        "after fine-tuning, weight averaging or pruning: batchnorm.recalibrate(model, "
-        "train_batches); for a new input domain: batchnorm.adapt(model, target_batches)",
+        "after fine-tuning, weight averaging or pruning: batchnorm.tools.recalibrate(model, "
+        "train_batches); for a new input domain: batchnorm.tools.adapt(model, target_batches)",
     )]  # fmt: skip
 
 

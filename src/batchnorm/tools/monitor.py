@@ -1,6 +1,6 @@
 """`monitor`: watch the inputs to a network's nonlinearities while it trains.
 
-    with bn.monitor(model, every=10) as mon:
+    with bn.monitor(model) as mon:                # records every 10th training step
         for x, y in loader:
             ...                                   # an ordinary training loop
     mon.save("history.json"); mon.plot("bands.png")
@@ -33,11 +33,14 @@ Default layers: every batch-norm layer, and every activation module whose predec
 module order (`model.named_modules()`, leaves only) is a Linear or Conv layer. The
 nonlinearity of a batch-norm layer is its fused activation, else the activation module that
 follows it in module order. Activations applied as functions (torch.relu in a forward)
-are invisible to hooks: pass the modules to watch with `layers=`.
+are not seen: a batch-norm layer before one is still monitored (with no saturated or dead
+fraction, its nonlinearity being unknown); after a Linear/Conv, use an activation module.
 
-Cost: in the training step a hook only copies u (and the running statistics); the
+Cost: between recorded steps only the model's pre-hook runs (the layers are hooked for the
+recorded forwards alone); a recorded forward copies u and the running statistics, and the
 statistics are computed later for many records at once, on u's device, when the copies
 reach FLUSH_BYTES or the history is read, with one transfer to the host per field.
+`monitor_overhead` measures the cost on the experiments' MLP.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from torch.nn.modules.conv import _ConvNd
 PERCENTILES = (0.15, 0.50, 0.85)
 SATURATION = {"sigmoid": 4.0, "tanh": 2.0}
 DEAD = ("relu", "relu6")
+EVERY = 10  # the default: cheap enough to leave on (see monitor_overhead)
 FLUSH_BYTES = 64 * 2**20  # copies of u kept on the device before their statistics are taken
 FIELDS = ("step", "percentiles", "mean", "std", "saturated", "dead", "mean_drift", "var_drift")
 
@@ -98,6 +102,8 @@ class Monitor:
 
     `layers`: None (the defaults above), or names from `model.named_modules()` or the
     modules themselves (leaves). `every`: record at training forwards 0, every, 2 every...
+    (default EVERY = 10: recording costs about a quarter of a training step of the
+    experiments' small MLP on CPU, so every step would slow it down by that much).
     `units`: how many channels to take percentiles of (evenly spaced), or their indices.
 
     Use as a context manager, or call `start()` and `stop()`; hooks are removed on exit,
@@ -110,7 +116,7 @@ class Monitor:
         self,
         model: nn.Module,
         layers: Iterable[str | nn.Module] | None = None,
-        every: int = 1,
+        every: int = EVERY,
         units: int | Sequence[int] = 3,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -121,34 +127,29 @@ class Monitor:
         self.every = every
         self.units = _check_units(units)
         self.layers = _select(model, layers)
-        self._handles: list = []
+        self._root = None  # the model's pre-hook, which counts steps
+        self._hooks: list = []  # the layers' hooks, there only during recorded forwards
         self._step = -1  # training forwards seen since start(); the first is step 0
-        self._active = False  # whether the current forward is recorded
         self._done: set[str] = set()  # layers recorded in the current forward
         self._pending_bytes = 0
 
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> Monitor:
-        """Register the hooks; the running statistics now are the base of the first drift."""
-        if self._handles:
+        """Hook the model; the running statistics now are the base of the first drift."""
+        if self._root is not None:
             raise RuntimeError("this monitor is already started; call stop() first")
         for layer in self.layers:
             layer.running = _running(layer.module)
-            if isinstance(layer.module, _BatchNorm):
-                handle = layer.module.register_forward_hook(self._output_hook(layer), with_kwargs=True)
-            else:
-                handle = layer.module.register_forward_pre_hook(self._input_hook(layer))
-            self._handles.append(handle)
-        self._handles.append(self.model.register_forward_pre_hook(self._on_forward))
+        self._root = self.model.register_forward_pre_hook(self._on_forward)
         return self
 
     def stop(self) -> None:
         """Remove every hook (safe to call twice) and compute what is still queued."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._active = False
+        self._detach()
+        if self._root is not None:
+            self._root.remove()
+            self._root = None
         self._flush()
 
     def __enter__(self) -> Monitor:
@@ -160,15 +161,35 @@ class Monitor:
     # -- hot path ----------------------------------------------------------------------
 
     def _on_forward(self, module: nn.Module, args: tuple) -> None:
-        self._active = False
+        """Before each forward of the model: hook the layers for a recorded training step,
+        unhook them otherwise (so steps in between pay for this one hook only)."""
+        record = False
         if module.training:
             self._step += 1
-            self._active = self._step % self.every == 0
+            record = self._step % self.every == 0
+        if record:
             self._done.clear()
+            if not self._hooks:
+                self._attach()
+        else:
+            self._detach()
+
+    def _attach(self) -> None:
+        for layer in self.layers:
+            if isinstance(layer.module, _BatchNorm):
+                hook = layer.module.register_forward_hook(self._output_hook(layer), with_kwargs=True)
+            else:
+                hook = layer.module.register_forward_pre_hook(self._input_hook(layer))
+            self._hooks.append(hook)
+
+    def _detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
 
     def _wanted(self, layer: _Layer) -> bool:
         # A module called twice in one forward is recorded once, at its first call.
-        if not self._active or layer.name in self._done:
+        if layer.name in self._done:
             return False
         self._done.add(layer.name)
         return True
@@ -227,8 +248,9 @@ class Monitor:
         apply).
         """
         rows = []
+        arrays = self.arrays()
         for layer in self.layers:
-            history = self.arrays().get(layer.name)
+            history = arrays.get(layer.name)
             for i in range(0 if history is None else len(history["step"])):
                 row = {"step": int(history["step"][i]), "layer": layer.name}
                 row["nonlinearity"] = layer.nonlinearity
@@ -288,7 +310,7 @@ class Monitor:
 def monitor(
     model: nn.Module,
     layers: Iterable[str | nn.Module] | None = None,
-    every: int = 1,
+    every: int = EVERY,
     units: int | Sequence[int] = 3,
 ) -> Monitor:
     """A `Monitor` of `model` (see `Monitor`); use it with `with` or call start()/stop()."""
@@ -302,9 +324,11 @@ def statistics(u: Tensor, units: Tensor, nonlinearity: str | None) -> dict[str, 
     u = u.float() if u.dtype in (torch.float16, torch.bfloat16) else u
     r, k = u.shape[0], units.numel()
     dims = (1, *range(3, u.dim()))
-    # two passes (torch.var_mean is many times slower on CPU for these reductions)
+    # two passes (torch.var_mean is many times slower on CPU for these reductions), in a
+    # scratch buffer that the saturation reuses: one temporary as large as u, not three
     mean = u.mean(dims, keepdim=True)
-    var = (u - mean).square_().mean(dims)
+    scratch = torch.sub(u, mean)
+    var = scratch.square_().mean(dims)
     mean = mean.flatten(1)
     rows = u.index_select(2, units).movedim(2, 1).reshape(r * k, -1)  # (R k, n)
     if rows.shape[1] > _QUANTILE_MAX:  # huge maps: an even subsample, as quantile cannot take them
@@ -316,7 +340,8 @@ def statistics(u: Tensor, units: Tensor, nonlinearity: str | None) -> dict[str, 
     if nonlinearity in SATURATION:
         # sign(max(|u| - t, 0)) is 1 exactly where |u| > t: float ops, several times faster
         # on CPU than a comparison (whose boolean output takes a slow path)
-        saturated = u.abs().sub_(SATURATION[nonlinearity]).clamp_(min=0).sign_().flatten(1).mean(1)
+        torch.abs(u, out=scratch).sub_(SATURATION[nonlinearity]).clamp_(min=0).sign_()
+        saturated = scratch.flatten(1).mean(1)
     else:
         saturated = nan
     dead = (u.amax(dims) <= 0).float().mean(1) if nonlinearity in DEAD else nan
@@ -349,7 +374,7 @@ def _summarize(layer: _Layer) -> dict[str, np.ndarray]:
     if layer.running is not None:
         eps = layer.module.eps
         running = torch.stack([layer.running] + [r for _, _, r in pending]).double().cpu().numpy()
-        mean, var = running[:, 0] + 0.0, running[:, 1] + eps  # (R + 1, C)
+        mean, var = running[:, 0], running[:, 1] + eps  # (R + 1, C)
         out["mean_drift"] = np.mean(np.abs(np.diff(mean, axis=0)) / np.sqrt(var[:-1]), axis=1)
         out["var_drift"] = np.mean(np.abs(np.diff(np.log(var), axis=0)), axis=1)
         layer.running = pending[-1][2]
@@ -464,13 +489,17 @@ def _experiment_mlp(batchnorm: bool) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(width, 10))
 
 
-def monitor_overhead(steps: int = 200, rounds: int = 5, batch_size: int = 60) -> dict[str, dict[str, float]]:
-    """The monitor's cost with its defaults, as a fraction of a training step (SGD,
-    cross-entropy) of the experiments' MLP, without and with batch norm.
+def monitor_overhead(
+    steps: int = 200, rounds: int = 5, batch_size: int = 60, every: int = EVERY
+) -> dict[str, dict[str, float]]:
+    """The monitor's cost (default layers and units, recording every `every`-th step), as
+    a fraction of a training step (SGD, cross-entropy) of the experiments' MLP, without
+    and with batch norm.
 
-    Blocks of `steps` steps alternate without and with the monitor, `rounds` times; each
-    side keeps its fastest block (the least disturbed by other work on the machine).
-    Returns {"sigmoid" | "batchnorm": {"step_s", "monitored_step_s", "overhead"}}.
+    Blocks of `steps` steps alternate without and with the monitor, `rounds` times; the
+    overhead is the median over rounds of (monitored block / the plain block just before)
+    - 1, so that drifts in the machine's load cancel in each pair. Returns
+    {"sigmoid" | "batchnorm": {"step_s", "monitored_step_s" (medians), "overhead"}}.
     """
     import time
 
@@ -485,7 +514,7 @@ def monitor_overhead(steps: int = 200, rounds: int = 5, batch_size: int = 60) ->
 
         def block(watch: bool) -> float:
             start = time.perf_counter()
-            mon = monitor(model).start() if watch else None
+            mon = monitor(model, every=every).start() if watch else None
             for _ in range(steps):
                 optimizer.zero_grad()
                 nn.functional.cross_entropy(model(x), y).backward()
@@ -500,8 +529,8 @@ def monitor_overhead(steps: int = 200, rounds: int = 5, batch_size: int = 60) ->
             plain.append(block(False))
             watched.append(block(True))
         results[name] = {
-            "step_s": min(plain),
-            "monitored_step_s": min(watched),
-            "overhead": min(watched) / min(plain) - 1.0,
+            "step_s": float(np.median(plain)),
+            "monitored_step_s": float(np.median(watched)),
+            "overhead": float(np.median(np.divide(watched, plain))) - 1.0,
         }
     return results
