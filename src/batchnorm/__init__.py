@@ -7,6 +7,7 @@
 
 from . import backends, functional, reference, tools
 from .conventions import from_flax, from_keras
+from .distributed import SyncBatchNorm
 from .nn import (
     BatchNorm1d,
     BatchNorm2d,
@@ -44,6 +45,7 @@ __all__ = [
     "LazyBatchNorm3d",
     "Changes",
     "Renorm",
+    "SyncBatchNorm",
     "adapt",
     "backends",
     "check",

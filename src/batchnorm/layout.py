@@ -13,6 +13,7 @@ makes a contiguous copy and the backends that need a view say they cannot take i
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -49,7 +50,7 @@ def canonical(x: Tensor, kind: str | None = None) -> View:
         return View(x if x.stride(1) == 1 else x.contiguous(), "mc")
     c = x.shape[1]
     if want == "ncl":
-        return View(x.contiguous().view(x.shape[0], c, -1), "ncl")
+        return View(x.contiguous().view(x.shape[0], c, math.prod(x.shape[2:])), "ncl")
     return View(_channels_last_order(x).contiguous().view(-1, c), "mc")
 
 

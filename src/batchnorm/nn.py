@@ -93,7 +93,12 @@ class _Extras:
             virtual_batch_size=self.virtual_batch_size,
             renorm=self.renorm,
             unbiased_running_var=self.unbiased_running_var,
+            sync=self._synchronizer(),
         )
+
+    def _synchronizer(self):
+        """Reductions across processes for this call (SyncBatchNorm's); None: this process only."""
+        return None
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -1,0 +1,287 @@
+"""`SyncBatchNorm`: batch norm whose batch is the union of every process's batch.
+
+In data-parallel training each process sees a slice of the global batch. This module
+normalizes with the statistics of the whole global batch, over any torch.distributed
+backend (gloo on CPU, nccl on CUDA), with one `all_reduce` per layer in each direction:
+
+forward, a (3, C) tensor per layer, summed over the processes r:
+
+    row 0:  n_r                                  (values per channel on process r)
+    row 1:  n_r (mu_r - s)
+    row 2:  m2_r + n_r (mu_r - s)^2
+
+with s a shift common to every process; then, with n = sum n_r,
+
+    mu = s + sum n_r (mu_r - s) / n
+    m2 = sum [m2_r + n_r (mu_r - s)^2] - n (mu - s)^2
+
+exact for any s, and free of cancellation when s is close to mu. The shift is this layer's
+global mean from its previous call: the output of an all_reduce, so bitwise the same on
+every process, and close to the current mean. (The running mean would do as well, but it
+is common only as long as nobody loads different buffers on different processes.)
+
+backward, the (2, C) tensor (sum_d, sum_d_xhat) of `autograd.py`, summed over processes;
+the gradients of gamma and beta stay local (DDP averages them with every other gradient).
+
+The first call of each layer does two more reductions, once: a handshake that checks
+that every process has the same channel count and statistics dtype (a mismatch would
+otherwise hang or corrupt the sum), and a (2, C) sum of (n_r, n_r mu_r) that gives the
+first shift, the exact global mean.
+
+An empty local batch takes part with zero statistics; the check for two values per
+channel reads the global count (one scalar, on the host), so every process raises the same
+error. Without an initialized process group, or in a group of one, the layer is exactly
+`batchnorm.BatchNorm*`.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parallel import DistributedDataParallel
+
+from .nn import _Extras
+from .stats import Stats
+from .variants import Renorm
+
+
+def active_group(process_group=None):
+    """The group to synchronize over, or None when there is no one to synchronize with."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = dist.group.WORLD if process_group is None else process_group
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def no_buffer_broadcast() -> dict:
+    """DistributedDataParallel keywords that turn off its broadcast of rank 0's buffers before
+    every forward, which SyncBatchNorm makes unnecessary: `forward_sync_buffers=False` where
+    torch has it (buffers are still synchronized once, at construction), else
+    `broadcast_buffers=False` (deprecated in torch 2.13, where it also skips that first sync)."""
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+class GroupSync:
+    """A `functional.Synchronizer` over one process group, owned by one layer.
+
+    Every process must call `reduce_stats` and `reduce_grads` the same number of times in
+    the same order (true when they all run the same model): each is a collective.
+    """
+
+    def __init__(self, group, layer: str = "SyncBatchNorm") -> None:
+        self.group = group
+        self.layer = layer
+        self._shift: Tensor | None = None  # previous global mean; None before the first call
+
+    def reduce_stats(self, local: Stats) -> Stats:
+        """Global (count, mean, m2), each (C,), from this process's; equal on every process."""
+        if self._shift is None:
+            self._first_call(local)
+        s = self._shift
+        d = local.mean - s
+        packed = torch.stack((local.count, local.count * d, local.m2 + local.count * d * d))
+        self._all_reduce(packed, "batch statistics")
+        n, n_d, sq = packed.unbind(0)
+        dmu = n_d / n.clamp(min=1)  # n counts values: 0 only for an empty global batch
+        # Rounding can take the difference a hair below zero when every value is equal.
+        glob = Stats(n, s + dmu, (sq - n * dmu * dmu).clamp(min=0))
+        self._shift = _finite(glob.mean)
+        return glob
+
+    def reduce_grads(self, sums: Tensor) -> Tensor:
+        """Global (2, C) (sum_d, sum_d_xhat); `sums` itself is left as it is (the caller
+        still reads its local rows for dgamma and dbeta)."""
+        total = sums.clone()
+        self._all_reduce(total, "gradient sums")
+        return total
+
+    def _first_call(self, local: Stats) -> None:
+        """Check channel count and dtype agree across processes, then set the first shift."""
+        c, size = local.mean.numel(), local.mean.element_size()
+        probe = torch.tensor([c, -c, size, -size], dtype=torch.int64, device=local.mean.device)
+        self._all_reduce(probe, "channel-count check", dist.ReduceOp.MAX)
+        most_c, least_c, most_size, least_size = probe.tolist()  # host read: first call only
+        if most_c != -least_c:
+            raise ValueError(
+                f"{self.layer}: the processes disagree on the number of channels (from {-least_c} "
+                f"to {most_c}; this one has {c}). Every process must build the same model "
+                "(num_features) and feed it inputs with the same channel count"
+            )
+        if most_size != -least_size:
+            raise TypeError(
+                f"{self.layer}: the processes compute statistics in different dtypes (float64 "
+                "input on some, lower precision on others); give every process the same dtype"
+            )
+        sums = torch.stack((local.count, local.count * local.mean))
+        self._all_reduce(sums, "first batch mean")
+        self._shift = _finite(sums[1] / sums[0].clamp(min=1))
+
+    def _all_reduce(self, tensor: Tensor, what: str, op=dist.ReduceOp.SUM) -> None:
+        try:
+            dist.all_reduce(tensor, op=op, group=self.group)
+        except RuntimeError as err:  # gloo and nccl: a peer failed, exited or timed out
+            raise RuntimeError(
+                f"{self.layer}: the all_reduce of {what} across processes failed. Another "
+                "process probably raised an error or stopped before reaching this layer: every "
+                "process must run every SyncBatchNorm forward and backward, in the same order. "
+                f"Cause: {err}"
+            ) from err
+
+
+def _finite(mean: Tensor) -> Tensor:
+    """The shift for the next call: a non-finite batch must not poison every later one."""
+    return torch.nan_to_num(mean, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class SyncBatchNorm(_Extras, _BatchNorm):
+    """Batch norm over the global batch of every process in `process_group` (None: all).
+
+    Input (N, C, *spatial) with any number of spatial dimensions, as torch's SyncBatchNorm;
+    the arguments, parameters, buffers and state_dict keys are torch's, and the extras
+    (`activation=`, `forward(x, residual)`, `backend=`) are those of `batchnorm.BatchNorm2d`.
+    It subclasses torch's `_BatchNorm`, not `torch.nn.SyncBatchNorm`: DistributedDataParallel
+    refuses any `torch.nn.SyncBatchNorm` in a CPU model.
+
+    Batch statistics are synchronized whenever they normalize: in training, and in
+    evaluation when the layer keeps no running statistics (unlike torch, which then uses
+    each process's own batch); every process must then call forward together. Evaluation
+    with running statistics is local (an affine map). The running statistics are updated
+    from the global statistics, so they stay identical on every process and DDP needs no
+    buffer broadcast: wrap with `DistributedDataParallel(model, **no_buffer_broadcast())`.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        activation: str | None = None,
+        backend: str | None = "auto",
+        renorm: Renorm | None = None,
+        unbiased_running_var: bool = True,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            bias=bias, activation=activation, backend=backend, renorm=renorm,
+            unbiased_running_var=unbiased_running_var,
+        )
+        self.process_group = process_group
+        self._sync: GroupSync | None = None
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        """Any (N, C, *spatial): `checks.check_input` has already asked for 2 dimensions."""
+
+    def _synchronizer(self) -> GroupSync | None:
+        """This layer's GroupSync when batch statistics normalize and others share them."""
+        if not (self.training or self.running_mean is None):
+            return None
+        group = active_group(self.process_group)
+        if group is None:
+            return None
+        if self._sync is None or self._sync.group is not group:
+            self._sync = GroupSync(group, type(self).__name__)
+        return self._sync
+
+    def __getstate__(self):
+        # A process group cannot be copied or pickled; the copy makes its own GroupSync.
+        state = super().__getstate__()
+        state["_sync"] = None
+        return state
+
+    @classmethod
+    def convert(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+        """Replace every BatchNorm1d/2d/3d in `module` (torch's or ours) by a SyncBatchNorm.
+
+        Parameters are shared (an optimizer built before still holds them), buffers and the
+        training flag are kept, and so are our modules' `activation` and `backend`; the
+        original class is remembered for `revert`. Returns the converted module (a new
+        object when `module` itself is a batch norm). Lazy modules must have seen an input.
+        """
+
+        def to_sync(m: torch.nn.Module, path: str) -> torch.nn.Module:
+            if not isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+                return m
+            _check_materialized(m, path)
+            new = _rebuild(m, cls)
+            new.process_group = process_group
+            new._reverts_to = type(m)
+            return new
+
+        return _map_modules(module, to_sync)
+
+    @classmethod
+    def revert(cls, module: torch.nn.Module, default: type | None = None) -> torch.nn.Module:
+        """Replace every SyncBatchNorm in `module` by the class it was converted from.
+
+        A SyncBatchNorm built directly becomes `default` (e.g. `batchnorm.BatchNorm2d`);
+        without one, ValueError. State and extras are kept as in `convert`.
+        """
+
+        def to_local(m: torch.nn.Module, path: str) -> torch.nn.Module:
+            if not isinstance(m, cls):
+                return m
+            target = getattr(m, "_reverts_to", None) or default
+            if target is None:
+                raise ValueError(
+                    f"SyncBatchNorm at {path or 'the top level'} was not made by convert, so its "
+                    "original class is unknown; pass default=, e.g. default=batchnorm.BatchNorm2d"
+                )
+            return _rebuild(m, target)
+
+        return _map_modules(module, to_local)
+
+
+def _map_modules(module: torch.nn.Module, fn, path: str = "") -> torch.nn.Module:
+    """fn(m, path) applied to `module` and, recursively, to its children (replacing them)."""
+    out = fn(module, path)
+    for name, child in module.named_children():
+        out.add_module(name, _map_modules(child, fn, f"{path}.{name}" if path else name))
+    return out
+
+
+def _check_materialized(m: torch.nn.Module, path: str) -> None:
+    if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+        raise ValueError(
+            f"{type(m).__name__} at {path or 'the top level'} has not seen an input yet, so its "
+            "number of features is unknown; run one forward pass (model(example_batch)) "
+            "before converting"
+        )
+
+
+def _rebuild(old: torch.nn.Module, cls: type) -> torch.nn.Module:
+    """A `cls` batch norm with `old`'s configuration, parameters (shared), buffers and mode."""
+    extras = {}
+    if isinstance(old, _Extras):
+        if issubclass(cls, _Extras):
+            extras = dict(activation=old.activation, backend=old.backend)
+        elif old.activation is not None:
+            raise ValueError(
+                f"cannot turn a batch norm with activation={old.activation!r} into "
+                f"{cls.__name__}, which has no activation; use batchnorm's BatchNorm*d"
+            )
+    new = cls(
+        old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats,
+        bias=old.bias is not None, **extras,
+    )
+    if old.affine:
+        new.weight, new.bias = old.weight, old.bias
+    new.running_mean, new.running_var = old.running_mean, old.running_var
+    new.num_batches_tracked = old.num_batches_tracked
+    new.training = old.training
+    if hasattr(old, "qconfig"):
+        new.qconfig = old.qconfig
+    return new
+
