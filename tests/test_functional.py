@@ -136,3 +136,11 @@ def test_backends_agree_through_the_module(backend):
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+def test_double_backward_through_the_kernel_contract_raises_instead_of_lying():
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    y = batch_norm(x, None, None, training=True, backend="reference")
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|not have been used"):
+        torch.autograd.grad(g.sum(), x)

@@ -65,7 +65,8 @@ def derivative(u: Tensor, name: str | None) -> Tensor | None:
     if name == "relu":
         return (u > 0).to(u.dtype)
     if name == "leaky_relu":
-        return torch.where(u > 0, 1.0, LEAKY_SLOPE).to(u.dtype)
+        # full_like keeps the slope in u's dtype (a Python scalar would round it to fp32)
+        return torch.where(u > 0, torch.ones_like(u), torch.full_like(u, LEAKY_SLOPE))
     if name == "sigmoid":
         s = torch.sigmoid(u)
         return s * (1 - s)

@@ -15,6 +15,10 @@ through however the caller built scale and shift.
 `grad_reducer`, when given, turns the local per-channel (sum_d, sum_d_xhat), stacked as a
 (2, C) tensor, into the global ones (SyncBatchNorm's one all_reduce in backward); the
 gradients of scale and shift stay local, since data-parallel training sums those itself.
+
+Double backward is not supported on this path (it raises): plain batch norm on the `aten`
+backend keeps torch's double backward, and `reference.batch_norm` is the differentiable
+oracle.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import layout
 from .backends.base import Backend
@@ -54,6 +59,7 @@ class BatchNormFunction(torch.autograd.Function):
         return layout.restore(y, x, view.kind)
 
     @staticmethod
+    @once_differentiable  # the kernels are not differentiable: double backward raises, never lies
     def backward(ctx, dy: Tensor):
         x, residual, mean, invstd, scale, shift, count = ctx.saved_tensors
         kind, backend, activation = ctx.kind, ctx.backend, ctx.activation

@@ -5,12 +5,26 @@ from __future__ import annotations
 
 import typer
 
+from .bench import bench_app
+from .experiments.commands import demo_command, list_command, report_command, run_command
+from .tools.check import check_command
+from .train import train_command
+
 app = typer.Typer(
     name="batchnorm",
     help="Batch normalization for PyTorch: layers, tools, benchmarks and experiments.",
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+app.add_typer(bench_app, name="bench")
+app.command("check")(check_command)
+app.command("train")(train_command)
+app.command("demo")(demo_command)
+app.command("run")(run_command)
+app.command("list")(list_command)
+app.command("report")(report_command)
 
 
 @app.callback()

@@ -16,7 +16,9 @@ from torch import Tensor
 
 from .aten import AtenBackend
 from .base import Backend
+from .numba_cpu import NumbaBackend  # imports without numba; unavailable() then says why
 from .reference import ReferenceBackend
+from .triton_gpu import TritonBackend  # imports without triton; unavailable() then says why
 
 ENV_VAR = "BATCHNORM_BACKEND"
 
@@ -75,5 +77,7 @@ def resolve(name: str | None, x: Tensor) -> Choice:
 
 register(ReferenceBackend())
 register(AtenBackend(), auto_priority=100)
+register(NumbaBackend(), auto_priority=10)
+register(TritonBackend(), auto_priority=5)
 
 __all__ = ["Backend", "Choice", "ENV_VAR", "available", "get", "names", "register", "resolve"]

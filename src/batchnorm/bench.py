@@ -1,0 +1,349 @@
+"""Kernel benchmarks behind `batchnorm bench kernels`: our `auto` against torch, in one process.
+
+For each row of a grid (shape x memory format x mode x variant) the benchmark times, with
+the same inputs and interleaved so both see the same machine load:
+
+- torch eager: `torch.nn.BatchNorm{1,2}d` followed by `torch.relu` (and `+ residual`),
+- ours: `batchnorm.BatchNorm{1,2}d(activation=..., backend="auto")(x, residual)`,
+- on CUDA also `torch.compile` of the same torch module,
+
+and reports medians of repeated runs, the ratio torch / ours, and the bandwidth ours
+achieves at the *minimal* traffic of the op (bytes it must read and write at least,
+`minimal_bytes`) against a copy (`x.clone()`) of the same tensor timed in the same run.
+
+Modes: `eval` (forward with running statistics), `train` (forward with batch statistics,
+no autograd) and `train_fb` (forward + backward, gradients of x, weight, bias, residual).
+
+Results go to JSON (`--out`), and `docs/benchmarks.md` is rendered from them together with
+the crossover sweep (where `auto` starts to prefer numba over aten) and the design notes in
+`docs/bench/design_notes.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import typer
+
+from . import backends
+from .nn import BatchNorm1d, BatchNorm2d
+
+bench_app = typer.Typer(help="Benchmarks: kernels against torch.", no_args_is_help=True)
+
+MLP_SHAPES = [(64, 100), (256, 512), (4096, 1024)]
+CNN_SHAPES = [(64, 64, 56, 56), (32, 256, 14, 14), (128, 512, 7, 7), (8, 32, 112, 112)]
+#: ResNet-50 at batch 256 (issue 4): the input of each distinct batch-norm shape.
+RESNET50_SHAPES = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), (256, 1024, 14, 14), (256, 2048, 7, 7)]
+QUICK_SHAPES = [(64, 100), (4, 8, 6, 6)]
+MODES = ("eval", "train", "train_fb")
+VARIANTS = {"plain": (None, False), "relu": ("relu", False), "residual+relu": ("relu", True)}
+CROSSOVER_SIZES = [2**k for k in range(12, 25, 2)]  # elements, (N, 64, L <= 64) fp32
+
+
+def grid(device: str, quick: bool) -> list[tuple[tuple[int, ...], str]]:
+    """(shape, memory format) pairs: MLP rows are 2-D, CNN rows both formats; CUDA adds ResNet-50."""
+    if quick:
+        return [(s, "contiguous") for s in QUICK_SHAPES] + [(QUICK_SHAPES[1], "channels_last")]
+    cnn = CNN_SHAPES + (RESNET50_SHAPES if device == "cuda" else [])
+    return [(s, "contiguous") for s in MLP_SHAPES] + [
+        (s, fmt) for s in cnn for fmt in ("contiguous", "channels_last")
+    ]
+
+
+def minimal_bytes(numel: int, itemsize: int, mode: str, residual: bool) -> int:
+    """The least traffic the op needs: forward reads x (and residual) and writes y; backward
+    reads x and dy (and writes dresidual) and writes dx. Statistics reuse the cached x."""
+    fwd = 2 + residual
+    bwd = 3 + residual
+    return numel * itemsize * (fwd + (bwd if mode == "train_fb" else 0))
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_medians(fns: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, tuple[float, float]]:
+    """(median, min) seconds of each callable, run interleaved (one of each per round) after a
+    warm-up. On a shared machine the minimum is the less noisy of the two."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
+
+
+def _modules(c: int, dim: int, activation: str | None, device: str):
+    """torch's module and ours (`auto`) for a (N, C) / (N, C, L) or (N, C, H, W) input."""
+    torch_cls = torch.nn.BatchNorm1d if dim <= 3 else torch.nn.BatchNorm2d
+    ours_cls = BatchNorm1d if dim <= 3 else BatchNorm2d
+    return (
+        torch_cls(c, device=device),
+        ours_cls(c, activation=activation, backend="auto", device=device),
+    )
+
+
+def _runner(module, mode, x, r, dy, fused: bool, activation):
+    """A callable running `module` once in `mode`; `fused`: ours (activation inside)."""
+    module.train(mode != "eval")
+    leaves = [x] + list(module.parameters()) + ([r] if r is not None else [])
+
+    def forward():
+        if fused:
+            return module(x, residual=r)
+        y = module(x)
+        y = y + r if r is not None else y
+        return torch.relu(y) if activation == "relu" else y
+
+    if mode != "train_fb":
+        def run():
+            with torch.no_grad():
+                forward()
+        return run
+
+    def run_fb():
+        torch.autograd.grad(forward(), leaves, dy)
+
+    return run_fb
+
+
+def bench_row(shape, fmt, mode, variant, device, repeats, with_compile) -> dict:
+    activation, has_res = VARIANTS[variant]
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape, device=device, generator=gen)
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    r = torch.randn(x.shape, device=device, generator=gen).to(memory_format=_fmt(x)) if has_res else None
+    dy = torch.randn(x.shape, device=device, generator=gen).to(memory_format=_fmt(x))
+    if mode == "train_fb":
+        x.requires_grad_()
+        if r is not None:
+            r.requires_grad_()
+    ref, ours = _modules(shape[1], len(shape), activation, device)
+    fns = {
+        "torch": _runner(ref, mode, x, r, dy, False, activation),
+        "ours": _runner(ours, mode, x, r, dy, True, activation),
+    }
+    if with_compile:
+        fns["compile"] = _runner(torch.compile(ref), mode, x, r, dy, False, activation)
+    t = time_medians(fns, repeats, device)
+    chosen = backends.resolve(ours.backend, x.detach()).backend.name
+    nbytes = minimal_bytes(x.numel(), x.element_size(), mode, has_res)
+    (t_torch, min_torch), (t_ours, min_ours) = t["torch"], t["ours"]
+    row = dict(
+        shape=list(shape), format=fmt, mode=mode, variant=variant, backend=chosen,
+        torch_ms=t_torch * 1e3, ours_ms=t_ours * 1e3, ratio=t_torch / t_ours,
+        torch_min_ms=min_torch * 1e3, ours_min_ms=min_ours * 1e3, ratio_min=min_torch / min_ours,
+        minimal_bytes=nbytes, ours_gbps=nbytes / t_ours / 1e9, ours_gbps_min=nbytes / min_ours / 1e9,
+    )  # fmt: skip
+    if with_compile:
+        row.update(compile_ms=t["compile"][0] * 1e3, ratio_compile=t["compile"][0] / t_ours)
+    return row
+
+
+def _fmt(x):
+    return torch.channels_last if x.dim() == 4 and not x.is_contiguous() else torch.contiguous_format
+
+
+def copy_gbps(shape, fmt, device, repeats) -> tuple[float, float]:
+    """Bandwidth of x.clone() (read + write) for the row's tensor, timed now: (median, best)."""
+    x = torch.randn(shape, device=device)
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    med, best = time_medians({"copy": x.clone}, repeats, device)["copy"]
+    nbytes = 2 * x.numel() * x.element_size()
+    return nbytes / med / 1e9, nbytes / best / 1e9
+
+
+def crossover(device: str, repeats: int, sizes=CROSSOVER_SIZES) -> dict:
+    """numba vs aten, fp32 (N, 64, L) forward+backward with ReLU: the ratio per size and the
+    smallest size from which numba is never slower."""
+    points = []
+    for numel in sizes:
+        shape = (max(1, numel // (64 * 64)), 64, min(64, max(1, numel // 64)))
+        x = torch.randn(shape, device=device, requires_grad=True)
+        dy = torch.randn(shape, device=device)
+        fns = {}
+        for name in ("aten", "numba"):
+            m = BatchNorm1d(64, activation="relu", backend=name, device=device)
+            fns[name] = _runner(m, "train_fb", x, None, dy, True, "relu")
+        t = {k: v[1] for k, v in time_medians(fns, repeats, device).items()}  # best of: less noisy
+        points.append(dict(numel=x.numel(), aten_ms=t["aten"] * 1e3, numba_ms=t["numba"] * 1e3,
+                           ratio=t["aten"] / t["numba"]))  # fmt: skip
+    wins = [p["ratio"] >= 1.0 for p in points]
+    first = next((i for i in range(len(points)) if all(wins[i:])), None)
+    return dict(points=points, crossover_numel=None if first is None else points[first]["numel"])
+
+
+def machine_info(device: str) -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = dict(
+        cpu=cpu, cores=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads(),
+        python=platform.python_version(), device=device,
+        load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+    )  # fmt: skip
+    try:
+        import numba
+
+        info.update(numba=numba.__version__, numba_threads=numba.get_num_threads())
+    except ImportError:
+        pass
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def summarize(rows: list[dict]) -> dict:
+    """The issue's targets: geomean over CNN fwd+bwd rows, BN+ReLU rows, worst row, largest rows."""
+    fb = [r for r in rows if r["mode"] == "train_fb"]
+    cnn = [r for r in fb if len(r["shape"]) == 4]
+    relu = [r for r in fb if r["variant"] == "relu"]
+    largest = max((math.prod(r["shape"]) for r in fb), default=0)
+    big = [r for r in fb if math.prod(r["shape"]) == largest]
+    geo = lambda rs: math.exp(statistics.fmean(math.log(r["ratio"]) for r in rs)) if rs else None  # noqa: E731
+    geo_min = lambda rs: math.exp(statistics.fmean(math.log(r["ratio_min"]) for r in rs)) if rs else None  # noqa: E731
+    return dict(
+        geomean_cnn_fb=geo(cnn), geomean_relu_fb=geo(relu),
+        geomean_cnn_fb_best=geo_min(cnn), geomean_relu_fb_best=geo_min(relu),
+        min_ratio_fb_best=min((r["ratio_min"] for r in fb), default=None),
+        largest_copy_fraction_best=min((r["copy_fraction_best"] for r in big), default=None),
+        min_ratio=min((r["ratio"] for r in rows), default=None),
+        min_ratio_fb=min((r["ratio"] for r in fb), default=None),
+        largest_copy_fraction=min((r["copy_fraction"] for r in big), default=None),
+    )  # fmt: skip
+
+
+def render(result: dict, notes: str = "") -> str:
+    """docs/benchmarks.md from a result dict."""
+    m, s, cross = result["machine"], result["summary"], result["crossover"]
+    fmt = lambda v, spec=".2f": "-" if v is None else format(v, spec)  # noqa: E731
+    compiled = any("compile_ms" in r for r in result["rows"])
+    head = "| shape | format | mode | variant | backend | torch ms | ours ms | ratio | ratio (best) |"
+    head += " compile ms | ratio vs compile |" if compiled else ""
+    head += " ours GB/s | copy GB/s | % of copy |"
+    lines = [
+        "# Kernel benchmarks",
+        "",
+        "Generated by `batchnorm bench kernels` (src/batchnorm/bench.py); do not edit by hand.",
+        f"Ratio = torch eager time / ours (`auto`), medians of {result['repeats']} interleaved runs in one "
+        "process; GB/s at the op's minimal traffic (forward: read x, write y; backward: read x and dy, "
+        "write dx; + residual), against `x.clone()` of the same tensor timed in the same run.",
+        "",
+        "## Machine",
+        "",
+        *(f"- {k}: {v}" for k, v in m.items()),
+        f"- load average before / after: {result['load_before']} / {result['load_after']}",
+        "",
+        "## Targets (fp32, forward + backward training)",
+        "",
+        "Medians, and in parentheses the same from the best of the runs (less sensitive to a shared CPU):",
+        "",
+        f"- geometric-mean speed-up over the CNN rows: **{fmt(s['geomean_cnn_fb'])}x** "
+        f"({fmt(s['geomean_cnn_fb_best'])}x) (target >= 2.5)",
+        f"- BN + ReLU rows: **{fmt(s['geomean_relu_fb'])}x** ({fmt(s['geomean_relu_fb_best'])}x) (target >= 3)",
+        f"- slowest row, all modes: **{fmt(s['min_ratio'])}x**; forward+backward rows: "
+        f"**{fmt(s['min_ratio_fb'])}x** ({fmt(s['min_ratio_fb_best'])}x) (target >= 1.0)",
+        f"- largest rows, fraction of copy bandwidth: **{fmt(s['largest_copy_fraction'], '.0%')}** "
+        f"({fmt(s['largest_copy_fraction_best'], '.0%')}) (target >= 60%)",
+        "",
+        "## Crossover: where `auto` switches from aten to numba",
+        "",
+        f"Measured (best of the runs) smallest size (elements) from which numba is never slower than aten (fp32, "
+        f"(N, 64, L), BN + ReLU forward + backward): **{cross['crossover_numel']}**. "
+        "`auto` uses `batchnorm.backends.numba_cpu.CROSSOVER_NUMEL` = "
+        f"{result['crossover_setting']}.",
+        "",
+        "| elements | aten ms | numba ms | aten / numba |",
+        "|---:|---:|---:|---:|",
+        *(f"| {p['numel']} | {p['aten_ms']:.3f} | {p['numba_ms']:.3f} | {p['ratio']:.2f} |" for p in cross["points"]),
+        "",
+        "## Rows",
+        "",
+        head,
+        "|" + "---|" * (head.count("|") - 1),
+    ]
+    for r in result["rows"]:
+        cells = [
+            "x".join(map(str, r["shape"])), r["format"], r["mode"], r["variant"], r["backend"],
+            f"{r['torch_ms']:.3f}", f"{r['ours_ms']:.3f}", f"{r['ratio']:.2f}", f"{r['ratio_min']:.2f}",
+        ]  # fmt: skip
+        if compiled:
+            cells += [fmt(r.get("compile_ms"), ".3f"), fmt(r.get("ratio_compile"))]
+        cells += [f"{r['ours_gbps']:.1f}", f"{r['copy_gbps']:.1f}", f"{r['copy_fraction']:.0%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", notes.strip()]
+    return "\n".join(lines) + "\n"
+
+
+def run(device: str, quick: bool, repeats: int, progress: bool = True) -> dict:
+    """Time the grid and the crossover sweep; the result dict that `render` and the JSON take."""
+    from rich.progress import Progress
+
+    from .backends import numba_cpu
+
+    pairs = grid(device, quick)
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    rows = []
+    with_compile = device == "cuda"
+    total = len(pairs) * len(MODES) * len(VARIANTS)
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task("bench kernels", total=total)
+        for shape, fmt in pairs:
+            copy = copy_gbps(shape, fmt, device, repeats)
+            for mode in MODES:
+                for variant in VARIANTS:
+                    row = bench_row(shape, fmt, mode, variant, device, repeats, with_compile)
+                    row.update(copy_gbps=copy[0], copy_fraction=row["ours_gbps"] / copy[0],
+                               copy_gbps_best=copy[1], copy_fraction_best=row["ours_gbps_min"] / copy[1])
+                    rows.append(row)
+                    bar.advance(task)
+    sizes = CROSSOVER_SIZES[:3] if quick else CROSSOVER_SIZES
+    cross = crossover(device, repeats, sizes) if device == "cpu" else dict(points=[], crossover_numel=None)
+    return dict(
+        machine=machine_info(device), repeats=repeats, quick=quick, rows=rows,
+        summary=summarize(rows), crossover=cross, crossover_setting=numba_cpu.CROSSOVER_NUMEL,
+        load_before=load_before, load_after=os.getloadavg() if hasattr(os, "getloadavg") else None,
+    )  # fmt: skip
+
+
+@bench_app.command("kernels")
+def kernels(
+    quick: bool = typer.Option(False, help="A few tiny rows (for tests), not the issue's grid."),
+    device: str = typer.Option("cpu", help="cpu or cuda (cuda adds torch.compile and ResNet-50 rows)."),
+    out: Path = typer.Option(Path("docs/bench"), help="Folder for the JSON results."),
+    markdown: Path = typer.Option(Path("docs/benchmarks.md"), help="Where to render the table."),
+    notes: Path = typer.Option(Path("docs/bench/design_notes.md"), help="Design notes appended to the markdown."),
+    repeats: int = typer.Option(7, min=1, help="Timed runs per row (the median is reported)."),
+) -> None:
+    """Time our batch norm (`auto`) against torch for the issue-3 grid; write JSON and markdown."""
+    if device not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("--device cuda: torch sees no CUDA device here; use --device cpu")
+    result = run(device, quick, repeats)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"kernels-{device}{'-quick' if quick else ''}.json"
+    path.write_text(json.dumps(result, indent=1))
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(render(result, notes.read_text() if notes.exists() else ""))
+    typer.echo(f"wrote {path} and {markdown}")

@@ -1,0 +1,205 @@
+"""The `numba` backend's whole-op path (`normalize`, with its own autograd) against the float64
+reference, its numerics on a large-mean channel, thread-count determinism, and when `auto`
+picks it. The four contract kernels are covered by tests/kernels/test_contract.py.
+
+Every allocation the wrappers make is poisoned with NaN (kernels/poison.py), so an element a
+kernel forgets to write fails the NaN check in `close`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchnorm import activations, backends
+from batchnorm import functional as F
+from batchnorm.backends import numba_cpu
+
+from kernels.poison import poisoned_allocations
+
+pytestmark = pytest.mark.skipif(
+    numba_cpu.NumbaBackend().unavailable() is not None, reason="numba is not importable"
+)
+numba = pytest.importorskip("numba")
+
+BE = numba_cpu.NumbaBackend()
+TOL = {torch.float64: 1e-9, torch.float32: 5e-5}
+FORMATS = ["2d", "ncl", "nchw", "channels_last"]
+
+
+def close(actual, expected, dtype, scale=1.0):
+    """|actual - expected| <= tol * max(scale, |expected|_max, 1); any NaN fails."""
+    assert actual.shape == expected.shape
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert not torch.isnan(actual).any(), "NaN in the output (an element left unwritten?)"
+    bound = TOL[dtype] * max(scale, float(expected.abs().max()), 1.0)
+    err = float((actual - expected).abs().max())
+    assert err <= bound, f"max error {err:.3g} > {bound:.3g}"
+
+
+def make_input(fmt, n, c, length, dtype, gen, offset=0.0):
+    """An input of memory format `fmt`, values offset + N(0, 2)."""
+    shape = {"2d": (n * length, c), "ncl": (n, c, length), "nchw": (n, c, length, 2)}.get(
+        fmt, (n, c, length, 2)
+    )
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + offset).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if fmt == "channels_last" else x
+
+
+@st.composite
+def cases(draw):
+    return dict(
+        fmt=draw(st.sampled_from(FORMATS)),
+        n=draw(st.integers(1, 5)),
+        c=draw(st.integers(1, 9)),
+        length=draw(st.integers(1, 1300)),  # > _BLOCK sometimes: multi-block channels
+        dtype=draw(st.sampled_from([torch.float64, torch.float32])),
+        activation=draw(st.sampled_from(activations.NAMES)),
+        residual=draw(st.booleans()),
+        affine=draw(st.booleans()),
+        training=draw(st.booleans()),
+        offset=draw(st.sampled_from([0.0, 30.0])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=cases())
+def test_normalize_and_gradients_match_reference(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    dtype, c = case["dtype"], case["c"]
+    x = make_input(case["fmt"], case["n"], c, case["length"], dtype, gen, case["offset"])
+    if case["training"] and x.numel() // c < 2:
+        x = torch.cat([x, x + 1])
+    if BE.unsupported(x) is not None:  # a (N*L, 1) 2-D view is still a contiguous view
+        pytest.fail(f"numba refused a contiguous input: {BE.unsupported(x)}")
+    leaf = lambda t: None if t is None else t.detach().clone().requires_grad_()  # noqa: E731
+    weight = leaf(torch.rand(c, generator=gen, dtype=dtype) + 0.5) if case["affine"] else None
+    bias = leaf(torch.randn(c, generator=gen, dtype=dtype)) if case["affine"] else None
+    residual = leaf(torch.randn(x.shape, generator=gen, dtype=dtype)) if case["residual"] else None
+    rmean = None if case["training"] else torch.randn(c, generator=gen, dtype=dtype) + case["offset"]
+    rvar = None if case["training"] else torch.rand(c, generator=gen, dtype=dtype) + 0.5
+    xg = leaf(x)
+    dy = torch.randn(x.shape, generator=gen, dtype=dtype)
+
+    with poisoned_allocations():
+        y, mean, invstd = BE.normalize(xg, weight, bias, rmean, rvar, 1e-5, case["activation"], residual)
+        inputs = [t for t in (xg, weight, bias, residual) if t is not None]
+        grads = torch.autograd.grad(y, inputs, dy)
+
+    d64 = lambda t: None if t is None else t.detach().double().requires_grad_()  # noqa: E731
+    ref_inputs = [d64(t) for t in (xg, weight, bias, residual)]
+    r_rmean = None if rmean is None else rmean.double()
+    r_rvar = None if rvar is None else rvar.double()
+    y_ref = F.batch_norm(
+        ref_inputs[0], r_rmean, r_rvar, ref_inputs[1], ref_inputs[2], case["training"],
+        activation=case["activation"], residual=ref_inputs[3], backend="reference",
+    )  # fmt: skip
+    ref_grads = torch.autograd.grad(y_ref, [t for t in ref_inputs if t is not None], dy.double())
+
+    assert y.dtype == dtype and y.stride() == x.stride()
+    close(y, y_ref, dtype)
+    if case["training"]:
+        x64 = x.double().transpose(0, 1).reshape(c, -1)
+        close(mean, x64.mean(1), dtype, scale=float(x64.abs().max()))
+        close(invstd, torch.rsqrt(x64.var(1, unbiased=False) + 1e-5), dtype)
+    else:
+        assert mean is None and invstd is None
+    # dx cancels (d - mean(d) - xhat mean(d xhat)): its error scales with its terms,
+    # scale |dy| |xhat|; the parameter gradients are sums over the n values of a channel.
+    used_invstd = invstd if case["training"] else torch.rsqrt(rvar + 1e-5)
+    gain = used_invstd.abs() * (1.0 if weight is None else weight.detach().abs())
+    term = float(dy.abs().max()) * float(gain.max()) * 4
+    n = x.numel() // c
+    scales = {"x": term, "weight": n * float(dy.abs().max()) * 4, "bias": n * float(dy.abs().max())}
+    names = [k for k, t in zip(("x", "weight", "bias", "residual"), (xg, weight, bias, residual)) if t is not None]
+    for name, got, want in zip(names, grads, ref_grads):
+        close(got, want, dtype, scale=scales.get(name, 1.0))
+
+@pytest.mark.parametrize("fmt", ["ncl", "channels_last"])
+def test_large_mean_channel_normalizes_like_float64(fmt):
+    """mean 1e4, std 1e-2 in fp32: relative error < 1e-3 (E[x^2] - E[x]^2 would give garbage)."""
+    gen = torch.Generator().manual_seed(0)
+    x64 = 1e4 + 1e-2 * torch.randn(16, 3, 400, 1, generator=gen, dtype=torch.float64)
+    x = x64.float()
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y, mean, invstd = BE.normalize(x, None, None, None, None, 1e-8, None, None)
+    xq = x.double()  # the reference sees the same fp32-rounded values
+    y_ref = F.batch_norm(xq, None, None, training=True, eps=1e-8, backend="reference")
+    rel = float((y.double() - y_ref).abs().max() / y_ref.abs().max())
+    assert rel < 1e-3, f"relative error {rel:.3g}"
+    dy = torch.randn(x.shape, generator=gen)
+    xg, xr = x.clone().requires_grad_(), xq.clone().requires_grad_()
+    (dx,) = torch.autograd.grad(BE.normalize(xg, None, None, None, None, 1e-8, "relu", None)[0], xg, dy)
+    yr = F.batch_norm(xr, None, None, training=True, eps=1e-8, activation="relu", backend="reference")
+    (dx_ref,) = torch.autograd.grad(yr, xr, dy.double())
+    rel = float((dx.double() - dx_ref).abs().max() / dx_ref.abs().max())
+    assert rel < 1e-3, f"gradient relative error {rel:.3g}"
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="one numba thread only")
+@pytest.mark.parametrize("shape, fmt", [((3, 5, 3000), "ncl"), ((2100, 40), "2d"), ((9, 40, 30, 10), "channels_last")])
+def test_bitwise_same_result_with_one_or_two_threads(shape, fmt):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen) * 3 + 7
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.rand(shape[1], generator=gen) + 0.5
+    r = torch.randn(x.shape, generator=gen)
+    dy = torch.randn(x.shape, generator=gen)
+
+    def run():
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y, mean, invstd = BE.normalize(xg, wg, None, None, None, 1e-5, "relu", r)
+        return (y, mean, invstd, *torch.autograd.grad(y, (xg, wg), dy), *BE.stats(x.view(shape[0], shape[1], -1)))
+
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = run()
+        numba.set_num_threads(2)
+        two = run()
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_double_backward_goes_through_differentiable_ops():
+    """create_graph=True: the backward is torch's differentiable batch norm (gradgradcheck)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, generator=gen, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert backends.resolve("numba", x).reason == "forced"
+
+    def f(x, w, r):
+        return F.batch_norm(x, None, None, w, None, True, activation="tanh", residual=r, backend="numba")
+
+    assert torch.autograd.gradgradcheck(f, (x, w, r))
+
+
+def test_auto_picks_numba_above_the_crossover_and_aten_elsewhere():
+    big = torch.randn(8, 16, numba_cpu.CROSSOVER_NUMEL // 64)
+    assert backends.resolve("auto", big).backend.name == "numba"
+    assert backends.resolve("auto", big.double()).backend.name == "numba"
+    cl = torch.randn(8, 16, 16, 16).contiguous(memory_format=torch.channels_last)
+    assert backends.resolve("auto", cl).backend.name == ("numba" if cl.numel() >= numba_cpu.CROSSOVER_NUMEL else "aten")
+    small = torch.randn(4, 3, 5)
+    assert backends.resolve("auto", small).backend.name == "aten"
+    for other in (big.bfloat16(), big[:, :, ::2], big[:0]):
+        assert backends.resolve("auto", other).backend.name == "aten"
+        forced = backends.resolve("numba", other)
+        assert forced.backend.name == "aten" and "numba cannot run this input" in forced.reason
+
+
+def test_unsupported_inputs_say_why():
+    x = torch.randn(4, 3, 8)
+    assert "float32 and float64" in BE.unsupported(x.half())
+    assert "empty" in BE.unsupported(x[:0])
+    assert "strided" in BE.unsupported(x[:, :, ::2])
+    assert "strided" in BE.unsupported(torch.randn(5, 8)[:, :3])
+    assert BE.unsupported(x) is None and BE.unavailable() is None
