@@ -115,8 +115,8 @@ def batch_norm(
         n = layout.values_per_channel(x)
         # The whole-op kernel returns invstd; var is recovered for the running update
         # (clamped: rounding can push a zero variance a hair below zero).
-        var = invstd.detach().double().pow(-2).sub_(eps).clamp_(min=0).to(mean.dtype)
-        batch = Stats(torch.full_like(var, n), mean.detach(), var * n)
+        var = invstd.detach().pow(-2).sub_(eps).clamp_(min=0)
+        batch = Stats(torch.full_like(var, n), mean.detach(), var.mul_(n))
     else:
         y, batch = _normalize_chunks(
             x, weight, bias, eps, activation, residual, be, sync, mask, virtual_batch_size,

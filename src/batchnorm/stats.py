@@ -82,7 +82,9 @@ def update_running(
     """
     mean = mean.to(running_mean.dtype)
     unbiased = var.to(running_var.dtype)
-    accepted = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
+    # One reduction decides: the sum is finite exactly when every value is (short of an
+    # overflow of the sum itself, at values no running statistic should take anyway).
+    accepted = torch.isfinite(mean.sum() + unbiased.sum())
     if momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     if accepted.device.type == "cpu":
@@ -124,11 +126,12 @@ class NonFiniteGuard:
         self._warned = False
 
     def record(self, accepted: Tensor) -> None:
-        skipped = (~accepted).to(torch.int64)
         if accepted.device.type == "cpu":
-            self._add(int(skipped))
-        else:
-            self._pending = skipped if self._pending is None else self._pending + skipped
+            if not accepted:
+                self._add(1)
+            return
+        skipped = (~accepted).to(torch.int64)
+        self._pending = skipped if self._pending is None else self._pending + skipped
 
     @property
     def count(self) -> int:

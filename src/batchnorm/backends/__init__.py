@@ -70,7 +70,8 @@ def resolve(name: str | None, x: Tensor) -> Choice:
         return Choice(fallback, f"{requested} cannot run this input ({why_not}); fell back to aten")
     for candidate in sorted(_PRIORITY, key=_PRIORITY.__getitem__):
         backend = _REGISTRY[candidate]
-        if backend.unavailable() is None and backend.unsupported(x) is None and backend.preferred(x):
+        # preferred() first: it is the cheap question, and usually the deciding one
+        if backend.preferred(x) and backend.unavailable() is None and backend.unsupported(x) is None:
             return Choice(backend, "auto")
     return Choice(fallback, "auto")
 

@@ -259,15 +259,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+@functools.cache
+def _missing() -> str | None:
+    """Why triton cannot be used here, looked up once (the search of sys.path is not free)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'batchnorm[gpu]')"
+    return None
+
+
 class TritonBackend(Backend):
     """Fused Triton kernels; auto picks it for CUDA tensors in fp32, fp16 and bf16."""
 
     name = "triton"
 
     def unavailable(self) -> str | None:
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed (pip install 'batchnorm[gpu]')"
-        return None
+        return _missing()
 
     def unsupported(self, x: Tensor) -> str | None:
         if x.device.type == "cpu" and not interpreting():
