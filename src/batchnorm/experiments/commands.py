@@ -1,0 +1,142 @@
+"""The experiment commands: `batchnorm demo`, `run`, `list` and `report` (registered in cli.py).
+
+Each experiment runs under its own rich progress bar; records and plots are saved as each
+one finishes, then the report is rebuilt from the folder and its path printed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+Device = Annotated[str, typer.Option(help="torch device to train on: cpu, cuda, cuda:1, mps ...")]
+
+
+def demo_command(
+    out: Annotated[Optional[Path], typer.Option(help="results folder [default: results/demo-<timestamp>]")] = None,
+    device: Device = "cpu",
+) -> None:
+    """Every experiment in a quick configuration on the digits dataset (a few minutes on 2 cores)."""
+    from . import EXPERIMENTS, config_for
+
+    out = out or Path("results") / f"demo-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    plan = [(name, config_for(name, quick=True, device=_device(device))) for name in EXPERIMENTS]
+    _run_plan(plan, out, resume=False, title="quick demo on digits")
+
+
+def run_command(
+    name: Annotated[str, typer.Argument(help="an experiment from `batchnorm list`, or 'all'")],
+    dataset: Annotated[Optional[str], typer.Option(help="digits, mnist1d, teacher, npz:PATH or idx:DIR")] = None,
+    seeds: Annotated[Optional[int], typer.Option(min=1, help="number of seeds (0, 1, ... n-1)")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="training steps per model")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="results folder [default: results/NAME]")] = None,
+    device: Device = "cpu",
+    quick: Annotated[bool, typer.Option(help="the demo's quick configuration instead of the full one")] = False,
+    resume: Annotated[bool, typer.Option(help="skip experiments already saved in --out with this configuration")] = False,
+) -> None:
+    """Run one experiment (or all) at full size; save results, plots and the report."""
+    from . import EXPERIMENTS, config_for
+
+    names = list(EXPERIMENTS) if name == "all" else [name]
+    overrides = dict(dataset=dataset, steps=steps, seeds=list(range(seeds)) if seeds else None, device=_device(device))
+    try:
+        plan = [(n, config_for(n, quick=quick, **overrides)) for n in names]
+        if dataset is not None:
+            from .. import data
+
+            data.load(dataset)  # fail now, with the loader's message, not inside the first experiment
+    except (ValueError, TypeError) as error:
+        raise typer.BadParameter(str(error)) from error
+    _run_plan(plan, out or Path("results") / name, resume=resume, title=f"{name} on {plan[0][1]['dataset']}")
+
+
+def list_command() -> None:
+    """List the experiments: the claim each one tests and its full and quick sizes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import EXPERIMENTS
+
+    table = Table("experiment", "claim", "full: seeds x steps", "demo: seeds x steps", title="experiments")
+    for name, module in EXPERIMENTS.items():
+        size = lambda c: f"{len(c['seeds'])} x {c['steps']}"  # noqa: E731
+        table.add_row(name, module.CLAIM, size(module.FULL), size(module.QUICK))
+    Console().print(table)
+
+
+def report_command(
+    folder: Annotated[Path, typer.Argument(help="a results folder written by demo or run")],
+) -> None:
+    """Rebuild report.html and summary.md from the results saved in FOLDER."""
+    from ..report import render
+
+    try:
+        html, markdown = render(folder)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    typer.echo(f"report: {html}\nsummary: {markdown}")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise typer.BadParameter(f"--device {name!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter(f"--device {name!r}: CUDA is not available on this machine; use cpu")
+    return str(device)
+
+
+def _run_plan(plan: list[tuple[str, dict]], out: Path, *, resume: bool, title: str) -> None:
+    """Run each (name, config) into `out` under its own progress bar, then the summary and report."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from ..report import render
+    from . import finished, run_into
+
+    console = Console()
+    console.print(f"[bold]{title}[/]: {len(plan)} experiment(s) into {out}")
+    rows, failed = [], []
+    columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console) as bars:
+        for name, config in plan:
+            saved = finished(out, name, config) if resume else None
+            if saved is not None:
+                bars.add_task(f"{name} (saved)", total=1, completed=1)
+                rows.append(saved)
+                continue
+            task = bars.add_task(name, total=None)
+
+            def progress(advance: int = 0, *, total: int | None = None, task=task) -> None:
+                if total is not None:
+                    bars.update(task, total=total)
+                if advance:
+                    bars.advance(task, advance)
+
+            try:
+                rows.append(run_into(name, config, out, progress))
+            except Exception as error:  # one broken experiment must not cost the others' results
+                console.print(f"[red]{name} failed[/]: {type(error).__name__}: {error}")
+                console.print(traceback.format_exc(), markup=False, highlight=False)
+                failed.append(name)
+    table = Table("experiment", "claim", "result", "held", "time", title="claims", show_lines=True)
+    for record in rows:
+        verdict = "[green]held[/]" if record["held"] else "[red]did not hold[/]"
+        table.add_row(record["experiment"], record["claim"], record["result"], verdict, f"{record['seconds']:.0f} s")
+    for name in failed:
+        table.add_row(name, "", "[red]failed (see above)[/]", "", "")
+    console.print(table)
+    if rows:
+        html, markdown = render(out, title=title)
+        console.print(f"report: {html}\nsummary: {markdown}")
+    if failed:
+        raise typer.Exit(code=1)

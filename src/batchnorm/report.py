@@ -1,0 +1,79 @@
+"""The report of a results folder: one self-contained HTML page and a Markdown summary.
+
+`render(folder)` reads every experiment record saved there (`NAME.json`, written by
+`batchnorm.experiments.run_into`), and writes:
+
+- `report.html`: a summary table (claim, result, held), then one section per experiment
+  with its setup, the criteria and the numbers they were judged on, the plots embedded as
+  base64 PNG (the page needs no other file), and the exact configuration and environment;
+  the CSS reflows for a phone and a laptop;
+- `summary.md`: the same in Markdown, the plots linked beside it.
+
+Both come from the jinja2 templates in `batchnorm/templates/`.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+from pathlib import Path
+
+import jinja2
+
+from .experiments import load_results, write_atomic
+
+TEMPLATES = Path(__file__).with_name("templates")
+
+
+def render(folder: str | Path, title: str | None = None) -> tuple[Path, Path]:
+    """Write folder/report.html and folder/summary.md from the records there; their paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"no results folder at {folder}: run `batchnorm demo` or `batchnorm run NAME --out DIR` first")
+    records = load_results(folder)
+    if not records:
+        raise ValueError(f"{folder} holds no experiment results (NAME.json files); nothing to report")
+    for record in records:
+        record["images"] = [_embed(folder / name) for name in record.get("plots", [])]
+    context = {
+        "title": title or folder.name,
+        "records": records,
+        "held_count": sum(bool(r["held"]) for r in records),
+        "generated": datetime.datetime.now().isoformat(timespec="seconds"),
+        "source": str(folder),
+    }
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=jinja2.select_autoescape(["html.j2"]),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    env.filters["compact"] = compact
+    env.filters["cell"] = lambda text: str(text).replace("|", "\\|").replace("\n", " ")
+    html = folder / "report.html"
+    markdown = folder / "summary.md"
+    write_atomic(html, env.get_template("report.html.j2").render(context).encode())
+    write_atomic(markdown, env.get_template("summary.md.j2").render(context).encode())
+    return html, markdown
+
+
+def _embed(path: Path) -> dict:
+    """{"name", "data"}: the PNG as base64, or data None when the file is missing."""
+    data = base64.b64encode(path.read_bytes()).decode("ascii") if path.is_file() else None
+    return {"name": path.name, "data": data}
+
+
+def compact(value, digits: int = 4) -> str:
+    """JSON of `value` with floats rounded to `digits` significant digits, on one line."""
+
+    def rounded(v):
+        if isinstance(v, float):
+            return float(f"{v:.{digits}g}")
+        if isinstance(v, dict):
+            return {k: rounded(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [rounded(x) for x in v]
+        return v
+
+    return json.dumps(rounded(value), separators=(", ", ": "))
