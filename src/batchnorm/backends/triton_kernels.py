@@ -83,7 +83,8 @@ def _activation_slope(u, ACT: tl.constexpr, LEAKY: tl.constexpr):
     if ACT == 1:
         slope = tl.where(u > 0, 1.0, 0.0)
     elif ACT == 2:
-        slope = tl.where(u > 0, 1.0, LEAKY)
+        # the slope as a constant of u's dtype (a bare literal would be rounded to fp32)
+        slope = tl.where(u > 0, 1.0, tl.full(u.shape, LEAKY, u.dtype))
     elif ACT == 3:
         s = tl.sigmoid(u)
         slope = s * (1.0 - s)

@@ -50,7 +50,6 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from .. import data as datasets
 from ..stats import Stats
 from ._patterns import pairs
 from .freeze import frozen_stats
@@ -402,6 +401,8 @@ def build(target: str) -> nn.Module:
 
 def data_batches(spec: str, batch_size: int, count: int) -> list[Tensor]:
     """`count` batches of the standardized test split of dataset `spec` (batchnorm.data)."""
+    from .. import data as datasets  # scikit-learn loads only when data is asked for
+
     ds = datasets.standardize(datasets.load(spec))
     x = torch.from_numpy(ds.x_test)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
