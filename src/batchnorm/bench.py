@@ -9,7 +9,7 @@ the same inputs and interleaved so both see the same machine load:
 
 and reports medians of repeated runs, the ratio torch / ours, and the bandwidth ours
 achieves at the *minimal* traffic of the op (bytes it must read and write at least,
-`minimal_bytes`) against a copy (`x.clone()`) of the same tensor timed in the same run.
+`minimal_bytes`) against a copy (`x.clone()`) of the same tensor timed in the same rounds.
 
 Modes: `eval` (forward with running statistics), `train` (forward with batch statistics,
 no autograd) and `train_fb` (forward + backward, gradients of x, weight, bias, residual).
@@ -137,6 +137,8 @@ def bench_row(shape, fmt, mode, variant, device, repeats, with_compile) -> dict:
     fns = {
         "torch": _runner(ref, mode, x, r, dy, False, activation),
         "ours": _runner(ours, mode, x, r, dy, True, activation),
+        # the copy is timed in the same rounds as torch and ours, so it sees the same load
+        "copy": x.detach().clone,
     }
     if with_compile:
         fns["compile"] = _runner(torch.compile(ref), mode, x, r, dy, False, activation)
@@ -150,6 +152,10 @@ def bench_row(shape, fmt, mode, variant, device, repeats, with_compile) -> dict:
         torch_min_ms=min_torch * 1e3, ours_min_ms=min_ours * 1e3, ratio_min=min_torch / min_ours,
         minimal_bytes=nbytes, ours_gbps=nbytes / t_ours / 1e9, ours_gbps_min=nbytes / min_ours / 1e9,
     )  # fmt: skip
+    copy_bytes = 2 * x.numel() * x.element_size()  # x.clone(): read + write
+    row.update(copy_gbps=copy_bytes / t["copy"][0] / 1e9, copy_gbps_best=copy_bytes / t["copy"][1] / 1e9)
+    row.update(copy_fraction=row["ours_gbps"] / row["copy_gbps"],
+               copy_fraction_best=row["ours_gbps_min"] / row["copy_gbps_best"])  # fmt: skip
     if with_compile:
         row.update(compile_ms=t["compile"][0] * 1e3, ratio_compile=t["compile"][0] / t_ours)
     return row
@@ -157,16 +163,6 @@ def bench_row(shape, fmt, mode, variant, device, repeats, with_compile) -> dict:
 
 def _fmt(x):
     return torch.channels_last if x.dim() == 4 and not x.is_contiguous() else torch.contiguous_format
-
-
-def copy_gbps(shape, fmt, device, repeats) -> tuple[float, float]:
-    """Bandwidth of x.clone() (read + write) for the row's tensor, timed now: (median, best)."""
-    x = torch.randn(shape, device=device)
-    if fmt == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    med, best = time_medians({"copy": x.clone}, repeats, device)["copy"]
-    nbytes = 2 * x.numel() * x.element_size()
-    return nbytes / med / 1e9, nbytes / best / 1e9
 
 
 def crossover(device: str, repeats: int, sizes=CROSSOVER_SIZES) -> dict:
@@ -309,13 +305,9 @@ def run(device: str, quick: bool, repeats: int, progress: bool = True) -> dict:
     with Progress(disable=not progress) as bar:
         task = bar.add_task("bench kernels", total=total)
         for shape, fmt in pairs:
-            copy = copy_gbps(shape, fmt, device, repeats)
             for mode in MODES:
                 for variant in VARIANTS:
-                    row = bench_row(shape, fmt, mode, variant, device, repeats, with_compile)
-                    row.update(copy_gbps=copy[0], copy_fraction=row["ours_gbps"] / copy[0],
-                               copy_gbps_best=copy[1], copy_fraction_best=row["ours_gbps_min"] / copy[1])
-                    rows.append(row)
+                    rows.append(bench_row(shape, fmt, mode, variant, device, repeats, with_compile))
                     bar.advance(task)
     sizes = CROSSOVER_SIZES[:3] if quick else CROSSOVER_SIZES
     cross = crossover(device, repeats, sizes) if device == "cpu" else dict(points=[], crossover_numel=None)

@@ -203,3 +203,22 @@ def test_unsupported_inputs_say_why():
     assert "strided" in BE.unsupported(x[:, :, ::2])
     assert "strided" in BE.unsupported(torch.randn(5, 8)[:, :3])
     assert BE.unsupported(x) is None and BE.unavailable() is None
+
+
+@pytest.mark.parametrize("fmt", ["ncl", "channels_last"])
+def test_non_finite_values_propagate(fmt):
+    """fastmath is reassoc + contract only: a NaN poisons its channel's statistics (training),
+    and in evaluation an Inf input gives an Inf output where the reference does."""
+    gen = torch.Generator().manual_seed(3)
+    x = make_input(fmt, 4, 3, 50, torch.float32, gen)
+    at, at2 = (1, 0, 7), (2, 1, 3)  # (n, c, l): one value, or two of a 4-D input
+    x[at] = float("nan")
+    y, mean, _ = BE.normalize(x, None, None, None, None, 1e-5, "relu", None)
+    assert torch.isnan(mean[0]) and torch.isfinite(mean[1:]).all()
+    assert torch.isnan(y[:, 0]).all() and torch.isfinite(y[:, 1:]).all()
+    x[at], x[at2] = float("inf"), -float("inf")
+    rmean, rvar = torch.zeros(3), torch.ones(3)
+    y = BE.normalize(x, None, None, rmean, rvar, 1e-5, "relu", None)[0]
+    y_ref = F.batch_norm(x, rmean, rvar, training=False, activation="relu", backend="reference")
+    assert (y[at] == float("inf")).all() and (y[at2] == 0).all()
+    assert torch.equal(torch.isfinite(y), torch.isfinite(y_ref))

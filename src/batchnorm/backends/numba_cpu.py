@@ -3,31 +3,35 @@
 Two kernels per canonical view (`layout.py`), each a `parallel=True`, cached numba function,
 compiled once per dtype:
 
-- forward: per-channel statistics (optional) and y = g(((x - s) - d) a + b + residual);
+- forward: per-channel statistics (optional) and y = g((x - m) a + b + residual);
 - backward: the reductions (sum_d, sum_d_xhat) (optional) and
-  dx = a (d - mean_d - xhat mean_d_xhat), dresidual = d, with d = dy g'(u) recomputed from x.
+  dx = a (d - mean_d - xhat mean_d_xhat), dresidual = d, with d = dy g'(u) and
+  xhat = (x - m) invstd + h recomputed from x.
 
-The per-channel statistics are kept *shifted*: s is the channel's first value, d the mean of
-x - s, so mean = s + d and t = (x - s) - d is exact to a rounding even when the mean is 1e4
-times the standard deviation (x - s is exact in floating point when x and s are close). The
-kernel contract (base.py) passes a plain `mean`, `scale` and `shift`: it maps onto the same
-kernels with s = mean, d = 0, a = scale, b = shift.
+Per channel the kernels take a center m (in x's dtype), a = gamma invstd, b and h. The
+statistics are computed in float64 (`mean`); m is `mean` rounded to x's dtype and
+e = mean - m the rounding, folded into b = beta - e a and h = -e invstd. So x - m is exact
+(x and m are close) and nothing of the mean is lost even for a channel whose mean is 1e4
+times its standard deviation. The kernel contract (base.py) passes a plain `mean`, `scale`
+and `shift`: it maps onto the same kernels with m = mean, a = scale, b = shift, h = 0.
 
 Layouts and the order of work (fixed by the shape, never by the thread count, so results
 are bitwise the same with 1 or 2 threads):
 
-- `(N, C, L)`: a channel is N contiguous rows; one thread owns a channel. Its statistics
-  merge (Chan's formula, in order) blocks of about `_BLOCK` values (a piece of a long row,
-  or several short rows), each summarized in one pass from sums of x - (the block's first
+- `(N, C, L)`: a channel is N rows of L contiguous values; one thread owns a channel. Its
+  statistics merge (Chan's formula, in order) blocks of about `_BLOCK` values (a piece of a
+  long row, or several short rows), each summed in one pass as x - (the block's first
   value); in training the channel is normalized right after, while its slice is still in
   L2: forward reads x once from memory and writes y; backward reads x and dy once per pass
   (the second from cache when the slice fits) and writes dx.
 - `(M, C)`: a channel is a strided column; rows are split into blocks of about `_MC_BLOCK`
-  values, reduced in parallel into per-block partials, merged in block order, then applied.
+  values, each reduced (per-channel lanes, one row after another) in parallel into
+  partials, merged in block order, then applied.
 
-Activations (activations.py) are chosen once per block (identity and ReLU loops vectorize;
-the others are computed in float64 and rounded on store). Sums accumulate in the input's
-dtype (fp32 for fp32) in `_LANES` independent partial sums, folded in a fixed order.
+Compiled with `fastmath={"reassoc", "contract"}` only: LLVM vectorizes the sums and fuses
+multiply-adds, NaN and Inf still propagate. Each loop is compiled once per (residual,
+activation) case that matters (`_specialized`): identity and ReLU get branch-free vector
+loops; the smooth activations are computed in float64 and rounded once.
 
 `normalize` is the whole-op hook (base.py): one forward kernel call, one backward kernel
 call, its own autograd; double backward goes through torch's differentiable ops (aten).
@@ -54,248 +58,225 @@ except ImportError as exc:  # the package imports without numba; the backend say
 else:
     _MISSING = None
 
-_BLOCK = 1024  # (N, C, L): values per reduction block (two 4 KiB scratch rows in L1)
+_BLOCK = 4096  # (N, C, L): values per statistics block (16 KiB of fp32, summed in one pass)
 _MC_BLOCK = 32768  # (M, C): values per row block (128 KiB of fp32, in L2)
-_LANES = 64  # independent partial sums of a reduction (4 AVX-512 registers of fp32)
+_HUGE_BYTES = 1 << 25  # outputs from this size use numpy's allocator (`_empty_like`)
+_FASTMATH = {"reassoc", "contract"}  # never nnan/ninf/afn: NaN and Inf must propagate
 _ACT_CODE = {name: code for code, name in enumerate(activations.NAMES)}
 _DTYPES = (torch.float32, torch.float64)
 
-#: Measured crossover (docs/benchmarks.md): torch's own kernels were faster than these
-#: below about 4M elements (fp32 forward + backward: 0.5-0.7x on the 1.6M-3.2M rows in
-#: (N, C, L), 0.66-0.71x on the (N, 64, 64) sweep up to 4M), so `auto` keeps aten there.
-CROSSOVER_NUMEL = 1 << 22
+#: Measured crossover (docs/benchmarks.md, docs/bench/design_notes.md step 10): on the
+#: (N, 64, L) fp32 BN + ReLU forward + backward sweep, aten / numba was 0.69-0.84 from 4k to
+#: 64k elements (our ~0.08 ms of fixed cost per call), 1.00 at 128k, 1.16 at 256k and
+#: 1.8-3.1 above; `auto` takes numba from 256k elements.
+CROSSOVER_NUMEL = 1 << 18
 
 
 def _jit(parallel: bool = False, inline: bool = False):
-    """numba.njit with the project's settings (no fastmath: IEEE results, NaN kept)."""
+    """numba.njit with the project's settings. `reassoc` lets LLVM reorder sums, but the same
+    way at every call: with a block partition fixed by the shape, results stay deterministic."""
     if numba is None:
         return lambda fn: fn
     if inline:
-        return numba.njit(inline="always", error_model="numpy", cache=True)
-    return numba.njit(parallel=parallel, error_model="numpy", cache=True, nogil=True)
+        return numba.njit(inline="always", fastmath=_FASTMATH, error_model="numpy", cache=True)
+    return numba.njit(
+        parallel=parallel, fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True
+    )
 
 
 _prange = range if numba is None else numba.prange
 
 
-# Activations, in float64 (`activations.py` has the equations) -----------------------------
+# Activations (`activations.py` has the equations) ---------------------------------------
 @_jit(inline=True)
-def _act(u, code):
-    """g(u) for the activation `code` (index in activations.NAMES)."""
-    v = float(u)
+def _act(u, code, f):
+    """g(u) as dtype `f` for the activation `code` (index in activations.NAMES)."""
+    if code == 0:
+        return u
     if code == 1:
-        return v if not v <= 0.0 else 0.0  # NaN stays NaN
+        return u if not u <= 0 else f(0)  # NaN stays NaN
+    v = float(u)
     if code == 2:
-        return v if not v <= 0.0 else v * activations.LEAKY_SLOPE
+        return u if not u <= 0 else f(v * activations.LEAKY_SLOPE)
     if code == 3:
-        return 1.0 / (1.0 + math.exp(-v))
+        return f(1.0 / (1.0 + math.exp(-v)))
     if code == 4:
-        return math.tanh(v)
+        return f(math.tanh(v))
     if code == 5:
-        return v / (1.0 + math.exp(-v))
-    if code == 6:
-        return 0.5 * v * (1.0 + math.erf(v * 0.7071067811865476))
-    return v
+        return f(v / (1.0 + math.exp(-v)))
+    return f(0.5 * v * (1.0 + math.erf(v * 0.7071067811865476)))
 
 
 @_jit(inline=True)
-def _dact(u, code):
-    """g'(u) for the activation `code`."""
-    v = float(u)
+def _grad(dy, u, code, f):
+    """d = dy g'(u) as dtype `f`."""
+    if code == 0:
+        return dy
     if code == 1:
-        return 1.0 if v > 0.0 else 0.0
+        return dy if u > 0 else f(0)
+    v = float(u)
     if code == 2:
-        return 1.0 if v > 0.0 else activations.LEAKY_SLOPE
+        return dy if u > 0 else f(dy * activations.LEAKY_SLOPE)
     if code == 3:
         sg = 1.0 / (1.0 + math.exp(-v))
-        return sg * (1.0 - sg)
+        return f(dy * (sg * (1.0 - sg)))
     if code == 4:
         th = math.tanh(v)
-        return 1.0 - th * th
+        return f(dy * (1.0 - th * th))
     if code == 5:
         sg = 1.0 / (1.0 + math.exp(-v))
-        return sg * (1.0 + v * (1.0 - sg))
-    if code == 6:
-        cdf = 0.5 * (1.0 + math.erf(v * 0.7071067811865476))
-        return cdf + v * math.exp(-0.5 * v * v) * 0.3989422804014327
-    return 1.0
+        return f(dy * (sg * (1.0 + v * (1.0 - sg))))
+    cdf = 0.5 * (1.0 + math.erf(v * 0.7071067811865476))
+    return f(dy * (cdf + v * math.exp(-0.5 * v * v) * 0.3989422804014327))
 
 
 @_jit(inline=True)
-def _activate_block(u, n, code):
-    """u[:n] <- g(u[:n]) in place; the activation is chosen once per block, so the identity
-    and ReLU loops vectorize (the others call exp/tanh/erf per value)."""
+def _specialized(loop, args, has_res, code):
+    """loop(args, has_res, code) with `code` made a constant for identity and ReLU: each
+    compiles to its own loop with no call inside (which vectorizes; LLVM unswitches the
+    loop-invariant `has_res`); the smooth activations share one loop."""
+    if code == 0:
+        return loop(args, has_res, 0)
     if code == 1:
-        zero = u.dtype.type(0)
-        for j in range(n):
-            v = u[j]
-            u[j] = v if not v <= zero else zero  # NaN stays NaN
-    elif code != 0:
-        for j in range(n):
-            u[j] = _act(u[j], code)
+        return loop(args, has_res, 1)
+    return loop(args, has_res, code)
+
+
+# Statistics ---------------------------------------------------------------------------
+@_jit(inline=True)
+def _chan(count, mean, m2, size, s1, s2, shift):
+    """Merge a block of `size` values, given s1 = sum t, s2 = sum t^2 with t = x - shift
+    (shift a value of the block), into (count, mean, m2), in float64 (Chan's formula)."""
+    bmean = float(s1) / size
+    bm2 = max(float(s2) - float(s1) * bmean, 0.0)
+    total = count + size
+    delta = (float(shift) + bmean) - mean
+    return total, mean + delta * (size / total), m2 + bm2 + delta * delta * (count * size / total)
 
 
 @_jit(inline=True)
-def _slope_block(u, g, n, code):
-    """g[:n] <- g[:n] g'(u[:n]) in place (d = dy g'(u)), chosen once per block."""
-    if code == 1:
-        zero = g.dtype.type(0)
-        for j in range(n):
-            g[j] = g[j] if u[j] > zero else zero
-    elif code != 0:
-        for j in range(n):
-            g[j] = g[j] * _dact(u[j], code)
-
-
-@_jit(inline=True)
-def _lanes_add(acc, acc2, p, q, lo, n, shift, square):
-    """acc[j] += p[lo + i] - shift, acc2[j] += (that)^2 if `square` else q[lo + i], j = i mod _LANES.
-
-    Sums kept as _LANES independent partial sums (vertical adds, so they vectorize without
-    fastmath and their order is fixed); `_lanes_total` folds them at the end.
-    """
-    for i0 in range(0, n, _LANES):
-        w = min(_LANES, n - i0)
-        if square:
-            for j in range(w):
-                t = p[lo + i0 + j] - shift
-                acc[j] += t
-                acc2[j] += t * t
-        else:
-            for j in range(w):
-                acc[j] += p[lo + i0 + j]
-                acc2[j] += q[lo + i0 + j]
-
-
-@_jit(inline=True)
-def _lanes_total(acc):
-    """sum(acc) in a fixed pairwise order, and acc reset to zero."""
-    width = _LANES
-    while width > 1:
-        width //= 2
-        for j in range(width):
-            acc[j] += acc[j + width]
-    total = acc[0]
-    acc[:] = 0
-    return total
+def _set_params(c, mean, m2c, count, eps, gamma, beta, m, a, b, inv, h, m2):
+    """Channel c's kernel parameters from its float64 (mean, m2) (module docstring)."""
+    f = m.dtype.type
+    mc = f(mean)
+    e = mean - float(mc)  # what rounding the mean to x's dtype lost
+    ic = 1.0 / math.sqrt(m2c / count + eps)
+    ac = float(gamma[c]) * ic
+    m[c], inv[c], m2[c] = mc, ic, m2c
+    a[c], b[c], h[c] = ac, float(beta[c]) - e * ac, -e * ic
 
 
 # (N, C, L) -----------------------------------------------------------------------------
 @_jit(inline=True)
-def _ncl_channel_stats(x, c):
-    """(s, d, m2) of channel c: s = x[0, c, 0], d = mean(x - s), m2 = sum (x - s - d)^2.
-
-    The channel is cut into blocks of about _BLOCK values (a piece of a long row, or whole
-    short rows); each block's (mean, m2) comes from sums of t = x - x_first_of_block in one
-    pass, and the blocks are merged with Chan's formula in order, in shifted coordinates.
-    """
+def _ncl_stats(x, c):
+    """(mean, m2) of channel c in float64: blocks of about _BLOCK values (whole short rows or
+    a piece of a long row), each summed in one pass as t = x - (its first value), merged in order."""
     n_rows, _, length = x.shape
     f = x.dtype.type
-    s = x[0, c, 0]
-    count = 0.0
-    mean = f(0)
-    m2 = f(0)
     rows_per = max(1, _BLOCK // length)
-    acc = np.zeros(_LANES, x.dtype)
-    acc2 = np.zeros(_LANES, x.dtype)
+    count, mean, m2 = 0.0, 0.0, 0.0
     for n0 in range(0, n_rows, rows_per):
         n1 = min(n_rows, n0 + rows_per)
         for lo in range(0, length, _BLOCK):
-            nb = min(_BLOCK, length - lo)
-            sh = x[n0, c, lo]
+            hi = min(length, lo + _BLOCK)
+            shift = x[n0, c, lo]
+            s1, s2 = f(0), f(0)
             for n in range(n0, n1):
-                row = x[n, c]
-                _lanes_add(acc, acc2, row, row, lo, nb, sh, True)
-            bs, bq = _lanes_total(acc), _lanes_total(acc2)
-            size = nb * (n1 - n0)
-            bmean = bs / f(size)
-            bm2 = max(bq - bs * bmean, f(0))  # sums of x - sh: sh is a value of the block
-            total = count + size
-            delta = (sh - s) + bmean - mean
-            mean += delta * f(size / total)
-            m2 += bm2 + delta * delta * f(count * size / total)
-            count = total
-    return s, mean, m2
-
-
-@_jit(parallel=True)
-def _ncl_forward(x, res, has_res, code, train, write, gamma, beta, eps, s, d, m2, invstd, a, b, y):
-    """Per channel: statistics when `train` (into s, d, m2, invstd, a = gamma invstd, b = beta),
-    then, when `write`, y = g(((x - s) - d) a + b + res)."""
-    n_rows, channels, length = x.shape
-    f = x.dtype.type
-    for c in _prange(channels):
-        if train:
-            sc, dc, m2c = _ncl_channel_stats(x, c)
-            inv = f(1.0 / math.sqrt(m2c / (n_rows * length) + eps))
-            s[c], d[c], m2[c], invstd[c] = sc, dc, m2c, inv
-            a[c], b[c] = gamma[c] * inv, beta[c]
-        if write:
-            sc, dc, ac, bc = s[c], d[c], a[c], b[c]
-            for n in range(n_rows):
-                xr, yr, rr = x[n, c], y[n, c], res[n, c]
-                for j in range(length):
-                    yr[j] = ((xr[j] - sc) - dc) * ac + bc
-                if has_res:
-                    for j in range(length):
-                        yr[j] += rr[j]
-                _activate_block(yr, length, code)
+                xr = x[n, c, lo:hi]
+                for j in range(hi - lo):
+                    t = xr[j] - shift
+                    s1 += t
+                    s2 += t * t
+            count, mean, m2 = _chan(count, mean, m2, float((n1 - n0) * (hi - lo)), s1, s2, shift)
+    return mean, m2
 
 
 @_jit(inline=True)
-def _ncl_grad_block(xr, dyr, rr, has_res, lo, nb, code, sc, dc, ac, bc, ubuf, gbuf):
-    """gbuf[:nb] = d = dy g'(u) for xr[lo:lo + nb], u = ((x - s) - d) a + b (+ res)."""
-    for j in range(nb):
-        ubuf[j] = ((xr[lo + j] - sc) - dc) * ac + bc
-        gbuf[j] = dyr[lo + j]
-    if has_res:
-        for j in range(nb):
-            ubuf[j] += rr[lo + j]
-    _slope_block(ubuf, gbuf, nb, code)
+def _ncl_normalize(args, has_res, code):
+    """y[:, c] = g((x[:, c] - m) a + b (+ res[:, c])) for one channel c."""
+    x, res, y, c, m, a, b = args
+    f = x.dtype.type
+    for n in range(x.shape[0]):
+        xr, rr, yr = x[n, c], res[n, c], y[n, c]
+        for j in range(xr.shape[0]):
+            u = (xr[j] - m) * a + b
+            if has_res:
+                u += rr[j]
+            yr[j] = _act(u, code, f)
+
+
+@_jit(parallel=True)
+def _ncl_forward(x, res, has_res, code, train, write, gamma, beta, eps, m, a, b, inv, h, m2, y):
+    """Per channel: statistics when `train` (into m, a, b, inv, h, m2, see `_set_params`),
+    then, when `write`, y = g((x - m) a + b + res)."""
+    n_rows, channels, length = x.shape
+    for c in _prange(channels):
+        if train:
+            mean, m2c = _ncl_stats(x, c)
+            _set_params(c, mean, m2c, n_rows * length, eps, gamma, beta, m, a, b, inv, h, m2)
+        if write:
+            _specialized(_ncl_normalize, (x, res, y, c, m[c], a[c], b[c]), has_res, code)
+
+
+@_jit(inline=True)
+def _ncl_grad_sums(args, has_res, code):
+    """(sum d, sum d xhat) over channel c in float64 (each row summed in x's dtype)."""
+    dy, x, res, c, m, a, b, inv, h = args
+    f = x.dtype.type
+    sd, sdx = 0.0, 0.0
+    for n in range(x.shape[0]):
+        xr, dyr, rr = x[n, c], dy[n, c], res[n, c]
+        s1, s2 = f(0), f(0)
+        for j in range(xr.shape[0]):
+            t = xr[j] - m
+            u = t * a + b
+            if has_res:
+                u += rr[j]
+            g = _grad(dyr[j], u, code, f)
+            s1 += g
+            s2 += g * (t * inv + h)
+        sd += float(s1)
+        sdx += float(s2)
+    return sd, sdx
+
+
+@_jit(inline=True)
+def _ncl_grad_apply(args, has_res, code):
+    """dx[:, c] = a (d - mean_d - xhat mean_dxh), dres[:, c] = d, for one channel c."""
+    dy, x, res, dx, dres, c, m, a, b, inv, h, md, mdx = args
+    f = x.dtype.type
+    for n in range(x.shape[0]):
+        xr, dyr, rr, dxr, drr = x[n, c], dy[n, c], res[n, c], dx[n, c], dres[n, c]
+        for j in range(xr.shape[0]):
+            t = xr[j] - m
+            u = t * a + b
+            if has_res:
+                u += rr[j]
+            g = _grad(dyr[j], u, code, f)
+            dxr[j] = a * (g - md - (t * inv + h) * mdx)
+            if has_res:
+                drr[j] = g
 
 
 @_jit(parallel=True)
 def _ncl_backward(
-    dy, x, res, has_res, code, s, d, invstd, a, b, reduce, write, batch_stats,
+    dy, x, res, has_res, code, m, a, b, inv, h, reduce, write, batch_stats,
     sum_d, sum_dxh, mean_d, mean_dxh, dx, dres,
 ):  # fmt: skip
-    """Per channel: when `reduce`, sum_d = sum g, sum_dxh = sum g xhat (and, with
+    """Per channel: when `reduce`, sum_d = sum d, sum_dxh = sum d xhat (and, with
     `batch_stats`, mean_d, mean_dxh = those / n); then, when `write`,
-    dx = a (g - mean_d - xhat mean_dxh) and dres = g; g = dy g'(u), xhat = ((x - s) - d) invstd."""
+    dx = a (d - mean_d - xhat mean_dxh) and dres = d; d = dy g'(u), xhat = (x - m) inv + h."""
     n_rows, channels, length = x.shape
-    f = x.dtype.type
     for c in _prange(channels):
-        sc, dc, ic, ac, bc = s[c], d[c], invstd[c], a[c], b[c]
-        ubuf = np.empty(_BLOCK, x.dtype)
-        gbuf = np.empty(_BLOCK, x.dtype)
+        ch = (m[c], a[c], b[c], inv[c], h[c])
         if reduce:
-            acc = np.zeros(_LANES, x.dtype)
-            acc2 = np.zeros(_LANES, x.dtype)
-            for n in range(n_rows):
-                xr, dyr, rr = x[n, c], dy[n, c], res[n, c]
-                for lo in range(0, length, _BLOCK):
-                    nb = min(_BLOCK, length - lo)
-                    _ncl_grad_block(xr, dyr, rr, has_res, lo, nb, code, sc, dc, ac, bc, ubuf, gbuf)
-                    for j in range(nb):
-                        ubuf[j] = gbuf[j] * (((xr[lo + j] - sc) - dc) * ic)
-                    _lanes_add(acc, acc2, gbuf, ubuf, 0, nb, f(0), False)
-            sd, sdx = _lanes_total(acc), _lanes_total(acc2)
+            sd, sdx = _specialized(_ncl_grad_sums, (dy, x, res, c, *ch), has_res, code)
             sum_d[c], sum_dxh[c] = sd, sdx
             if batch_stats:
-                mean_d[c] = sd / f(n_rows * length)
-                mean_dxh[c] = sdx / f(n_rows * length)
+                mean_d[c], mean_dxh[c] = sd / (n_rows * length), sdx / (n_rows * length)
         if write:
-            md, mdx = mean_d[c], mean_dxh[c]
-            for n in range(n_rows):
-                xr, dyr, rr, dxr, drr = x[n, c], dy[n, c], res[n, c], dx[n, c], dres[n, c]
-                for lo in range(0, length, _BLOCK):
-                    nb = min(_BLOCK, length - lo)
-                    _ncl_grad_block(xr, dyr, rr, has_res, lo, nb, code, sc, dc, ac, bc, ubuf, gbuf)
-                    for j in range(nb):
-                        dxr[lo + j] = ac * (gbuf[j] - md - (((xr[lo + j] - sc) - dc) * ic) * mdx)
-                    if has_res:
-                        for j in range(nb):
-                            drr[lo + j] = gbuf[j]
+            args = (dy, x, res, dx, dres, c, *ch, mean_d[c], mean_dxh[c])
+            _specialized(_ncl_grad_apply, args, has_res, code)
 
 
 # (M, C) --------------------------------------------------------------------------------
@@ -306,114 +287,111 @@ def _mc_blocks(rows, channels):
     return per, (rows + per - 1) // per
 
 
-@_jit(parallel=True)
-def _mc_forward(x, res, has_res, code, train, write, gamma, beta, eps, s, d, m2, invstd, a, b, y):
-    """`_ncl_forward` for (M, C): per-block (mean of x - s, m2) in parallel, merged in block order."""
-    rows, channels = x.shape
+@_jit(inline=True)
+def _mc_normalize(args, has_res, code):
+    """y[lo:hi] = g((x[lo:hi] - m) a + b (+ res[lo:hi])), per-channel vectors m, a, b."""
+    x, res, y, lo, hi, m, a, b = args
     f = x.dtype.type
+    for r in range(lo, hi):
+        xr, rr, yr = x[r], res[r], y[r]
+        for c in range(xr.shape[0]):
+            u = (xr[c] - m[c]) * a[c] + b[c]
+            if has_res:
+                u += rr[c]
+            yr[c] = _act(u, code, f)
+
+
+@_jit(parallel=True)
+def _mc_forward(
+    x, res, has_res, code, train, write, gamma, beta, eps, m, a, b, inv, h, m2, y, s1, s2
+):  # fmt: skip
+    """`_ncl_forward` for (M, C): per-block sums of x - x[0] in parallel (into the zeroed
+    (blocks, C) scratch s1, s2), merged in block order."""
+    rows, channels = x.shape
     per, blocks = _mc_blocks(rows, channels)
     if train:
-        for c in range(channels):
-            s[c] = x[0, c]
-        bmean = np.zeros((blocks, channels), x.dtype)
-        bm2 = np.zeros((blocks, channels), x.dtype)
+        shift = x[0]
         for k in _prange(blocks):
-            lo, hi = k * per, min(rows, (k + 1) * per)
-            mk, qk = bmean[k], bm2[k]
-            for m in range(lo, hi):
+            s1k, s2k = s1[k], s2[k]
+            for r in range(k * per, min(rows, (k + 1) * per)):
+                xr = x[r]
                 for c in range(channels):
-                    mk[c] += x[m, c] - s[c]
-            for c in range(channels):
-                mk[c] /= f(hi - lo)
-            for m in range(lo, hi):
-                for c in range(channels):
-                    t = (x[m, c] - s[c]) - mk[c]
-                    qk[c] += t * t
-        count = 0.0
-        d[:] = 0
-        m2[:] = 0
-        for k in range(blocks):
-            nb = min(rows, (k + 1) * per) - k * per
-            total = count + nb
-            w_mean, w_m2 = f(nb / total), f(count * nb / total)
-            for c in range(channels):
-                delta = bmean[k, c] - d[c]
-                d[c] += delta * w_mean
-                m2[c] += bm2[k, c] + delta * delta * w_m2
-            count = total
+                    t = xr[c] - shift[c]
+                    s1k[c] += t
+                    s2k[c] += t * t
         for c in range(channels):
-            inv = f(1.0 / math.sqrt(m2[c] / rows + eps))
-            invstd[c] = inv
-            a[c], b[c] = gamma[c] * inv, beta[c]
+            count, mean, m2c = 0.0, 0.0, 0.0
+            for k in range(blocks):
+                size = float(min(rows, (k + 1) * per) - k * per)
+                count, mean, m2c = _chan(count, mean, m2c, size, s1[k, c], s2[k, c], shift[c])
+            _set_params(c, mean, m2c, rows, eps, gamma, beta, m, a, b, inv, h, m2)
     if write:
         for k in _prange(blocks):
-            for m in range(k * per, min(rows, (k + 1) * per)):
-                xr, yr, rr = x[m], y[m], res[m]
-                for c in range(channels):
-                    yr[c] = ((xr[c] - s[c]) - d[c]) * a[c] + b[c]
-                if has_res:
-                    for c in range(channels):
-                        yr[c] += rr[c]
-                _activate_block(yr, channels, code)
+            args = (x, res, y, k * per, min(rows, (k + 1) * per), m, a, b)
+            _specialized(_mc_normalize, args, has_res, code)
 
 
 @_jit(inline=True)
-def _mc_grad_row(xr, dyr, rr, has_res, code, s, d, a, b, ubuf, gbuf):
-    """gbuf = d = dy g'(u) for one row of (M, C), u = ((x - s) - d) a + b (+ res)."""
-    channels = xr.shape[0]
-    for c in range(channels):
-        ubuf[c] = ((xr[c] - s[c]) - d[c]) * a[c] + b[c]
-        gbuf[c] = dyr[c]
-    if has_res:
-        for c in range(channels):
-            ubuf[c] += rr[c]
-    _slope_block(ubuf, gbuf, channels, code)
+def _mc_grad_sums(args, has_res, code):
+    """s1 += d, s2 += d xhat over rows lo:hi, per channel (vectors of x's dtype)."""
+    dy, x, res, lo, hi, m, a, b, inv, h, s1, s2 = args
+    f = x.dtype.type
+    for r in range(lo, hi):
+        xr, dyr, rr = x[r], dy[r], res[r]
+        for c in range(xr.shape[0]):
+            t = xr[c] - m[c]
+            u = t * a[c] + b[c]
+            if has_res:
+                u += rr[c]
+            g = _grad(dyr[c], u, code, f)
+            s1[c] += g
+            s2[c] += g * (t * inv[c] + h[c])
+
+
+@_jit(inline=True)
+def _mc_grad_apply(args, has_res, code):
+    """dx = a (d - mean_d - xhat mean_dxh), dres = d over rows lo:hi."""
+    dy, x, res, dx, dres, lo, hi, m, a, b, inv, h, md, mdx = args
+    f = x.dtype.type
+    for r in range(lo, hi):
+        xr, dyr, rr, dxr, drr = x[r], dy[r], res[r], dx[r], dres[r]
+        for c in range(xr.shape[0]):
+            t = xr[c] - m[c]
+            u = t * a[c] + b[c]
+            if has_res:
+                u += rr[c]
+            g = _grad(dyr[c], u, code, f)
+            dxr[c] = a[c] * (g - md[c] - (t * inv[c] + h[c]) * mdx[c])
+            if has_res:
+                drr[c] = g
 
 
 @_jit(parallel=True)
 def _mc_backward(
-    dy, x, res, has_res, code, s, d, invstd, a, b, reduce, write, batch_stats,
-    sum_d, sum_dxh, mean_d, mean_dxh, dx, dres,
+    dy, x, res, has_res, code, m, a, b, inv, h, reduce, write, batch_stats,
+    sum_d, sum_dxh, mean_d, mean_dxh, dx, dres, s1, s2,
 ):  # fmt: skip
-    """`_ncl_backward` for (M, C): per-block partial sums in parallel, added in block order."""
+    """`_ncl_backward` for (M, C): per-block partial sums in parallel (into the zeroed
+    (blocks, C) scratch s1, s2), added in block order."""
     rows, channels = x.shape
-    f = x.dtype.type
     per, blocks = _mc_blocks(rows, channels)
     if reduce:
-        psum = np.zeros((blocks, channels), x.dtype)
-        psumx = np.zeros((blocks, channels), x.dtype)
         for k in _prange(blocks):
-            pk, qk = psum[k], psumx[k]
-            ubuf = np.empty(channels, x.dtype)
-            gbuf = np.empty(channels, x.dtype)
-            for m in range(k * per, min(rows, (k + 1) * per)):
-                xr = x[m]
-                _mc_grad_row(xr, dy[m], res[m], has_res, code, s, d, a, b, ubuf, gbuf)
-                for c in range(channels):
-                    pk[c] += gbuf[c]
-                    qk[c] += gbuf[c] * (((xr[c] - s[c]) - d[c]) * invstd[c])
-        sum_d[:] = 0
-        sum_dxh[:] = 0
-        for k in range(blocks):
-            for c in range(channels):
-                sum_d[c] += psum[k, c]
-                sum_dxh[c] += psumx[k, c]
-        if batch_stats:
-            for c in range(channels):
-                mean_d[c] = sum_d[c] / f(rows)
-                mean_dxh[c] = sum_dxh[c] / f(rows)
+            args = (dy, x, res, k * per, min(rows, (k + 1) * per), m, a, b, inv, h, s1[k], s2[k])
+            _specialized(_mc_grad_sums, args, has_res, code)
+        for c in range(channels):
+            sd, sdx = 0.0, 0.0
+            for k in range(blocks):
+                sd += float(s1[k, c])
+                sdx += float(s2[k, c])
+            sum_d[c], sum_dxh[c] = sd, sdx
+            if batch_stats:
+                mean_d[c], mean_dxh[c] = sd / rows, sdx / rows
     if write:
         for k in _prange(blocks):
-            ubuf = np.empty(channels, x.dtype)
-            gbuf = np.empty(channels, x.dtype)
-            for m in range(k * per, min(rows, (k + 1) * per)):
-                xr, dxr, drr = x[m], dx[m], dres[m]
-                _mc_grad_row(xr, dy[m], res[m], has_res, code, s, d, a, b, ubuf, gbuf)
-                for c in range(channels):
-                    dxr[c] = a[c] * (gbuf[c] - mean_d[c] - (((xr[c] - s[c]) - d[c]) * invstd[c]) * mean_dxh[c])
-                if has_res:
-                    for c in range(channels):
-                        drr[c] = gbuf[c]
+            lo, hi = k * per, min(rows, (k + 1) * per)
+            args = (dy, x, res, dx, dres, lo, hi, m, a, b, inv, h, mean_d, mean_dxh)
+            _specialized(_mc_grad_apply, args, has_res, code)
 
 
 # Python side ---------------------------------------------------------------------------
@@ -429,26 +407,48 @@ def _vec(t: Tensor | None, channels: int, dtype: torch.dtype, fill: float) -> np
     return _np(t.detach().to(dtype))
 
 
-def _forward(xv: np.ndarray, rv, code, train, write, gamma, beta, eps, s, d, a, b):
-    """Run the forward kernel of xv's view; returns (y or None, m2, invstd) as numpy."""
-    channels = xv.shape[1]
-    m2, invstd = np.empty(channels, xv.dtype), np.empty(channels, xv.dtype)
-    y = np.empty_like(xv) if write else xv  # never written when not `write`
-    kernel = _ncl_forward if xv.ndim == 3 else _mc_forward
-    kernel(xv, xv if rv is None else rv, rv is not None, code, train, write, gamma, beta, eps,
-           s, d, m2, invstd, a, b, y)  # fmt: skip
-    return (y if write else None), m2, invstd
+def _empty_like(a: np.ndarray) -> np.ndarray:
+    """An uninitialized array like `a`. numpy asks the OS for huge pages on large arrays
+    (madvise); below glibc's largest mmap threshold (32 MiB) that memory is often reused heap
+    where first-touching it cost ~20 ms per 16 MB here, so those come from torch's allocator;
+    above, numpy's fresh huge-page mappings fault 10x less (design_notes.md, step 12)."""
+    if a.nbytes < _HUGE_BYTES:
+        return torch.empty_like(torch.from_numpy(a)).numpy()
+    return np.empty_like(a)
 
 
-def _backward(dyv, xv, rv, code, s, d, invstd, a, b, reduce, write, batch_stats, mean_d, mean_dxh):
+def _mc_scratch(xv: np.ndarray) -> np.ndarray:
+    """Zeroed (2, blocks, C) partial sums for the (M, C) kernels (allocated here, not in the
+    kernels, so that compiling them needs no numpy allocation function)."""
+    rows, channels = xv.shape
+    return np.zeros((2, _mc_blocks.py_func(rows, channels)[1], channels), xv.dtype)
+
+
+def _forward(xv, rv, code, train, write, gamma, beta, eps, m, a, b, inv, h):
+    """Run the forward kernel of xv's view (train: fills m, a, b, inv, h); returns (y or None, m2)."""
+    m2 = np.empty(xv.shape[1], xv.dtype)
+    y = _empty_like(xv) if write else xv  # never written when not `write`
+    args = (xv, xv if rv is None else rv, rv is not None, code, train, write, gamma, beta, eps,
+            m, a, b, inv, h, m2, y)  # fmt: skip
+    if xv.ndim == 3:
+        _ncl_forward(*args)
+    else:
+        _mc_forward(*args, *_mc_scratch(xv))
+    return (y if write else None), m2
+
+
+def _backward(dyv, xv, rv, code, m, a, b, inv, h, reduce, write, batch_stats, mean_d, mean_dxh):
     """Run the backward kernel; returns (sum_d, sum_dxh, dx or None, dres or None) as numpy."""
     channels = xv.shape[1]
     sum_d, sum_dxh = np.zeros(channels, xv.dtype), np.zeros(channels, xv.dtype)
-    dx = np.empty_like(xv) if write else xv  # never written when not `write`
-    dres = np.empty_like(xv) if write and rv is not None else dx
-    kernel = _ncl_backward if xv.ndim == 3 else _mc_backward
-    kernel(dyv, xv, xv if rv is None else rv, rv is not None, code, s, d, invstd, a, b,
-           reduce, write, batch_stats, sum_d, sum_dxh, mean_d, mean_dxh, dx, dres)  # fmt: skip
+    dx = _empty_like(xv) if write else xv  # never written when not `write`
+    dres = _empty_like(xv) if write and rv is not None else dx
+    args = (dyv, xv, xv if rv is None else rv, rv is not None, code, m, a, b, inv, h,
+            reduce, write, batch_stats, sum_d, sum_dxh, mean_d, mean_dxh, dx, dres)  # fmt: skip
+    if xv.ndim == 3:
+        _ncl_backward(*args)
+    else:
+        _mc_backward(*args, *_mc_scratch(xv))
     return sum_d, sum_dxh, (dx if write else None), (dres if write and rv is not None else None)
 
 
@@ -466,20 +466,18 @@ class _FusedBatchNorm(torch.autograd.Function):
         code = _ACT_CODE[activation]
         train = running_mean is None
         if train:
-            s, d = np.empty_like(gamma), np.empty_like(gamma)
-            a, b = np.empty_like(gamma), np.empty_like(gamma)
-            y, _, invstd = _forward(xv, rv, code, True, True, gamma, beta, eps, s, d, a, b)
-        else:  # evaluation: s = running mean, d = 0
-            s, d = _vec(running_mean, channels, acc, 0.0).copy(), np.zeros_like(gamma)
-            invstd = _vec(torch.rsqrt(running_var.detach().to(acc) + eps), channels, acc, 0.0)
-            a, b = gamma * invstd, beta.copy()
-            y = _forward(xv, rv, code, False, True, gamma, beta, eps, s, d, a, b)[0]
-        params = [torch.from_numpy(p) for p in (s, d, invstd, a, b)]
+            m, a, b, inv, h = (np.empty_like(gamma) for _ in range(5))
+        else:  # evaluation: m = running mean, h = 0
+            m, h = _vec(running_mean, channels, acc, 0.0).copy(), np.zeros_like(gamma)
+            inv = _vec(torch.rsqrt(running_var.detach().to(acc) + eps), channels, acc, 0.0)
+            a, b = gamma * inv, beta.copy()
+        y, _ = _forward(xv, rv, code, train, True, gamma, beta, eps, m, a, b, inv, h)
+        params = [torch.from_numpy(p) for p in (m, a, b, inv, h)]
         ctx.save_for_backward(x, weight, bias, residual, running_mean, running_var, *params)
         ctx.kind, ctx.eps, ctx.activation, ctx.train = view.kind, eps, activation, train
-        mean = torch.from_numpy(s + d)
-        ctx.mark_non_differentiable(params[2], mean)
-        return layout.restore(torch.from_numpy(y), x, view.kind), mean, params[2]
+        mean, invstd = params[0], params[3]
+        ctx.mark_non_differentiable(mean, invstd)
+        return layout.restore(torch.from_numpy(y), x, view.kind), mean, invstd
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dinvstd):
@@ -491,13 +489,13 @@ class _FusedBatchNorm(torch.autograd.Function):
         xv = _np(layout.canonical(x, kind).data)
         dyv = _np(layout.canonical(dy, kind).data)
         rv = None if residual is None else _np(layout.canonical(residual, kind).data)
-        s, d, invstd, a, b = (p.numpy() for p in params)
-        zeros = np.zeros_like(s)
-        mean_d, mean_dxh = (np.empty_like(s), np.empty_like(s)) if ctx.train else (zeros, zeros)
+        m, a, b, inv, h = (p.numpy() for p in params)
+        zeros = np.zeros_like(m)
+        mean_d, mean_dxh = (np.empty_like(m), np.empty_like(m)) if ctx.train else (zeros, zeros)
         write = need_x or need_r
         reduce = need_w or need_b or (ctx.train and write)
         sum_d, sum_dxh, dxv, dresv = _backward(
-            dyv, xv, rv, _ACT_CODE[ctx.activation], s, d, invstd, a, b,
+            dyv, xv, rv, _ACT_CODE[ctx.activation], m, a, b, inv, h,
             reduce, write, ctx.train, mean_d, mean_dxh,
         )  # fmt: skip
         dx = layout.restore(torch.from_numpy(dxv), x, kind) if need_x else None
@@ -553,11 +551,10 @@ class NumbaBackend(Backend):
     # The kernel contract (base.py) ----------------------------------------------------
     def stats(self, x):
         xv = _np(x)
-        channels = xv.shape[1]
-        s, d, a, b = (np.empty(channels, xv.dtype) for _ in range(4))
-        ones, zeros = np.ones_like(s), np.zeros_like(s)
-        _, m2, _ = _forward(xv, None, 0, True, False, ones, zeros, 0.0, s, d, a, b)
-        mean = torch.from_numpy(s + d)
+        m, a, b, inv, h = (np.empty(xv.shape[1], xv.dtype) for _ in range(5))
+        ones, zeros = np.ones_like(m), np.zeros_like(m)
+        _, m2 = _forward(xv, None, 0, True, False, ones, zeros, 0.0, m, a, b, inv, h)
+        mean = torch.from_numpy(m)
         return torch.full_like(mean, layout.values_per_channel(x)), mean, torch.from_numpy(m2)
 
     def apply(self, x, mean, scale, shift, activation=None, residual=None):
@@ -565,14 +562,14 @@ class NumbaBackend(Backend):
         zeros = np.zeros(xv.shape[1], xv.dtype)
         rv = None if residual is None else _np(residual)
         y = _forward(xv, rv, _ACT_CODE[activation], False, True, zeros, zeros, 0.0,
-                     _np(mean), zeros, _np(scale), _np(shift))[0]  # fmt: skip
+                     _np(mean), _np(scale), _np(shift), zeros, zeros)[0]  # fmt: skip
         return torch.from_numpy(y)
 
     def backward_reduce(self, dy, x, mean, invstd, scale, shift, activation=None, residual=None):
         zeros = np.zeros(x.shape[1], _np(mean).dtype)
         sum_d, sum_dxh, _, _ = _backward(
             _np(dy), _np(x), None if residual is None else _np(residual), _ACT_CODE[activation],
-            _np(mean), zeros, _np(invstd), _np(scale), _np(shift), True, False, False, zeros, zeros,
+            _np(mean), _np(scale), _np(shift), _np(invstd), zeros, True, False, False, zeros, zeros,
         )  # fmt: skip
         return torch.from_numpy(sum_d), torch.from_numpy(sum_dxh)
 
@@ -582,7 +579,7 @@ class NumbaBackend(Backend):
         zeros = np.zeros(x.shape[1], _np(mean).dtype)
         _, _, dx, dres = _backward(
             _np(dy), _np(x), None if residual is None else _np(residual), _ACT_CODE[activation],
-            _np(mean), zeros, _np(invstd), _np(scale), _np(shift), False, True, False,
+            _np(mean), _np(scale), _np(shift), _np(invstd), zeros, False, True, False,
             _np(mean_d), _np(mean_d_xhat),
         )  # fmt: skip
         return torch.from_numpy(dx), None if dres is None else torch.from_numpy(dres)
