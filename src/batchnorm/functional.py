@@ -16,7 +16,7 @@ from torch import Tensor
 from . import activations, backends, checks, layout, variants
 from .autograd import BatchNormFunction
 from .reference import acc_dtype, affine
-from .stats import NonFiniteGuard, Stats, merge_stacked, update_running
+from .stats import NonFiniteGuard, RunningUpdate, Stats, merge_stacked, momentum_factor, update_running
 from .variants import Renorm
 
 
@@ -109,6 +109,16 @@ def batch_norm(
             raise ValueError("batch renormalization needs running statistics: track_running_stats=True")
         limits = renorm.limits(0 if num_batches_tracked is None else int(num_batches_tracked))
     plain = sync is None and mask is None and virtual_batch_size is None and limits is None
+    updating = training and running_mean is not None and running_var is not None
+    if plain and updating and unbiased_running_var and be.normalize_updating is not None:
+        # The backend's kernel folds the batch into the running statistics itself (torch's
+        # for aten): the fewest operations per call; the guard wraps it.
+        checks.check_training_batch(x)
+        factor = momentum_factor(momentum, num_batches_tracked)
+        update = RunningUpdate(running_mean, running_var, num_batches_tracked)
+        y = be.normalize_updating(x, weight, bias, running_mean, running_var, factor, eps, activation, residual)
+        (guard or _DEFAULT_GUARD).record(update.commit())
+        return y
     if plain and be.normalize is not None:
         checks.check_training_batch(x)
         y, mean, invstd = be.normalize(x, weight, bias, None, None, eps, activation, residual)
@@ -122,7 +132,7 @@ def batch_norm(
             x, weight, bias, eps, activation, residual, be, sync, mask, virtual_batch_size,
             limits, running_mean, running_var,
         )  # fmt: skip
-    if training and running_mean is not None and running_var is not None:
+    if updating:
         with torch.no_grad():
             stored_var = batch.unbiased_var if unbiased_running_var else batch.var
             accepted = update_running(

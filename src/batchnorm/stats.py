@@ -18,6 +18,7 @@ batch; the stored variance is unbiased):
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import NamedTuple
 
@@ -66,6 +67,55 @@ def merge_stacked(count: Tensor, mean: Tensor, m2: Tensor) -> Stats:
     return Stats(n, mu, m2_total)
 
 
+def momentum_factor(momentum: float | None, num_batches_tracked: Tensor | None) -> float:
+    """The weight of the new batch: `momentum`, or 1 / (batches so far + 1) when it is None."""
+    if momentum is not None:
+        return momentum
+    if num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    return 1.0 / (float(num_batches_tracked) + 1.0)
+
+
+class RunningUpdate:
+    """The non-finite guard around an in-place update of the running statistics.
+
+    Created before the update (it snapshots the two (C,) buffers), `commit()` after it:
+    the update stays when every running value is still finite, and `num_batches_tracked`
+    counts it; otherwise the buffers get their old values back, exactly. Only per-channel
+    statistics are looked at, never the input. Whoever updates in between (our lerp, or
+    torch's own kernel) needs to know nothing of the guard.
+    """
+
+    __slots__ = ("running_mean", "running_var", "num_batches_tracked", "old_mean", "old_var")
+
+    def __init__(self, running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None):
+        self.running_mean, self.running_var = running_mean, running_var
+        self.num_batches_tracked = num_batches_tracked
+        self.old_mean, self.old_var = running_mean.clone(), running_var.clone()
+
+    def commit(self) -> bool | Tensor:
+        """True (a 0-d bool tensor on an accelerator) when the update was kept."""
+        # One reduction decides: the sum is finite exactly when every value is (short of an
+        # overflow of the sum itself, at values no running statistic should take anyway).
+        total = self.running_mean.sum() + self.running_var.sum()
+        nbt = self.num_batches_tracked
+        if total.device.type == "cpu":  # deciding on the host costs nothing here
+            accepted = math.isfinite(float(total))
+            if accepted and nbt is not None:
+                nbt.add_(1)
+            elif not accepted:
+                self.running_mean.copy_(self.old_mean)
+                self.running_var.copy_(self.old_var)
+            return accepted
+        # On an accelerator, decide on the device: no host synchronization in the step.
+        accepted = torch.isfinite(total)
+        self.running_mean.copy_(torch.where(accepted, self.running_mean, self.old_mean))
+        self.running_var.copy_(torch.where(accepted, self.running_var, self.old_var))
+        if nbt is not None:
+            nbt.add_(accepted.to(nbt.dtype))
+        return accepted
+
+
 def update_running(
     running_mean: Tensor,
     running_var: Tensor,
@@ -73,41 +123,17 @@ def update_running(
     var: Tensor,
     momentum: float | None,
     num_batches_tracked: Tensor | None,
-) -> Tensor:
-    """Fold one batch's mean and variance (unbiased, as stored) into the running ones, in place,
-    unless any is non-finite.
+) -> bool | Tensor:
+    """Fold one batch's mean and variance (unbiased, as stored) into the running ones, in
+    place, unless that would leave a non-finite value (then nothing changes).
 
-    Returns a 0-d bool tensor: True when the update was applied. A skipped update leaves the
-    running statistics and `num_batches_tracked` exactly as they were.
+    Returns whether the update was kept (see `RunningUpdate.commit`).
     """
-    mean = mean.to(running_mean.dtype)
-    unbiased = var.to(running_var.dtype)
-    # One reduction decides: the sum is finite exactly when every value is (short of an
-    # overflow of the sum itself, at values no running statistic should take anyway).
-    accepted = torch.isfinite(mean.sum() + unbiased.sum())
-    if momentum is None and num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    if accepted.device.type == "cpu":
-        # On the host the decision costs nothing: skip, or two in-place lerps.
-        if accepted:
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            factor = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
-            running_mean.lerp_(mean, factor)
-            running_var.lerp_(unbiased, factor)
-        return accepted
-    # On an accelerator, decide on the device: no host synchronization in the training step.
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(accepted.to(num_batches_tracked.dtype))
-    if momentum is None:
-        factor = 1.0 / num_batches_tracked.clamp(min=1).to(running_mean.dtype)
-    else:
-        factor = torch.full((), momentum, dtype=running_mean.dtype, device=running_mean.device)
-    factor = torch.where(accepted, factor, torch.zeros_like(factor))
-    # where() rather than a multiply: 0 * inf would still poison the buffers.
-    running_mean.lerp_(torch.where(accepted, mean, running_mean), factor)
-    running_var.lerp_(torch.where(accepted, unbiased, running_var), factor)
-    return accepted
+    factor = momentum_factor(momentum, num_batches_tracked)
+    update = RunningUpdate(running_mean, running_var, num_batches_tracked)
+    running_mean.lerp_(mean.to(running_mean.dtype), factor)
+    running_var.lerp_(var.to(running_var.dtype), factor)
+    return update.commit()
 
 
 class NonFiniteGuard:
@@ -125,8 +151,9 @@ class NonFiniteGuard:
         self._pending: Tensor | None = None
         self._warned = False
 
-    def record(self, accepted: Tensor) -> None:
-        if accepted.device.type == "cpu":
+    def record(self, accepted: bool | Tensor) -> None:
+        """Count one update: `accepted` as `RunningUpdate.commit` returns it."""
+        if isinstance(accepted, bool) or accepted.device.type == "cpu":
             if not accepted:
                 self._add(1)
             return

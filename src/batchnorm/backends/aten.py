@@ -40,16 +40,31 @@ class AtenBackend(ReferenceBackend):
         (y, mean, invstd), each (C,) in the accumulation dtype, for the running update.
         """
         training = running_mean is None
-        if x.dtype in (torch.float16, torch.bfloat16):
-            # torch keeps fp32 statistics for half input only on its mixed-dtype path, which
-            # it takes when the parameters are fp32: give it fp32 identity parameters.
-            c = x.shape[1]
-            weight = torch.ones(c, device=x.device) if weight is None else weight
-            bias = torch.zeros(c, device=x.device) if bias is None else bias
-        y, mean, invstd = torch.native_batch_norm(
-            x, weight, bias, running_mean, running_var, training, 0.0, eps
-        )
-        if residual is not None:
-            y = y + residual
-        y = activations.forward(y, activation)
+        y, mean, invstd = _native(x, weight, bias, running_mean, running_var, training, 0.0, eps)
+        y = _finish(y, activation, residual)
         return (y, mean, invstd) if training else (y, None, None)
+
+    @staticmethod
+    def normalize_updating(x, weight, bias, running_mean, running_var, factor, eps, activation, residual) -> Tensor:
+        """Training batch norm that also folds the batch into the running statistics, in
+        torch's own kernel (weight `factor` for the new batch, unbiased variance): the
+        cheapest path for plain batch norm. The caller guards the update (stats.RunningUpdate)."""
+        y = _native(x, weight, bias, running_mean, running_var, True, factor, eps)[0]
+        return _finish(y, activation, residual)
+
+
+def _native(x, weight, bias, running_mean, running_var, training, factor, eps):
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # torch keeps fp32 statistics for half input only on its mixed-dtype path, which
+        # it takes when the parameters are fp32: give it fp32 identity parameters.
+        c = x.shape[1]
+        weight = torch.ones(c, device=x.device) if weight is None else weight
+        bias = torch.zeros(c, device=x.device) if bias is None else bias
+    return torch.native_batch_norm(x, weight, bias, running_mean, running_var, training, factor, eps)
+
+
+def _finish(y: Tensor, activation: str | None, residual: Tensor | None) -> Tensor:
+    """The extras after torch's kernel: residual add, then the activation."""
+    if residual is not None:
+        y = y + residual
+    return activations.forward(y, activation)

@@ -34,6 +34,10 @@ class Backend:
     #: activation, residual) -> (y, mean, invstd)` on the N-D input with its own autograd,
     #: used for plain batch norm when no policy needs the statistics apart (see aten.py).
     normalize = None
+    #: Optional: `normalize_updating(x, weight, bias, running_mean, running_var, factor, eps,
+    #: activation, residual) -> y`, training batch norm that also updates the running
+    #: statistics in place (weight `factor`, unbiased variance); the caller guards it.
+    normalize_updating = None
 
     def unavailable(self) -> str | None:
         """Why this backend cannot run on this machine at all, or None when it can."""
