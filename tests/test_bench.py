@@ -74,3 +74,9 @@ def test_grid_depends_on_device():
     cpu, cuda = bench.grid("cpu", False), bench.grid("cuda", False)
     assert len(cpu) == len(bench.MLP_SHAPES) + 2 * len(bench.CNN_SHAPES)
     assert set(cpu) < set(cuda) and any(s in bench.RESNET50_SHAPES for s, _ in cuda)
+
+
+def test_monitor_overhead_command_reports_both_models():
+    result = CliRunner().invoke(app, ["bench", "monitor", "--steps", "3", "--rounds", "1", "--every", "2"])
+    assert result.exit_code == 0, result.output
+    assert "sigmoid" in result.output and "batchnorm" in result.output and "%" in result.output

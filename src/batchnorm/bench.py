@@ -339,3 +339,22 @@ def kernels(
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(render(result, notes.read_text() if notes.exists() else ""))
     typer.echo(f"wrote {path} and {markdown}")
+
+
+@bench_app.command("monitor")
+def monitor_command(
+    every: int = typer.Option(10, min=1, help="Record every this many training steps."),
+    steps: int = typer.Option(200, min=1, help="Training steps per timed block."),
+    rounds: int = typer.Option(5, min=1, help="Alternating blocks with and without the monitor."),
+) -> None:
+    """The activation monitor's cost, as a fraction of a training step of the experiments' MLP."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .tools.monitor import monitor_overhead
+
+    table = Table("model", "step (ms)", "with monitor (ms)", "overhead",
+                  title=f"bn.monitor overhead, every={every} (64 -> 3 x 100 sigmoid -> 10, batch 60)")  # fmt: skip
+    for name, r in monitor_overhead(steps=steps, rounds=rounds, every=every).items():
+        table.add_row(name, f"{r['step_s'] * 1e3:.3f}", f"{r['monitored_step_s'] * 1e3:.3f}", f"{r['overhead']:.1%}")
+    Console().print(table)
