@@ -194,3 +194,29 @@ def test_bad_variant_arguments():
         m(torch.randn(4, 3, 5), mask=torch.zeros(4, 5, dtype=torch.bool))
     m.eval()  # evaluation normalizes with the running statistics: a mask of nothing is fine
     assert m(torch.randn(4, 3, 5), mask=torch.zeros(4, 5, dtype=torch.bool)).shape == (4, 3, 5)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("numba",) if b in bn.backends.available()])
+def test_fast_backend_runs_ghost_and_renorm_through_its_kernels(backend, monkeypatch):
+    """Ghost chunks and renorm use the backend's contract kernels (only scale, shift and the
+    reduction change); masks have no kernel and run in torch ops whatever the backend."""
+    calls = []
+    be = bn.backends.get(backend)
+    monkeypatch.setattr(be, "stats", lambda v, _f=be.stats: calls.append("stats") or _f(v))
+    x = torch.randn(12, 3, 5, **F64, requires_grad=True)
+    for options in (dict(virtual_batch_size=4), dict(renorm=bn.Renorm(r_max=2.0, d_max=1.0))):
+        fast = bn.BatchNorm1d(3, backend=backend, **options, **F64)
+        slow = bn.BatchNorm1d(3, backend="reference", **options, **F64)
+        with torch.no_grad():
+            for m in (fast, slow):
+                m.running_var.fill_(2.0)
+        ya, ga = _grads(fast, x)
+        yb, gb = _grads(slow, x)
+        torch.testing.assert_close(ya, yb)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b)
+    assert calls, f"{backend}'s kernels were not used"
+    calls.clear()
+    mask = torch.rand(12, 5) > 0.3
+    y = bn.BatchNorm1d(3, backend=backend, **F64)(x, mask=mask)
+    assert torch.isfinite(y).all() and not calls
