@@ -118,11 +118,19 @@ def test_normalize_and_gradients_match_reference(case):
     for name, got, want in zip(names, grads, ref_grads):
         close(got, want, dtype, scale=scales.get(name, 1.0))
 
-@pytest.mark.parametrize("fmt", ["ncl", "channels_last"])
-def test_large_mean_channel_normalizes_like_float64(fmt):
+@pytest.mark.parametrize(
+    "shape, fmt",
+    [
+        ((16, 3, 400, 1), "ncl"),
+        ((200, 3, 7, 7), "ncl"),  # rows shorter than _LANES, in several blocks of rows
+        ((16, 3, 400, 1), "channels_last"),
+        ((64, 3, 20, 20), "channels_last"),  # several (M, C) row blocks, merged
+    ],
+)
+def test_large_mean_channel_normalizes_like_float64(shape, fmt):
     """mean 1e4, std 1e-2 in fp32: relative error < 1e-3 (E[x^2] - E[x]^2 would give garbage)."""
     gen = torch.Generator().manual_seed(0)
-    x64 = 1e4 + 1e-2 * torch.randn(16, 3, 400, 1, generator=gen, dtype=torch.float64)
+    x64 = 1e4 + 1e-2 * torch.randn(shape, generator=gen, dtype=torch.float64)
     x = x64.float()
     if fmt == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -141,7 +149,15 @@ def test_large_mean_channel_normalizes_like_float64(fmt):
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="one numba thread only")
-@pytest.mark.parametrize("shape, fmt", [((3, 5, 3000), "ncl"), ((2100, 40), "2d"), ((9, 40, 30, 10), "channels_last")])
+@pytest.mark.parametrize(
+    "shape, fmt",
+    [
+        ((3, 5, 3000), "ncl"),
+        ((300, 5, 7, 7), "ncl"),  # rows shorter than _LANES, several blocks of rows
+        ((2100, 40), "2d"),
+        ((9, 40, 30, 10), "channels_last"),
+    ],
+)
 def test_bitwise_same_result_with_one_or_two_threads(shape, fmt):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=gen) * 3 + 7

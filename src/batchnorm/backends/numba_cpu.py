@@ -21,12 +21,13 @@ are bitwise the same with 1 or 2 threads):
 - `(N, C, L)`: a channel is N rows of L contiguous values; one thread owns a channel. Its
   statistics merge (Chan's formula, in order) blocks of about `_BLOCK` values (a piece of a
   long row, or several short rows), each summed in one pass as x - (the block's first
-  value); in training the channel is normalized right after, while its slice is still in
-  L2: forward reads x once from memory and writes y; backward reads x and dy once per pass
-  (the second from cache when the slice fits) and writes dx.
+  value), rows shorter than `_LANES` into per-position lanes; in training the channel is
+  normalized right after, while its slice is still in L2: forward reads x once from memory
+  and writes y; backward reads x and dy once per pass (the second from cache when the
+  slice fits) and writes dx.
 - `(M, C)`: a channel is a strided column; rows are split into blocks of about `_MC_BLOCK`
   values, each reduced (per-channel lanes, one row after another) in parallel into
-  partials, merged in block order, then applied.
+  partials, merged in block order (all channels at once, in float64), then applied.
 
 Compiled with `fastmath={"reassoc", "contract"}` only: LLVM vectorizes the sums and fuses
 multiply-adds, NaN and Inf still propagate. Each loop is compiled once per (residual,
@@ -59,6 +60,7 @@ else:
     _MISSING = None
 
 _BLOCK = 4096  # (N, C, L): values per statistics block (16 KiB of fp32, summed in one pass)
+_LANES = 128  # (N, C, L): rows shorter than this are summed in per-position lanes (`_ncl_lanes`)
 _MC_BLOCK = 32768  # (M, C): values per row block (128 KiB of fp32, in L2)
 _HUGE_BYTES = 1 << 25  # outputs from this size use numpy's allocator (`_empty_like`)
 _FASTMATH = {"reassoc", "contract"}  # never nnan/ninf/afn: NaN and Inf must propagate
@@ -168,9 +170,21 @@ def _set_params(c, mean, m2c, count, eps, gamma, beta, m, a, b, inv, h, m2):
 
 # (N, C, L) -----------------------------------------------------------------------------
 @_jit(inline=True)
-def _ncl_stats(x, c):
+def _lanes_total(lanes):
+    """The sum of a lane buffer in float64, in lane order."""
+    total = 0.0
+    for j in range(lanes.shape[0]):
+        total += float(lanes[j])
+    return total
+
+
+@_jit(inline=True)
+def _ncl_stats(x, c, lanes):
     """(mean, m2) of channel c in float64: blocks of about _BLOCK values (whole short rows or
-    a piece of a long row), each summed in one pass as t = x - (its first value), merged in order."""
+    a piece of a long row), each summed in one pass as t = x - (its first value), merged in order.
+    Rows shorter than _LANES are summed in the lanes lanes[c] (one per position of the row,
+    added to row after row): a row of 49 values would otherwise leave 17 of them to a serial
+    scalar add chain after LLVM's 32-wide vector loop."""
     n_rows, _, length = x.shape
     f = x.dtype.type
     rows_per = max(1, _BLOCK // length)
@@ -179,15 +193,28 @@ def _ncl_stats(x, c):
         n1 = min(n_rows, n0 + rows_per)
         for lo in range(0, length, _BLOCK):
             hi = min(length, lo + _BLOCK)
-            shift = x[n0, c, lo]
-            s1, s2 = f(0), f(0)
-            for n in range(n0, n1):
-                xr = x[n, c, lo:hi]
-                for j in range(hi - lo):
-                    t = xr[j] - shift
-                    s1 += t
-                    s2 += t * t
-            count, mean, m2 = _chan(count, mean, m2, float((n1 - n0) * (hi - lo)), s1, s2, shift)
+            shift, size = x[n0, c, lo], float((n1 - n0) * (hi - lo))
+            if length < _LANES:
+                l1, l2 = lanes[c, 0], lanes[c, 1]
+                l1[:] = 0
+                l2[:] = 0
+                for n in range(n0, n1):
+                    xr = x[n, c]
+                    for j in range(length):
+                        t = xr[j] - shift
+                        l1[j] += t
+                        l2[j] += t * t
+                s1l, s2l = _lanes_total(l1), _lanes_total(l2)
+                count, mean, m2 = _chan(count, mean, m2, size, s1l, s2l, shift)
+            else:
+                s1, s2 = f(0), f(0)
+                for n in range(n0, n1):
+                    xr = x[n, c, lo:hi]
+                    for j in range(hi - lo):
+                        t = xr[j] - shift
+                        s1 += t
+                        s2 += t * t
+                count, mean, m2 = _chan(count, mean, m2, size, s1, s2, shift)
     return mean, m2
 
 
@@ -206,13 +233,15 @@ def _ncl_normalize(args, has_res, code):
 
 
 @_jit(parallel=True)
-def _ncl_forward(x, res, has_res, code, train, write, gamma, beta, eps, m, a, b, inv, h, m2, y):
+def _ncl_forward(
+    x, res, has_res, code, train, write, gamma, beta, eps, m, a, b, inv, h, m2, y, lanes
+):  # fmt: skip
     """Per channel: statistics when `train` (into m, a, b, inv, h, m2, see `_set_params`),
-    then, when `write`, y = g((x - m) a + b + res)."""
+    then, when `write`, y = g((x - m) a + b + res). `lanes`: scratch from `_ncl_lanes`."""
     n_rows, channels, length = x.shape
     for c in _prange(channels):
         if train:
-            mean, m2c = _ncl_stats(x, c)
+            mean, m2c = _ncl_stats(x, c, lanes)
             _set_params(c, mean, m2c, n_rows * length, eps, gamma, beta, m, a, b, inv, h, m2)
         if write:
             _specialized(_ncl_normalize, (x, res, y, c, m[c], a[c], b[c]), has_res, code)
@@ -303,10 +332,12 @@ def _mc_normalize(args, has_res, code):
 
 @_jit(parallel=True)
 def _mc_forward(
-    x, res, has_res, code, train, write, gamma, beta, eps, m, a, b, inv, h, m2, y, s1, s2
+    x, res, has_res, code, train, write, gamma, beta, eps, m, a, b, inv, h, m2, y, s1, s2, merged
 ):  # fmt: skip
     """`_ncl_forward` for (M, C): per-block sums of x - x[0] in parallel (into the zeroed
-    (blocks, C) scratch s1, s2), merged in block order."""
+    (blocks, C) scratch s1, s2), merged in block order into the float64 (2, C) scratch
+    `merged` (mean, m2 of the blocks so far); blocks outer and channels inner, so that the
+    merge (blocks x C Chan updates) vectorizes across channels."""
     rows, channels = x.shape
     per, blocks = _mc_blocks(rows, channels)
     if train:
@@ -319,12 +350,16 @@ def _mc_forward(
                     t = xr[c] - shift[c]
                     s1k[c] += t
                     s2k[c] += t * t
+        mean, m2c = merged[0], merged[1]
+        count = 0.0  # the same for every channel
+        for k in range(blocks):
+            size = float(min(rows, (k + 1) * per) - k * per)
+            s1k, s2k = s1[k], s2[k]
+            for c in range(channels):
+                _, mean[c], m2c[c] = _chan(count, mean[c], m2c[c], size, s1k[c], s2k[c], shift[c])
+            count += size
         for c in range(channels):
-            count, mean, m2c = 0.0, 0.0, 0.0
-            for k in range(blocks):
-                size = float(min(rows, (k + 1) * per) - k * per)
-                count, mean, m2c = _chan(count, mean, m2c, size, s1[k, c], s2[k, c], shift[c])
-            _set_params(c, mean, m2c, rows, eps, gamma, beta, m, a, b, inv, h, m2)
+            _set_params(c, mean[c], m2c[c], rows, eps, gamma, beta, m, a, b, inv, h, m2)
     if write:
         for k in _prange(blocks):
             args = (x, res, y, k * per, min(rows, (k + 1) * per), m, a, b)
@@ -369,24 +404,27 @@ def _mc_grad_apply(args, has_res, code):
 @_jit(parallel=True)
 def _mc_backward(
     dy, x, res, has_res, code, m, a, b, inv, h, reduce, write, batch_stats,
-    sum_d, sum_dxh, mean_d, mean_dxh, dx, dres, s1, s2,
+    sum_d, sum_dxh, mean_d, mean_dxh, dx, dres, s1, s2, merged,
 ):  # fmt: skip
     """`_ncl_backward` for (M, C): per-block partial sums in parallel (into the zeroed
-    (blocks, C) scratch s1, s2), added in block order."""
+    (blocks, C) scratch s1, s2), added in block order into the zeroed float64 (2, C) scratch
+    `merged` (blocks outer, channels inner: the adds vectorize across channels)."""
     rows, channels = x.shape
     per, blocks = _mc_blocks(rows, channels)
     if reduce:
         for k in _prange(blocks):
             args = (dy, x, res, k * per, min(rows, (k + 1) * per), m, a, b, inv, h, s1[k], s2[k])
             _specialized(_mc_grad_sums, args, has_res, code)
+        sd, sdx = merged[0], merged[1]
+        for k in range(blocks):
+            s1k, s2k = s1[k], s2[k]
+            for c in range(channels):
+                sd[c] += float(s1k[c])
+                sdx[c] += float(s2k[c])
         for c in range(channels):
-            sd, sdx = 0.0, 0.0
-            for k in range(blocks):
-                sd += float(s1[k, c])
-                sdx += float(s2[k, c])
-            sum_d[c], sum_dxh[c] = sd, sdx
+            sum_d[c], sum_dxh[c] = sd[c], sdx[c]
             if batch_stats:
-                mean_d[c], mean_dxh[c] = sd / rows, sdx / rows
+                mean_d[c], mean_dxh[c] = sd[c] / rows, sdx[c] / rows
     if write:
         for k in _prange(blocks):
             lo, hi = k * per, min(rows, (k + 1) * per)
@@ -417,11 +455,20 @@ def _empty_like(a: np.ndarray) -> np.ndarray:
     return np.empty_like(a)
 
 
-def _mc_scratch(xv: np.ndarray) -> np.ndarray:
-    """Zeroed (2, blocks, C) partial sums for the (M, C) kernels (allocated here, not in the
-    kernels, so that compiling them needs no numpy allocation function)."""
+def _mc_scratch(xv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zeroed scratch for the (M, C) kernels: per-block partial sums s1, s2 (blocks, C) in x's
+    dtype and their float64 (2, C) merge (allocated here, not in the kernels, so that
+    compiling them needs no numpy allocation function)."""
     rows, channels = xv.shape
-    return np.zeros((2, _mc_blocks.py_func(rows, channels)[1], channels), xv.dtype)
+    s1, s2 = np.zeros((2, _mc_blocks.py_func(rows, channels)[1], channels), xv.dtype)
+    return s1, s2, np.zeros((2, channels))
+
+
+def _ncl_lanes(xv: np.ndarray) -> np.ndarray:
+    """(C, 2, L) lane scratch for `_ncl_stats` on rows shorter than _LANES (the kernel zeroes
+    what it uses), (C, 2, 0) for longer rows."""
+    _, channels, length = xv.shape
+    return np.empty((channels, 2, length if length < _LANES else 0), xv.dtype)
 
 
 def _forward(xv, rv, code, train, write, gamma, beta, eps, m, a, b, inv, h):
@@ -431,7 +478,7 @@ def _forward(xv, rv, code, train, write, gamma, beta, eps, m, a, b, inv, h):
     args = (xv, xv if rv is None else rv, rv is not None, code, train, write, gamma, beta, eps,
             m, a, b, inv, h, m2, y)  # fmt: skip
     if xv.ndim == 3:
-        _ncl_forward(*args)
+        _ncl_forward(*args, _ncl_lanes(xv))
     else:
         _mc_forward(*args, *_mc_scratch(xv))
     return (y if write else None), m2
