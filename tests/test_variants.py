@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import batchnorm as bn
-from batchnorm import layout, reference
+from batchnorm import reference
 from batchnorm.variants import chunks
 
 F64 = dict(dtype=torch.float64)

@@ -14,7 +14,6 @@ from rich.console import Console
 from torch import nn
 from typer.testing import CliRunner
 
-import batchnorm as bn
 from batchnorm import data
 from batchnorm.cli import app
 from batchnorm.tools.check import CheckReport, check, data_batches

@@ -217,7 +217,7 @@ def test_bad_arguments():
         monitor(nn.Sequential(nn.Linear(3, 4)))
     with pytest.raises(ValueError, match="units"):
         monitor(model, units=0)
-    with monitor(model, units=[7]) as mon:
+    with monitor(model, units=[7]):
         with pytest.raises(ValueError, match="units=\\[7\\] but layer '1' has 4 channels"):
             model(torch.randn(2, 3))
     assert _hooks(model) == 0  # removed although a hook raised
