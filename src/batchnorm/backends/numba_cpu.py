@@ -61,6 +61,8 @@ else:
 
 _BLOCK = 4096  # (N, C, L): values per statistics block (16 KiB of fp32, summed in one pass)
 _LANES = 128  # (N, C, L): rows shorter than this are summed in per-position lanes (`_ncl_lanes`)
+_GROUP_SPAN = 1024  # (N, C, L) short rows: contiguous values per example in a group of channels
+_GROUP_BYTES = 1 << 19  # (N, C, L) short rows: a group's slab stays under this (L2 is 2 MiB)
 _MC_BLOCK = 32768  # (M, C): values per row block (128 KiB of fp32, in L2)
 _HUGE_BYTES = 1 << 25  # outputs from this size use numpy's allocator (`_empty_like`)
 _FASTMATH = {"reassoc", "contract"}  # never nnan/ninf/afn: NaN and Inf must propagate
@@ -179,132 +181,167 @@ def _lanes_total(lanes):
 
 
 @_jit(inline=True)
-def _ncl_stats(x, c, lanes):
-    """(mean, m2) of channel c in float64: blocks of about _BLOCK values (whole short rows or
-    a piece of a long row), each summed in one pass as t = x - (its first value), merged in order.
-    Rows shorter than _LANES are summed in the lanes lanes[c] (one per position of the row,
-    added to row after row): a row of 49 values would otherwise leave 17 of them to a serial
-    scalar add chain after LLVM's 32-wide vector loop."""
+def _ncl_group(rows, channels, length, itemsize):
+    """Channels per work item of the (N, C, L) kernels, fixed by the shape. Rows of _LANES
+    values or more: one. Shorter rows: enough consecutive channels that each example's part
+    of the group is about _GROUP_SPAN contiguous values (the hardware prefetcher follows one
+    contiguous run; one channel alone is N runs of L values, a whole channel stride apart),
+    while the group's slab stays within _GROUP_BYTES (in L2 for the second pass) and there
+    are at least 4 groups to share among the threads. Each channel's arithmetic is the
+    same whatever the group size, so results do not depend on it."""
+    if length >= _LANES:
+        return 1
+    per = (_GROUP_SPAN + length - 1) // length
+    per = min(per, _GROUP_BYTES // max(1, rows * length * itemsize), channels // 4)
+    return max(1, per)
+
+
+@_jit(inline=True)
+def _ncl_stats(x, c0, c1, lanes, acc):
+    """(mean, m2) in float64 of channels c0:c1 into acc[0, c], acc[1, c]: blocks of about
+    _BLOCK values per channel (whole short rows or a piece of a long row), each summed in one
+    pass as t = x - (its first value), merged in order (Chan). Rows shorter than _LANES are
+    summed in the lanes lanes[c] (one per position of the row, added to row after row; a row
+    of 49 values would otherwise leave 17 of them to a serial scalar add chain after LLVM's
+    32-wide vector loop), example by example across the group's channels (memory order)."""
     n_rows, _, length = x.shape
     f = x.dtype.type
     rows_per = max(1, _BLOCK // length)
-    count, mean, m2 = 0.0, 0.0, 0.0
+    for c in range(c0, c1):
+        acc[0, c], acc[1, c] = 0.0, 0.0
+    count = 0.0  # the same for every channel
     for n0 in range(0, n_rows, rows_per):
         n1 = min(n_rows, n0 + rows_per)
         for lo in range(0, length, _BLOCK):
             hi = min(length, lo + _BLOCK)
-            shift, size = x[n0, c, lo], float((n1 - n0) * (hi - lo))
+            size = float((n1 - n0) * (hi - lo))
             if length < _LANES:
-                l1, l2 = lanes[c, 0], lanes[c, 1]
-                l1[:] = 0
-                l2[:] = 0
+                for c in range(c0, c1):
+                    lanes[c, 0, :] = 0
+                    lanes[c, 1, :] = 0
                 for n in range(n0, n1):
-                    xr = x[n, c]
-                    for j in range(length):
-                        t = xr[j] - shift
-                        l1[j] += t
-                        l2[j] += t * t
-                s1l, s2l = _lanes_total(l1), _lanes_total(l2)
-                count, mean, m2 = _chan(count, mean, m2, size, s1l, s2l, shift)
+                    for c in range(c0, c1):
+                        xr, l1, l2, shift = x[n, c], lanes[c, 0], lanes[c, 1], x[n0, c, lo]
+                        for j in range(length):
+                            t = xr[j] - shift
+                            l1[j] += t
+                            l2[j] += t * t
+                for c in range(c0, c1):
+                    s1l, s2l = _lanes_total(lanes[c, 0]), _lanes_total(lanes[c, 1])
+                    _, acc[0, c], acc[1, c] = _chan(count, acc[0, c], acc[1, c], size, s1l, s2l, x[n0, c, lo])
             else:
-                s1, s2 = f(0), f(0)
-                for n in range(n0, n1):
-                    xr = x[n, c, lo:hi]
-                    for j in range(hi - lo):
-                        t = xr[j] - shift
-                        s1 += t
-                        s2 += t * t
-                count, mean, m2 = _chan(count, mean, m2, size, s1, s2, shift)
-    return mean, m2
+                for c in range(c0, c1):
+                    shift, s1, s2 = x[n0, c, lo], f(0), f(0)
+                    for n in range(n0, n1):
+                        xr = x[n, c, lo:hi]
+                        for j in range(hi - lo):
+                            t = xr[j] - shift
+                            s1 += t
+                            s2 += t * t
+                    _, acc[0, c], acc[1, c] = _chan(count, acc[0, c], acc[1, c], size, s1, s2, shift)
+            count += size
 
 
 @_jit(inline=True)
 def _ncl_normalize(args, has_res, code):
-    """y[:, c] = g((x[:, c] - m) a + b (+ res[:, c])) for one channel c."""
-    x, res, y, c, m, a, b = args
+    """y[:, c] = g((x[:, c] - m) a + b (+ res[:, c])) for the channels c0:c1."""
+    x, res, y, c0, c1, m, a, b = args
     f = x.dtype.type
     for n in range(x.shape[0]):
-        xr, rr, yr = x[n, c], res[n, c], y[n, c]
-        for j in range(xr.shape[0]):
-            u = (xr[j] - m) * a + b
-            if has_res:
-                u += rr[j]
-            yr[j] = _act(u, code, f)
+        for c in range(c0, c1):
+            xr, rr, yr, mc, ac, bc = x[n, c], res[n, c], y[n, c], m[c], a[c], b[c]
+            for j in range(xr.shape[0]):
+                u = (xr[j] - mc) * ac + bc
+                if has_res:
+                    u += rr[j]
+                yr[j] = _act(u, code, f)
 
 
 @_jit(parallel=True)
 def _ncl_forward(
-    x, res, has_res, code, train, write, gamma, beta, eps, m, a, b, inv, h, m2, y, lanes
+    x, res, has_res, code, train, write, gamma, beta, eps, m, a, b, inv, h, m2, y, lanes, acc
 ):  # fmt: skip
-    """Per channel: statistics when `train` (into m, a, b, inv, h, m2, see `_set_params`),
-    then, when `write`, y = g((x - m) a + b + res). `lanes`: scratch from `_ncl_lanes`."""
+    """Per group of channels (`_ncl_group`): statistics when `train` (into m, a, b, inv, h,
+    m2, see `_set_params`), then, when `write`, y = g((x - m) a + b + res) while the group is
+    still in cache. `lanes`: scratch from `_ncl_lanes`; `acc`: float64 (2, C) scratch."""
     n_rows, channels, length = x.shape
-    for c in _prange(channels):
+    per = _ncl_group(n_rows, channels, length, x.itemsize)
+    for k in _prange((channels + per - 1) // per):
+        c0, c1 = k * per, min(channels, (k + 1) * per)
         if train:
-            mean, m2c = _ncl_stats(x, c, lanes)
-            _set_params(c, mean, m2c, n_rows * length, eps, gamma, beta, m, a, b, inv, h, m2)
+            _ncl_stats(x, c0, c1, lanes, acc)
+            for c in range(c0, c1):
+                _set_params(c, acc[0, c], acc[1, c], n_rows * length, eps, gamma, beta, m, a, b, inv, h, m2)
         if write:
-            _specialized(_ncl_normalize, (x, res, y, c, m[c], a[c], b[c]), has_res, code)
+            _specialized(_ncl_normalize, (x, res, y, c0, c1, m, a, b), has_res, code)
 
 
 @_jit(inline=True)
 def _ncl_grad_sums(args, has_res, code):
-    """(sum d, sum d xhat) over channel c in float64 (each row summed in x's dtype)."""
-    dy, x, res, c, m, a, b, inv, h = args
+    """(sum d, sum d xhat) of channels c0:c1 in float64 into acc[0, c], acc[1, c] (each row
+    summed in x's dtype, rows added in order)."""
+    dy, x, res, c0, c1, m, a, b, inv, h, acc = args
     f = x.dtype.type
-    sd, sdx = 0.0, 0.0
+    for c in range(c0, c1):
+        acc[0, c], acc[1, c] = 0.0, 0.0
     for n in range(x.shape[0]):
-        xr, dyr, rr = x[n, c], dy[n, c], res[n, c]
-        s1, s2 = f(0), f(0)
-        for j in range(xr.shape[0]):
-            t = xr[j] - m
-            u = t * a + b
-            if has_res:
-                u += rr[j]
-            g = _grad(dyr[j], u, code, f)
-            s1 += g
-            s2 += g * (t * inv + h)
-        sd += float(s1)
-        sdx += float(s2)
-    return sd, sdx
+        for c in range(c0, c1):
+            xr, dyr, rr = x[n, c], dy[n, c], res[n, c]
+            mc, ac, bc, ic, hc = m[c], a[c], b[c], inv[c], h[c]
+            s1, s2 = f(0), f(0)
+            for j in range(xr.shape[0]):
+                t = xr[j] - mc
+                u = t * ac + bc
+                if has_res:
+                    u += rr[j]
+                g = _grad(dyr[j], u, code, f)
+                s1 += g
+                s2 += g * (t * ic + hc)
+            acc[0, c] += float(s1)
+            acc[1, c] += float(s2)
 
 
 @_jit(inline=True)
 def _ncl_grad_apply(args, has_res, code):
-    """dx[:, c] = a (d - mean_d - xhat mean_dxh), dres[:, c] = d, for one channel c."""
-    dy, x, res, dx, dres, c, m, a, b, inv, h, md, mdx = args
+    """dx[:, c] = a (d - mean_d - xhat mean_dxh), dres[:, c] = d, for the channels c0:c1."""
+    dy, x, res, dx, dres, c0, c1, m, a, b, inv, h, md, mdx = args
     f = x.dtype.type
     for n in range(x.shape[0]):
-        xr, dyr, rr, dxr, drr = x[n, c], dy[n, c], res[n, c], dx[n, c], dres[n, c]
-        for j in range(xr.shape[0]):
-            t = xr[j] - m
-            u = t * a + b
-            if has_res:
-                u += rr[j]
-            g = _grad(dyr[j], u, code, f)
-            dxr[j] = a * (g - md - (t * inv + h) * mdx)
-            if has_res:
-                drr[j] = g
+        for c in range(c0, c1):
+            xr, dyr, rr, dxr, drr = x[n, c], dy[n, c], res[n, c], dx[n, c], dres[n, c]
+            mc, ac, bc, ic, hc, mdc, mdxc = m[c], a[c], b[c], inv[c], h[c], md[c], mdx[c]
+            for j in range(xr.shape[0]):
+                t = xr[j] - mc
+                u = t * ac + bc
+                if has_res:
+                    u += rr[j]
+                g = _grad(dyr[j], u, code, f)
+                dxr[j] = ac * (g - mdc - (t * ic + hc) * mdxc)
+                if has_res:
+                    drr[j] = g
 
 
 @_jit(parallel=True)
 def _ncl_backward(
     dy, x, res, has_res, code, m, a, b, inv, h, reduce, write, batch_stats,
-    sum_d, sum_dxh, mean_d, mean_dxh, dx, dres,
+    sum_d, sum_dxh, mean_d, mean_dxh, dx, dres, acc,
 ):  # fmt: skip
-    """Per channel: when `reduce`, sum_d = sum d, sum_dxh = sum d xhat (and, with
-    `batch_stats`, mean_d, mean_dxh = those / n); then, when `write`,
-    dx = a (d - mean_d - xhat mean_dxh) and dres = d; d = dy g'(u), xhat = (x - m) inv + h."""
+    """Per group of channels (`_ncl_group`): when `reduce`, sum_d = sum d, sum_dxh = sum d
+    xhat (and, with `batch_stats`, mean_d, mean_dxh = those / n); then, when `write`,
+    dx = a (d - mean_d - xhat mean_dxh) and dres = d; d = dy g'(u), xhat = (x - m) inv + h.
+    `acc`: float64 (2, C) scratch."""
     n_rows, channels, length = x.shape
-    for c in _prange(channels):
-        ch = (m[c], a[c], b[c], inv[c], h[c])
+    per = _ncl_group(n_rows, channels, length, x.itemsize)
+    for k in _prange((channels + per - 1) // per):
+        c0, c1 = k * per, min(channels, (k + 1) * per)
         if reduce:
-            sd, sdx = _specialized(_ncl_grad_sums, (dy, x, res, c, *ch), has_res, code)
-            sum_d[c], sum_dxh[c] = sd, sdx
-            if batch_stats:
-                mean_d[c], mean_dxh[c] = sd / (n_rows * length), sdx / (n_rows * length)
+            _specialized(_ncl_grad_sums, (dy, x, res, c0, c1, m, a, b, inv, h, acc), has_res, code)
+            for c in range(c0, c1):
+                sum_d[c], sum_dxh[c] = acc[0, c], acc[1, c]
+                if batch_stats:
+                    mean_d[c], mean_dxh[c] = acc[0, c] / (n_rows * length), acc[1, c] / (n_rows * length)
         if write:
-            args = (dy, x, res, dx, dres, c, *ch, mean_d[c], mean_dxh[c])
+            args = (dy, x, res, dx, dres, c0, c1, m, a, b, inv, h, mean_d, mean_dxh)
             _specialized(_ncl_grad_apply, args, has_res, code)
 
 
@@ -478,7 +515,7 @@ def _forward(xv, rv, code, train, write, gamma, beta, eps, m, a, b, inv, h):
     args = (xv, xv if rv is None else rv, rv is not None, code, train, write, gamma, beta, eps,
             m, a, b, inv, h, m2, y)  # fmt: skip
     if xv.ndim == 3:
-        _ncl_forward(*args, _ncl_lanes(xv))
+        _ncl_forward(*args, _ncl_lanes(xv), np.empty((2, xv.shape[1])))
     else:
         _mc_forward(*args, *_mc_scratch(xv))
     return (y if write else None), m2
@@ -493,7 +530,7 @@ def _backward(dyv, xv, rv, code, m, a, b, inv, h, reduce, write, batch_stats, me
     args = (dyv, xv, xv if rv is None else rv, rv is not None, code, m, a, b, inv, h,
             reduce, write, batch_stats, sum_d, sum_dxh, mean_d, mean_dxh, dx, dres)  # fmt: skip
     if xv.ndim == 3:
-        _ncl_backward(*args)
+        _ncl_backward(*args, np.empty((2, channels)))
     else:
         _mc_backward(*args, *_mc_scratch(xv))
     return sum_d, sum_dxh, (dx if write else None), (dres if write and rv is not None else None)
