@@ -16,7 +16,7 @@ from torch import Tensor
 from . import activations, backends, checks, layout, variants
 from .autograd import BatchNormFunction
 from .reference import acc_dtype, affine
-from .stats import NonFiniteGuard, RunningUpdate, Stats, merge_stacked, momentum_factor, update_running
+from .stats import NonFiniteGuard, Stats, merge_stacked, momentum_factor, update_running
 from .variants import Renorm
 
 
@@ -112,12 +112,14 @@ def batch_norm(
     updating = training and running_mean is not None and running_var is not None
     if plain and updating and unbiased_running_var and be.normalize_updating is not None:
         # The backend's kernel folds the batch into the running statistics itself (torch's
-        # for aten): the fewest operations per call; the guard wraps it.
+        # for aten, guarded by a snapshot; numba's decides in its kernel): the fewest
+        # operations per call.
         checks.check_training_batch(x)
         factor = momentum_factor(momentum, num_batches_tracked)
-        update = RunningUpdate(running_mean, running_var, num_batches_tracked)
-        y = be.normalize_updating(x, weight, bias, running_mean, running_var, factor, eps, activation, residual)
-        (guard or _DEFAULT_GUARD).record(update.commit())
+        y, accepted = be.normalize_updating(
+            x, weight, bias, running_mean, running_var, num_batches_tracked, factor, eps, activation, residual
+        )
+        (guard or _DEFAULT_GUARD).record(accepted)
         return y
     if plain and be.normalize is not None:
         checks.check_training_batch(x)

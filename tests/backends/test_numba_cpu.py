@@ -8,11 +8,14 @@ kernel forgets to write fails the NaN check in `close`.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import batchnorm as bn
 from batchnorm import activations, backends
 from batchnorm import functional as F
 from batchnorm.backends import numba_cpu
@@ -48,6 +51,17 @@ def make_input(fmt, n, c, length, dtype, gen, offset=0.0):
     return x.contiguous(memory_format=torch.channels_last) if fmt == "channels_last" else x
 
 
+@contextlib.contextmanager
+def kernels(parallel: bool):
+    """Force the parallel (or the serial) kernels whatever the input's size."""
+    before = numba_cpu.PARALLEL_NUMEL
+    numba_cpu.PARALLEL_NUMEL = 0 if parallel else 1 << 62
+    try:
+        yield
+    finally:
+        numba_cpu.PARALLEL_NUMEL = before
+
+
 @st.composite
 def cases(draw):
     return dict(
@@ -61,6 +75,7 @@ def cases(draw):
         affine=draw(st.booleans()),
         training=draw(st.booleans()),
         offset=draw(st.sampled_from([0.0, 30.0])),
+        parallel=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -84,7 +99,7 @@ def test_normalize_and_gradients_match_reference(case):
     xg = leaf(x)
     dy = torch.randn(x.shape, generator=gen, dtype=dtype)
 
-    with poisoned_allocations():
+    with poisoned_allocations(), kernels(case["parallel"]):
         y, mean, invstd = BE.normalize(xg, weight, bias, rmean, rvar, 1e-5, case["activation"], residual)
         inputs = [t for t in (xg, weight, bias, residual) if t is not None]
         grads = torch.autograd.grad(y, inputs, dy)
@@ -174,14 +189,135 @@ def test_bitwise_same_result_with_one_or_two_threads(shape, fmt):
 
     before = numba.get_num_threads()
     try:
-        numba.set_num_threads(1)
-        one = run()
-        numba.set_num_threads(2)
-        two = run()
+        with kernels(parallel=True):
+            numba.set_num_threads(1)
+            one = run()
+            numba.set_num_threads(2)
+            two = run()
     finally:
         numba.set_num_threads(before)
-    for a, b in zip(one, two):
+    with kernels(parallel=False):
+        serial = run()
+    for a, b, c in zip(one, two, serial):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=cases(), activation=st.sampled_from([None, "relu"]))
+def test_serial_and_parallel_kernels_agree_bitwise(case, activation):
+    """The serial kernels (small inputs) are the parallel ones compiled without threads: the
+    same arithmetic per channel, so every contract call gives the same bits either way (the
+    contract tests check the serial ones against the reference on their small shapes)."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    x = make_input(case["fmt"], case["n"], case["c"], case["length"], case["dtype"], gen, case["offset"])
+    v = x.transpose(1, -1).reshape(-1, x.shape[1]) if case["fmt"] == "channels_last" else x.reshape(x.shape[0], x.shape[1], -1)
+    if case["fmt"] == "2d":
+        v = x
+    r = torch.randn(v.shape, generator=gen, dtype=v.dtype) if case["residual"] else None
+    dy = torch.randn(v.shape, generator=gen, dtype=v.dtype)
+
+    def run():
+        count, mean, m2 = BE.stats(v)
+        invstd = torch.rsqrt(m2 / count + 1e-5)
+        scale, shift = invstd * 1.5, torch.full_like(invstd, 0.25)
+        y = BE.apply(v, mean, scale, shift, activation, r)
+        sums = BE.backward_reduce(dy, v, mean, invstd, scale, shift, activation, r)
+        dx, dres = BE.backward_apply(dy, v, mean, invstd, scale, shift, sums[0] / count, sums[1] / count, activation, r)
+        return [t for t in (mean, m2, y, *sums, dx, dres) if t is not None]
+
+    with kernels(parallel=True):
+        parallel = run()
+    with kernels(parallel=False):
+        serial = run()
+    for a, b in zip(parallel, serial):
         assert torch.equal(a, b)
+
+
+def _expected_running(x, rmean, rvar, factor):
+    """torch's update in float64: r <- r + factor (batch - r), the variance unbiased."""
+    x64 = x.double().transpose(0, 1).reshape(x.shape[1], -1)
+    mean, var = x64.mean(1), x64.var(1, unbiased=True)
+    return rmean.double() + factor * (mean - rmean.double()), rvar.double() + factor * (var - rvar.double())
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=cases(), factor=st.sampled_from([0.1, 0.5, 1.0]), nbt=st.booleans())
+def test_normalize_updating_folds_the_batch_into_the_running_statistics(case, factor, nbt):
+    gen = torch.Generator().manual_seed(case["seed"])
+    dtype, c = case["dtype"], case["c"]
+    x = make_input(case["fmt"], case["n"], c, case["length"], dtype, gen, case["offset"])
+    if x.numel() // c < 2:
+        x = torch.cat([x, x + 1])
+    rmean = torch.randn(c, generator=gen, dtype=dtype)
+    rvar = torch.rand(c, generator=gen, dtype=dtype) + 0.5
+    want_mean, want_var = _expected_running(x, rmean, rvar, factor)
+    tracked = torch.tensor(4) if nbt else None
+    with poisoned_allocations(), kernels(case["parallel"]):
+        y, accepted = BE.normalize_updating(x, None, None, rmean, rvar, tracked, factor, 1e-5, case["activation"], None)
+    y_ref = F.batch_norm(x.double(), None, None, training=True, activation=case["activation"], backend="reference")
+    assert accepted is True
+    close(y, y_ref, dtype)
+    close(rmean, want_mean, dtype, scale=float(x.abs().max()))
+    close(rvar, want_var, dtype, scale=float(want_var.abs().max()))
+    assert tracked is None or int(tracked) == 5
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("fmt", ["ncl", "channels_last"])
+def test_normalize_updating_leaves_the_running_statistics_for_a_non_finite_batch(fmt, parallel):
+    gen = torch.Generator().manual_seed(4)
+    x = make_input(fmt, 4, 3, 50, torch.float32, gen)
+    x[1, 2, 5] = float("inf")
+    rmean, rvar, tracked = torch.randn(3, generator=gen), torch.rand(3, generator=gen) + 0.5, torch.tensor(7)
+    before = rmean.clone(), rvar.clone()
+    with kernels(parallel):
+        y, accepted = BE.normalize_updating(x, None, None, rmean, rvar, tracked, 0.1, 1e-5, None, None)
+    assert accepted is False and int(tracked) == 7
+    assert torch.equal(rmean, before[0]) and torch.equal(rvar, before[1])
+    assert torch.isfinite(y[:, :2]).all() and not torch.isfinite(y[:, 2]).any()
+
+
+def test_normalize_updating_writes_back_buffers_of_another_dtype():
+    """fp64 input, fp32 running statistics: the kernel updates fp64 copies, copied back."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 4, 30, generator=gen, dtype=torch.float64) + 3
+    rmean, rvar = torch.zeros(4), torch.ones(4)
+    want_mean, want_var = _expected_running(x, rmean, rvar, 0.3)
+    BE.normalize_updating(x, None, None, rmean, rvar, None, 0.3, 1e-5, None, None)
+    assert rmean.dtype == torch.float32
+    torch.testing.assert_close(rmean.double(), want_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rvar.double(), want_var, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_module_trains_like_torch_through_numba(momentum, channels_last):
+    """bn.BatchNorm2d(backend="numba") against torch.nn.BatchNorm2d over three training steps
+    and an evaluation: outputs, gradients, running statistics, num_batches_tracked."""
+    gen = torch.Generator().manual_seed(6)
+    ours = bn.BatchNorm2d(5, momentum=momentum, backend="numba")
+    theirs = torch.nn.BatchNorm2d(5, momentum=momentum)
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(torch.linspace(0.5, 1.5, 5))
+            m.bias.copy_(torch.linspace(-1, 1, 5))
+    for step in range(3):
+        x = torch.randn(4, 5, 6, 7, generator=gen) * (step + 1) + step
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dy = torch.randn(x.shape, generator=gen)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), theirs(xb)
+        ga = torch.autograd.grad(ya, (xa, ours.weight, ours.bias), dy)
+        gb = torch.autograd.grad(yb, (xb, theirs.weight, theirs.bias), dy)
+        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 3
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
 
 
 def test_double_backward_goes_through_differentiable_ops():

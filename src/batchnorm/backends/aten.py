@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import activations
+from ..stats import RunningUpdate
 from .reference import ReferenceBackend
 
 
@@ -45,12 +46,16 @@ class AtenBackend(ReferenceBackend):
         return (y, mean, invstd) if training else (y, None, None)
 
     @staticmethod
-    def normalize_updating(x, weight, bias, running_mean, running_var, factor, eps, activation, residual) -> Tensor:
+    def normalize_updating(
+        x, weight, bias, running_mean, running_var, num_batches_tracked, factor, eps, activation, residual
+    ) -> tuple[Tensor, bool | Tensor]:
         """Training batch norm that also folds the batch into the running statistics, in
         torch's own kernel (weight `factor` for the new batch, unbiased variance): the
-        cheapest path for plain batch norm. The caller guards the update (stats.RunningUpdate)."""
+        cheapest path for plain batch norm. Guarded by a snapshot (stats.RunningUpdate):
+        returns (y, whether the update was kept)."""
+        update = RunningUpdate(running_mean, running_var, num_batches_tracked)
         y = _native(x, weight, bias, running_mean, running_var, True, factor, eps)[0]
-        return _finish(y, activation, residual)
+        return _finish(y, activation, residual), update.commit()
 
 
 def _native(x, weight, bias, running_mean, running_var, training, factor, eps):

@@ -34,9 +34,12 @@ class Backend:
     #: activation, residual) -> (y, mean, invstd)` on the N-D input with its own autograd,
     #: used for plain batch norm when no policy needs the statistics apart (see aten.py).
     normalize = None
-    #: Optional: `normalize_updating(x, weight, bias, running_mean, running_var, factor, eps,
-    #: activation, residual) -> y`, training batch norm that also updates the running
-    #: statistics in place (weight `factor`, unbiased variance); the caller guards it.
+    #: Optional: `normalize_updating(x, weight, bias, running_mean, running_var,
+    #: num_batches_tracked, factor, eps, activation, residual) -> (y, accepted)`, training
+    #: batch norm that also folds the batch into the running statistics in place (weight
+    #: `factor`, unbiased variance) and counts it in num_batches_tracked (may be None), unless
+    #: a batch statistic is not finite: then nothing changes and `accepted` is false (a bool,
+    #: or a 0-d bool tensor on an accelerator, as stats.RunningUpdate.commit returns).
     normalize_updating = None
 
     def unavailable(self) -> str | None:

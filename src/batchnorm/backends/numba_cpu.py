@@ -74,6 +74,9 @@ _DTYPES = (torch.float32, torch.float64)
 #: 64k elements (our ~0.08 ms of fixed cost per call), 1.00 at 128k, 1.16 at 256k and
 #: 1.8-3.1 above; `auto` takes numba from 256k elements.
 CROSSOVER_NUMEL = 1 << 18
+#: Below this many elements the kernels run on one thread (`_serial`); measured in
+#: docs/bench/design_notes.md, step 18.
+PARALLEL_NUMEL = 1 << 16
 
 
 def _jit(parallel: bool = False, inline: bool = False):
@@ -170,6 +173,24 @@ def _set_params(c, mean, m2c, count, eps, gamma, beta, m, a, b, inv, h, m2):
     a[c], b[c], h[c] = ac, float(beta[c]) - e * ac, -e * ic
 
 
+@_jit(inline=True)
+def _fold_running(acc, count, update, factor, running_mean, running_var):
+    """Whether every channel's float64 mean acc[0] and m2 acc[1] is finite; if so and
+    `update`, fold them into the running statistics as torch does (weight `factor` for the
+    batch, the variance unbiased: m2 / (count - 1), count >= 2). A non-finite batch leaves
+    them untouched (the guard of DESIGN.md, decided here rather than by a snapshot)."""
+    finite = True
+    for c in range(acc.shape[1]):
+        finite = finite and math.isfinite(acc[0, c]) and math.isfinite(acc[1, c])
+    if finite and update:
+        unbias = 1.0 / (count - 1.0)
+        for c in range(acc.shape[1]):
+            rm, rv = float(running_mean[c]), float(running_var[c])
+            running_mean[c] = rm + factor * (acc[0, c] - rm)
+            running_var[c] = rv + factor * (acc[1, c] * unbias - rv)
+    return finite
+
+
 # (N, C, L) -----------------------------------------------------------------------------
 @_jit(inline=True)
 def _lanes_total(lanes):
@@ -259,11 +280,14 @@ def _ncl_normalize(args, has_res, code):
 
 @_jit(parallel=True)
 def _ncl_forward(
-    x, res, has_res, code, train, write, gamma, beta, eps, m, a, b, inv, h, m2, y, lanes, acc
+    x, res, has_res, code, train, write, gamma, beta, eps, m, a, b, inv, h, m2, y,
+    update, factor, running_mean, running_var, lanes, acc,
 ):  # fmt: skip
     """Per group of channels (`_ncl_group`): statistics when `train` (into m, a, b, inv, h,
     m2, see `_set_params`), then, when `write`, y = g((x - m) a + b + res) while the group is
-    still in cache. `lanes`: scratch from `_ncl_lanes`; `acc`: float64 (2, C) scratch."""
+    still in cache. Then, in training, the guarded running update (`_fold_running`); returns
+    whether the batch statistics were finite (True in evaluation). `lanes`: scratch from
+    `_ncl_lanes`; `acc`: float64 (2, C) scratch."""
     n_rows, channels, length = x.shape
     per = _ncl_group(n_rows, channels, length, x.itemsize)
     for k in _prange((channels + per - 1) // per):
@@ -274,6 +298,9 @@ def _ncl_forward(
                 _set_params(c, acc[0, c], acc[1, c], n_rows * length, eps, gamma, beta, m, a, b, inv, h, m2)
         if write:
             _specialized(_ncl_normalize, (x, res, y, c0, c1, m, a, b), has_res, code)
+    if train:
+        return _fold_running(acc, n_rows * length, update, factor, running_mean, running_var)
+    return True
 
 
 @_jit(inline=True)
@@ -369,7 +396,8 @@ def _mc_normalize(args, has_res, code):
 
 @_jit(parallel=True)
 def _mc_forward(
-    x, res, has_res, code, train, write, gamma, beta, eps, m, a, b, inv, h, m2, y, s1, s2, merged
+    x, res, has_res, code, train, write, gamma, beta, eps, m, a, b, inv, h, m2, y,
+    update, factor, running_mean, running_var, s1, s2, merged,
 ):  # fmt: skip
     """`_ncl_forward` for (M, C): per-block sums of x - x[0] in parallel (into the zeroed
     (blocks, C) scratch s1, s2), merged in block order into the float64 (2, C) scratch
@@ -401,6 +429,9 @@ def _mc_forward(
         for k in _prange(blocks):
             args = (x, res, y, k * per, min(rows, (k + 1) * per), m, a, b)
             _specialized(_mc_normalize, args, has_res, code)
+    if train:
+        return _fold_running(merged, rows, update, factor, running_mean, running_var)
+    return True
 
 
 @_jit(inline=True)
@@ -470,6 +501,22 @@ def _mc_backward(
 
 
 # Python side ---------------------------------------------------------------------------
+def _serial(kernel):
+    """The same kernel compiled without threads (prange runs as range): for small inputs, where
+    a parallel region costs more than it saves and, on a loaded machine, waits for a
+    descheduled thread (milliseconds)."""
+    return kernel if numba is None else _jit()(kernel.py_func)
+
+
+#: (parallel, serial) versions of each kernel; `_kernel` picks one by size.
+_KERNELS = {k.__name__: (k, _serial(k)) for k in (_ncl_forward, _mc_forward, _ncl_backward, _mc_backward)}
+
+
+def _kernel(name: str, size: int):
+    """The parallel kernel from PARALLEL_NUMEL elements on, the serial one below."""
+    return _KERNELS[name][size < PARALLEL_NUMEL]
+
+
 def _np(t: Tensor) -> np.ndarray:
     """A contiguous numpy view (a copy only when `t` is not contiguous)."""
     return t.detach().contiguous().numpy()
@@ -508,17 +555,21 @@ def _ncl_lanes(xv: np.ndarray) -> np.ndarray:
     return np.empty((channels, 2, length if length < _LANES else 0), xv.dtype)
 
 
-def _forward(xv, rv, code, train, write, gamma, beta, eps, m, a, b, inv, h):
-    """Run the forward kernel of xv's view (train: fills m, a, b, inv, h); returns (y or None, m2)."""
+def _forward(xv, rv, code, train, write, gamma, beta, eps, m, a, b, inv, h, running=None):
+    """Run the forward kernel of xv's view (train: fills m, a, b, inv, h; `running` =
+    (running_mean, running_var, factor) numpy arrays to fold the batch into, guarded).
+    Returns (y or None, m2, whether the batch statistics were finite)."""
     m2 = np.empty(xv.shape[1], xv.dtype)
     y = _empty_like(xv) if write else xv  # never written when not `write`
+    update = running is not None
+    running_mean, running_var, factor = running if update else (m, m, 0.0)
     args = (xv, xv if rv is None else rv, rv is not None, code, train, write, gamma, beta, eps,
-            m, a, b, inv, h, m2, y)  # fmt: skip
+            m, a, b, inv, h, m2, y, update, factor, running_mean, running_var)  # fmt: skip
     if xv.ndim == 3:
-        _ncl_forward(*args, _ncl_lanes(xv), np.empty((2, xv.shape[1])))
+        finite = _kernel("_ncl_forward", xv.size)(*args, _ncl_lanes(xv), np.empty((2, xv.shape[1])))
     else:
-        _mc_forward(*args, *_mc_scratch(xv))
-    return (y if write else None), m2
+        finite = _kernel("_mc_forward", xv.size)(*args, *_mc_scratch(xv))
+    return (y if write else None), m2, finite
 
 
 def _backward(dyv, xv, rv, code, m, a, b, inv, h, reduce, write, batch_stats, mean_d, mean_dxh):
@@ -530,42 +581,61 @@ def _backward(dyv, xv, rv, code, m, a, b, inv, h, reduce, write, batch_stats, me
     args = (dyv, xv, xv if rv is None else rv, rv is not None, code, m, a, b, inv, h,
             reduce, write, batch_stats, sum_d, sum_dxh, mean_d, mean_dxh, dx, dres)  # fmt: skip
     if xv.ndim == 3:
-        _ncl_backward(*args, np.empty((2, channels)))
+        _kernel("_ncl_backward", xv.size)(*args, np.empty((2, channels)))
     else:
-        _mc_backward(*args, *_mc_scratch(xv))
+        _kernel("_mc_backward", xv.size)(*args, *_mc_scratch(xv))
     return sum_d, sum_dxh, (dx if write else None), (dres if write and rv is not None else None)
 
 
+def _writable(t: Tensor, dtype: torch.dtype) -> tuple[np.ndarray, bool]:
+    """A running-statistic buffer as a numpy array of `dtype` for the kernel to update, and
+    whether it is a copy (then `t.copy_` it back): the buffer's own memory when it can be."""
+    if t.dtype == dtype and t.is_contiguous():
+        return t.detach().numpy(), False
+    return t.detach().to(dtype).contiguous().numpy(), True
+
+
 class _FusedBatchNorm(torch.autograd.Function):
-    """Whole-op batch norm: one forward kernel, one backward kernel (see the module docstring)."""
+    """Whole-op batch norm: one forward kernel, one backward kernel (see the module docstring).
+
+    Modes: `running_mean` None: batch statistics; given and `factor` None: evaluation with
+    them; given with a `factor`: batch statistics, and the running statistics updated in the
+    kernel (guarded: `outcome` gets whether the batch statistics were finite, so updated)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, eps, activation):
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, eps, activation, factor, outcome):
         view = layout.canonical(x)
         xv = _np(view.data)
         rv = None if residual is None else _np(layout.canonical(residual, view.kind).data)
         acc = acc_dtype(x.dtype)
         channels = xv.shape[1]
         gamma, beta = _vec(weight, channels, acc, 1.0), _vec(bias, channels, acc, 0.0)
-        code = _ACT_CODE[activation]
-        train = running_mean is None
-        if train:
-            m, a, b, inv, h = (np.empty_like(gamma) for _ in range(5))
-        else:  # evaluation: m = running mean, h = 0
-            m, h = _vec(running_mean, channels, acc, 0.0).copy(), np.zeros_like(gamma)
-            inv = _vec(torch.rsqrt(running_var.detach().to(acc) + eps), channels, acc, 0.0)
-            a, b = gamma * inv, beta.copy()
-        y, _ = _forward(xv, rv, code, train, True, gamma, beta, eps, m, a, b, inv, h)
-        params = [torch.from_numpy(p) for p in (m, a, b, inv, h)]
-        ctx.save_for_backward(x, weight, bias, residual, running_mean, running_var, *params)
-        ctx.kind, ctx.eps, ctx.activation, ctx.train = view.kind, eps, activation, train
-        mean, invstd = params[0], params[3]
+        train = running_mean is None or factor is not None
+        params = np.empty((5, channels), xv.dtype)  # rows m, a, b, inv, h (module docstring)
+        running = None
+        if not train:  # evaluation: m = running mean, h = 0
+            params[0] = _vec(running_mean, channels, acc, 0.0)
+            params[3] = 1.0 / np.sqrt(_vec(running_var, channels, acc, 0.0) + eps)
+            params[1], params[2], params[4] = gamma * params[3], beta, 0.0
+        elif factor is not None:
+            (rmv, copied), (rvv, _) = _writable(running_mean, acc), _writable(running_var, acc)
+            running = (rmv, rvv, factor)
+        y, _, finite = _forward(xv, rv, _ACT_CODE[activation], train, True, gamma, beta, eps, *params, running)
+        if running is not None:
+            outcome.append(finite)
+            if copied:  # both buffers share dtype and layout in every module
+                running_mean.copy_(torch.from_numpy(rmv))
+                running_var.copy_(torch.from_numpy(rvv))
+        kept = (None, None) if train else (running_mean, running_var)  # double backward's
+        ctx.save_for_backward(x, weight, bias, residual, *kept)
+        ctx.params, ctx.kind, ctx.eps, ctx.activation, ctx.train = params, view.kind, eps, activation, train
+        mean, invstd = torch.from_numpy(params[0]), torch.from_numpy(params[3])
         ctx.mark_non_differentiable(mean, invstd)
         return layout.restore(torch.from_numpy(y), x, view.kind), mean, invstd
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dinvstd):
-        x, weight, bias, residual, running_mean, running_var, *params = ctx.saved_tensors
+        x, weight, bias, residual, running_mean, running_var = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops for double backward
             return _aten_grads(ctx, dy, x, weight, bias, residual, running_mean, running_var)
         kind = ctx.kind
@@ -573,20 +643,20 @@ class _FusedBatchNorm(torch.autograd.Function):
         xv = _np(layout.canonical(x, kind).data)
         dyv = _np(layout.canonical(dy, kind).data)
         rv = None if residual is None else _np(layout.canonical(residual, kind).data)
-        m, a, b, inv, h = (p.numpy() for p in params)
+        m = ctx.params[0]
         zeros = np.zeros_like(m)
         mean_d, mean_dxh = (np.empty_like(m), np.empty_like(m)) if ctx.train else (zeros, zeros)
         write = need_x or need_r
         reduce = need_w or need_b or (ctx.train and write)
         sum_d, sum_dxh, dxv, dresv = _backward(
-            dyv, xv, rv, _ACT_CODE[ctx.activation], m, a, b, inv, h,
+            dyv, xv, rv, _ACT_CODE[ctx.activation], *ctx.params,
             reduce, write, ctx.train, mean_d, mean_dxh,
         )  # fmt: skip
         dx = layout.restore(torch.from_numpy(dxv), x, kind) if need_x else None
         dres = layout.restore(torch.from_numpy(dresv), residual, kind) if need_r else None
         dweight = torch.from_numpy(sum_dxh).to(weight.dtype) if need_w else None
         dbias = torch.from_numpy(sum_d).to(bias.dtype) if need_b else None
-        return dx, dweight, dbias, dres, None, None, None, None
+        return dx, dweight, dbias, dres, None, None, None, None, None, None
 
 
 def _aten_grads(ctx, dy, x, weight, bias, residual, running_mean, running_var):
@@ -598,7 +668,7 @@ def _aten_grads(ctx, dy, x, weight, bias, residual, running_mean, running_var):
     )[0]
     grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
     out = [next(grads) if need else None for need in ctx.needs_input_grad[:4]]
-    return (*out, None, None, None, None)
+    return (*out, None, None, None, None, None, None)
 
 
 class NumbaBackend(Backend):
@@ -628,16 +698,30 @@ class NumbaBackend(Backend):
     def normalize(x, weight, bias, running_mean, running_var, eps, activation, residual):
         """Whole-op batch norm (base.py): (y, mean, invstd), or (y, None, None) with running stats."""
         y, mean, invstd = _FusedBatchNorm.apply(
-            x, weight, bias, residual, running_mean, running_var, eps, activation
+            x, weight, bias, residual, running_mean, running_var, eps, activation, None, None
         )
         return (y, mean, invstd) if running_mean is None else (y, None, None)
+
+    @staticmethod
+    def normalize_updating(
+        x, weight, bias, running_mean, running_var, num_batches_tracked, factor, eps, activation, residual
+    ):
+        """Training batch norm that folds the batch into the running statistics in its forward
+        kernel, guarded there (base.py): (y, whether the update was kept)."""
+        outcome = []
+        y = _FusedBatchNorm.apply(
+            x, weight, bias, residual, running_mean, running_var, eps, activation, factor, outcome
+        )[0]
+        if outcome[0] and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return y, outcome[0]
 
     # The kernel contract (base.py) ----------------------------------------------------
     def stats(self, x):
         xv = _np(x)
         m, a, b, inv, h = (np.empty(xv.shape[1], xv.dtype) for _ in range(5))
         ones, zeros = np.ones_like(m), np.zeros_like(m)
-        _, m2 = _forward(xv, None, 0, True, False, ones, zeros, 0.0, m, a, b, inv, h)
+        _, m2, _ = _forward(xv, None, 0, True, False, ones, zeros, 0.0, m, a, b, inv, h)
         mean = torch.from_numpy(m)
         return torch.full_like(mean, layout.values_per_channel(x)), mean, torch.from_numpy(m2)
 
