@@ -24,6 +24,7 @@ pytest.importorskip("triton")
 import batchnorm as bn  # noqa: E402
 from batchnorm import activations, backends, layout, reference, stats  # noqa: E402
 from batchnorm.backends import triton_gpu as tg  # noqa: E402
+from kernels.poison import poisoned_allocations  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -69,6 +70,9 @@ class Case:
         bias = torch.randn(c, generator=g, device=DEVICE, dtype=torch.float64)
         scale, shift = reference.affine(invstd, weight, bias)
         self.vectors = [t.to(self.acc) for t in (mean, invstd, scale, shift)]
+        self.weight, self.bias = weight, bias  # fp64; the whole-op tests round them
+        self.running = (torch.randn(c, generator=g, device=DEVICE, dtype=torch.float64),
+                        torch.rand(c, generator=g, device=DEVICE, dtype=torch.float64) + 0.5)  # fmt: skip
 
     def residual(self, with_residual):
         return self.res if with_residual else None
@@ -202,6 +206,15 @@ def _xhat_size(case):
     return ((x - mean).abs() + x.abs()) * invstd
 
 
+def sums_bounds(case, activation, with_residual):
+    """Error bounds (C,) of (sum_d, sum_d_xhat): a few ulps of each summed term, and where g'
+    may have jumped, the whole |dy| (1 + |xhat|) term."""
+    jump = torch.where(ambiguous(case, activation, with_residual), case.dy.double().abs(), 0.0)
+    per_element = ACC_TOL[case.acc] * _d_size(case, activation, with_residual) + jump
+    dims = layout.reduce_dims(case.x)
+    return per_element.sum(dims), (per_element * (1 + _xhat_size(case))).sum(dims)
+
+
 def check_backward_reduce(case, activation, with_residual):
     mean, invstd, scale, shift = case.vectors
     out = nans((2, case.x.shape[1]), case.acc)
@@ -211,35 +224,41 @@ def check_backward_reduce(case, activation, with_residual):
     )
     assert sums is out
     (e_sum_d, e_sum_d_xhat), _, _ = _reference_backward(case, activation, with_residual, True)
-    # Where g' may have jumped, the whole |dy| (1 + |xhat|) term may differ.
-    jump = torch.where(ambiguous(case, activation, with_residual), case.dy.double().abs(), 0.0)
-    per_element = ACC_TOL[case.acc] * _d_size(case, activation, with_residual) + jump
-    dims = layout.reduce_dims(case.x)
-    assert_within(sums[0], e_sum_d, per_element.sum(dims), "sum_d")
-    assert_within(sums[1], e_sum_d_xhat, (per_element * (1 + _xhat_size(case))).sum(dims), "sum_d_xhat")
+    bound_d, bound_d_xhat = sums_bounds(case, activation, with_residual)
+    assert_within(sums[0], e_sum_d, bound_d, "sum_d")
+    assert_within(sums[1], e_sum_d_xhat, bound_d_xhat, "sum_d_xhat")
+
+
+def assert_dx_within(case, activation, with_residual, dx, dres, expected, means, means_error=(0.0, 0.0)):
+    """dx and dresidual against the reference's, at the rounding of dx = scale (d - mean_d -
+    xhat mean_d_xhat)'s terms (not of the result), plus `means_error` (C,) when the kernel
+    computed mean_d and mean_d_xhat itself; elements near a kink of g are skipped."""
+    (e_dx, e_dres), (mean_d, mean_d_xhat) = expected, means
+    scale = case.vectors[2]
+    pc = lambda t: layout.per_channel(torch.as_tensor(t).double(), case.x)  # noqa: E731
+    d_size = _d_size(case, activation, with_residual)
+    terms = pc(scale).abs() * (d_size + pc(mean_d).abs() + _xhat_size(case) * pc(mean_d_xhat).abs())
+    slack = pc(scale).abs() * (pc(means_error[0]) + _xhat_size(case) * pc(means_error[1]))
+    keep = ~ambiguous(case, activation, with_residual)
+    bound = ACC_TOL[case.acc] * terms + slack + out_rounding(e_dx, case.dtype)
+    assert_within(dx[keep], e_dx[keep], bound[keep], f"dx {activation}")
+    if with_residual:
+        d_bound = ACC_TOL[case.acc] * d_size + out_rounding(e_dres, case.dtype)
+        assert_within(dres[keep], e_dres[keep], d_bound[keep], f"dresidual {activation}")
 
 
 def check_backward_apply(case, activation, with_residual, training):
     mean, invstd, scale, shift = case.vectors
     res = case.residual(with_residual)
-    _, (mean_d, mean_d_xhat), (e_dx, e_dres) = _reference_backward(case, activation, with_residual, training)
+    _, means, expected = _reference_backward(case, activation, with_residual, training)
     out = nans(case.x.shape, case.dtype)
     out_res = None if res is None else nans(case.x.shape, case.dtype)
     dx, dres = tg.backward_apply(
-        case.dy, case.x, mean, invstd, scale, shift, mean_d.to(case.acc), mean_d_xhat.to(case.acc),
+        case.dy, case.x, mean, invstd, scale, shift, *(m.to(case.acc) for m in means),
         activation, res, tiling=case.tiling, out=out, out_residual=out_res,
     )
     assert dx is out and dres is out_res
-    pc = lambda t: layout.per_channel(t.double(), case.x)  # noqa: E731
-    d_size = _d_size(case, activation, with_residual)
-    # dx = scale (d - mean_d - xhat mean_d_xhat): the terms, not the result, set the rounding.
-    terms = pc(scale).abs() * (d_size + pc(mean_d).abs() + _xhat_size(case) * pc(mean_d_xhat).abs())
-    keep = ~ambiguous(case, activation, with_residual)
-    bound = ACC_TOL[case.acc] * terms + out_rounding(e_dx, case.dtype)
-    assert_within(dx[keep], e_dx[keep], bound[keep], f"dx {activation}")
-    if res is not None:
-        d_bound = ACC_TOL[case.acc] * d_size + out_rounding(e_dres, case.dtype)
-        assert_within(dres[keep], e_dres[keep], d_bound[keep], f"dresidual {activation}")
+    assert_dx_within(case, activation, with_residual, dx, dres, expected, means)
 
 
 @EXAMPLES
@@ -328,6 +347,249 @@ def test_deterministic_bitwise(dtype):
     assert torch.equal(tg.backward_reduce(*args, tiling=case.tiling), tg.backward_reduce(*args, tiling=case.tiling))
 
 
+# --- the whole op: fused finalize (tiled) and single-read paths --------------------------
+
+# `single_read` limits for the small test shapes: 0 never takes the single-read path, 2**16
+# always does (every drawn shape has N L <= 200 values per channel).
+PATHS = {"tiled": 0, "single": 1 << 16}
+EPS = 1e-5
+
+
+def _param_dtype(case, mixed):
+    """fp32 parameters and buffers (torch's mixed case for half x), or x's own dtype."""
+    return torch.float32 if mixed else case.dtype
+
+
+def forward_bound(case, with_residual, mean, invstd, scale):
+    """Error bound of y, elementwise, from fp64 (mean, invstd, scale): the rounding of u's
+    terms; mean off by ~eps |x|max (scaled by |scale|); invstd off by ~eps (1 + |x|max / std)
+    relatively (check_stats' bound on m2), which scales the (x - mean) scale term. g's slope
+    is at most 1.13 (gelu), so 1.2 carries u's bound to y."""
+    x = case.x.double()
+    xmax = float(x.abs().max())
+    pc = lambda t: layout.per_channel(t, x)  # noqa: E731
+    centered = (x - pc(mean)).abs() * pc(scale).abs()
+    mean_term, invstd_term = pc(scale).abs() * xmax, centered * (1 + xmax * pc(invstd))
+    return 1.2 * ACC_TOL[case.acc] * (u_magnitude(case, with_residual) + mean_term + invstd_term)
+
+
+def check_whole_forward(case, activation, with_residual, mode, single_read, mixed, affine):
+    """tg.forward against the reference: y, the vectors, and the running statistics (mode
+    "update": updated and counted; "train", "eval": untouched). Allocations are poisoned."""
+    pdtype = _param_dtype(case, mixed)
+    weight, bias = (t.to(pdtype) if affine else None for t in (case.weight, case.bias))
+    running = [t.to(pdtype) for t in case.running]
+    before = [t.clone() for t in running]
+    res = case.residual(with_residual)
+    factor = 0.3 if mode == "update" else None
+    nbt = torch.tensor(5, device=DEVICE)
+    with poisoned_allocations():
+        f = tg.forward(
+            case.x, weight, bias, *running, EPS, activation, res, training=mode != "eval",
+            factor=factor, num_batches_tracked=nbt, tiling=case.tiling, single_read=single_read,
+        )  # fmt: skip
+    x64 = case.x.double()
+    w64, b64 = (None if t is None else t.double() for t in (weight, bias))
+    r64 = [t.double() for t in before]
+    if mode == "eval":
+        mean, var = r64
+    else:
+        count, mean, m2 = reference.stats(x64)
+        var = m2 / count
+    invstd = torch.rsqrt(var + EPS)
+    scale, shift = reference.affine(invstd, w64, b64)
+    expected = reference.batch_norm(
+        x64, w64, b64, running_mean=r64[0] if mode == "eval" else None,
+        running_var=r64[1] if mode == "eval" else None, eps=EPS, activation=activation,
+        residual=None if res is None else res.double(),
+    )  # fmt: skip
+    assert f.y.dtype == case.dtype and f.mean.dtype == case.acc
+    bound = forward_bound(case, with_residual, mean, invstd, scale) + out_rounding(expected, case.dtype)
+    assert_within(f.y, expected, bound, f"y {mode}")
+    tol, xmax = ACC_TOL[case.acc], float(x64.abs().max())
+    std = var.sqrt()
+    assert_within(f.mean, mean, tol * xmax, "mean")
+    invstd_bound = 2 * tol * invstd * (1 + xmax / (std + EPS**0.5))
+    assert_within(f.invstd, invstd, invstd_bound, "invstd")
+    assert_within(f.scale, scale, invstd_bound * (1 if w64 is None else w64.abs()), "scale")
+    assert_within(f.shift, shift, 0.0, "shift")
+    if mode != "update":
+        assert all(torch.equal(a, b) for a, b in zip(running, before)), "running statistics changed"
+        assert f.accepted is None and int(nbt) == 5
+        return
+    assert bool(f.accepted) and int(nbt) == 6
+    # running <- running + factor (batch - running), the unbiased variance m2 / (n - 1)
+    n = layout.values_per_channel(case.x)
+    for got, old, batch, batch_bound, what in (
+        (running[0], r64[0], mean, tol * xmax, "running_mean"),
+        (running[1], r64[1], var * n / (n - 1), 2 * tol * var * (1 + xmax / (std + EPS**0.5)), "running_var"),
+    ):
+        want = old + factor * (batch - old)
+        rounding = tol * (old.abs() + batch.abs()) + out_rounding(want, pdtype)
+        assert_within(got, want, factor * batch_bound + rounding, what)
+
+
+def check_whole_backward(case, activation, with_residual, training, single_read, mixed):
+    """tg.backward from the case's vectors against the reference: dweight, dbias in the
+    parameters' dtype, dx and dresidual. Allocations are poisoned."""
+    pdtype = _param_dtype(case, mixed)
+    with poisoned_allocations():
+        grads = tg.backward(
+            case.dy, case.x, *case.vectors, activation, case.residual(with_residual), training=training,
+            weight_dtype=pdtype, bias_dtype=pdtype, tiling=case.tiling, single_read=single_read,
+        )  # fmt: skip
+    (sum_d, sum_d_xhat), means, expected = _reference_backward(case, activation, with_residual, training)
+    bound_d, bound_d_xhat = sums_bounds(case, activation, with_residual)
+    assert grads.dweight.dtype == pdtype and grads.dbias.dtype == pdtype
+    assert_within(grads.dbias, sum_d, bound_d + out_rounding(sum_d, pdtype), "dbias")
+    assert_within(grads.dweight, sum_d_xhat, bound_d_xhat + out_rounding(sum_d_xhat, pdtype), "dweight")
+    # The kernels compute mean_d, mean_d_xhat from their own sums: those sums' error / n.
+    n = layout.values_per_channel(case.x)
+    means_error = (bound_d / n, bound_d_xhat / n) if training else (0.0, 0.0)
+    assert_dx_within(case, activation, with_residual, grads.dx, grads.dresidual, expected, means, means_error)
+
+
+@EXAMPLES
+@given(
+    case=cases(),
+    activation=st.sampled_from(activations.NAMES),
+    with_residual=st.booleans(),
+    mode=st.sampled_from(["train", "update", "eval"]),
+    path=st.sampled_from(sorted(PATHS)),
+    mixed=st.booleans(),
+    affine=st.booleans(),
+)
+def test_whole_op_forward_matches_reference(case, activation, with_residual, mode, path, mixed, affine):
+    check_whole_forward(case, activation, with_residual, mode, PATHS[path], mixed, affine)
+
+
+@EXAMPLES
+@given(
+    case=cases(),
+    activation=st.sampled_from(activations.NAMES),
+    with_residual=st.booleans(),
+    training=st.booleans(),
+    path=st.sampled_from(sorted(PATHS)),
+    mixed=st.booleans(),
+)
+def test_whole_op_backward_matches_reference(case, activation, with_residual, training, path, mixed):
+    check_whole_backward(case, activation, with_residual, training, PATHS[path], mixed)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_whole_op_gradient_subsets(path):
+    """Evaluation without parameter gradients skips the reduction; need_dx=False skips dx."""
+    case = Case((3, 4, 9), torch.float32, tg.Tiling(2, 4, 2), 1.0, 1.0, seed=3)
+    with poisoned_allocations():
+        only_dx = tg.backward(case.dy, case.x, *case.vectors, "relu", case.res, training=False,
+                              tiling=case.tiling, single_read=PATHS[path])  # fmt: skip
+        only_params = tg.backward(case.dy, case.x, *case.vectors, "relu", case.res, weight_dtype=torch.float32,
+                                  bias_dtype=torch.float32, need_dx=False, tiling=case.tiling,
+                                  single_read=PATHS[path])  # fmt: skip
+    (sum_d, sum_d_xhat), means, expected = _reference_backward(case, "relu", True, False)
+    assert only_dx.dweight is None and only_dx.dbias is None
+    assert_dx_within(case, "relu", True, only_dx.dx, only_dx.dresidual, expected, means)
+    if path == "tiled":
+        assert only_params.dx is None and only_params.dresidual is None
+    bound_d, bound_d_xhat = sums_bounds(case, "relu", True)
+    assert_within(only_params.dbias, sum_d, bound_d, "dbias")
+    assert_within(only_params.dweight, sum_d_xhat, bound_d_xhat, "dweight")
+
+
+class _LaunchCounter:
+    """Stands in for the kernels module: counts each kernel's launches."""
+
+    def __init__(self, kernels):
+        self.kernels, self.launches = kernels, []
+
+    def __getattr__(self, name):
+        kernel = getattr(self.kernels, name)
+        counter = self
+
+        class Launcher:
+            def __getitem__(self, grid):
+                counter.launches.append(name)
+                return kernel[grid]
+
+        return Launcher()
+
+
+@pytest.mark.parametrize("path, forward_launches, backward_launches", [
+    ("tiled", ["stats_partials_kernel", "merge_stats_kernel", "commit_running_kernel", "apply_kernel"],
+     ["grad_partials_kernel", "merge_sums_kernel", "backward_apply_kernel"]),
+    ("single", ["single_read_forward_kernel", "commit_running_kernel"], ["single_read_backward_kernel"]),
+])  # fmt: skip
+def test_whole_op_launches(monkeypatch, path, forward_launches, backward_launches):
+    """Three launches (two on evaluation) on the tiled path, one on the single-read path, plus
+    the guarded commit of the running statistics when they are updated."""
+    counter = _LaunchCounter(tg._kernels())
+    monkeypatch.setattr(tg, "_kernels", lambda: counter)
+    case = Case((13, 5), torch.bfloat16, tg.Tiling(2, 4, 2), 2.0, 1.0, seed=4)
+    running = [t.float() for t in case.running]
+    weight = case.weight.float()
+    f = tg.forward(case.x, weight, None, *running, EPS, "relu", None, factor=0.1, tiling=case.tiling,
+                   single_read=PATHS[path])  # fmt: skip
+    assert counter.launches == forward_launches
+    counter.launches.clear()
+    tg.backward(case.dy, case.x, *f.vectors, "relu", weight_dtype=torch.float32, tiling=case.tiling,
+                single_read=PATHS[path])  # fmt: skip
+    assert counter.launches == backward_launches
+    counter.launches.clear()
+    tg.forward(case.x, weight, None, *running, EPS, training=False, tiling=case.tiling, single_read=PATHS[path])
+    assert counter.launches == ["merge_stats_kernel", "apply_kernel"]
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_whole_op_deterministic_bitwise(path):
+    case = Case((4, 3, 33), torch.bfloat16, tg.Tiling(2, 8, 2), 1.0, 2.0, seed=12)
+    runs = []
+    for _ in range(2):
+        running = [t.float() for t in case.running]
+        f = tg.forward(case.x, case.weight.float(), case.bias.float(), *running, EPS, "silu", case.res,
+                       factor=0.1, tiling=case.tiling, single_read=PATHS[path])  # fmt: skip
+        g = tg.backward(case.dy, case.x, *f.vectors, "silu", case.res, weight_dtype=torch.float32,
+                        bias_dtype=torch.float32, tiling=case.tiling, single_read=PATHS[path])  # fmt: skip
+        runs.append([*f, *running, *g])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's inf - inf
+def test_whole_op_non_finite_batch_leaves_running_statistics(path, bad):
+    """A batch with a non-finite statistic in any channel: no running value changes, the
+    update is not counted, and the decision says so."""
+    case = Case((3, 4, 5), torch.float16, tg.Tiling(2, 4, 2), 0.0, 1.0, seed=6)
+    x = case.x.clone()
+    x[1, 2, 3] = bad
+    running = [t.float() for t in case.running]
+    before = [t.clone() for t in running]
+    nbt = torch.tensor(3, device=DEVICE)
+    f = tg.forward(x, None, None, *running, EPS, factor=0.1, num_batches_tracked=nbt, tiling=case.tiling,
+                   single_read=PATHS[path])  # fmt: skip
+    assert not bool(f.accepted) and f.accepted.dtype == torch.bool and int(nbt) == 3
+    assert all(torch.equal(a, b) for a, b in zip(running, before))
+
+
+def test_single_read_rule():
+    """On a 132-SM GPU: MLP activations that fit take the single-read path, wide enough to
+    read whole sectors and spread over the SMs; so does ResNet-50's (256, 2048, 7, 7) as
+    (N, C, L) (N L = 12544 values per channel, one channel per program); the larger rows
+    and tall (M, C) views take the tiled path."""
+    sms = 132
+    mlp = tg.geometry(torch.empty(256, 4096))
+    block_c = tg.single_read_block(mlp, programs=sms)
+    assert block_c is not None and block_c >= tg.SINGLE_READ_MIN_CHANNELS
+    assert block_c * 256 <= tg.SINGLE_READ_ELEMENTS and -(-4096 // block_c) >= sms
+    assert tg.single_read_block(tg.geometry(torch.empty(8192, 1024)), programs=sms) is None
+    assert tg.single_read_block(tg.Geometry(256, 2048, 49, 2048 * 49, 49, 1), programs=sms) == 1
+    assert tg.single_read_block(tg.Geometry(256, 1024, 196, 1024 * 196, 196, 1), programs=sms) is None
+    # The same 7 x 7 row channels-last: a 16-channel column of 12544 rows does not fit.
+    assert tg.single_read_block(tg.geometry(torch.empty(256 * 49, 2048)), programs=sms) is None
+    # Too narrow a column of an (M, C) view to read whole sectors: tiled.
+    assert tg.single_read_block(tg.geometry(torch.empty(4096, 64)), programs=sms) is None
+
+
 # --- what the backend takes, and how it is chosen ----------------------------------------
 
 
@@ -371,8 +633,62 @@ def test_tiling_never_one_program_per_channel():
 # --- end to end through the module -------------------------------------------------------
 
 
+@pytest.fixture(params=sorted(PATHS))
+def path(request, monkeypatch):
+    """The module-level path: single-read, or tiled with small tiles spread over several
+    programs (so the fused merge sees several partials)."""
+    monkeypatch.setattr(tg, "SINGLE_READ_ELEMENTS", PATHS[request.param])
+    monkeypatch.setattr(tg, "TILE_ELEMENTS", 8)
+    monkeypatch.setattr(tg, "PROGRAMS_PER_SM", 64)
+    return request.param
+
+
+TORCH_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_functional_update_matches_torch(path, dtype, memory_format):
+    """bn.functional.batch_norm (training, running statistics: normalize_updating) against
+    torch.nn.functional.batch_norm in float64 on the same rounded values: y, the running
+    statistics (momentum, unbiased variance), and the gradients of x, weight, bias, residual,
+    with our allocations poisoned. Half inputs take fp32 parameters and buffers (torch's
+    mixed case)."""
+    torch.manual_seed(2)
+    pdtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    x = (torch.randn(3, 5, 4, 3, device=DEVICE) * 2 + 1).to(dtype).to(memory_format=memory_format)
+    res = torch.randn_like(x)
+    dy = torch.randn_like(x)
+    params = [torch.linspace(0.5, 1.5, 5, device=DEVICE).to(pdtype), torch.linspace(-1, 1, 5, device=DEVICE).to(pdtype)]
+    running = [torch.randn(5, device=DEVICE).to(pdtype), torch.rand(5, device=DEVICE).to(pdtype) + 0.5]
+    assert backends.resolve("triton", x).reason == "forced"
+    results = {}
+    for name in ("ours", "torch"):
+        cast = (lambda t: t.clone()) if name == "ours" else (lambda t: t.double())  # noqa: E731
+        xs, rs, w, b = (cast(t).requires_grad_() for t in (x, res, *params))
+        rm, rv = (cast(t) for t in running)
+        if name == "ours":
+            with poisoned_allocations():
+                y = bn.functional.batch_norm(
+                    xs, rm, rv, w, b, True, 0.1, EPS, activation="relu", residual=rs, backend="triton"
+                )
+                y.backward(cast(dy))
+        else:
+            y = torch.relu(torch.nn.functional.batch_norm(xs, rm, rv, w, b, True, 0.1, EPS) + rs)
+            y.backward(cast(dy))
+        results[name] = (y, rm, rv, xs.grad, rs.grad, w.grad, b.grad)
+    tol = TORCH_TOL[dtype]
+    names = ("y", "running_mean", "running_var", "dx", "dresidual", "dweight", "dbias")
+    for what, got, want in zip(names, results["ours"], results["torch"]):
+        assert not torch.isnan(got).any(), what
+        rtol = tol if got.dtype == dtype else TORCH_TOL[pdtype]
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol, msg=lambda m: f"{what}: {m}")
+    assert results["ours"][0].is_contiguous(memory_format=memory_format)
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_batchnorm2d_matches_torch(memory_format):
+def test_batchnorm2d_train_steps_match_torch(path, memory_format):
+    """Two SGD steps of bn.BatchNorm2d(backend="triton") against torch's, then evaluation."""
     torch.manual_seed(0)
     ours = bn.BatchNorm2d(5, backend="triton").to(DEVICE)
     theirs = torch.nn.BatchNorm2d(5).to(DEVICE)
@@ -380,6 +696,7 @@ def test_batchnorm2d_matches_torch(memory_format):
         for m in (ours, theirs):
             m.weight.copy_(torch.linspace(0.5, 1.5, 5))
             m.bias.copy_(torch.linspace(-1, 1, 5))
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ours, theirs)]
     for step in range(2):
         x = (torch.randn(3, 5, 6, 7, device=DEVICE) * 2 + step).to(memory_format=memory_format)
         assert backends.resolve("triton", x).reason == "forced"
@@ -390,13 +707,34 @@ def test_batchnorm2d_matches_torch(memory_format):
         ya.backward(grad)
         yb.backward(grad)
         torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, rtol=1e-4, atol=1e-4)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
+    torch.testing.assert_close(ours.weight, theirs.weight)
     torch.testing.assert_close(ours.running_mean, theirs.running_mean)
     torch.testing.assert_close(ours.running_var, theirs.running_var)
+    assert int(ours.num_batches_tracked) == 2
     ours.eval(), theirs.eval()
     x = torch.randn(2, 5, 3, 3, device=DEVICE).to(memory_format=memory_format)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_double_backward_matches_aten():
+    """create_graph=True through the whole-op Function: torch's differentiable ops take over."""
+    torch.manual_seed(3)
+    x = torch.randn(4, 3, 5, device=DEVICE, dtype=torch.float64)
+    weight = torch.linspace(0.5, 1.5, 3, device=DEVICE, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    grads = {}
+    for name in ("triton", "aten"):
+        xs, w = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        y = bn.functional.batch_norm(xs, None, None, w, None, True, activation="tanh", backend=name)
+        gx, gw = torch.autograd.grad((y * dy).sum(), (xs, w), create_graph=True)
+        grads[name] = (gx, gw, *torch.autograd.grad(gx.pow(2).sum() + gw.sum(), (xs, w)))
+    for got, want in zip(grads["triton"], grads["aten"]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
 def test_fused_residual_and_activation_match_reference_backend():
@@ -431,3 +769,14 @@ def test_full_size(shape, dtype):
     check_apply(case, "relu", True)
     check_backward_reduce(case, "relu", True)
     check_backward_apply(case, "relu", True, True)
+
+
+@pytest.mark.skipif(not CUDA, reason="full-size shapes need a GPU")
+@pytest.mark.parametrize("shape", VIEWS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_full_size_whole_op(shape, dtype):
+    """The whole op at full size, on the path the size rule picks (single-read for
+    (256, 2048, 49) and the small MLP rows, tiled for the rest), fp32 parameters."""
+    case = Case(shape, dtype, None, 0.5, 2.0, seed=0)
+    check_whole_forward(case, "relu", True, "update", None, True, True)
+    check_whole_backward(case, "relu", True, True, None, True)

@@ -58,6 +58,16 @@ class AtenBackend(ReferenceBackend):
         return _finish(y, activation, residual), update.commit()
 
 
+def differentiable_grads(needs, dy, x, weight, bias, residual, running_mean, running_var, eps, activation):
+    """Gradients of (x, weight, bias, residual) where `needs` says so (None elsewhere), through
+    torch's differentiable batch norm: the fused backends' backward under create_graph=True,
+    so that double backward works. Batch statistics when running_mean is None."""
+    wanted = [t for t, need in zip((x, weight, bias, residual), needs) if need]
+    y = AtenBackend.normalize(x, weight, bias, running_mean, running_var, eps, activation, residual)[0]
+    grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
+    return [next(grads) if need else None for need in needs]
+
+
 def _native(x, weight, bias, running_mean, running_var, training, factor, eps):
     if x.dtype in (torch.float16, torch.bfloat16):
         # torch keeps fp32 statistics for half input only on its mixed-dtype path, which

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from .. import activations, layout
 from ..reference import acc_dtype
-from .aten import AtenBackend
+from .aten import differentiable_grads
 from .base import Backend
 
 try:
@@ -637,7 +637,10 @@ class _FusedBatchNorm(torch.autograd.Function):
     def backward(ctx, dy, _dmean, _dinvstd):
         x, weight, bias, residual, running_mean, running_var = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops for double backward
-            return _aten_grads(ctx, dy, x, weight, bias, residual, running_mean, running_var)
+            grads = differentiable_grads(
+                ctx.needs_input_grad[:4], dy, x, weight, bias, residual, running_mean, running_var, ctx.eps, ctx.activation
+            )  # fmt: skip
+            return (*grads, None, None, None, None, None, None)
         kind = ctx.kind
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
         xv = _np(layout.canonical(x, kind).data)
@@ -657,18 +660,6 @@ class _FusedBatchNorm(torch.autograd.Function):
         dweight = torch.from_numpy(sum_dxh).to(weight.dtype) if need_w else None
         dbias = torch.from_numpy(sum_d).to(bias.dtype) if need_b else None
         return dx, dweight, dbias, dres, None, None, None, None, None, None
-
-
-def _aten_grads(ctx, dy, x, weight, bias, residual, running_mean, running_var):
-    """The gradients through torch's own differentiable batch norm (for create_graph=True)."""
-    inputs = (x, weight, bias, residual)
-    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:4]) if need]
-    y = AtenBackend.normalize(
-        x, weight, bias, running_mean, running_var, ctx.eps, ctx.activation, residual
-    )[0]
-    grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
-    out = [next(grads) if need else None for need in ctx.needs_input_grad[:4]]
-    return (*out, None, None, None, None, None, None)
 
 
 class NumbaBackend(Backend):

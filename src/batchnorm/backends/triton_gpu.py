@@ -13,6 +13,21 @@ contiguous. Each contract function is one or two kernel launches:
 an optional `tiling=` and `out=` (the tests pass small tilings to exercise every mask and
 merge, and NaN-filled outputs to catch unwritten elements).
 
+The whole op (`forward`, `backward`, and through `_FusedBatchNorm` the backend's optional
+`normalize` / `normalize_updating` hooks) runs with no torch op between its launches:
+
+    forward, tiled     stats_partials -> merge_stats (finalizing: mean, invstd, scale, shift)
+                       [-> commit_running] -> apply                        2R + 1W of x
+    forward, single    single_read_forward [-> commit_running]             1R + 1W
+    evaluation         merge_stats (from the running statistics) -> apply  1R + 1W
+    backward, tiled    grad_partials -> merge_sums (finalizing: dgamma, dbeta, mean_d,
+                       mean_d_xhat) -> backward_apply                      4R + 1W (dy, x)
+    backward, single   single_read_backward                                2R + 1W
+
+The single-read path holds a channel block's whole N L values in registers; it runs when
+`single_read_block` says they fit (SINGLE_READ_ELEMENTS). commit_running (one program)
+applies the non-finite guard of the running update on the device, without a host sync.
+
 The kernels module (and with it triton) is imported on the first launch, not with this
 module, so `import batchnorm` works without triton. On CPU the kernels run in Triton's
 interpreter when TRITON_INTERPRET=1 was set before triton was first imported (Triton reads
@@ -27,11 +42,13 @@ import importlib.util
 import os
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .. import activations, layout
 from ..reference import acc_dtype
+from .aten import differentiable_grads
 from .base import Backend
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -39,6 +56,13 @@ FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what `auto` hand
 TILE_ELEMENTS = 4096  # elements a program holds per tile: enough loads in flight per SM
 PROGRAMS_PER_SM = 8  # reduction programs per SM: a few waves, a small workspace
 MERGE_BLOCK = (64, 32)  # (channels, partials) per step of the merge kernels
+COMMIT_BLOCK = 1024  # channels per step of the one-program running-statistics commit
+# The single-read path (`single_read_block`): values of x one program holds in registers,
+# the narrowest channel block of an (M, C) view, and the values per thread (32 fp32 of x
+# forward, 64 with dy backward: 16 warps at the largest block).
+SINGLE_READ_ELEMENTS = 16384
+SINGLE_READ_MIN_CHANNELS = 16
+SINGLE_READ_PER_THREAD = 32
 
 
 class Geometry(NamedTuple):
@@ -120,6 +144,11 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _sms(x: Tensor) -> int:
+    """Streaming multiprocessors of x's GPU (1 for the CPU interpreter)."""
+    return _sm_count(x.device) if x.is_cuda else 1
+
+
 def _prepare(x: Tensor, tiling: Tiling | None) -> tuple[Geometry, Tiling, Grid]:
     if not x.is_contiguous():
         raise ValueError(
@@ -128,8 +157,7 @@ def _prepare(x: Tensor, tiling: Tiling | None) -> tuple[Geometry, Tiling, Grid]:
         )
     g = geometry(x)
     if tiling is None:
-        sms = _sm_count(x.device) if x.is_cuda else 1
-        tiling = tiling_for(g, PROGRAMS_PER_SM * sms)
+        tiling = tiling_for(g, PROGRAMS_PER_SM * _sms(x))
     return g, tiling, grid_of(g, tiling)
 
 
@@ -163,18 +191,72 @@ def _act_code(activation: str | None) -> int:
     return activations.NAMES.index(activations.check(activation))
 
 
+def _split(v: float) -> tuple[float, float]:
+    """v as (hi, lo) = (fp32(v), fp32(v - hi)): Triton passes a Python float as fp32, and the
+    kernels add the two back in their accumulation dtype (fp64 keeps ~48 bits of v)."""
+    hi = float(np.float32(v))
+    return hi, float(np.float32(v - hi))
+
+
+def _flags(activation: str | None, residual: Tensor | None) -> dict:
+    return dict(HAS_RES=residual is not None, ACT=_act_code(activation), LEAKY=activations.LEAKY_SLOPE)
+
+
+# Launches, shared by the contract functions and the whole-op path ----------------------------
+
+
+def _launch_stats_partials(x, g, tiling, grid, out) -> tuple[Tensor, Tensor, Tensor]:
+    shape, acc = (grid.programs, g.c), acc_dtype(x.dtype)
+    count, mean, m2 = (_out(o, x, shape, acc) for o in out)
+    _kernels().stats_partials_kernel[(grid.channel_blocks, grid.programs)](
+        x, count, mean, m2, g.c, g.l, grid.lb, grid.t, g.s_n, g.s_c, g.s_l, tiling.tiles,
+        BLOCK_C=tiling.block_c, BLOCK_L=tiling.block_l,
+    )
+    return count, mean, m2
+
+
+def _launch_apply(x, residual, mean, scale, shift, y, activation, g, tiling, grid) -> None:
+    _kernels().apply_kernel[(grid.channel_blocks, grid.programs)](
+        x, x if residual is None else residual, mean, scale, shift, y,
+        g.c, g.l, grid.lb, grid.t, g.s_n, g.s_c, g.s_l, tiling.tiles,
+        **_flags(activation, residual), BLOCK_C=tiling.block_c, BLOCK_L=tiling.block_l,
+    )
+
+
+def _launch_grad_partials(dy, x, residual, mean, invstd, scale, shift, activation, g, tiling, grid) -> Tensor:
+    """The (2, P, C) workspace of per-program (sum d, sum d xhat)."""
+    ws = torch.empty((2, grid.programs, g.c), dtype=mean.dtype, device=x.device)
+    _kernels().grad_partials_kernel[(grid.channel_blocks, grid.programs)](
+        dy, x, x if residual is None else residual, mean, invstd, scale, shift, ws,
+        g.c, g.l, grid.lb, grid.t, g.s_n, g.s_c, g.s_l, tiling.tiles, grid.programs,
+        **_flags(activation, residual), BLOCK_C=tiling.block_c, BLOCK_L=tiling.block_l,
+    )
+    return ws
+
+
+def _launch_backward_apply(
+    dy, x, residual, mean, invstd, scale, shift, mean_d, mean_d_xhat, dx, dres, activation, g, tiling, grid
+) -> None:
+    _kernels().backward_apply_kernel[(grid.channel_blocks, grid.programs)](
+        dy, x, x if residual is None else residual, mean, invstd, scale, shift, mean_d, mean_d_xhat,
+        dx, dx if dres is None else dres,
+        g.c, g.l, grid.lb, grid.t, g.s_n, g.s_c, g.s_l, tiling.tiles,
+        **_flags(activation, residual), BLOCK_C=tiling.block_c, BLOCK_L=tiling.block_l,
+    )
+
+
+def _merge_grid(c: int) -> tuple[int]:
+    return (-(-c // MERGE_BLOCK[0]),)
+
+
+# The kernel contract ------------------------------------------------------------------------
+
+
 def stats_partials(x: Tensor, *, tiling: Tiling | None = None, out=None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-program (count, mean, m2), each (P, C) in the accumulation dtype."""
     g, tiling, grid = _prepare(x, tiling)
-    shape, acc = (grid.programs, g.c), acc_dtype(x.dtype)
-    out = (None, None, None) if out is None else out
-    count, mean, m2 = (_out(o, x, shape, acc) for o in out)
     with _on_device(x):
-        _kernels().stats_partials_kernel[(grid.channel_blocks, grid.programs)](
-            x, count, mean, m2, g.c, g.l, grid.lb, grid.t, g.s_n, g.s_c, g.s_l, tiling.tiles,
-            BLOCK_C=tiling.block_c, BLOCK_L=tiling.block_l,
-        )
-    return count, mean, m2
+        return _launch_stats_partials(x, g, tiling, grid, (None, None, None) if out is None else out)
 
 
 def merge_stats(count: Tensor, mean: Tensor, m2: Tensor, *, out=None) -> tuple[Tensor, Tensor, Tensor]:
@@ -184,8 +266,11 @@ def merge_stats(count: Tensor, mean: Tensor, m2: Tensor, *, out=None) -> tuple[T
     results = tuple(_out(o, mean, (c,)) for o in out)
     block_c, block_p = MERGE_BLOCK
     with _on_device(mean):
-        _kernels().merge_stats_kernel[(-(-c // block_c),)](
-            count, mean, m2, *results, c, p, BLOCK_C=block_c, BLOCK_P=block_p
+        _kernels().merge_stats_kernel[_merge_grid(c)](
+            count, mean, m2, *results, *(mean,) * 8,
+            c, p, 0.0, 0.0, 0.0, 0.0,
+            FINALIZE=False, RUNNING=False, HAS_W=False, HAS_B=False, UPDATE=False,
+            BLOCK_C=block_c, BLOCK_P=block_p,
         )
     return results
 
@@ -202,12 +287,7 @@ def apply(x, mean, scale, shift, activation=None, residual=None, *, tiling=None,
     residual = _contiguous(residual)
     y = _out(out, x)
     with _on_device(x):
-        _kernels().apply_kernel[(grid.channel_blocks, grid.programs)](
-            x, x if residual is None else residual, mean, scale, shift, y,
-            g.c, g.l, grid.lb, grid.t, g.s_n, g.s_c, g.s_l, tiling.tiles,
-            HAS_RES=residual is not None, ACT=_act_code(activation), LEAKY=activations.LEAKY_SLOPE,
-            BLOCK_C=tiling.block_c, BLOCK_L=tiling.block_l,
-        )
+        _launch_apply(x, residual, mean, scale, shift, y, activation, g, tiling, grid)
     return y
 
 
@@ -218,18 +298,14 @@ def backward_reduce(
     g, tiling, grid = _prepare(x, tiling)
     mean, invstd, scale, shift = _vectors(x, mean, invstd, scale, shift)
     dy, residual = _contiguous(dy), _contiguous(residual)
-    ws = torch.empty((2, grid.programs, g.c), dtype=mean.dtype, device=x.device)
     sums = _out(out, mean, (2, g.c))
-    block_c, block_p = MERGE_BLOCK
     with _on_device(x):
-        k = _kernels()
-        k.grad_partials_kernel[(grid.channel_blocks, grid.programs)](
-            dy, x, x if residual is None else residual, mean, invstd, scale, shift, ws,
-            g.c, g.l, grid.lb, grid.t, g.s_n, g.s_c, g.s_l, tiling.tiles, grid.programs,
-            HAS_RES=residual is not None, ACT=_act_code(activation), LEAKY=activations.LEAKY_SLOPE,
-            BLOCK_C=tiling.block_c, BLOCK_L=tiling.block_l,
+        ws = _launch_grad_partials(dy, x, residual, mean, invstd, scale, shift, activation, g, tiling, grid)
+        _kernels().merge_sums_kernel[_merge_grid(g.c)](
+            ws, sums, sums, sums, sums, sums, g.c, grid.programs, 0,
+            FINALIZE=False, TRAIN=False, HAS_DW=False, HAS_DB=False,
+            BLOCK_C=MERGE_BLOCK[0], BLOCK_P=MERGE_BLOCK[1],
         )
-        k.merge_sums_kernel[(-(-g.c // block_c), 2)](ws, sums, g.c, grid.programs, BLOCK_C=block_c, BLOCK_P=block_p)
     return sums
 
 
@@ -244,14 +320,249 @@ def backward_apply(
     dx = _out(out, x)
     dres = None if residual is None else _out(out_residual, residual)
     with _on_device(x):
-        _kernels().backward_apply_kernel[(grid.channel_blocks, grid.programs)](
-            dy, x, x if residual is None else residual, mean, invstd, scale, shift, mean_d, mean_d_xhat,
-            dx, dx if dres is None else dres,
-            g.c, g.l, grid.lb, grid.t, g.s_n, g.s_c, g.s_l, tiling.tiles,
-            HAS_RES=residual is not None, ACT=_act_code(activation), LEAKY=activations.LEAKY_SLOPE,
-            BLOCK_C=tiling.block_c, BLOCK_L=tiling.block_l,
+        _launch_backward_apply(
+            dy, x, residual, mean, invstd, scale, shift, mean_d, mean_d_xhat, dx, dres, activation, g, tiling, grid
         )
     return dx, dres
+
+
+# The whole op: fused finalize kernels, or the single-read path --------------------------------
+
+
+def single_read_block(g: Geometry, limit: int | None = None, programs: int = 1) -> int | None:
+    """Channels per program on the single-read path, or None when the tiled path must run.
+
+    The rule: a program holds block_c channels x R = next_pow2(N L) positions in registers,
+    block_c R <= `limit` (SINGLE_READ_ELEMENTS); block_c is a power of two, at least 1 for
+    (N, C, L) (rows are contiguous) and SINGLE_READ_MIN_CHANNELS for (M, C) (a narrower
+    column would read partial 32-byte sectors), then halved while that leaves fewer channel
+    blocks than `programs` (one per SM), to spread small C over the GPU. It depends on the
+    shape and the SM count only: deterministic.
+    """
+    limit = SINGLE_READ_ELEMENTS if limit is None else limit
+    rows = _next_pow2(g.n * g.l)
+    if limit < rows:
+        return None
+    least = 1 if g.s_l == 1 else min(_next_pow2(g.c), SINGLE_READ_MIN_CHANNELS)
+    block_c = min(_next_pow2(g.c), 1 << ((limit // rows).bit_length() - 1))
+    if block_c < least:
+        return None
+    while block_c > least and -(-g.c // block_c) < programs:
+        block_c //= 2
+    return block_c
+
+
+def _single_read_sizes(g: Geometry, block_c: int) -> dict:
+    """Block sizes and warps of a single-read launch: SINGLE_READ_PER_THREAD values per thread."""
+    block_r = _next_pow2(g.n * g.l)
+    warps = min(16, max(1, block_c * block_r // (32 * SINGLE_READ_PER_THREAD)))
+    return dict(BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps)
+
+
+class Normalized(NamedTuple):
+    """The whole-op forward: y (x's dtype and shape), the per-channel vectors, each (C,) in
+    the accumulation dtype, that the backward takes, and whether the running update was kept
+    (a 0-d bool tensor; None when there was none)."""
+
+    y: Tensor
+    mean: Tensor
+    invstd: Tensor
+    scale: Tensor
+    shift: Tensor
+    accepted: Tensor | None
+
+    @property
+    def vectors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(mean, invstd, scale, shift): what `backward` takes after dy, x."""
+        return self.mean, self.invstd, self.scale, self.shift
+
+
+class Gradients(NamedTuple):
+    """The whole-op backward: dx, dresidual (None without a residual), dweight, dbias (None
+    when not asked for)."""
+
+    dx: Tensor
+    dresidual: Tensor | None
+    dweight: Tensor | None
+    dbias: Tensor | None
+
+
+def _params(weight, bias, running_mean, running_var, dummy: Tensor) -> list[Tensor]:
+    """weight, bias, running_mean, running_var as kernel pointers (`dummy` for None, never read)."""
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (it is updated in place); pass {name}.contiguous()")
+    w, b = (None if t is None else t.detach().contiguous() for t in (weight, bias))
+    return [dummy if t is None else t for t in (w, b, running_mean, running_var)]
+
+
+def forward(
+    x, weight, bias, running_mean, running_var, eps, activation=None, residual=None, *,
+    training=True, factor=None, num_batches_tracked=None, tiling=None, single_read=None,
+) -> Normalized:
+    """Whole-op batch norm of a canonical view x: y = g((x - mean) scale + shift + residual).
+
+    training: the batch's statistics; with `factor`, running_mean and running_var (C,) are
+    also updated in place, running <- running + factor (batch - running) with the unbiased
+    batch variance m2 / (n - 1), and num_batches_tracked (0-d int64, or None) incremented,
+    unless a new running value would not be finite: then nothing changes (decided on the
+    device, `commit_running_kernel`). Not training: the running statistics normalize.
+    weight, bias (C,) or None, in any float dtype (fp32 with bf16 x is torch's mixed case).
+
+    Launches: the single-read kernel alone when `single_read_block` allows (training only);
+    otherwise stats_partials -> merge_stats (finalizing) -> apply in training, and merge_stats
+    (from the running statistics) -> apply in evaluation; commit_running after the
+    statistics when updating. Nothing but allocations in between.
+    `tiling` and `single_read` (the element limit of `single_read_block`) default to the sizes
+    for x's device; the tests pass small ones to run both paths and every mask.
+    """
+    g, tiling, grid = _prepare(x, tiling)
+    if factor is not None and (not training or running_mean is None or running_var is None):
+        raise ValueError("factor updates the running statistics: it needs training=True and both buffers")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("evaluation normalizes with the running statistics: pass running_mean and running_var")
+    acc = acc_dtype(x.dtype)
+    residual = _contiguous(residual)
+    y = torch.empty_like(x)
+    vectors = [torch.empty(g.c, dtype=acc, device=x.device) for _ in range(4)]
+    mean = vectors[0]
+    w, b, rm, rv = _params(weight, bias, running_mean, running_var, mean)
+    scalars = (*_split(eps), *_split(0.0 if factor is None else factor))
+    params = dict(HAS_W=weight is not None, HAS_B=bias is not None, UPDATE=factor is not None)
+    cand = mean if factor is None else torch.empty((2, g.c), dtype=acc, device=x.device)
+    block_c = single_read_block(g, single_read, _sms(x)) if training else None
+    k = _kernels()
+    with _on_device(x):
+        if block_c is not None:
+            k.single_read_forward_kernel[(-(-g.c // block_c),)](
+                x, x if residual is None else residual, w, b, rm, rv, cand, y, *vectors,
+                g.c, g.l, g.n * g.l, g.s_n, g.s_c, g.s_l, *scalars, **params, **_flags(activation, residual),
+                **_single_read_sizes(g, block_c),
+            )
+            return Normalized(y, *vectors, _commit(cand, rm, rv, num_batches_tracked) if factor is not None else None)
+        if training:
+            partials = _launch_stats_partials(x, g, tiling, grid, (None, None, None))
+            stats_out = [torch.empty_like(mean) for _ in range(2)]
+        else:
+            partials, stats_out = (mean, mean, mean), (mean, mean)
+        k.merge_stats_kernel[_merge_grid(g.c)](
+            *partials, stats_out[0], mean, stats_out[1], w, b, rm, rv, cand, *vectors[1:],
+            g.c, grid.programs if training else 0, *scalars,
+            FINALIZE=True, RUNNING=not training, **params, BLOCK_C=MERGE_BLOCK[0], BLOCK_P=MERGE_BLOCK[1],
+        )
+        accepted = None if factor is None else _commit(cand, rm, rv, num_batches_tracked)
+        _launch_apply(x, residual, mean, vectors[2], vectors[3], y, activation, g, tiling, grid)
+    return Normalized(y, *vectors, accepted)
+
+
+def _commit(cand: Tensor, running_mean: Tensor, running_var: Tensor, num_batches_tracked) -> Tensor:
+    """Launch the guarded running update (commit_running_kernel); the 0-d bool decision."""
+    accepted = torch.empty((), dtype=torch.uint8, device=cand.device)
+    _kernels().commit_running_kernel[(1,)](
+        cand, running_mean, running_var, accepted if num_batches_tracked is None else num_batches_tracked,
+        accepted, cand.shape[1], HAS_NBT=num_batches_tracked is not None, BLOCK_C=COMMIT_BLOCK,
+    )
+    return accepted.view(torch.bool)
+
+
+def backward(
+    dy, x, mean, invstd, scale, shift, activation=None, residual=None, *,
+    training=True, weight_dtype=None, bias_dtype=None, need_dx=True, tiling=None, single_read=None,
+) -> Gradients:
+    """The gradients of `forward` from the vectors it returned: dx = scale (d - mean_d -
+    xhat mean_d_xhat) (mean terms only in training), dresidual = d, dweight = sum d xhat in
+    `weight_dtype`, dbias = sum d in `bias_dtype` (None: not computed).
+
+    Launches: the single-read kernel alone when `single_read_block` allows (it always
+    writes dx and dresidual); otherwise
+    grad_partials -> merge_sums (finalizing) -> backward_apply, the reduction skipped in
+    evaluation when no parameter gradient is asked, backward_apply when `need_dx` is false
+    (then dx and dresidual are None).
+    """
+    g, tiling, grid = _prepare(x, tiling)
+    dy, residual = _contiguous(dy), _contiguous(residual)
+    dw, db = (None if t is None else torch.empty(g.c, dtype=t, device=x.device) for t in (weight_dtype, bias_dtype))
+    block_c = single_read_block(g, single_read, _sms(x))
+    k = _kernels()
+    with _on_device(x):
+        if block_c is not None:
+            dx = torch.empty_like(x)
+            dres = None if residual is None else torch.empty_like(residual)
+            k.single_read_backward_kernel[(-(-g.c // block_c),)](
+                dy, x, x if residual is None else residual, mean, invstd, scale, shift,
+                dx, dx if dres is None else dres, mean if dw is None else dw, mean if db is None else db,
+                g.c, g.l, g.n * g.l, g.s_n, g.s_c, g.s_l, TRAIN=training, HAS_DW=dw is not None,
+                HAS_DB=db is not None, **_flags(activation, residual),
+                **_single_read_sizes(g, block_c),
+            )
+            return Gradients(dx, dres, dw, db)
+        if training or dw is not None or db is not None:
+            ws = _launch_grad_partials(dy, x, residual, mean, invstd, scale, shift, activation, g, tiling, grid)
+            sums = torch.empty((2, g.c), dtype=mean.dtype, device=x.device)
+            mean_d, mean_d_xhat = torch.empty_like(mean), torch.empty_like(mean)
+            k.merge_sums_kernel[_merge_grid(g.c)](
+                ws, sums, sums if dw is None else dw, sums if db is None else db, mean_d, mean_d_xhat,
+                g.c, grid.programs, g.n * g.l, FINALIZE=True, TRAIN=training, HAS_DW=dw is not None,
+                HAS_DB=db is not None, BLOCK_C=MERGE_BLOCK[0], BLOCK_P=MERGE_BLOCK[1],
+            )
+        else:
+            mean_d = mean_d_xhat = torch.zeros_like(mean)
+        if not need_dx:
+            return Gradients(None, None, dw, db)
+        dx = torch.empty_like(x)
+        dres = None if residual is None else torch.empty_like(residual)
+        _launch_backward_apply(
+            dy, x, residual, mean, invstd, scale, shift, mean_d, mean_d_xhat, dx, dres, activation, g, tiling, grid
+        )
+    return Gradients(dx, dres, dw, db)
+
+
+class _FusedBatchNorm(torch.autograd.Function):
+    """Whole-op batch norm on the N-D input through `forward` and `backward` above.
+
+    Returns (y, mean, invstd, accepted); mean, invstd and accepted are not differentiable
+    (functional reads the first two for the running update). training=False normalizes with
+    the running statistics; `factor` (training only) updates them in place and counts the
+    update in num_batches_tracked (`forward`; accepted is None without it). Double backward
+    (create_graph=True) recomputes the gradients with torch's differentiable ops
+    (aten.differentiable_grads).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, nbt, eps, activation, training, factor):
+        view = layout.canonical(x)
+        res = None if residual is None else layout.canonical(residual, view.kind).data
+        f = forward(
+            view.data, weight, bias, running_mean, running_var, eps, activation, res,
+            training=training, factor=factor, num_batches_tracked=nbt,
+        )  # fmt: skip
+        # Evaluation's double backward needs the running statistics; training's must not see
+        # them (they were just updated, and the batch's statistics normalized).
+        running = (None, None) if training else (running_mean, running_var)
+        ctx.save_for_backward(x, weight, bias, residual, *running, *f.vectors)
+        ctx.kind, ctx.eps, ctx.activation, ctx.training = view.kind, eps, activation, training
+        ctx.mark_non_differentiable(f.mean, f.invstd, *([] if f.accepted is None else [f.accepted]))
+        return layout.restore(f.y, x, view.kind), f.mean, f.invstd, f.accepted
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dinvstd, _daccepted):
+        x, weight, bias, residual, running_mean, running_var, *vectors = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops for double backward
+            grads = differentiable_grads(
+                ctx.needs_input_grad[:4], dy, x, weight, bias, residual, running_mean, running_var, ctx.eps, ctx.activation
+            )  # fmt: skip
+            return (*grads, None, None, None, None, None, None, None)
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        kind = ctx.kind
+        res = None if residual is None else layout.canonical(residual, kind).data
+        grads = backward(
+            layout.canonical(dy, kind).data, layout.canonical(x, kind).data, *vectors, ctx.activation, res,
+            training=ctx.training, weight_dtype=weight.dtype if need_w else None,
+            bias_dtype=bias.dtype if need_b else None, need_dx=need_x or need_r,
+        )  # fmt: skip
+        dx = layout.restore(grads.dx, x, kind) if need_x else None
+        dres = layout.restore(grads.dresidual, residual, kind) if need_r else None
+        return dx, grads.dweight, grads.dbias, dres, None, None, None, None, None, None, None
 
 
 def interpreting() -> bool:
@@ -290,6 +601,29 @@ class TritonBackend(Backend):
 
     def preferred(self, x: Tensor) -> bool:
         return x.device.type == "cuda" and x.dtype in FAST_DTYPES
+
+    # The whole-op hooks (base.py) -------------------------------------------------------
+    @staticmethod
+    def normalize(x, weight, bias, running_mean, running_var, eps, activation, residual):
+        """(y, mean, invstd) with the batch's statistics, or (y, None, None) normalized with
+        the running statistics when they are given (evaluation)."""
+        training = running_mean is None
+        y, mean, invstd, _ = _FusedBatchNorm.apply(
+            x, weight, bias, residual, running_mean, running_var, None, eps, activation, training, None
+        )
+        return (y, mean, invstd) if training else (y, None, None)
+
+    @staticmethod
+    def normalize_updating(
+        x, weight, bias, running_mean, running_var, num_batches_tracked, factor, eps, activation, residual
+    ):
+        """Training batch norm whose kernels also fold the batch into the running statistics
+        in place (weight `factor`, unbiased variance) and count it in num_batches_tracked,
+        guarded on the device (base.py): (y, whether the update was kept, a 0-d bool tensor)."""
+        y, _, _, accepted = _FusedBatchNorm.apply(
+            x, weight, bias, residual, running_mean, running_var, num_batches_tracked, eps, activation, True, factor
+        )
+        return y, accepted
 
     def stats(self, x):
         return stats(x)

@@ -22,6 +22,13 @@ input gives bitwise the same result.
                n = sum n_k, mu = sum n_k mu_k / n, m2 = sum m2_k + sum n_k (mu_k - mu)^2
     gradients: per program sum d and sum d xhat; merged by a fixed-order sum.
 
+The whole op adds no pass of its own: the merge kernels optionally finalize (merge_stats:
+invstd = 1 / sqrt(var + eps), scale = gamma invstd, shift = beta and the candidate running
+statistics; merge_sums: dgamma, dbeta, mean_d, mean_d_xhat), commit_running applies the
+running update's non-finite guard in one program, and the single-read kernels do a whole
+channel block's reduction and elementwise work on one load of x (and dy), for channel
+blocks whose N L values fit in registers: positions r = n L + l of `_column`.
+
 The elementwise kernels (apply, backward apply) walk the tiles in the reverse order of the
 reductions, so the first tiles they re-read are the last ones the reduction read, the
 ones most likely still in L2.
@@ -116,6 +123,16 @@ def _centered_and_d(dy_ptr, x_ptr, res_ptr, offs, mask, mean, scale, shift,
 
 
 @triton.jit
+def _store_grads(dx_ptr, dres_ptr, offs, mask, centered, d, invstd, scale, mean_d, mean_d_xhat,
+                 HAS_RES: tl.constexpr):
+    """Store dx = scale (d - mean_d - xhat mean_d_xhat) and dresidual = d of one tile."""
+    dx = scale * (d - mean_d - centered * invstd * mean_d_xhat)
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if HAS_RES:
+        tl.store(dres_ptr + offs, d.to(dres_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def stats_partials_kernel(
     x_ptr, count_ptr, mean_ptr, m2_ptr,
     C, L, LB, T, s_n, s_c, s_l, TILES,
@@ -151,38 +168,128 @@ def stats_partials_kernel(
 
 
 @triton.jit
+def _scalar(hi, lo, acc: tl.constexpr):
+    """hi + lo in the accumulation dtype: Triton passes Python floats as fp32, so a float
+    reaches an fp64 kernel as the pair (fp32(v), fp32(v - fp32(v))) (triton_gpu._split)."""
+    return tl.zeros([], acc) + hi + lo  # added to an acc zero: computed in acc, fp32 scalar or not
+
+
+@triton.jit
+def _finalize_stats(
+    c, cmask, mean, var, unbiased, w_ptr, b_ptr, rm_ptr, rv_ptr, cand_ptr,
+    mean_out, invstd_out, scale_out, shift_out, eps_hi, eps_lo, f_hi, f_lo, C,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr,
+):
+    """From a channel block's (mean, var): invstd = 1 / sqrt(var + eps), scale = gamma invstd,
+    shift = beta, stored with the mean; with UPDATE the candidate running statistics
+    running + factor (batch - running), the variance's batch value `unbiased`, go to rows 0
+    and 1 of the (2, C) `cand_ptr` (commit_running_kernel keeps them if all are finite).
+    Returns (invstd, scale, shift), each [BLOCK_C]."""
+    acc = mean.dtype
+    invstd = 1.0 / tl.sqrt(var + _scalar(eps_hi, eps_lo, acc))
+    scale = invstd
+    if HAS_W:
+        scale = invstd * tl.load(w_ptr + c, mask=cmask, other=0.0).to(acc)
+    shift = tl.zeros(mean.shape, acc)
+    if HAS_B:
+        shift = tl.load(b_ptr + c, mask=cmask, other=0.0).to(acc)
+    tl.store(mean_out + c, mean, mask=cmask)
+    tl.store(invstd_out + c, invstd, mask=cmask)
+    tl.store(scale_out + c, scale, mask=cmask)
+    tl.store(shift_out + c, shift, mask=cmask)
+    if UPDATE:
+        factor = _scalar(f_hi, f_lo, acc)
+        rm = tl.load(rm_ptr + c, mask=cmask, other=0.0).to(acc)
+        rv = tl.load(rv_ptr + c, mask=cmask, other=0.0).to(acc)
+        tl.store(cand_ptr + c, rm + factor * (mean - rm), mask=cmask)
+        tl.store(cand_ptr + C + c, rv + factor * (unbiased - rv), mask=cmask)
+    return invstd, scale, shift
+
+
+@triton.jit
 def merge_stats_kernel(
     count_ptr, mean_ptr, m2_ptr, count_out, mean_out, m2_out,
-    C, P,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    w_ptr, b_ptr, rm_ptr, rv_ptr, cand_ptr, invstd_out, scale_out, shift_out,
+    C, P, eps_hi, eps_lo, f_hi, f_lo,
+    FINALIZE: tl.constexpr, RUNNING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    UPDATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Merge the (P, C) partials into (C,) statistics, partials taken in order 0..P-1.
 
     Two passes over the partials: the mean first, then m2 around it (exact and stable).
+    Writes (count, mean, m2). With FINALIZE, also the normalization's per-channel vectors
+    (`_finalize_stats`: mean, invstd, scale, shift, and the running update with UPDATE), so
+    that the forward needs no torch op between its launches. With RUNNING (evaluation) there
+    are no partials: mean and var are the running statistics, and only the vectors are written.
     """
-    acc = mean_ptr.dtype.element_ty
+    acc = mean_out.dtype.element_ty
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    n = tl.zeros([BLOCK_C], acc)
-    weighted = tl.zeros([BLOCK_C], acc)
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        offs = p[:, None] * C + c[None, :]
-        mask = (p[:, None] < P) & (c[None, :] < C)
-        n_k = tl.load(count_ptr + offs, mask=mask, other=0.0)
-        n += tl.sum(n_k, axis=0)
-        weighted += tl.sum(n_k * tl.load(mean_ptr + offs, mask=mask, other=0.0), axis=0)
-    mu = weighted / tl.where(n > 0, n, 1.0)
-    m2 = tl.zeros([BLOCK_C], acc)
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        offs = p[:, None] * C + c[None, :]
-        mask = (p[:, None] < P) & (c[None, :] < C)
-        n_k = tl.load(count_ptr + offs, mask=mask, other=0.0)
-        dev = tl.load(mean_ptr + offs, mask=mask, other=0.0) - mu[None, :]
-        m2 += tl.sum(tl.load(m2_ptr + offs, mask=mask, other=0.0) + n_k * dev * dev, axis=0)
-    tl.store(count_out + c, n, mask=c < C)
-    tl.store(mean_out + c, mu, mask=c < C)
-    tl.store(m2_out + c, m2, mask=c < C)
+    cmask = c < C
+    if RUNNING:
+        mu = tl.load(rm_ptr + c, mask=cmask, other=0.0).to(acc)
+        var = tl.load(rv_ptr + c, mask=cmask, other=0.0).to(acc)
+        _finalize_stats(
+            c, cmask, mu, var, var, w_ptr, b_ptr, rm_ptr, rv_ptr, cand_ptr, mean_out, invstd_out,
+            scale_out, shift_out, eps_hi, eps_lo, f_hi, f_lo, C, HAS_W, HAS_B, False,
+        )
+    else:
+        n = tl.zeros([BLOCK_C], acc)
+        weighted = tl.zeros([BLOCK_C], acc)
+        for p0 in range(0, P, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            offs = p[:, None] * C + c[None, :]
+            mask = (p[:, None] < P) & cmask[None, :]
+            n_k = tl.load(count_ptr + offs, mask=mask, other=0.0)
+            n += tl.sum(n_k, axis=0)
+            weighted += tl.sum(n_k * tl.load(mean_ptr + offs, mask=mask, other=0.0), axis=0)
+        mu = weighted / tl.where(n > 0, n, 1.0)
+        m2 = tl.zeros([BLOCK_C], acc)
+        for p0 in range(0, P, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            offs = p[:, None] * C + c[None, :]
+            mask = (p[:, None] < P) & cmask[None, :]
+            n_k = tl.load(count_ptr + offs, mask=mask, other=0.0)
+            dev = tl.load(mean_ptr + offs, mask=mask, other=0.0) - mu[None, :]
+            m2 += tl.sum(tl.load(m2_ptr + offs, mask=mask, other=0.0) + n_k * dev * dev, axis=0)
+        tl.store(count_out + c, n, mask=cmask)
+        tl.store(mean_out + c, mu, mask=cmask)
+        tl.store(m2_out + c, m2, mask=cmask)
+        if FINALIZE:
+            n = tl.where(cmask, n, 2.0)  # lanes past C: not 0 / 0 (numpy would warn in the interpreter)
+            _finalize_stats(
+                c, cmask, mu, m2 / n, m2 / (n - 1), w_ptr, b_ptr, rm_ptr, rv_ptr, cand_ptr, mean_out,
+                invstd_out, scale_out, shift_out, eps_hi, eps_lo, f_hi, f_lo, C, HAS_W, HAS_B, UPDATE,
+            )
+
+
+@triton.jit
+def commit_running_kernel(
+    cand_ptr, rm_ptr, rv_ptr, nbt_ptr, accepted_ptr, C,
+    HAS_NBT: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The non-finite guard of the running update, on the device (grid: one program).
+
+    The (2, C) candidates, rounded to the buffers' dtypes, replace running_mean and
+    running_var only when every one is finite, decided by one sum (finite exactly when every
+    term is, as stats.RunningUpdate decides); then num_batches_tracked += 1. `accepted_ptr`
+    receives the decision (uint8, read as a bool)."""
+    acc = cand_ptr.dtype.element_ty
+    total = tl.zeros([BLOCK_C], acc)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        m = tl.load(cand_ptr + c, mask=c < C, other=0.0).to(rm_ptr.dtype.element_ty)
+        v = tl.load(cand_ptr + C + c, mask=c < C, other=0.0).to(rv_ptr.dtype.element_ty)
+        total += m.to(acc) + v.to(acc)
+    finite = tl.abs(tl.sum(total, axis=0)) < float("inf")  # false for inf and NaN
+    accepted = finite.to(tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        keep = (c < C) & (tl.zeros([BLOCK_C], tl.int32) + accepted > 0)
+        tl.store(rm_ptr + c, tl.load(cand_ptr + c, mask=keep).to(rm_ptr.dtype.element_ty), mask=keep)
+        tl.store(rv_ptr + c, tl.load(cand_ptr + C + c, mask=keep).to(rv_ptr.dtype.element_ty), mask=keep)
+    if HAS_NBT:
+        tl.store(nbt_ptr, tl.load(nbt_ptr) + accepted.to(tl.int64))
+    tl.store(accepted_ptr, accepted.to(tl.uint8))
 
 
 @triton.jit
@@ -216,17 +323,56 @@ def grad_partials_kernel(
 
 
 @triton.jit
-def merge_sums_kernel(ws_ptr, out_ptr, C, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """out[r] = sum over p = 0..P-1 of ws[r, p], for the row r = program_id(1) of (R, P, C)."""
-    acc = ws_ptr.dtype.element_ty
-    r = tl.program_id(1)
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    total = tl.zeros([BLOCK_C], acc)
+def _sum_rows(ws_ptr, r, c, C, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The sum over p = 0..P-1, in that order of blocks, of row r of a (R, P, C) workspace."""
+    total = tl.zeros([BLOCK_C], ws_ptr.dtype.element_ty)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         mask = (p[:, None] < P) & (c[None, :] < C)
         total += tl.sum(tl.load(ws_ptr + (r * P + p[:, None]) * C + c[None, :], mask=mask, other=0.0), axis=0)
-    tl.store(out_ptr + r * C + c, total, mask=c < C)
+    return total
+
+
+@triton.jit
+def _finalize_grads(
+    c, cmask, sum_d, sum_d_xhat, count, dw_ptr, db_ptr,
+    TRAIN: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
+):
+    """Store dgamma = sum d xhat and dbeta = sum d (in their pointers' dtypes) and return
+    (mean_d, mean_d_xhat): the sums / count in training, zeros in evaluation."""
+    if HAS_DW:
+        tl.store(dw_ptr + c, sum_d_xhat.to(dw_ptr.dtype.element_ty), mask=cmask)
+    if HAS_DB:
+        tl.store(db_ptr + c, sum_d.to(db_ptr.dtype.element_ty), mask=cmask)
+    mean_d = tl.zeros_like(sum_d)
+    mean_d_xhat = tl.zeros_like(sum_d)
+    if TRAIN:
+        mean_d = sum_d / count
+        mean_d_xhat = sum_d_xhat / count
+    return mean_d, mean_d_xhat
+
+
+@triton.jit
+def merge_sums_kernel(
+    ws_ptr, out_ptr, dw_ptr, db_ptr, mean_d_out, mean_dx_out, C, P, NL,
+    FINALIZE: tl.constexpr, TRAIN: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """out (2, C) = the (2, P, C) workspace summed over p in order: (sum_d, sum_d_xhat).
+
+    With FINALIZE, also dgamma, dbeta and (mean_d, mean_d_xhat) over NL values per channel
+    (`_finalize_grads`): the backward needs no torch op between its launches."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    sum_d = _sum_rows(ws_ptr, 0, c, C, P, BLOCK_C, BLOCK_P)
+    sum_d_xhat = _sum_rows(ws_ptr, 1, c, C, P, BLOCK_C, BLOCK_P)
+    tl.store(out_ptr + c, sum_d, mask=cmask)
+    tl.store(out_ptr + C + c, sum_d_xhat, mask=cmask)
+    if FINALIZE:
+        count = tl.zeros_like(sum_d) + NL
+        mean_d, mean_d_xhat = _finalize_grads(c, cmask, sum_d, sum_d_xhat, count, dw_ptr, db_ptr, TRAIN, HAS_DW, HAS_DB)
+        tl.store(mean_d_out + c, mean_d, mask=cmask)
+        tl.store(mean_dx_out + c, mean_d_xhat, mask=cmask)
 
 
 @triton.jit
@@ -279,7 +425,77 @@ def backward_apply_kernel(
     for i in range(t0, t1):
         offs, mask, _ = _tile(t0 + t1 - 1 - i, cb, LB, C, L, s_n, s_c, s_l, BLOCK_C, BLOCK_L)
         centered, d = _centered_and_d(dy_ptr, x_ptr, res_ptr, offs, mask, mean, scale, shift, HAS_RES, ACT, LEAKY)
-        dx = scale * (d - mean_d - centered * invstd * mean_d_xhat)
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        if HAS_RES:
-            tl.store(dres_ptr + offs, d.to(dres_ptr.dtype.element_ty), mask=mask)
+        _store_grads(dx_ptr, dres_ptr, offs, mask, centered, d, invstd, scale, mean_d, mean_d_xhat, HAS_RES)
+
+
+# --- the single-read path: a channel block's whole reduction in one program ---------------
+
+
+@triton.jit
+def _column(cb, C, L, NL, s_n, s_c, s_l, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Offsets and mask ([BLOCK_C, BLOCK_R]) of all N L positions r = n L + l of channel block cb."""
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    r = tl.arange(0, BLOCK_R)
+    n = r // L
+    offs = (
+        n.to(tl.int64)[None, :] * s_n
+        + c[:, None].to(tl.int64) * s_c
+        + (r - n * L).to(tl.int64)[None, :] * s_l
+    )
+    return c, offs, (c[:, None] < C) & (r[None, :] < NL)
+
+
+@triton.jit
+def single_read_forward_kernel(
+    x_ptr, res_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, cand_ptr, y_ptr, mean_out, invstd_out, scale_out, shift_out,
+    C, L, NL, s_n, s_c, s_l, eps_hi, eps_lo, f_hi, f_lo,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, LEAKY: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Training forward of BLOCK_C channels whose NL values all fit in registers: x is read
+    once, mean and m2 computed around the mean in registers (exact two-pass arithmetic, one
+    memory pass), the vectors finalized (`_finalize_stats`), y written. Grid: channel blocks."""
+    acc = mean_out.dtype.element_ty
+    c, offs, mask = _column(tl.program_id(0), C, L, NL, s_n, s_c, s_l, BLOCK_C, BLOCK_R)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
+    n = tl.zeros([BLOCK_C], acc) + NL
+    mean = tl.sum(x, axis=1) / n
+    centered = tl.where(mask, x - mean[:, None], 0.0)
+    m2 = tl.sum(centered * centered, axis=1)
+    _, scale, shift = _finalize_stats(
+        c, c < C, mean, m2 / n, m2 / (n - 1), w_ptr, b_ptr, rm_ptr, rv_ptr, cand_ptr, mean_out,
+        invstd_out, scale_out, shift_out, eps_hi, eps_lo, f_hi, f_lo, C, HAS_W, HAS_B, UPDATE,
+    )
+    u = centered * scale[:, None] + shift[:, None]
+    if HAS_RES:
+        u += tl.load(res_ptr + offs, mask=mask, other=0.0).to(acc)
+    tl.store(y_ptr + offs, _activation(u, ACT, LEAKY).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def single_read_backward_kernel(
+    dy_ptr, x_ptr, res_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, dx_ptr, dres_ptr, dw_ptr, db_ptr,
+    C, L, NL, s_n, s_c, s_l,
+    TRAIN: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, LEAKY: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Backward of BLOCK_C channels held in registers: dy and x (and the residual when an
+    activation needs u) read once, the sums reduced in registers, dgamma and dbeta stored
+    (`_finalize_grads`), dx (and dresidual) written. Grid: channel blocks."""
+    c, offs, mask = _column(tl.program_id(0), C, L, NL, s_n, s_c, s_l, BLOCK_C, BLOCK_R)
+    cmask = c < C
+    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0)[:, None]
+    invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0)
+    scale = tl.load(scale_ptr + c, mask=cmask, other=0.0)[:, None]
+    shift = tl.load(shift_ptr + c, mask=cmask, other=0.0)[:, None]
+    centered, d = _centered_and_d(dy_ptr, x_ptr, res_ptr, offs, mask, mean, scale, shift, HAS_RES, ACT, LEAKY)
+    sum_d = tl.sum(d, axis=1)  # masked lanes loaded dy = 0, so d = 0 there
+    sum_d_xhat = tl.sum(d * centered, axis=1) * invstd
+    count = tl.zeros_like(sum_d) + NL
+    mean_d, mean_d_xhat = _finalize_grads(c, cmask, sum_d, sum_d_xhat, count, dw_ptr, db_ptr, TRAIN, HAS_DW, HAS_DB)
+    _store_grads(
+        dx_ptr, dres_ptr, offs, mask, centered, d, invstd[:, None], scale, mean_d[:, None],
+        mean_d_xhat[:, None], HAS_RES,
+    )
