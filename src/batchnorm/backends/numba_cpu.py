@@ -138,6 +138,16 @@ def _grad(dy, u, code, f):
 
 
 @_jit(inline=True)
+def _d(dy, t, a, b, res, has_res, code, f):
+    """d = dy g'(u), the activation's slope at u = t a + b (+ res) recomputed from t = x - m
+    (the backward's two passes both need it; nothing the size of x is saved)."""
+    u = t * a + b
+    if has_res:
+        u += res
+    return _grad(dy, u, code, f)
+
+
+@_jit(inline=True)
 def _specialized(loop, args, has_res, code):
     """loop(args, has_res, code) with `code` made a constant for identity and ReLU: each
     compiles to its own loop with no call inside (which vectorizes; LLVM unswitches the
@@ -318,10 +328,7 @@ def _ncl_grad_sums(args, has_res, code):
             s1, s2 = f(0), f(0)
             for j in range(xr.shape[0]):
                 t = xr[j] - mc
-                u = t * ac + bc
-                if has_res:
-                    u += rr[j]
-                g = _grad(dyr[j], u, code, f)
+                g = _d(dyr[j], t, ac, bc, rr[j], has_res, code, f)
                 s1 += g
                 s2 += g * (t * ic + hc)
             acc[0, c] += float(s1)
@@ -339,10 +346,7 @@ def _ncl_grad_apply(args, has_res, code):
             mc, ac, bc, ic, hc, mdc, mdxc = m[c], a[c], b[c], inv[c], h[c], md[c], mdx[c]
             for j in range(xr.shape[0]):
                 t = xr[j] - mc
-                u = t * ac + bc
-                if has_res:
-                    u += rr[j]
-                g = _grad(dyr[j], u, code, f)
+                g = _d(dyr[j], t, ac, bc, rr[j], has_res, code, f)
                 dxr[j] = ac * (g - mdc - (t * ic + hc) * mdxc)
                 if has_res:
                     drr[j] = g
@@ -443,10 +447,7 @@ def _mc_grad_sums(args, has_res, code):
         xr, dyr, rr = x[r], dy[r], res[r]
         for c in range(xr.shape[0]):
             t = xr[c] - m[c]
-            u = t * a[c] + b[c]
-            if has_res:
-                u += rr[c]
-            g = _grad(dyr[c], u, code, f)
+            g = _d(dyr[c], t, a[c], b[c], rr[c], has_res, code, f)
             s1[c] += g
             s2[c] += g * (t * inv[c] + h[c])
 
@@ -460,10 +461,7 @@ def _mc_grad_apply(args, has_res, code):
         xr, dyr, rr, dxr, drr = x[r], dy[r], res[r], dx[r], dres[r]
         for c in range(xr.shape[0]):
             t = xr[c] - m[c]
-            u = t * a[c] + b[c]
-            if has_res:
-                u += rr[c]
-            g = _grad(dyr[c], u, code, f)
+            g = _d(dyr[c], t, a[c], b[c], rr[c], has_res, code, f)
             dxr[c] = a[c] * (g - md[c] - (t * inv[c] + h[c]) * mdx[c])
             if has_res:
                 drr[c] = g
