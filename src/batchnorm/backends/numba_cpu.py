@@ -148,10 +148,24 @@ def _d(dy, t, a, b, res, has_res, code, f):
 
 
 @_jit(inline=True)
+def _dx(d, t, a, inv, h, mean_d, mean_dxh):
+    """dx = a (d - mean_d - xhat mean_dxh), xhat = t inv + h."""
+    return a * (d - mean_d - (t * inv + h) * mean_dxh)
+
+
+@_jit(inline=True)
 def _specialized(loop, args, has_res, code):
-    """loop(args, has_res, code) with `code` made a constant for identity and ReLU: each
-    compiles to its own loop with no call inside (which vectorizes; LLVM unswitches the
-    loop-invariant `has_res`); the smooth activations share one loop."""
+    """loop(args, has_res, code) with `has_res` made a constant, and `code` too for identity
+    and ReLU: each compiles to its own loops with no call and no residual test inside
+    (which vectorize); the smooth activations share one loop per `has_res`."""
+    if has_res:
+        return _by_code(loop, args, True, code)
+    return _by_code(loop, args, False, code)
+
+
+@_jit(inline=True)
+def _by_code(loop, args, has_res, code):
+    """`_specialized`'s second half: `code` a constant for identity and ReLU."""
     if code == 0:
         return loop(args, has_res, 0)
     if code == 1:
@@ -344,12 +358,18 @@ def _ncl_grad_apply(args, has_res, code):
         for c in range(c0, c1):
             xr, dyr, rr, dxr, drr = x[n, c], dy[n, c], res[n, c], dx[n, c], dres[n, c]
             mc, ac, bc, ic, hc, mdc, mdxc = m[c], a[c], b[c], inv[c], h[c], md[c], mdx[c]
-            for j in range(xr.shape[0]):
-                t = xr[j] - mc
-                g = _d(dyr[j], t, ac, bc, rr[j], has_res, code, f)
-                dxr[j] = ac * (g - mdc - (t * ic + hc) * mdxc)
-                if has_res:
-                    drr[j] = g
+            if has_res and xr.shape[0] >= _LANES:  # see `_mc_grad_apply`
+                for j in range(xr.shape[0]):
+                    drr[j] = _d(dyr[j], xr[j] - mc, ac, bc, rr[j], True, code, f)
+                for j in range(xr.shape[0]):
+                    dxr[j] = _dx(drr[j], xr[j] - mc, ac, ic, hc, mdc, mdxc)
+            else:
+                for j in range(xr.shape[0]):
+                    t = xr[j] - mc
+                    g = _d(dyr[j], t, ac, bc, rr[j], has_res, code, f)
+                    dxr[j] = _dx(g, t, ac, ic, hc, mdc, mdxc)
+                    if has_res:
+                        drr[j] = g
 
 
 @_jit(parallel=True)
@@ -459,12 +479,22 @@ def _mc_grad_apply(args, has_res, code):
     f = x.dtype.type
     for r in range(lo, hi):
         xr, dyr, rr, dxr, drr = x[r], dy[r], res[r], dx[r], dres[r]
-        for c in range(xr.shape[0]):
-            t = xr[c] - m[c]
-            g = _d(dyr[c], t, a[c], b[c], rr[c], has_res, code, f)
-            dxr[c] = a[c] * (g - md[c] - (t * inv[c] + h[c]) * mdx[c])
-            if has_res:
-                drr[c] = g
+        if has_res and xr.shape[0] >= _LANES:
+            # With a residual the fused loop loads five arrays and stores two: LLVM gives up
+            # vectorizing it (too many runtime alias checks), 2-3x slower per value. Two loops
+            # (d into dres; dx from it while the row is in L1) each vectorize; on rows shorter
+            # than _LANES the second loop's overhead outweighs it (design notes, step 19).
+            for c in range(xr.shape[0]):
+                drr[c] = _d(dyr[c], xr[c] - m[c], a[c], b[c], rr[c], True, code, f)
+            for c in range(xr.shape[0]):
+                dxr[c] = _dx(drr[c], xr[c] - m[c], a[c], inv[c], h[c], md[c], mdx[c])
+        else:
+            for c in range(xr.shape[0]):
+                t = xr[c] - m[c]
+                g = _d(dyr[c], t, a[c], b[c], rr[c], has_res, code, f)
+                dxr[c] = _dx(g, t, a[c], inv[c], h[c], md[c], mdx[c])
+                if has_res:
+                    drr[c] = g
 
 
 @_jit(parallel=True)
