@@ -50,6 +50,7 @@ from .. import activations, layout
 from ..reference import acc_dtype
 from .aten import differentiable_grads
 from .base import Backend
+from .output_pool import OutputPool
 
 try:
     import numba
@@ -68,6 +69,7 @@ _HUGE_BYTES = 1 << 25  # outputs from this size use numpy's allocator (`_empty_l
 _FASTMATH = {"reassoc", "contract"}  # never nnan/ninf/afn: NaN and Inf must propagate
 _ACT_CODE = {name: code for code, name in enumerate(activations.NAMES)}
 _DTYPES = (torch.float32, torch.float64)
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
 #: Measured crossover (docs/benchmarks.md, docs/bench/design_notes.md step 10): on the
 #: (N, 64, L) fp32 BN + ReLU forward + backward sweep, aten / numba was 0.69-0.84 from 4k to
@@ -557,14 +559,23 @@ def _vec(t: Tensor | None, channels: int, dtype: torch.dtype, fill: float) -> np
     return _np(t.detach().to(dtype))
 
 
-def _empty_like(a: np.ndarray) -> np.ndarray:
-    """An uninitialized array like `a`. numpy asks the OS for huge pages on large arrays
-    (madvise); below glibc's largest mmap threshold (32 MiB) that memory is often reused heap
-    where first-touching it cost ~20 ms per 16 MB here, so those come from torch's allocator;
+def _allocate(count: int, dtype: np.dtype) -> np.ndarray:
+    """A new 1-D array. numpy asks the OS for huge pages on large arrays (madvise); below
+    glibc's largest mmap threshold (32 MiB) that memory is often reused heap where
+    first-touching it cost ~20 ms per 16 MB here, so those come from torch's allocator;
     above, numpy's fresh huge-page mappings fault 10x less (design_notes.md, step 12)."""
-    if a.nbytes < _HUGE_BYTES:
-        return torch.empty_like(torch.from_numpy(a)).numpy()
-    return np.empty_like(a)
+    if count * dtype.itemsize < _HUGE_BYTES:
+        return torch.empty(count, dtype=_TORCH_DTYPES[dtype]).numpy()
+    return np.empty(count, dtype)
+
+
+#: Our large outputs are reused from step to step (output_pool.py, design notes step 20).
+OUTPUTS = OutputPool(_allocate)
+
+
+def _empty_like(a: np.ndarray) -> np.ndarray:
+    """An uninitialized array like `a` (C-contiguous), from the output pool."""
+    return OUTPUTS.empty(a.shape, a.dtype)
 
 
 def _mc_scratch(xv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
