@@ -294,7 +294,7 @@ def _ncl_normalize(args, has_res, code):
     """y[:, c] = g((x[:, c] - m) a + b (+ res[:, c])) for the channels c0:c1."""
     x, res, y, c0, c1, m, a, b = args
     f = x.dtype.type
-    for n in range(x.shape[0]):
+    for n in range(x.shape[0] - 1, -1, -1):  # last rows first: the statistics read them last
         for c in range(c0, c1):
             xr, rr, yr, mc, ac, bc = x[n, c], res[n, c], y[n, c], m[c], a[c], b[c]
             for j in range(xr.shape[0]):
@@ -356,7 +356,7 @@ def _ncl_grad_apply(args, has_res, code):
     """dx[:, c] = a (d - mean_d - xhat mean_dxh), dres[:, c] = d, for the channels c0:c1."""
     dy, x, res, dx, dres, c0, c1, m, a, b, inv, h, md, mdx = args
     f = x.dtype.type
-    for n in range(x.shape[0]):
+    for n in range(x.shape[0] - 1, -1, -1):  # last rows first: the reduction read them last
         for c in range(c0, c1):
             xr, dyr, rr, dxr, drr = x[n, c], dy[n, c], res[n, c], dx[n, c], dres[n, c]
             mc, ac, bc, ic, hc, mdc, mdxc = m[c], a[c], b[c], inv[c], h[c], md[c], mdx[c]
