@@ -160,20 +160,21 @@ def train(rank: int, world: int, cfg: Config, port: int | None = None) -> dict |
                 losses.append(_step(ddp, opt, x_tr[mine], y_tr[mine], world, len(idx)))
                 times.append(time.perf_counter() - start)
                 progress.advance(task)
-        if rank != 0:
-            return None
-        model.eval()
-        with torch.no_grad():
-            accuracy = float((model(x_te).argmax(1) == y_te).float().mean())
-        metrics = dict(
-            world_size=world, sync_bn=cfg.sync_bn, steps=cfg.steps, batch_size=cfg.batch_size,
-            test_accuracy=accuracy, final_loss_rank0=losses[-1],
-            step_ms_median=1e3 * statistics.median(times[WARMUP_STEPS:] or times),
-        )
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "config": asdict(cfg)}, out / "checkpoint.pt")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        metrics = None
+        if rank == 0:
+            model.eval()
+            with torch.no_grad():
+                accuracy = float((model(x_te).argmax(1) == y_te).float().mean())
+            metrics = dict(
+                world_size=world, sync_bn=cfg.sync_bn, steps=cfg.steps, batch_size=cfg.batch_size,
+                test_accuracy=accuracy, final_loss_rank0=losses[-1],
+                step_ms_median=1e3 * statistics.median(times[WARMUP_STEPS:] or times),
+            )
+            out = Path(cfg.out)
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "config": asdict(cfg)}, out / "checkpoint.pt")
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        _leave_together(world)
         return metrics
     finally:
         if dist.is_initialized():
@@ -206,16 +207,25 @@ def bench(rank: int, world: int, cfg: Config, port: int | None = None) -> dict |
                     step_ms_median=1e3 * statistics.median(times[WARMUP_STEPS:]),
                     step_ms_best=1e3 * min(times[WARMUP_STEPS:]), bn_all_reduce_per_step=calls,
                 ))
-        if rank != 0:
-            return None
-        result = dict(world_size=world, batch_size=cfg.batch_size, steps=cfg.steps, rows=rows)
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(result, indent=2))
+        result = None
+        if rank == 0:
+            result = dict(world_size=world, batch_size=cfg.batch_size, steps=cfg.steps, rows=rows)
+            out = Path(cfg.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "bench.json").write_text(json.dumps(result, indent=2))
+        _leave_together(world)
         return result
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _leave_together(world: int) -> None:
+    """Wait until every rank is done before the process group is torn down: a rank that
+    destroyed its gloo group while rank 0 was still saving was aborted (SIGABRT,
+    "terminate called without an active exception"), about one run in four."""
+    if world > 1:
+        dist.barrier()
 
 
 def _count_all_reduce(fn) -> int:

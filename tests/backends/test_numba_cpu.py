@@ -374,3 +374,11 @@ def test_non_finite_values_propagate(fmt):
     y_ref = F.batch_norm(x, rmean, rvar, training=False, activation="relu", backend="reference")
     assert (y[at] == float("inf")).all() and (y[at2] == 0).all()
     assert torch.equal(torch.isfinite(y), torch.isfinite(y_ref))
+
+
+def test_normalize_updating_refuses_one_value_per_channel():
+    """No unbiased variance from one value: nothing is updated (functional raises before)."""
+    x = torch.randn(1, 3, 1)
+    rmean, rvar = torch.zeros(3), torch.ones(3)
+    _, accepted = BE.normalize_updating(x, None, None, rmean, rvar, None, 0.1, 1e-5, None, None)
+    assert accepted is False and torch.equal(rmean, torch.zeros(3)) and torch.equal(rvar, torch.ones(3))

@@ -203,9 +203,10 @@ def _set_params(c, mean, m2c, count, eps, gamma, beta, m, a, b, inv, h, m2):
 def _fold_running(acc, count, update, factor, running_mean, running_var):
     """Whether every channel's float64 mean acc[0] and m2 acc[1] is finite; if so and
     `update`, fold them into the running statistics as torch does (weight `factor` for the
-    batch, the variance unbiased: m2 / (count - 1), count >= 2). A non-finite batch leaves
-    them untouched (the guard of DESIGN.md, decided here rather than by a snapshot)."""
-    finite = True
+    batch, the variance unbiased: m2 / (count - 1)). A non-finite batch, or one value per
+    channel (no unbiased variance; functional refuses it earlier), leaves them untouched (the
+    guard of DESIGN.md, decided here rather than by a snapshot)."""
+    finite = count >= 2
     for c in range(acc.shape[1]):
         finite = finite and math.isfinite(acc[0, c]) and math.isfinite(acc[1, c])
     if finite and update:
