@@ -1,7 +1,8 @@
 """The `numba` backend: fused CPU kernels for fp32 and fp64, in as few passes over memory as possible.
 
 Two kernels per canonical view (`layout.py`), each a `parallel=True`, cached numba function,
-compiled once per dtype:
+compiled once per dtype, and the same functions compiled without threads for inputs under
+`PARALLEL_NUMEL` elements (`_serial`; the same arithmetic, so the same bits):
 
 - forward: per-channel statistics (optional) and y = g((x - m) a + b + residual);
 - backward: the reductions (sum_d, sum_d_xhat) (optional) and
@@ -18,8 +19,9 @@ and `shift`: it maps onto the same kernels with m = mean, a = scale, b = shift, 
 Layouts and the order of work (fixed by the shape, never by the thread count, so results
 are bitwise the same with 1 or 2 threads):
 
-- `(N, C, L)`: a channel is N rows of L contiguous values; one thread owns a channel. Its
-  statistics merge (Chan's formula, in order) blocks of about `_BLOCK` values (a piece of a
+- `(N, C, L)`: a channel is N rows of L contiguous values; one thread owns a channel (a
+  group of consecutive channels when rows are short, `_ncl_group`, so that each example's
+  part is one contiguous run for the prefetcher). Its statistics merge (Chan's formula, in order) blocks of about `_BLOCK` values (a piece of a
   long row, or several short rows), each summed in one pass as x - (the block's first
   value), rows shorter than `_LANES` into per-position lanes; in training the channel is
   normalized right after, while its slice is still in L2: forward reads x once from memory
@@ -34,8 +36,11 @@ multiply-adds, NaN and Inf still propagate. Each loop is compiled once per (resi
 activation) case that matters (`_specialized`): identity and ReLU get branch-free vector
 loops; the smooth activations are computed in float64 and rounded once.
 
-`normalize` is the whole-op hook (base.py): one forward kernel call, one backward kernel
-call, its own autograd; double backward goes through torch's differentiable ops (aten).
+`normalize` and `normalize_updating` are the whole-op hooks (base.py): one forward kernel
+call (which, in training, also folds the batch into the running statistics, guarded:
+`_fold_running`), one backward kernel call, their own autograd; double backward goes through
+torch's differentiable ops (aten). Large outputs come from `OUTPUTS` (output_pool.py), which
+reuses their memory from step to step instead of faulting in fresh pages.
 """
 
 from __future__ import annotations

@@ -40,7 +40,8 @@ class OutputPool:
         self.budget, self.min_bytes = budget, min_bytes
         self._free: dict[tuple[np.dtype, int], list[np.ndarray]] = {}
         self._idle = 0
-        self._lock = threading.Lock()
+        # Reentrant: a finalizer may run (an array dying) on this thread inside a locked region.
+        self._lock = threading.RLock()
 
     @property
     def idle_bytes(self) -> int:
