@@ -9,6 +9,7 @@ kernel forgets to write fails the NaN check in `close`.
 from __future__ import annotations
 
 import contextlib
+import gc
 
 import pytest
 import torch
@@ -382,3 +383,30 @@ def test_normalize_updating_refuses_one_value_per_channel():
     rmean, rvar = torch.zeros(3), torch.ones(3)
     _, accepted = BE.normalize_updating(x, None, None, rmean, rvar, None, 0.1, 1e-5, None, None)
     assert accepted is False and torch.equal(rmean, torch.zeros(3)) and torch.equal(rvar, torch.ones(3))
+
+
+def test_plain_evaluation_runs_where_it_is_faster():
+    """Below _HUGE_BYTES plain evaluation is torch's own pass (bitwise aten's); above, the
+    numba kernel, whose output comes from the pool (checked against the float64 formula)."""
+    gen = torch.Generator().manual_seed(8)
+    rmean, rvar, w, b = torch.randn(4, generator=gen), torch.rand(4, generator=gen) + 0.5, torch.rand(4) + 0.5, torch.randn(4)
+    small = torch.randn(2, 4, 100, generator=gen)
+    y = BE.normalize(small, w, b, rmean, rvar, 1e-5, None, None)[0]
+    assert torch.equal(y, backends.get("aten").normalize(small, w, b, rmean, rvar, 1e-5, None, None)[0])
+    big = torch.randn(2, 4, numba_cpu._HUGE_BYTES // 32 + 1, generator=gen)
+    with torch.no_grad():
+        y = BE.normalize(big, w, b, rmean, rvar, 1e-5, None, None)[0]
+    scale, shift = (w / torch.sqrt(rvar + 1e-5)).double(), b.double()
+    want = (big.double() - rmean.double()[:, None]) * scale[:, None] + shift[:, None]
+    close(y, want, torch.float32)
+    idle = numba_cpu.OUTPUTS.idle_bytes
+    del y
+    gc.collect()
+    assert numba_cpu.OUTPUTS.idle_bytes == idle + big.numel() * 4  # it was the pool's: numba ran
+
+
+def test_serial_and_parallel_kernels_have_their_own_compiled_cache():
+    """numba keys its on-disk cache by name and line: a shared entry would make the parallel
+    dispatcher load the serial machine code whenever that was compiled first."""
+    for parallel, serial in numba_cpu._KERNELS.values():
+        assert parallel._cache._cache_file._index_path != serial._cache._cache_file._index_path

@@ -46,6 +46,7 @@ reuses their memory from step to step instead of faulting in fresh pages.
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ from torch import Tensor
 
 from .. import activations, layout
 from ..reference import acc_dtype
-from .aten import differentiable_grads
+from .aten import AtenBackend, differentiable_grads
 from .base import Backend
 from .output_pool import OutputPool
 
@@ -541,7 +542,15 @@ def _serial(kernel):
     """The same kernel compiled without threads (prange runs as range): for small inputs, where
     a parallel region costs more than it saves and, on a loaded machine, waits for a
     descheduled thread (milliseconds)."""
-    return kernel if numba is None else _jit()(kernel.py_func)
+    if numba is None:
+        return kernel
+    fn = kernel.py_func
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
+    # numba's on-disk cache is keyed by qualified name and line, not by `parallel`: under the
+    # same name the parallel dispatcher would load the serial machine code (and run on one
+    # thread) whenever the serial one was compiled first.
+    copy.__qualname__ = fn.__qualname__ + "_serial"
+    return _jit()(copy)
 
 
 #: (parallel, serial) versions of each kernel; `_kernel` picks one by size.
@@ -732,7 +741,15 @@ class NumbaBackend(Backend):
 
     @staticmethod
     def normalize(x, weight, bias, running_mean, running_var, eps, activation, residual):
-        """Whole-op batch norm (base.py): (y, mean, invstd), or (y, None, None) with running stats."""
+        """Whole-op batch norm (base.py): (y, mean, invstd), or (y, None, None) with running stats.
+
+        Plain evaluation (no activation, no residual) is one affine pass with nothing to fuse:
+        below _HUGE_BYTES torch's own pass is as fast and costs less to call, so it runs
+        there; above, every fresh output is a new mapping that torch's pass faults in page by
+        page, and ours, from the output pool, does not (design notes, step 22)."""
+        plain_eval = running_mean is not None and activation is None and residual is None
+        if plain_eval and x.numel() * x.element_size() < _HUGE_BYTES:
+            return AtenBackend.normalize(x, weight, bias, running_mean, running_var, eps, None, None)
         y, mean, invstd = _FusedBatchNorm.apply(
             x, weight, bias, residual, running_mean, running_var, eps, activation, None, None
         )
