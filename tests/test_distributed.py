@@ -61,7 +61,7 @@ def _entry(rank: int, port: int, plan: list, outdir: str) -> None:
             results[size] = [TASKS[name](rank, size, groups.get(size), arg) for name, arg in tasks]
         dist.barrier()
     torch.save(results, Path(outdir) / f"rank{rank}.pt")
-    dist.barrier()  # leave together (train._leave_together says why)
+    dist.barrier()  # leave together (train._group says why)
     dist.destroy_process_group()
 
 

@@ -23,6 +23,7 @@ without DDP's buffer broadcast, and counts SyncBatchNorm's collectives per step
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -101,8 +102,13 @@ def torchrun_env() -> tuple[int, int] | None:
     return None
 
 
-def _join_group(rank: int, world: int, port: int | None) -> None:
-    """gloo group: on localhost:port when spawned by us, from torchrun's environment otherwise.
+@contextlib.contextmanager
+def _group(rank: int, world: int, port: int | None):
+    """The gloo group for the body of the `with`: on localhost:port when spawned by us, from
+    torchrun's environment otherwise. On a normal exit every rank waits for the others
+    before the group is torn down: a rank that destroyed its group while rank 0 was still
+    saving was aborted (SIGABRT, "terminate called without an active exception"), about one
+    run in four. The group is destroyed on every exit.
 
     Each process gets its share of the cores, in torch's thread pool and in numba's (the
     numba backend's kernels are parallel): oversubscribed pools spin against each other
@@ -113,6 +119,13 @@ def _join_group(rank: int, world: int, port: int | None) -> None:
     if world > 1:
         init = "env://" if port is None else f"tcp://127.0.0.1:{port}"
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=GLOO_TIMEOUT)
+    try:
+        yield
+        if world > 1:
+            dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _wrap(model: torch.nn.Module, world: int, broadcast_buffers: bool) -> torch.nn.Module:
@@ -143,8 +156,7 @@ def train(rank: int, world: int, cfg: Config, port: int | None = None) -> dict |
     """Train on this process's slices; rank 0 evaluates, saves, and returns the metrics."""
     from rich.progress import Progress
 
-    _join_group(rank, world, port)
-    try:
+    with _group(rank, world, port):
         x_tr, y_tr, x_te, y_te = load_digits()
         model = build_model(cfg.sync_bn, cfg.seed)
         # SyncBatchNorm keeps the running statistics equal on every process; local batch
@@ -160,32 +172,27 @@ def train(rank: int, world: int, cfg: Config, port: int | None = None) -> dict |
                 losses.append(_step(ddp, opt, x_tr[mine], y_tr[mine], world, len(idx)))
                 times.append(time.perf_counter() - start)
                 progress.advance(task)
-        metrics = None
-        if rank == 0:
-            model.eval()
-            with torch.no_grad():
-                accuracy = float((model(x_te).argmax(1) == y_te).float().mean())
-            metrics = dict(
-                world_size=world, sync_bn=cfg.sync_bn, steps=cfg.steps, batch_size=cfg.batch_size,
-                test_accuracy=accuracy, final_loss_rank0=losses[-1],
-                step_ms_median=1e3 * statistics.median(times[WARMUP_STEPS:] or times),
-            )
-            out = Path(cfg.out)
-            out.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": model.state_dict(), "config": asdict(cfg)}, out / "checkpoint.pt")
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        _leave_together(world)
+        if rank != 0:
+            return None  # leaving the `with` waits for rank 0 (`_group`)
+        model.eval()
+        with torch.no_grad():
+            accuracy = float((model(x_te).argmax(1) == y_te).float().mean())
+        metrics = dict(
+            world_size=world, sync_bn=cfg.sync_bn, steps=cfg.steps, batch_size=cfg.batch_size,
+            test_accuracy=accuracy, final_loss_rank0=losses[-1],
+            step_ms_median=1e3 * statistics.median(times[WARMUP_STEPS:] or times),
+        )
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "config": asdict(cfg)}, out / "checkpoint.pt")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return metrics
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def bench(rank: int, world: int, cfg: Config, port: int | None = None) -> dict | None:
     """Median DDP step time with SyncBatchNorm and with local batch norm, each with and
     without DDP's buffer broadcast, plus SyncBatchNorm's all_reduce calls per step."""
-    _join_group(rank, world, port)
-    try:
+    with _group(rank, world, port):
         x_tr, y_tr, _, _ = load_digits()
         rows = []
         for sync_bn in (False, True):
@@ -207,25 +214,13 @@ def bench(rank: int, world: int, cfg: Config, port: int | None = None) -> dict |
                     step_ms_median=1e3 * statistics.median(times[WARMUP_STEPS:]),
                     step_ms_best=1e3 * min(times[WARMUP_STEPS:]), bn_all_reduce_per_step=calls,
                 ))
-        result = None
-        if rank == 0:
-            result = dict(world_size=world, batch_size=cfg.batch_size, steps=cfg.steps, rows=rows)
-            out = Path(cfg.out)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "bench.json").write_text(json.dumps(result, indent=2))
-        _leave_together(world)
+        if rank != 0:
+            return None  # leaving the `with` waits for rank 0 (`_group`)
+        result = dict(world_size=world, batch_size=cfg.batch_size, steps=cfg.steps, rows=rows)
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(result, indent=2))
         return result
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _leave_together(world: int) -> None:
-    """Wait until every rank is done before the process group is torn down: a rank that
-    destroyed its gloo group while rank 0 was still saving was aborted (SIGABRT,
-    "terminate called without an active exception"), about one run in four."""
-    if world > 1:
-        dist.barrier()
 
 
 def _count_all_reduce(fn) -> int:

@@ -164,7 +164,7 @@ def _ranks_entry(rank: int, port: int, sizes: list[int], out: str) -> None:
     mine = batches[: len(batches) // 2] if rank == 0 else batches[len(batches) // 2 :]
     recalibrate(net, mine, progress=False)
     torch.save(net.state_dict(), f"{out}/rank{rank}.pt")
-    dist.barrier()  # leave together (train._leave_together says why)
+    dist.barrier()  # leave together (train._group says why)
     dist.destroy_process_group()
 
 
