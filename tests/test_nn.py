@@ -188,6 +188,29 @@ def test_lazy_modules_become_ours(lazy, eager, shape):
     assert isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
 
 
+def test_parametrized_weight_is_read_through_the_parametrization():
+    """The module reads its tensors from nn.Module's tables for speed; a parametrized weight is
+    not in them and must still be used (and trained) as torch's module uses it."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    ours, theirs = bn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    for m in (ours, theirs):
+        parametrize.register_parametrization(m, "weight", Doubled())
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    ya, yb = ours(x), theirs(x)
+    torch.testing.assert_close(ya, yb)
+    torch.testing.assert_close(ya, 2 * (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5))
+    dy = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+    (ya * dy).sum().backward()
+    (yb * dy).sum().backward()
+    grad = ours.parametrizations.weight.original.grad
+    torch.testing.assert_close(grad, theirs.parametrizations.weight.original.grad)
+
+
 def test_isinstance_of_torch_classes():
     assert isinstance(bn.BatchNorm2d(3), torch.nn.BatchNorm2d)
     assert isinstance(bn.BatchNorm1d(3), torch.nn.BatchNorm1d)

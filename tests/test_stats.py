@@ -51,16 +51,28 @@ def test_cumulative_average_with_momentum_none():
     torch.testing.assert_close(rv, torch.stack([x.var(0) for x in xs]).mean(0))
 
 
+# fp32/fp64 buffers are guarded through numpy views, bf16 ones through torch ops.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_batch_leaves_running_stats_untouched(bad):
+def test_non_finite_batch_leaves_running_stats_untouched(bad, dtype):
     x = torch.randn(8, 3, dtype=torch.float64)
     x[2, 1] = bad
-    rm, rv, nbt = torch.full((3,), 0.5, dtype=torch.float64), torch.full((3,), 2.0, dtype=torch.float64), torch.tensor(4)
+    old_mean, old_var = torch.tensor([0.5, -1.25, 3.0], dtype=dtype), torch.tensor([2.0, 0.75, 9.5], dtype=dtype)
+    rm, rv, nbt = old_mean.clone(), old_var.clone(), torch.tensor(4)
     accepted = update_running(rm, rv, _stats_of(x).mean, _stats_of(x).unbiased_var, 0.1, nbt)
-    assert not bool(accepted)
-    assert torch.equal(rm, torch.full((3,), 0.5, dtype=torch.float64))
-    assert torch.equal(rv, torch.full((3,), 2.0, dtype=torch.float64))
+    assert accepted is False
+    assert torch.equal(rm, old_mean) and torch.equal(rv, old_var)
     assert int(nbt) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_finite_batch_is_kept_and_counted(dtype):
+    x = torch.randn(8, 3, dtype=torch.float64)
+    rm, rv, nbt = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype), torch.tensor(4)
+    accepted = update_running(rm, rv, _stats_of(x).mean, _stats_of(x).unbiased_var, 0.1, nbt)
+    assert accepted is True and int(nbt) == 5
+    torch.testing.assert_close(rm, (0.1 * x.mean(0)).to(dtype))
+    torch.testing.assert_close(rv, (0.9 + 0.1 * x.var(0)).to(dtype))
 
 
 def test_guard_counts_and_warns_once():

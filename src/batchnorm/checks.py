@@ -50,24 +50,25 @@ def check_ndim(x: Tensor, allowed: tuple[int, ...], layer: str) -> None:
 
 def check_per_channel(x: Tensor, **tensors: Tensor | None) -> None:
     """Each given (C,) tensor has C elements, a floating dtype usable with x, and x's device."""
-    c = x.shape[1]
+    c, dtype, device = x.shape[1], x.dtype, x.device
     for name, t in tensors.items():
         if t is None:
             continue
         if t.numel() != c:
             raise ValueError(f"{name} has {t.numel()} elements but the input has {c} channels")
-        if t.device != x.device:
+        if t.device != device:
             raise ValueError(
-                f"{name} is on {t.device} but the input is on {x.device}; move the module "
-                f"with .to({str(x.device)!r}) or the input with .to({str(t.device)!r})"
+                f"{name} is on {t.device} but the input is on {device}; move the module "
+                f"with .to({str(device)!r}) or the input with .to({str(t.device)!r})"
             )
+        if t.dtype is dtype or t.dtype is torch.float32:  # the common case, decided at once
+            continue
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
-        if t.dtype != x.dtype and t.dtype != torch.float32:
-            raise TypeError(
-                f"{name} is {t.dtype} but the input is {x.dtype}; parameters and buffers must "
-                "match the input's dtype, or be float32 for float16/bfloat16 input"
-            )
+        raise TypeError(
+            f"{name} is {t.dtype} but the input is {dtype}; parameters and buffers must "
+            "match the input's dtype, or be float32 for float16/bfloat16 input"
+        )
 
 
 def check_residual(x: Tensor, residual: Tensor | None) -> None:

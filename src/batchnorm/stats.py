@@ -22,6 +22,7 @@ import math
 import warnings
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -76,6 +77,14 @@ def momentum_factor(momentum: float | None, num_batches_tracked: Tensor | None) 
     return 1.0 / (float(num_batches_tracked) + 1.0)
 
 
+_NUMPY_DTYPES = (torch.float32, torch.float64)
+
+
+def _numpy_viewable(t: Tensor) -> bool:
+    """Whether `t.numpy()` is a view of t's memory we may write (CPU, fp32/fp64, no autograd)."""
+    return t.is_cpu and not t.requires_grad and t.dtype in _NUMPY_DTYPES
+
+
 class RunningUpdate:
     """The non-finite guard around an in-place update of the running statistics.
 
@@ -84,35 +93,53 @@ class RunningUpdate:
     counts it; otherwise the buffers get their old values back, exactly. Only per-channel
     statistics are looked at, never the input. Whoever updates in between (our lerp, or
     torch's own kernel) needs to know nothing of the guard.
+
+    On the CPU (fp32/fp64 buffers) the snapshot and the check go through numpy views of the
+    buffers: on (C,) vectors a numpy call costs a fraction of a torch op's dispatch, and this
+    runs on every training step (design notes, step 24).
     """
 
-    __slots__ = ("running_mean", "running_var", "num_batches_tracked", "old_mean", "old_var")
+    __slots__ = ("running_mean", "running_var", "num_batches_tracked", "old_mean", "old_var", "views")
 
     def __init__(self, running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None):
         self.running_mean, self.running_var = running_mean, running_var
         self.num_batches_tracked = num_batches_tracked
-        self.old_mean, self.old_var = running_mean.clone(), running_var.clone()
+        if _numpy_viewable(running_mean) and _numpy_viewable(running_var):
+            self.views = (running_mean.numpy(), running_var.numpy())
+            self.old_mean, self.old_var = self.views[0].copy(), self.views[1].copy()
+        else:
+            self.views = None
+            self.old_mean, self.old_var = running_mean.clone(), running_var.clone()
 
     def commit(self) -> bool | Tensor:
         """True (a 0-d bool tensor on an accelerator) when the update was kept."""
-        # One reduction decides: the sum is finite exactly when every value is (short of an
+        # One reduction decides: a sum is finite exactly when every value is (short of an
         # overflow of the sum itself, at values no running statistic should take anyway).
-        total = self.running_mean.sum() + self.running_var.sum()
-        nbt = self.num_batches_tracked
-        if total.device.type == "cpu":  # deciding on the host costs nothing here
-            accepted = math.isfinite(float(total))
-            if accepted and nbt is not None:
-                nbt.add_(1)
-            elif not accepted:
+        if self.views is not None:
+            accepted = math.isfinite(np.add.reduce(self.views[0]) + np.add.reduce(self.views[1]))
+        else:
+            total = self.running_mean.sum() + self.running_var.sum()
+            if total.device.type != "cpu":
+                return self._commit_on_device(total)
+            accepted = math.isfinite(float(total))  # deciding on the host costs nothing here
+        if not accepted:
+            if self.views is not None:
+                np.copyto(self.views[0], self.old_mean)
+                np.copyto(self.views[1], self.old_var)
+            else:
                 self.running_mean.copy_(self.old_mean)
                 self.running_var.copy_(self.old_var)
-            return accepted
-        # On an accelerator, decide on the device: no host synchronization in the step.
+        elif self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        return accepted
+
+    def _commit_on_device(self, total: Tensor) -> Tensor:
+        """On an accelerator, decide on the device: no host synchronization in the step."""
         accepted = torch.isfinite(total)
         self.running_mean.copy_(torch.where(accepted, self.running_mean, self.old_mean))
         self.running_var.copy_(torch.where(accepted, self.running_var, self.old_var))
-        if nbt is not None:
-            nbt.add_(accepted.to(nbt.dtype))
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(accepted.to(self.num_batches_tracked.dtype))
         return accepted
 
 

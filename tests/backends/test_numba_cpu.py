@@ -278,6 +278,27 @@ def test_normalize_updating_leaves_the_running_statistics_for_a_non_finite_batch
     assert torch.isfinite(y[:, :2]).all() and not torch.isfinite(y[:, 2]).any()
 
 
+@pytest.mark.parametrize("fmt", ["ncl", "channels_last"])
+def test_without_autograd_the_kernel_runs_without_a_function_and_gives_the_same_bits(fmt):
+    """Under no_grad (or with nothing requiring grad) the forward skips the autograd.Function
+    (~10 us a call); the kernels and so the bits are the same."""
+    gen = torch.Generator().manual_seed(6)
+    x = make_input(fmt, 5, 4, 40, torch.float32, gen, 2.0)
+    weight = (torch.rand(4, generator=gen) + 0.5).requires_grad_()
+    bias = torch.randn(4, generator=gen).requires_grad_()
+    results = []
+    for grad in (True, False):
+        rmean, rvar = torch.zeros(4), torch.ones(4)
+        with torch.set_grad_enabled(grad):
+            y, accepted = BE.normalize_updating(x, weight, bias, rmean, rvar, None, 0.2, 1e-5, "relu", None)
+            y_eval = BE.normalize(x, weight, bias, rmean, rvar, 1e-5, "relu", None)[0]
+        assert accepted is True
+        assert (y.grad_fn is not None) == grad and (y_eval.grad_fn is not None) == grad
+        results.append((y.detach(), y_eval.detach(), rmean, rvar))
+    for with_graph, without in zip(*results):
+        assert torch.equal(with_graph, without)
+
+
 def test_normalize_updating_writes_back_buffers_of_another_dtype():
     """fp64 input, fp32 running statistics: the kernel updates fp64 copies, copied back."""
     gen = torch.Generator().manual_seed(5)

@@ -24,6 +24,7 @@ ENV_VAR = "BATCHNORM_BACKEND"
 
 _REGISTRY: dict[str, Backend] = {}
 _PRIORITY: dict[str, int] = {}  # backends auto may choose, lower asked first
+_AUTO_ORDER: list[Backend] = []  # those backends in the order auto asks them
 
 
 def register(backend: Backend, *, auto_priority: int | None = None) -> None:
@@ -31,6 +32,7 @@ def register(backend: Backend, *, auto_priority: int | None = None) -> None:
     _REGISTRY[backend.name] = backend
     if auto_priority is not None:
         _PRIORITY[backend.name] = auto_priority
+    _AUTO_ORDER[:] = [_REGISTRY[n] for n in sorted(_PRIORITY, key=_PRIORITY.__getitem__)]
 
 
 def get(name: str) -> Backend:
@@ -68,8 +70,7 @@ def resolve(name: str | None, x: Tensor) -> Choice:
         if why_not is None:
             return Choice(backend, "forced")
         return Choice(fallback, f"{requested} cannot run this input ({why_not}); fell back to aten")
-    for candidate in sorted(_PRIORITY, key=_PRIORITY.__getitem__):
-        backend = _REGISTRY[candidate]
+    for backend in _AUTO_ORDER:
         # preferred() first: it is the cheap question, and usually the deciding one
         if backend.preferred(x) and backend.unavailable() is None and backend.unsupported(x) is None:
             return Choice(backend, "auto")

@@ -80,6 +80,8 @@ def _native(x, weight, bias, running_mean, running_var, training, factor, eps):
 
 def _finish(y: Tensor, activation: str | None, residual: Tensor | None) -> Tensor:
     """The extras after torch's kernel: residual add, then the activation."""
+    if activation is None and residual is None:
+        return y
     if residual is not None:
         y = y + residual
     return activations.forward(y, activation)

@@ -72,6 +72,7 @@ _GROUP_SPAN = 1024  # (N, C, L) short rows: contiguous values per example in a g
 _GROUP_BYTES = 1 << 19  # (N, C, L) short rows: a group's slab stays under this (L2 is 2 MiB)
 _MC_BLOCK = 32768  # (M, C): values per row block (128 KiB of fp32, in L2)
 _HUGE_BYTES = 1 << 25  # outputs from this size use numpy's allocator (`_empty_like`)
+_SMALL_BYTES = 1 << 16  # outputs below this size also use numpy's (`_allocate`)
 _FASTMATH = {"reassoc", "contract"}  # never nnan/ninf/afn: NaN and Inf must propagate
 _ACT_CODE = {name: code for code, name in enumerate(activations.NAMES)}
 _DTYPES = (torch.float32, torch.float64)
@@ -578,8 +579,11 @@ def _allocate(count: int, dtype: np.dtype) -> np.ndarray:
     """A new 1-D array. numpy asks the OS for huge pages on large arrays (madvise); below
     glibc's largest mmap threshold (32 MiB) that memory is often reused heap where
     first-touching it cost ~20 ms per 16 MB here, so those come from torch's allocator;
-    above, numpy's fresh huge-page mappings fault 10x less (design_notes.md, step 12)."""
-    if count * dtype.itemsize < _HUGE_BYTES:
+    above, numpy's fresh huge-page mappings fault 10x less (design_notes.md, step 12).
+    Small arrays come from numpy too: the heap's free lists serve them, and np.empty costs
+    ~0.3 us where torch.empty(...).numpy() costs ~2.5 (design notes, step 24)."""
+    nbytes = count * dtype.itemsize
+    if _SMALL_BYTES <= nbytes < _HUGE_BYTES:
         return torch.empty(count, dtype=_TORCH_DTYPES[dtype]).numpy()
     return np.empty(count, dtype)
 
@@ -649,6 +653,40 @@ def _writable(t: Tensor, dtype: torch.dtype) -> tuple[np.ndarray, bool]:
     return t.detach().to(dtype).contiguous().numpy(), True
 
 
+def _fused_forward(x, weight, bias, residual, running_mean, running_var, eps, activation, factor, outcome):
+    """The whole-op forward (modes as `_FusedBatchNorm`): returns y, the (5, C) kernel
+    parameters (rows m, a, b, inv, h: module docstring), the view kind and whether the batch
+    statistics normalized."""
+    view = layout.canonical(x)
+    xv = _np(view.data)
+    rv = None if residual is None else _np(layout.canonical(residual, view.kind).data)
+    acc = acc_dtype(x.dtype)
+    channels = xv.shape[1]
+    gamma, beta = _vec(weight, channels, acc, 1.0), _vec(bias, channels, acc, 0.0)
+    train = running_mean is None or factor is not None
+    params = np.empty((5, channels), xv.dtype)
+    running = None
+    if not train:  # evaluation: m = running mean, h = 0
+        params[0] = _vec(running_mean, channels, acc, 0.0)
+        params[3] = 1.0 / np.sqrt(_vec(running_var, channels, acc, 0.0) + eps)
+        params[1], params[2], params[4] = gamma * params[3], beta, 0.0
+    elif factor is not None:
+        (rmv, copied), (rvv, _) = _writable(running_mean, acc), _writable(running_var, acc)
+        running = (rmv, rvv, factor)
+    y, _, finite = _forward(xv, rv, _ACT_CODE[activation], train, True, gamma, beta, eps, *params, running)
+    if running is not None:
+        outcome.append(finite)
+        if copied:  # both buffers share dtype and layout in every module
+            running_mean.copy_(torch.from_numpy(rmv))
+            running_var.copy_(torch.from_numpy(rvv))
+    return layout.restore(torch.from_numpy(y), x, view.kind), params, view.kind, train
+
+
+def _needs_graph(*tensors: Tensor | None) -> bool:
+    """Whether autograd records this call (otherwise the kernels run without a Function)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class _FusedBatchNorm(torch.autograd.Function):
     """Whole-op batch norm: one forward kernel, one backward kernel (see the module docstring).
 
@@ -658,34 +696,15 @@ class _FusedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, eps, activation, factor, outcome):
-        view = layout.canonical(x)
-        xv = _np(view.data)
-        rv = None if residual is None else _np(layout.canonical(residual, view.kind).data)
-        acc = acc_dtype(x.dtype)
-        channels = xv.shape[1]
-        gamma, beta = _vec(weight, channels, acc, 1.0), _vec(bias, channels, acc, 0.0)
-        train = running_mean is None or factor is not None
-        params = np.empty((5, channels), xv.dtype)  # rows m, a, b, inv, h (module docstring)
-        running = None
-        if not train:  # evaluation: m = running mean, h = 0
-            params[0] = _vec(running_mean, channels, acc, 0.0)
-            params[3] = 1.0 / np.sqrt(_vec(running_var, channels, acc, 0.0) + eps)
-            params[1], params[2], params[4] = gamma * params[3], beta, 0.0
-        elif factor is not None:
-            (rmv, copied), (rvv, _) = _writable(running_mean, acc), _writable(running_var, acc)
-            running = (rmv, rvv, factor)
-        y, _, finite = _forward(xv, rv, _ACT_CODE[activation], train, True, gamma, beta, eps, *params, running)
-        if running is not None:
-            outcome.append(finite)
-            if copied:  # both buffers share dtype and layout in every module
-                running_mean.copy_(torch.from_numpy(rmv))
-                running_var.copy_(torch.from_numpy(rvv))
+        y, params, kind, train = _fused_forward(
+            x, weight, bias, residual, running_mean, running_var, eps, activation, factor, outcome
+        )
         kept = (None, None) if train else (running_mean, running_var)  # double backward's
         ctx.save_for_backward(x, weight, bias, residual, *kept)
-        ctx.params, ctx.kind, ctx.eps, ctx.activation, ctx.train = params, view.kind, eps, activation, train
+        ctx.params, ctx.kind, ctx.eps, ctx.activation, ctx.train = params, kind, eps, activation, train
         mean, invstd = torch.from_numpy(params[0]), torch.from_numpy(params[3])
         ctx.mark_non_differentiable(mean, invstd)
-        return layout.restore(torch.from_numpy(y), x, view.kind), mean, invstd
+        return y, mean, invstd
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dinvstd):
@@ -714,6 +733,16 @@ class _FusedBatchNorm(torch.autograd.Function):
         dweight = torch.from_numpy(sum_dxh).to(weight.dtype) if need_w else None
         dbias = torch.from_numpy(sum_d).to(bias.dtype) if need_b else None
         return dx, dweight, dbias, dres, None, None, None, None, None, None
+
+
+def _whole_op(x, weight, bias, residual, running_mean, running_var, eps, activation, factor, outcome):
+    """(y, mean, invstd): through `_FusedBatchNorm` when autograd records the call, straight
+    to the kernel otherwise (no_grad, inference: a Function costs ~10 us per call)."""
+    args = (x, weight, bias, residual, running_mean, running_var, eps, activation, factor, outcome)
+    if _needs_graph(x, weight, bias, residual):
+        return _FusedBatchNorm.apply(*args)
+    y, params, _, _ = _fused_forward(*args)
+    return y, torch.from_numpy(params[0]), torch.from_numpy(params[3])
 
 
 class NumbaBackend(Backend):
@@ -750,9 +779,7 @@ class NumbaBackend(Backend):
         plain_eval = running_mean is not None and activation is None and residual is None
         if plain_eval and x.numel() * x.element_size() < _HUGE_BYTES:
             return AtenBackend.normalize(x, weight, bias, running_mean, running_var, eps, None, None)
-        y, mean, invstd = _FusedBatchNorm.apply(
-            x, weight, bias, residual, running_mean, running_var, eps, activation, None, None
-        )
+        y, mean, invstd = _whole_op(x, weight, bias, residual, running_mean, running_var, eps, activation, None, None)
         return (y, mean, invstd) if running_mean is None else (y, None, None)
 
     @staticmethod
@@ -762,9 +789,7 @@ class NumbaBackend(Backend):
         """Training batch norm that folds the batch into the running statistics in its forward
         kernel, guarded there (base.py): (y, whether the update was kept)."""
         outcome = []
-        y = _FusedBatchNorm.apply(
-            x, weight, bias, residual, running_mean, running_var, eps, activation, factor, outcome
-        )[0]
+        y = _whole_op(x, weight, bias, residual, running_mean, running_var, eps, activation, factor, outcome)[0]
         if outcome[0] and num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         return y, outcome[0]

@@ -15,6 +15,7 @@ Outputs smaller than `MIN_BYTES` are not pooled (the allocator's own free lists 
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from collections.abc import Callable
@@ -51,7 +52,7 @@ class OutputPool:
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """An uninitialized C-contiguous array of `shape` and `dtype`."""
         dtype = np.dtype(dtype)
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)
         if count * dtype.itemsize < self.min_bytes:
             return self._allocate(count, dtype).reshape(shape)
         key = (dtype, count)

@@ -600,7 +600,7 @@ class TritonBackend(Backend):
         return None
 
     def preferred(self, x: Tensor) -> bool:
-        return x.device.type == "cuda" and x.dtype in FAST_DTYPES
+        return x.is_cuda and x.dtype in FAST_DTYPES
 
     # The whole-op hooks (base.py) -------------------------------------------------------
     @staticmethod
