@@ -569,10 +569,11 @@ def _np(t: Tensor) -> np.ndarray:
 
 
 def _vec(t: Tensor | None, channels: int, dtype: torch.dtype, fill: float) -> np.ndarray:
-    """A per-channel (C,) numpy array in the accumulation dtype; `fill` when t is None."""
+    """A per-channel (C,) numpy array in the accumulation dtype (t's memory when it can be);
+    `fill` when t is None."""
     if t is None:
         return np.full(channels, fill, dtype=np.float64 if dtype == torch.float64 else np.float32)
-    return _np(t.detach().to(dtype))
+    return _writable(t, dtype)[0]
 
 
 def _allocate(count: int, dtype: np.dtype) -> np.ndarray:
@@ -633,7 +634,7 @@ def _forward(xv, rv, code, train, write, gamma, beta, eps, m, a, b, inv, h, runn
 def _backward(dyv, xv, rv, code, m, a, b, inv, h, reduce, write, batch_stats, mean_d, mean_dxh):
     """Run the backward kernel; returns (sum_d, sum_dxh, dx or None, dres or None) as numpy."""
     channels = xv.shape[1]
-    sum_d, sum_dxh = np.zeros(channels, xv.dtype), np.zeros(channels, xv.dtype)
+    sum_d, sum_dxh = np.zeros((2, channels), xv.dtype)
     dx = _empty_like(xv) if write else xv  # never written when not `write`
     dres = _empty_like(xv) if write and rv is not None else dx
     args = (dyv, xv, xv if rv is None else rv, rv is not None, code, m, a, b, inv, h,
@@ -679,7 +680,7 @@ def _fused_forward(x, weight, bias, residual, running_mean, running_var, eps, ac
         if copied:  # both buffers share dtype and layout in every module
             running_mean.copy_(torch.from_numpy(rmv))
             running_var.copy_(torch.from_numpy(rvv))
-    return layout.restore(torch.from_numpy(y), x, view.kind), params, view.kind, train
+    return layout.restore(torch.from_numpy(y), x, view.kind), params, view.kind, train, xv
 
 
 def _needs_graph(*tensors: Tensor | None) -> bool:
@@ -696,12 +697,15 @@ class _FusedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, eps, activation, factor, outcome):
-        y, params, kind, train = _fused_forward(
+        y, params, kind, train, xv = _fused_forward(
             x, weight, bias, residual, running_mean, running_var, eps, activation, factor, outcome
         )
         kept = (None, None) if train else (running_mean, running_var)  # double backward's
         ctx.save_for_backward(x, weight, bias, residual, *kept)
-        ctx.params, ctx.kind, ctx.eps, ctx.activation, ctx.train = params, kind, eps, activation, train
+        # xv views x's memory (saved above, which also checks it was not modified in place):
+        # the backward reuses it rather than rebuilding it from x (each step counts on small
+        # and mid-size tensors: design notes, step 25).
+        ctx.params, ctx.kind, ctx.eps, ctx.activation, ctx.train, ctx.xv = params, kind, eps, activation, train, xv
         mean, invstd = torch.from_numpy(params[0]), torch.from_numpy(params[3])
         ctx.mark_non_differentiable(mean, invstd)
         return y, mean, invstd
@@ -716,12 +720,11 @@ class _FusedBatchNorm(torch.autograd.Function):
             return (*grads, None, None, None, None, None, None)
         kind = ctx.kind
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-        xv = _np(layout.canonical(x, kind).data)
+        xv = ctx.xv
         dyv = _np(layout.canonical(dy, kind).data)
         rv = None if residual is None else _np(layout.canonical(residual, kind).data)
-        m = ctx.params[0]
-        zeros = np.zeros_like(m)
-        mean_d, mean_dxh = (np.empty_like(m), np.empty_like(m)) if ctx.train else (zeros, zeros)
+        # the kernel writes (mean_d, mean_dxh) from the batch statistics; evaluation's are 0
+        mean_d, mean_dxh = np.zeros((2, xv.shape[1]), xv.dtype)
         write = need_x or need_r
         reduce = need_w or need_b or (ctx.train and write)
         sum_d, sum_dxh, dxv, dresv = _backward(
@@ -741,7 +744,7 @@ def _whole_op(x, weight, bias, residual, running_mean, running_var, eps, activat
     args = (x, weight, bias, residual, running_mean, running_var, eps, activation, factor, outcome)
     if _needs_graph(x, weight, bias, residual):
         return _FusedBatchNorm.apply(*args)
-    y, params, _, _ = _fused_forward(*args)
+    y, params, _, _, _ = _fused_forward(*args)
     return y, torch.from_numpy(params[0]), torch.from_numpy(params[3])
 
 
@@ -760,8 +763,9 @@ class NumbaBackend(Backend):
             return f"numba kernels take float32 and float64, the input is {x.dtype}"
         if x.numel() == 0:
             return "the input is empty"
+        # kind_of checks the memory order of 3-D and wider input; (N, C) must be contiguous too
         kind = layout.kind_of(x)
-        if kind is None or not layout.canonical(x, kind).data.is_contiguous():
+        if kind is None or (x.dim() == 2 and not x.is_contiguous()):
             return "the input is neither contiguous nor channels-last (a strided view)"
         return None
 
