@@ -57,7 +57,8 @@ def test_minimal_traffic_model():
 def test_summary_targets_from_rows():
     def row(shape, variant, ratio, mode="train_fb"):
         return dict(shape=shape, variant=variant, ratio=ratio, mode=mode, copy_fraction=ratio / 10,
-                    ratio_min=2 * ratio, copy_fraction_best=ratio / 5)  # fmt: skip
+                    ratio_min=2 * ratio, copy_fraction_best=ratio / 5, format="contiguous", torch_ms=ratio,
+                    copy_gbps=1.0, minimal_bytes=bench.minimal_bytes(math.prod(shape), 4, mode, False))  # fmt: skip
 
     rows = [row([2, 3, 4, 4], "relu", 4.0), row([2, 3, 4, 4], "plain", 1.0), row([8, 3], "relu", 2.0),
             row([2, 3, 4, 4], "plain", 0.5, mode="eval")]  # fmt: skip
@@ -68,6 +69,22 @@ def test_summary_targets_from_rows():
     assert math.isclose(s["largest_copy_fraction"], 0.1)
     assert math.isclose(s["geomean_cnn_fb_best"], 4.0) and s["min_ratio_fb_best"] == 2.0
     assert math.isclose(s["largest_copy_fraction_best"], 0.2)
+    pass_ms = 96 * 4 / 1e9 * 1e3  # a (2, 3, 4, 4) fp32 tensor at 1 GB/s
+    assert math.isclose(s["copy_rate_cnn_fb"], 2.0 / (5 * pass_ms))  # torch_ms = ratio: 4 and 1
+    assert math.isclose(s["copy_rate_cnn_relu_fb"], 4.0 / (5 * pass_ms)) and s["geomean_cnn_relu_fb"] == 4.0
+
+
+def test_copy_rate_ratio_counts_the_kernels_passes():
+    # 1 MB tensor, copy at 2 GB/s (read + write): a pass takes 0.5 ms; torch takes 10 ms
+    def row(fmt, variant):
+        nbytes = bench.minimal_bytes(250_000, 4, "train_fb", bench.VARIANTS[variant][1])
+        return dict(shape=[10, 25, 10, 100], format=fmt, mode="train_fb", variant=variant,
+                    minimal_bytes=nbytes, copy_gbps=2.0, torch_ms=10.0)  # fmt: skip
+
+    assert math.isclose(bench.copy_rate_ratio(row("contiguous", "plain")), 10.0 / (5 * 0.5))
+    assert math.isclose(bench.copy_rate_ratio(row("contiguous", "residual+relu")), 10.0 / (8 * 0.5))
+    assert math.isclose(bench.copy_rate_ratio(row("channels_last", "relu")), 10.0 / (8 * 0.5))
+    assert math.isclose(bench.copy_rate_ratio(row("channels_last", "residual+relu")), 10.0 / (12 * 0.5))
 
 
 def test_grid_depends_on_device():

@@ -73,6 +73,30 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def kernel_passes(fmt: str, variant: str) -> int:
+    """Passes over an activation-sized tensor (reads + writes) that our numba kernels make in
+    forward + backward on a CNN row. Channels-first, a channel's slice stays in L2 between the
+    kernels' two sweeps (true of every CNN shape of the grid: 800 KB at most): forward reads x
+    and writes y, backward reads x and dy and writes dx (5), + a residual read forward and a
+    residual read and dresidual write backward (ReLU's slope needs u) (8). Channels-last no
+    value can be finished before the last row is read: statistics then normalize (3), grad
+    sums then apply (5), 8; with the residual 4 + 8 = 12 (design notes, "Where the targets stand")."""
+    residual = VARIANTS[variant][1]
+    if fmt == "contiguous":
+        return 8 if residual else 5
+    return 12 if residual else 8
+
+
+def copy_rate_ratio(row: dict) -> float:
+    """The ratio to torch ours would reach on a CNN forward + backward row if every pass its
+    kernels make ran at the rate of the copy timed in the same run, and nothing else cost
+    time: torch_ms / (passes x tensor bytes / copy rate). A yardstick, not a ceiling: a pass
+    that only reads can go faster than a copy."""
+    tensor_bytes = row["minimal_bytes"] / minimal_bytes(1, 1, row["mode"], VARIANTS[row["variant"]][1])
+    passes_ms = kernel_passes(row["format"], row["variant"]) * tensor_bytes / (row["copy_gbps"] * 1e9) * 1e3
+    return row["torch_ms"] / passes_ms
+
+
 def time_medians(fns: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, tuple[float, float]]:
     """(median, min) seconds of each callable, run interleaved (one of each per round) after a
     warm-up. On a shared machine the minimum is the less noisy of the two."""
@@ -225,7 +249,11 @@ def summarize(rows: list[dict]) -> dict:
     big = [r for r in fb if math.prod(r["shape"]) == largest]
     geo = lambda rs: math.exp(statistics.fmean(math.log(r["ratio"]) for r in rs)) if rs else None  # noqa: E731
     geo_min = lambda rs: math.exp(statistics.fmean(math.log(r["ratio_min"]) for r in rs)) if rs else None  # noqa: E731
+    at_copy_rate = lambda rs: math.exp(statistics.fmean(math.log(copy_rate_ratio(r)) for r in rs)) if rs else None  # noqa: E731
+    cnn_relu = [r for r in cnn if r["variant"] == "relu"]
     return dict(
+        copy_rate_cnn_fb=at_copy_rate(cnn), geomean_cnn_relu_fb=geo(cnn_relu),
+        copy_rate_cnn_relu_fb=at_copy_rate(cnn_relu),
         geomean_cnn_fb=geo(cnn), geomean_relu_fb=geo(relu),
         geomean_cnn_fb_best=geo_min(cnn), geomean_relu_fb_best=geo_min(relu),
         min_ratio_fb_best=min((r["ratio_min"] for r in fb), default=None),
@@ -268,6 +296,12 @@ def render(result: dict, notes: str = "") -> str:
         f"**{fmt(s['min_ratio_fb'])}x** ({fmt(s['min_ratio_fb_best'])}x) (target >= 1.0)",
         f"- largest rows, fraction of copy bandwidth: **{fmt(s['largest_copy_fraction'], '.0%')}** "
         f"({fmt(s['largest_copy_fraction_best'], '.0%')}) (target >= 60%)",
+        "",
+        "A yardstick: if every pass our kernels make over a tensor (`bench.kernel_passes`: "
+        "5 / 5 / 8 channels-first for plain / ReLU / residual + ReLU, 8 / 8 / 12 channels-last) ran at the "
+        "copy's rate measured in the same run, and a call cost nothing else, the CNN rows' geometric mean "
+        f"would be **{fmt(s.get('copy_rate_cnn_fb'))}x** (CNN BN + ReLU rows {fmt(s.get('copy_rate_cnn_relu_fb'))}x, "
+        f"measured {fmt(s.get('geomean_cnn_relu_fb'))}x).",
         "",
         "## Crossover: where `auto` switches from aten to numba",
         "",
