@@ -656,8 +656,8 @@ def _writable(t: Tensor, dtype: torch.dtype) -> tuple[np.ndarray, bool]:
 
 def _fused_forward(x, weight, bias, residual, running_mean, running_var, eps, activation, factor, outcome):
     """The whole-op forward (modes as `_FusedBatchNorm`): returns y, the (5, C) kernel
-    parameters (rows m, a, b, inv, h: module docstring), the view kind and whether the batch
-    statistics normalized."""
+    parameters (rows m, a, b, inv, h: module docstring), the view kind, whether the batch
+    statistics normalized, and x's canonical view as a numpy array (for the backward)."""
     view = layout.canonical(x)
     xv = _np(view.data)
     rv = None if residual is None else _np(layout.canonical(residual, view.kind).data)
