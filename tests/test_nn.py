@@ -211,6 +211,26 @@ def test_parametrized_weight_is_read_through_the_parametrization():
     torch.testing.assert_close(grad, theirs.parametrizations.weight.original.grad)
 
 
+def test_functional_call_uses_the_tensors_it_is_given():
+    """torch.func.functional_call swaps tensors into the module's tables; the forward must use
+    (and update) those, as torch's module does."""
+    from torch.func import functional_call
+
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(2)) * 2 + 1
+    results = []
+    for module in (bn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)):
+        tensors = {
+            "weight": torch.full((3,), 2.0), "bias": torch.full((3,), -1.0),
+            "running_mean": torch.zeros(3), "running_var": torch.ones(3), "num_batches_tracked": torch.tensor(0),
+        }  # fmt: skip
+        y = functional_call(module, tensors, (x,))
+        assert torch.equal(module.weight, torch.ones(3)) and torch.equal(module.running_mean, torch.zeros(3))
+        results.append((y, tensors["running_mean"], tensors["running_var"], tensors["num_batches_tracked"]))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs)
+    assert int(results[0][3]) == 1
+
+
 def test_isinstance_of_torch_classes():
     assert isinstance(bn.BatchNorm2d(3), torch.nn.BatchNorm2d)
     assert isinstance(bn.BatchNorm1d(3), torch.nn.BatchNorm1d)
