@@ -647,8 +647,9 @@ def _backward(dyv, xv, rv, code, m, a, b, inv, h, reduce, write, batch_stats, me
 
 
 def _writable(t: Tensor, dtype: torch.dtype) -> tuple[np.ndarray, bool]:
-    """A running-statistic buffer as a numpy array of `dtype` for the kernel to update, and
-    whether it is a copy (then `t.copy_` it back): the buffer's own memory when it can be."""
+    """A (C,) tensor (a parameter, or a running-statistic buffer the kernel updates) as a
+    numpy array of `dtype`, and whether it is a copy (then an updated buffer is `copy_`-ed
+    back): the tensor's own memory when it can be."""
     if t.dtype == dtype and t.is_contiguous():
         return t.detach().numpy(), False
     return t.detach().to(dtype).contiguous().numpy(), True
