@@ -139,8 +139,24 @@ def test_backends_agree_through_the_module(backend):
 
 
 def test_double_backward_through_the_kernel_contract_raises_instead_of_lying():
+    # ghost batches run the four contract functions, whose backward is not differentiable
     x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
-    y = batch_norm(x, None, None, training=True, backend="reference")
+    y = batch_norm(x, None, None, training=True, backend="reference", virtual_batch_size=3)
     (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|not have been used"):
         torch.autograd.grad(g.sum(), x)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("training", [True, False])
+def test_double_backward_of_the_whole_op_is_exact(backend, training):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, generator=g).add_(0.5).requires_grad_()
+    rm, rv = torch.randn(3, dtype=torch.float64, generator=g), torch.rand(3, dtype=torch.float64, generator=g) + 0.5
+
+    def f(x, w):
+        return batch_norm(x, None if training else rm, None if training else rv, w, None,
+                          training=training, backend=backend, activation="tanh")  # fmt: skip
+
+    assert torch.autograd.gradgradcheck(f, (x, w))

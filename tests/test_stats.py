@@ -60,7 +60,7 @@ def test_non_finite_batch_leaves_running_stats_untouched(bad, dtype):
     old_mean, old_var = torch.tensor([0.5, -1.25, 3.0], dtype=dtype), torch.tensor([2.0, 0.75, 9.5], dtype=dtype)
     rm, rv, nbt = old_mean.clone(), old_var.clone(), torch.tensor(4)
     accepted = update_running(rm, rv, _stats_of(x).mean, _stats_of(x).unbiased_var, 0.1, nbt)
-    assert accepted is False
+    assert accepted.dtype == torch.bool and accepted.dim() == 0 and not bool(accepted)
     assert torch.equal(rm, old_mean) and torch.equal(rv, old_var)
     assert int(nbt) == 4
 
@@ -70,7 +70,7 @@ def test_finite_batch_is_kept_and_counted(dtype):
     x = torch.randn(8, 3, dtype=torch.float64)
     rm, rv, nbt = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype), torch.tensor(4)
     accepted = update_running(rm, rv, _stats_of(x).mean, _stats_of(x).unbiased_var, 0.1, nbt)
-    assert accepted is True and int(nbt) == 5
+    assert bool(accepted) and int(nbt) == 5
     torch.testing.assert_close(rm, (0.1 * x.mean(0)).to(dtype))
     torch.testing.assert_close(rv, (0.9 + 0.1 * x.var(0)).to(dtype))
 
@@ -84,3 +84,49 @@ def test_guard_counts_and_warns_once():
         guard.record(torch.tensor(False))
         guard.record(torch.tensor(True))
     assert guard.count == 2
+
+
+def test_non_finite_running_value_restarts_from_the_batch():
+    # a corrupt checkpoint: the channel's average restarts at the batch, the others blend
+    rm = torch.tensor([0.5, float("nan"), 1.0])
+    rv = torch.tensor([float("inf"), 1.0, 2.0])
+    nbt = torch.tensor(7)
+    mean, var = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0, 6.0])
+    assert bool(update_running(rm, rv, mean, var, 0.1, nbt))
+    torch.testing.assert_close(rm, torch.tensor([0.55, 2.0, 1.2]))
+    torch.testing.assert_close(rv, torch.tensor([4.0, 1.4, 2.4]))
+    assert int(nbt) == 8
+
+
+def test_variance_that_overflows_the_buffer_dtype_is_refused():
+    # finite in float64, infinite once rounded into the fp32 buffer
+    rm, rv, nbt = torch.zeros(2), torch.ones(2), torch.tensor(0)
+    mean = torch.tensor([0.0, 0.0], dtype=torch.float64)
+    var = torch.tensor([1.0, 1e40], dtype=torch.float64)
+    assert not bool(update_running(rm, rv, mean, var, 0.1, nbt))
+    assert torch.equal(rm, torch.zeros(2)) and torch.equal(rv, torch.ones(2)) and int(nbt) == 0
+
+
+_EDGE = [0.0, -1.5, 3e38, -3e38, 1e-30, float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("momentum", [0.1, 1.0, None])
+def test_numba_rule_equals_the_tensor_rule(dtype, momentum):
+    from batchnorm.backends.numba_cpu import fold_running
+
+    g = torch.Generator().manual_seed(3)
+    for trial in range(200):
+        pick = lambda: torch.tensor([_EDGE[i] for i in torch.randint(len(_EDGE), (3,), generator=g)], dtype=dtype)
+        if trial % 2:  # half the trials all finite, so that both outcomes are exercised
+            pick = lambda: torch.randn(3, generator=g, dtype=dtype) * 10
+        rm, rv, mean, var = pick(), pick().abs(), pick(), pick().abs()
+        nbt = torch.tensor(trial % 5)
+        t_rm, t_rv, t_nbt = rm.clone(), rv.clone(), nbt.clone()
+        kept = bool(update_running(t_rm, t_rv, mean, var, momentum, t_nbt))
+        n_rm, n_rv = rm.clone(), rv.clone()
+        factor = momentum if momentum is not None else 1.0 / (int(nbt) + 1)
+        assert bool(fold_running(mean.numpy(), var.numpy(), factor, n_rm.numpy(), n_rv.numpy())) == kept
+        assert int(t_nbt) == int(nbt) + kept
+        torch.testing.assert_close(n_rm, t_rm, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(n_rv, t_rv, rtol=0, atol=0, equal_nan=True)

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 
 from . import activations, backends, checks, layout, variants
+from . import ops
 from .autograd import BatchNormFunction
 from .reference import acc_dtype, affine
-from .stats import NonFiniteGuard, Stats, merge_stacked, momentum_factor, update_running
+from .stats import NonFiniteGuard, Stats, merge_stacked, update_running
 from .variants import Renorm
 
 
@@ -99,44 +100,37 @@ def batch_norm(
     use_batch_stats = training or running_mean is None
     if x.numel() == 0 and not (use_batch_stats and sync is not None):
         return _empty(x, weight, bias, activation, residual)
-    be = backends.resolve(backend, x).backend
-    if not use_batch_stats:
-        return _normalize_eval(x, weight, bias, running_mean, running_var, eps, activation, residual, be)
+    plain = sync is None and mask is None and virtual_batch_size is None and renorm is None
+    if plain or not use_batch_stats:
+        # the extras are training-only: evaluation is plain batch norm with the running statistics
+        if use_batch_stats:
+            checks.check_training_batch(x)
+        y, accepted = ops.batch_norm(
+            x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+            use_batch_stats, momentum, eps, activation, backend, unbiased_running_var,
+        )  # fmt: skip
+        if accepted is not None:
+            (guard or _DEFAULT_GUARD).record(accepted)
+        return y
 
+    if renorm is not None and torch.compiler.is_compiling():
+        return _renorm_outside_the_graph(
+            x, running_mean, running_var, weight, bias, momentum, eps, activation, residual, backend,
+            num_batches_tracked, guard, mask, virtual_batch_size, renorm, unbiased_running_var,
+        )  # fmt: skip
+    # Policy paths (ghost batches, masks, renorm, sync) run the kernel contract; while a graph
+    # is traced they run differentiable torch ops instead (`_normalize_masked`).
+    be = backends.resolve(backend, x).backend
     limits = None
-    if renorm is not None and training:
+    if renorm is not None:
         if running_mean is None or running_var is None:
             raise ValueError("batch renormalization needs running statistics: track_running_stats=True")
-        limits = renorm.limits(0 if num_batches_tracked is None else int(num_batches_tracked))
-    plain = sync is None and mask is None and virtual_batch_size is None and limits is None
-    updating = training and running_mean is not None and running_var is not None
-    if plain and updating and unbiased_running_var and be.normalize_updating is not None:
-        # The backend's kernel folds the batch into the running statistics itself (torch's
-        # for aten, guarded by a snapshot; numba's decides in its kernel): the fewest
-        # operations per call.
-        checks.check_training_batch(x)
-        factor = momentum_factor(momentum, num_batches_tracked)
-        y, accepted = be.normalize_updating(
-            x, weight, bias, running_mean, running_var, num_batches_tracked, factor, eps, activation, residual
-        )
-        (guard or _DEFAULT_GUARD).record(accepted)
-        return y
-    if plain and be.normalize is not None:
-        checks.check_training_batch(x)
-        y, mean, invstd = be.normalize(x, weight, bias, None, None, eps, activation, residual)
-        if not updating:  # nothing reads the batch statistics
-            return y
-        n = layout.values_per_channel(x)
-        # The whole-op kernel returns invstd; var is recovered for the running update
-        # (clamped: rounding can push a zero variance a hair below zero).
-        var = invstd.detach().pow(-2).sub_(eps).clamp_(min=0)
-        batch = Stats(torch.full_like(var, n), mean.detach(), var.mul_(n))
-    else:
-        y, batch = _normalize_chunks(
-            x, weight, bias, eps, activation, residual, be, sync, mask, virtual_batch_size,
-            limits, running_mean, running_var,
-        )  # fmt: skip
-    if updating:
+        limits = renorm.limits(0 if num_batches_tracked is None else num_batches_tracked)
+    y, batch = _normalize_chunks(
+        x, weight, bias, eps, activation, residual, be, sync, mask, virtual_batch_size,
+        limits, running_mean, running_var,
+    )  # fmt: skip
+    if running_mean is not None and running_var is not None:
         with torch.no_grad():
             stored_var = batch.unbiased_var if unbiased_running_var else batch.var
             accepted = update_running(
@@ -144,6 +138,22 @@ def batch_norm(
             )
         (guard or _DEFAULT_GUARD).record(accepted)
     return y
+
+
+@torch.compiler.disable
+def _renorm_outside_the_graph(x, running_mean, running_var, weight, bias, momentum, eps, activation, residual,
+                              backend, num_batches_tracked, guard, mask, virtual_batch_size, renorm,
+                              unbiased_running_var):  # fmt: skip
+    """Batch renormalization in a compiled model runs eagerly, a graph break per layer (so
+    fullgraph=True refuses it). Its correction reads the running statistics, which the
+    forward then updates in place; traced, AOTAutograd's backward recomputes the correction
+    from the updated buffers and the gradients come out wrong."""
+    return batch_norm(
+        x, running_mean, running_var, weight, bias, True, momentum, eps, activation=activation,
+        residual=residual, backend=backend, num_batches_tracked=num_batches_tracked, guard=guard,
+        mask=mask, virtual_batch_size=virtual_batch_size, renorm=renorm,
+        unbiased_running_var=unbiased_running_var,
+    )  # fmt: skip
 
 
 def _scale_shift(weight, bias, invstd, correction=None) -> tuple[Tensor, Tensor]:
@@ -172,10 +182,10 @@ def _normalize_chunks(
     for start, length in bounds:
         xs = x.narrow(0, start, length)
         rs = None if residual is None else residual.narrow(0, start, length)
-        if mask is None:
+        if mask is None and not torch.compiler.is_compiling():
             y, batch = _normalize_one(xs, weight, bias, eps, activation, rs, be, sync, limits, running_mean, running_var)
-        else:
-            ms = mask.narrow(0, start, length)
+        else:  # torch ops autograd differentiates: what a traced graph can hold
+            ms = None if mask is None else mask.narrow(0, start, length)
             y, batch = _normalize_masked(xs, ms, weight, bias, eps, activation, rs, limits, running_mean, running_var)
         outputs.append(y)
         parts.append(batch)
@@ -208,9 +218,10 @@ def _normalize_one(x, weight, bias, eps, activation, residual, be, sync, limits,
 
 def _normalize_masked(x, mask, weight, bias, eps, activation, residual, limits, running_mean, running_var):
     """Masked batch norm in torch ops (no backend has a masked kernel): autograd differentiates
-    the statistics, which see only the valid positions."""
+    the statistics, which see only the valid positions (all of them when mask is None)."""
     batch = variants.masked_stats(x, mask)
-    checks.check_training_batch_count(int(batch.count[0]) if batch.count.numel() else 0, x.shape, masked=True)
+    if not torch.compiler.is_compiling():  # a graph cannot raise on a value it computes
+        checks.check_training_batch_count(int(batch.count[0]) if batch.count.numel() else 0, x.shape, masked=True)
     correction = None
     if limits is not None:
         detached = Stats(*(t.detach() for t in batch))
@@ -229,19 +240,6 @@ def _local_stats(x: Tensor, be) -> Stats:
         zeros = torch.zeros(x.shape[1], dtype=acc_dtype(x.dtype), device=x.device)
         return Stats(zeros, zeros.clone(), zeros.clone())
     return Stats(*be.stats(layout.canonical(x).data))
-
-
-def _normalize_eval(x, weight, bias, running_mean, running_var, eps, activation, residual, be) -> Tensor:
-    """Normalize with the running statistics (an affine map per channel)."""
-    if be.normalize is not None:
-        return be.normalize(x, weight, bias, running_mean, running_var, eps, activation, residual)[0]
-    acc = acc_dtype(x.dtype)
-    mean = running_mean.detach().to(acc)
-    invstd = torch.rsqrt(running_var.detach().to(acc) + eps)
-    scale, shift = affine(invstd, weight, bias)
-    return BatchNormFunction.apply(
-        x, scale, shift, residual, mean, invstd, None, be, activation, False, None
-    )
 
 
 def _empty(x, weight, bias, activation, residual) -> Tensor:

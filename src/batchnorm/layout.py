@@ -54,12 +54,35 @@ def canonical(x: Tensor, kind: str | None = None) -> View:
 
 
 def restore(data: Tensor, like: Tensor, kind: str) -> Tensor:
-    """Undo `canonical`: a tensor shaped like `like`, in the memory format of `kind`."""
+    """Undo `canonical`: a tensor shaped like `like`, in the memory format of `kind`.
+
+    The result shares `data`'s memory but is a tensor of its own, not an autograd view of
+    `data`: outputs of autograd Functions and custom ops are restored here, and autograd
+    refuses in-place ops (`y += r`, `relu_()`, the ResNet block's) on a view made inside a
+    Function."""
     if like.dim() == 2 or kind == "ncl":
-        return data.view(like.shape)
-    n, c = like.shape[0], like.shape[1]
-    spatial = like.shape[2:]
-    return data.view(n, *spatial, c).permute(0, like.dim() - 1, *range(1, like.dim() - 1))
+        shaped = data.view(like.shape)
+    else:
+        n, c = like.shape[0], like.shape[1]
+        spatial = like.shape[2:]
+        shaped = data.view(n, *spatial, c).permute(0, like.dim() - 1, *range(1, like.dim() - 1))
+    own = data.new_empty(0)
+    return own.set_(data.untyped_storage(), shaped.storage_offset(), shaped.shape, shaped.stride())
+
+
+def empty_output(x: Tensor) -> Tensor:
+    """An uninitialized tensor shaped like x with the strides `restore` gives x's output:
+    channels-last when x's canonical view is (M, C) with spatial dims, contiguous otherwise.
+    (What the custom operators' fake implementations return.)"""
+    if x.dim() > 2 and kind_of(x) == "mc":
+        shape = x.shape
+        stride = [0] * x.dim()
+        stride[1], step = 1, shape[1]
+        for d in range(x.dim() - 1, 1, -1):
+            stride[d], step = step, step * shape[d]
+        stride[0] = step
+        return x.new_empty_strided(shape, stride)
+    return x.new_empty(x.shape)
 
 
 def reduce_dims(v: Tensor) -> tuple[int, ...]:

@@ -22,7 +22,6 @@ import math
 import warnings
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -77,70 +76,12 @@ def momentum_factor(momentum: float | None, num_batches_tracked: Tensor | None) 
     return 1.0 / (float(num_batches_tracked) + 1.0)
 
 
-_NUMPY_DTYPES = (torch.float32, torch.float64)
-
-
-def _numpy_viewable(t: Tensor) -> bool:
-    """Whether `t.numpy()` is a view of t's memory we may write (CPU, fp32/fp64, no autograd)."""
-    return t.is_cpu and not t.requires_grad and t.dtype in _NUMPY_DTYPES
-
-
-class RunningUpdate:
-    """The non-finite guard around an in-place update of the running statistics.
-
-    Created before the update (it snapshots the two (C,) buffers), `commit()` after it:
-    the update stays when every running value is still finite, and `num_batches_tracked`
-    counts it; otherwise the buffers get their old values back, exactly. Only per-channel
-    statistics are looked at, never the input. Whoever updates in between (our lerp, or
-    torch's own kernel) needs to know nothing of the guard.
-
-    On the CPU (fp32/fp64 buffers) the snapshot and the check go through numpy views of the
-    buffers: on (C,) vectors a numpy call costs a fraction of a torch op's dispatch, and this
-    runs on every training step (design notes, step 24).
-    """
-
-    __slots__ = ("running_mean", "running_var", "num_batches_tracked", "old_mean", "old_var", "views")
-
-    def __init__(self, running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None):
-        self.running_mean, self.running_var = running_mean, running_var
-        self.num_batches_tracked = num_batches_tracked
-        if _numpy_viewable(running_mean) and _numpy_viewable(running_var):
-            self.views = (running_mean.numpy(), running_var.numpy())
-            self.old_mean, self.old_var = self.views[0].copy(), self.views[1].copy()
-        else:
-            self.views = None
-            self.old_mean, self.old_var = running_mean.clone(), running_var.clone()
-
-    def commit(self) -> bool | Tensor:
-        """True (a 0-d bool tensor on an accelerator) when the update was kept."""
-        # One reduction decides: a sum is finite exactly when every value is (short of an
-        # overflow of the sum itself, at values no running statistic should take anyway).
-        if self.views is not None:
-            accepted = math.isfinite(np.add.reduce(self.views[0]) + np.add.reduce(self.views[1]))
-        else:
-            total = self.running_mean.sum() + self.running_var.sum()
-            if total.device.type != "cpu":
-                return self._commit_on_device(total)
-            accepted = math.isfinite(float(total))  # deciding on the host costs nothing here
-        if not accepted:
-            if self.views is not None:
-                np.copyto(self.views[0], self.old_mean)
-                np.copyto(self.views[1], self.old_var)
-            else:
-                self.running_mean.copy_(self.old_mean)
-                self.running_var.copy_(self.old_var)
-        elif self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-        return accepted
-
-    def _commit_on_device(self, total: Tensor) -> Tensor:
-        """On an accelerator, decide on the device: no host synchronization in the step."""
-        accepted = torch.isfinite(total)
-        self.running_mean.copy_(torch.where(accepted, self.running_mean, self.old_mean))
-        self.running_var.copy_(torch.where(accepted, self.running_var, self.old_var))
-        if self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(accepted.to(self.num_batches_tracked.dtype))
-        return accepted
+def blend(old: float, new: float, factor: float) -> float:
+    """One running value after a batch, the rule for a single channel (plain floats; the
+    numba kernels inline this very function): old + factor (new - old), or the batch's value
+    when the running one is not finite (a corrupt checkpoint carries no information, and
+    blending would keep it non-finite forever)."""
+    return old + factor * (new - old) if math.isfinite(old) else new
 
 
 def update_running(
@@ -150,26 +91,49 @@ def update_running(
     var: Tensor,
     momentum: float | None,
     num_batches_tracked: Tensor | None,
-) -> bool | Tensor:
-    """Fold one batch's mean and variance (unbiased, as stored) into the running ones, in
-    place, unless that would leave a non-finite value (then nothing changes).
+) -> Tensor:
+    """Fold one batch's mean and variance (as stored: unbiased by PyTorch's convention) into
+    the running statistics, in place, under the guard rule. Returns a 0-d bool tensor on the
+    buffers' device: whether the update was kept.
 
-    Returns whether the update was kept (see `RunningUpdate.commit`).
+    The rule, the one every path obeys (the numba kernels apply the same `blend` and test
+    inside the kernel): every channel's new value is `blend(old, batch, factor)`, computed in
+    float64 and rounded to the buffer's dtype; the update is kept only when every new mean
+    and variance is finite after that rounding (so a batch whose variance overflows fp32 is
+    refused like a NaN batch), and then `num_batches_tracked` counts it. Otherwise nothing
+    changes. Written in tensor ops with no host synchronization, so that it runs on any
+    device and inside a compiled graph.
     """
-    factor = momentum_factor(momentum, num_batches_tracked)
-    update = RunningUpdate(running_mean, running_var, num_batches_tracked)
-    running_mean.lerp_(mean.to(running_mean.dtype), factor)
-    running_var.lerp_(var.to(running_var.dtype), factor)
-    return update.commit()
+    wide = torch.float32 if running_mean.device.type == "mps" else torch.float64
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        factor = 1.0 / (num_batches_tracked.to(wide) + 1.0)
+    else:
+        factor = float(momentum)
+    new_mean = _blend_tensor(running_mean, mean, factor, wide)
+    new_var = _blend_tensor(running_var, var, factor, wide)
+    accepted = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
+    running_mean.copy_(torch.where(accepted, new_mean, running_mean))
+    running_var.copy_(torch.where(accepted, new_var, running_var))
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(accepted.to(num_batches_tracked.dtype))
+    return accepted
+
+
+def _blend_tensor(old: Tensor, new: Tensor, factor, wide: torch.dtype) -> Tensor:
+    """`blend` on (C,) tensors, in `wide` precision, rounded to old's dtype."""
+    o, n = old.to(wide), new.to(wide)
+    return torch.where(torch.isfinite(o), o + factor * (n - o), n).to(old.dtype)
 
 
 class NonFiniteGuard:
     """Counts running-statistic updates skipped because a batch statistic was not finite.
 
     A plain object (kept as a module attribute, not a buffer, so state_dict keys stay
-    torch's). On CPU the count is exact at once and the first skip warns; on an
-    accelerator the flags stay on the device until `count` is read, so training never
-    waits on a host synchronization.
+    torch's). In eager mode on CPU the count is exact at once and the first skip warns; on
+    an accelerator and in compiled graphs the flags stay on the device until `count` is
+    read, so training never waits on a host synchronization.
     """
 
     def __init__(self, name: str = "batch norm") -> None:
@@ -179,8 +143,10 @@ class NonFiniteGuard:
         self._warned = False
 
     def record(self, accepted: bool | Tensor) -> None:
-        """Count one update: `accepted` as `RunningUpdate.commit` returns it."""
-        if isinstance(accepted, bool) or accepted.device.type == "cpu":
+        """Count one update: `accepted` as `update_running` returns it (or a bool). A CPU
+        tensor is read at once in eager mode; on an accelerator, and inside a compiled
+        graph, it is kept on its device until `count` is read."""
+        if isinstance(accepted, bool) or (accepted.device.type == "cpu" and not torch.compiler.is_compiling()):
             if not accepted:
                 self._add(1)
             return

@@ -46,8 +46,17 @@ class Renorm:
         if self.warmup_steps < 0 or self.ramp_steps < 0:
             raise ValueError("Renorm warmup_steps and ramp_steps must be >= 0")
 
-    def limits(self, step: int) -> tuple[float, float]:
-        """(r_max, d_max) in force at training step `step` (0-based)."""
+    def limits(self, step):
+        """(r_max, d_max) in force at training step `step` (0-based): ints or floats for an
+        int step; 0-d tensors for a tensor step (num_batches_tracked, read with no host
+        synchronization, so that a compiled graph can hold it)."""
+        if isinstance(step, Tensor):
+            done = step.to(torch.float64) - self.warmup_steps
+            if self.ramp_steps == 0:
+                t = (done >= 0).to(torch.float64)
+            else:
+                t = (done / self.ramp_steps).clamp(0.0, 1.0)
+            return 1.0 + t * (self.r_max - 1.0), t * self.d_max
         if step < self.warmup_steps:
             return 1.0, 0.0
         if self.ramp_steps == 0:
@@ -62,8 +71,10 @@ def renorm_correction(
     """Per-channel (r, d) of batch renormalization; constants for autograd."""
     sigma = torch.sqrt(running_var.to(batch.mean.dtype) + eps)
     sigma_b = torch.sqrt(batch.var + eps)
-    r = (sigma_b / sigma).clamp(1.0 / r_max, r_max)
-    d = ((batch.mean - running_mean.to(batch.mean.dtype)) / sigma).clamp(-d_max, d_max)
+    if isinstance(r_max, Tensor):
+        r_max, d_max = r_max.to(sigma.dtype), d_max.to(sigma.dtype)
+    r = torch.clamp(sigma_b / sigma, 1.0 / r_max, r_max)
+    d = torch.clamp((batch.mean - running_mean.to(batch.mean.dtype)) / sigma, -d_max, d_max)
     return r, d
 
 
@@ -103,20 +114,30 @@ def _mask_like(x: Tensor, mask: Tensor) -> Tensor:
     return mask.unsqueeze(1).to(acc_dtype(x.dtype))
 
 
-def masked_stats(x: Tensor, mask: Tensor) -> Stats:
-    """(count, mean, m2) over the valid positions only; differentiable in x."""
-    m = _mask_like(x, mask)
-    xa = x.to(m.dtype)
+def masked_stats(x: Tensor, mask: Tensor | None) -> Stats:
+    """(count, mean, m2) over the valid positions only (every position when mask is None);
+    differentiable in x."""
     dims = (0, *range(2, x.dim()))
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if mask is None:
+        xa = x.to(acc_dtype(x.dtype))
+        mean = xa.mean(dims)
+        centred = xa - mean.view(shape)
+        count = torch.full_like(mean, x.numel() // x.shape[1])
+        return Stats(count, mean, (centred * centred).sum(dims))
+    m = _mask_like(x, mask)
+    valid = mask.unsqueeze(1)
+    # select, never multiply by the mask: a NaN or Inf at a masked-out position times 0 is NaN
+    xa = torch.where(valid, x.to(m.dtype), 0.0)
     count = m.sum(dims).expand(x.shape[1])
-    mean = (xa * m).sum(dims) / count.clamp(min=1)
-    centred = (xa - mean.view(1, -1, *([1] * (x.dim() - 2)))) * m
+    mean = xa.sum(dims) / count.clamp(min=1)
+    centred = torch.where(valid, xa - mean.view(shape), 0.0)
     return Stats(count, mean, (centred * centred).sum(dims))
 
 
 def masked_normalize(
     x: Tensor,
-    mask: Tensor,
+    mask: Tensor | None,
     batch: Stats,
     eps: float,
     scale_of,
@@ -124,7 +145,9 @@ def masked_normalize(
     activation: str | None,
     residual: Tensor | None,
 ) -> Tensor:
-    """y = g((x - mu) * scale + shift + residual) at every position, mu and var from the valid ones.
+    """y = g((x - mu) * scale + shift + residual) at every position, mu and var from the valid
+    ones (all of them when mask is None: then this is plain batch norm in differentiable torch
+    ops, what a traced graph runs for ghost batches and renorm).
 
     `batch` is differentiable in x (masked_stats); `scale_of(invstd)` builds the per-channel
     scale. Outputs at masked positions use detached statistics, so their gradients reach x
@@ -132,10 +155,11 @@ def masked_normalize(
     """
     shape = (1, -1) + (1,) * (x.dim() - 2)
     invstd = torch.rsqrt(batch.var + eps)
-    valid = mask.unsqueeze(1)
-    mean = torch.where(valid, batch.mean.view(shape), batch.mean.detach().view(shape))
-    scale = scale_of(invstd)
-    scale = torch.where(valid, scale.view(shape), scale_of(invstd.detach()).view(shape))
+    mean, scale = batch.mean.view(shape), scale_of(invstd).view(shape)
+    if mask is not None:
+        valid = mask.unsqueeze(1)
+        mean = torch.where(valid, mean, batch.mean.detach().view(shape))
+        scale = torch.where(valid, scale, scale_of(invstd.detach()).view(shape))
     u = (x.to(mean.dtype) - mean) * scale + shift.view(shape)
     if residual is not None:
         u = u + residual.to(u.dtype)

@@ -1,5 +1,5 @@
-"""The `numba` backend's whole-op path (`normalize`, with its own autograd) against the float64
-reference, its numerics on a large-mean channel, thread-count determinism, and when `auto`
+"""The `numba` backend's whole op (`forward`/`backward` through the op layer's autograd) against
+the float64 reference, its numerics on a large-mean channel, thread-count determinism, and when `auto`
 picks it. The four contract kernels are covered by tests/kernels/test_contract.py.
 
 Every allocation the wrappers make is poisoned with NaN (kernels/poison.py), so an element a
@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 import batchnorm as bn
 from batchnorm import activations, backends
 from batchnorm import functional as F
+from batchnorm import ops
 from batchnorm.backends import numba_cpu
+from batchnorm.backends.base import CENTER, INVSTD
 
 from kernels.poison import poisoned_allocations
 
@@ -31,6 +33,25 @@ numba = pytest.importorskip("numba")
 BE = numba_cpu.NumbaBackend()
 TOL = {torch.float64: 1e-9, torch.float32: 5e-5}
 FORMATS = ["2d", "ncl", "nchw", "channels_last"]
+
+
+def whole_op(x, weight, bias, running_mean, running_var, eps, activation, residual):
+    """The numba whole op through the eager op layer's autograd: (y, mean, invstd) with the
+    batch's statistics, or (y, None, None) normalized with the running statistics."""
+    training = running_mean is None
+    args = (x, weight, bias, residual, running_mean, running_var, eps, activation, training, "numba", None)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        y, params, _ = ops._BatchNormFunction.apply(*args)
+    else:
+        y, params, _ = ops._forward_kernels(*args)
+    return (y, params[CENTER], params[INVSTD]) if training else (y, None, None)
+
+
+def whole_op_updating(x, weight, bias, running_mean, running_var, tracked, factor, eps, activation, residual):
+    """Training through the op layer on numba, folding into the running statistics in the
+    kernel with weight `factor`: (y, whether the update was kept)."""
+    return ops.batch_norm(x, weight, bias, residual, running_mean, running_var, tracked, True, factor, eps,
+                          activation, "numba")  # fmt: skip
 
 
 def close(actual, expected, dtype, scale=1.0):
@@ -101,7 +122,7 @@ def test_normalize_and_gradients_match_reference(case):
     dy = torch.randn(x.shape, generator=gen, dtype=dtype)
 
     with poisoned_allocations(), kernels(case["parallel"]):
-        y, mean, invstd = BE.normalize(xg, weight, bias, rmean, rvar, 1e-5, case["activation"], residual)
+        y, mean, invstd = whole_op(xg, weight, bias, rmean, rvar, 1e-5, case["activation"], residual)
         inputs = [t for t in (xg, weight, bias, residual) if t is not None]
         grads = torch.autograd.grad(y, inputs, dy)
 
@@ -150,14 +171,14 @@ def test_large_mean_channel_normalizes_like_float64(shape, fmt):
     x = x64.float()
     if fmt == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    y, mean, invstd = BE.normalize(x, None, None, None, None, 1e-8, None, None)
+    y, mean, invstd = whole_op(x, None, None, None, None, 1e-8, None, None)
     xq = x.double()  # the reference sees the same fp32-rounded values
     y_ref = F.batch_norm(xq, None, None, training=True, eps=1e-8, backend="reference")
     rel = float((y.double() - y_ref).abs().max() / y_ref.abs().max())
     assert rel < 1e-3, f"relative error {rel:.3g}"
     dy = torch.randn(x.shape, generator=gen)
     xg, xr = x.clone().requires_grad_(), xq.clone().requires_grad_()
-    (dx,) = torch.autograd.grad(BE.normalize(xg, None, None, None, None, 1e-8, "relu", None)[0], xg, dy)
+    (dx,) = torch.autograd.grad(whole_op(xg, None, None, None, None, 1e-8, "relu", None)[0], xg, dy)
     yr = F.batch_norm(xr, None, None, training=True, eps=1e-8, activation="relu", backend="reference")
     (dx_ref,) = torch.autograd.grad(yr, xr, dy.double())
     rel = float((dx.double() - dx_ref).abs().max() / dx_ref.abs().max())
@@ -185,7 +206,7 @@ def test_bitwise_same_result_with_one_or_two_threads(shape, fmt):
 
     def run():
         xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y, mean, invstd = BE.normalize(xg, wg, None, None, None, 1e-5, "relu", r)
+        y, mean, invstd = whole_op(xg, wg, None, None, None, 1e-5, "relu", r)
         return (y, mean, invstd, *torch.autograd.grad(y, (xg, wg), dy), *BE.stats(x.view(shape[0], shape[1], -1)))
 
     before = numba.get_num_threads()
@@ -254,7 +275,7 @@ def test_normalize_updating_folds_the_batch_into_the_running_statistics(case, fa
     want_mean, want_var = _expected_running(x, rmean, rvar, factor)
     tracked = torch.tensor(4) if nbt else None
     with poisoned_allocations(), kernels(case["parallel"]):
-        y, accepted = BE.normalize_updating(x, None, None, rmean, rvar, tracked, factor, 1e-5, case["activation"], None)
+        y, accepted = whole_op_updating(x, None, None, rmean, rvar, tracked, factor, 1e-5, case["activation"], None)
     y_ref = F.batch_norm(x.double(), None, None, training=True, activation=case["activation"], backend="reference")
     assert accepted is True
     close(y, y_ref, dtype)
@@ -272,7 +293,7 @@ def test_normalize_updating_leaves_the_running_statistics_for_a_non_finite_batch
     rmean, rvar, tracked = torch.randn(3, generator=gen), torch.rand(3, generator=gen) + 0.5, torch.tensor(7)
     before = rmean.clone(), rvar.clone()
     with kernels(parallel):
-        y, accepted = BE.normalize_updating(x, None, None, rmean, rvar, tracked, 0.1, 1e-5, None, None)
+        y, accepted = whole_op_updating(x, None, None, rmean, rvar, tracked, 0.1, 1e-5, None, None)
     assert accepted is False and int(tracked) == 7
     assert torch.equal(rmean, before[0]) and torch.equal(rvar, before[1])
     assert torch.isfinite(y[:, :2]).all() and not torch.isfinite(y[:, 2]).any()
@@ -290,8 +311,8 @@ def test_without_autograd_the_kernel_runs_without_a_function_and_gives_the_same_
     for grad in (True, False):
         rmean, rvar = torch.zeros(4), torch.ones(4)
         with torch.set_grad_enabled(grad):
-            y, accepted = BE.normalize_updating(x, weight, bias, rmean, rvar, None, 0.2, 1e-5, "relu", None)
-            y_eval = BE.normalize(x, weight, bias, rmean, rvar, 1e-5, "relu", None)[0]
+            y, accepted = whole_op_updating(x, weight, bias, rmean, rvar, None, 0.2, 1e-5, "relu", None)
+            y_eval = whole_op(x, weight, bias, rmean, rvar, 1e-5, "relu", None)[0]
         assert accepted is True
         assert (y.grad_fn is not None) == grad and (y_eval.grad_fn is not None) == grad
         results.append((y.detach(), y_eval.detach(), rmean, rvar))
@@ -305,7 +326,7 @@ def test_normalize_updating_writes_back_buffers_of_another_dtype():
     x = torch.randn(6, 4, 30, generator=gen, dtype=torch.float64) + 3
     rmean, rvar = torch.zeros(4), torch.ones(4)
     want_mean, want_var = _expected_running(x, rmean, rvar, 0.3)
-    BE.normalize_updating(x, None, None, rmean, rvar, None, 0.3, 1e-5, None, None)
+    whole_op_updating(x, None, None, rmean, rvar, None, 0.3, 1e-5, None, None)
     assert rmean.dtype == torch.float32
     torch.testing.assert_close(rmean.double(), want_mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(rvar.double(), want_var, rtol=1e-6, atol=1e-6)
@@ -387,12 +408,12 @@ def test_non_finite_values_propagate(fmt):
     x = make_input(fmt, 4, 3, 50, torch.float32, gen)
     at, at2 = (1, 0, 7), (2, 1, 3)  # (n, c, l): one value, or two of a 4-D input
     x[at] = float("nan")
-    y, mean, _ = BE.normalize(x, None, None, None, None, 1e-5, "relu", None)
+    y, mean, _ = whole_op(x, None, None, None, None, 1e-5, "relu", None)
     assert torch.isnan(mean[0]) and torch.isfinite(mean[1:]).all()
     assert torch.isnan(y[:, 0]).all() and torch.isfinite(y[:, 1:]).all()
     x[at], x[at2] = float("inf"), -float("inf")
     rmean, rvar = torch.zeros(3), torch.ones(3)
-    y = BE.normalize(x, None, None, rmean, rvar, 1e-5, "relu", None)[0]
+    y = whole_op(x, None, None, rmean, rvar, 1e-5, "relu", None)[0]
     y_ref = F.batch_norm(x, rmean, rvar, training=False, activation="relu", backend="reference")
     assert (y[at] == float("inf")).all() and (y[at2] == 0).all()
     assert torch.equal(torch.isfinite(y), torch.isfinite(y_ref))
@@ -402,7 +423,7 @@ def test_normalize_updating_refuses_one_value_per_channel():
     """No unbiased variance from one value: nothing is updated (functional raises before)."""
     x = torch.randn(1, 3, 1)
     rmean, rvar = torch.zeros(3), torch.ones(3)
-    _, accepted = BE.normalize_updating(x, None, None, rmean, rvar, None, 0.1, 1e-5, None, None)
+    _, accepted = whole_op_updating(x, None, None, rmean, rvar, None, 0.1, 1e-5, None, None)
     assert accepted is False and torch.equal(rmean, torch.zeros(3)) and torch.equal(rvar, torch.ones(3))
 
 
@@ -412,11 +433,12 @@ def test_plain_evaluation_runs_where_it_is_faster():
     gen = torch.Generator().manual_seed(8)
     rmean, rvar, w, b = torch.randn(4, generator=gen), torch.rand(4, generator=gen) + 0.5, torch.rand(4) + 0.5, torch.randn(4)
     small = torch.randn(2, 4, 100, generator=gen)
-    y = BE.normalize(small, w, b, rmean, rvar, 1e-5, None, None)[0]
-    assert torch.equal(y, backends.get("aten").normalize(small, w, b, rmean, rvar, 1e-5, None, None)[0])
+    evaluate = lambda x: ops.batch_norm(x, w, b, None, rmean, rvar, None, False, 0.1, 1e-5, None, "numba")[0]  # noqa: E731
+    y = evaluate(small)
+    assert torch.equal(y, torch.nn.functional.batch_norm(small, rmean, rvar, w, b, False, 0.0, 1e-5))
     big = torch.randn(2, 4, numba_cpu._HUGE_BYTES // 32 + 1, generator=gen)
     with torch.no_grad():
-        y = BE.normalize(big, w, b, rmean, rvar, 1e-5, None, None)[0]
+        y = evaluate(big)
     scale, shift = (w / torch.sqrt(rvar + 1e-5)).double(), b.double()
     want = (big.double() - rmean.double()[:, None]) * scale[:, None] + shift[:, None]
     close(y, want, torch.float32)

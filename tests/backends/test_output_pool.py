@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from batchnorm import ops
 from batchnorm.backends import numba_cpu
 from batchnorm.backends.output_pool import OutputPool
 
@@ -88,7 +89,6 @@ def test_small_outputs_are_not_pooled():
 def test_numba_outputs_stay_correct_while_their_memory_is_reused():
     """Three steps of an input above the pool's threshold: each step's outputs equal a fresh
     computation, and a step's output kept alive is not overwritten by the next step."""
-    be = numba_cpu.NumbaBackend()
     gen = torch.Generator().manual_seed(0)
     shape = (8, 4, numba_cpu.OUTPUTS.min_bytes // 4 // 32 + 1)  # > min_bytes per output
     xs = [torch.randn(shape, generator=gen) + k for k in range(3)]
@@ -97,7 +97,7 @@ def test_numba_outputs_stay_correct_while_their_memory_is_reused():
 
     def step(x):
         xg, rg = x.clone().requires_grad_(), r.clone().requires_grad_()
-        y = be.normalize(xg, None, None, None, None, 1e-5, "relu", rg)[0]
+        y = ops.batch_norm(xg, None, None, rg, None, None, None, True, 0.1, 1e-5, "relu", "numba")[0]
         return (y.detach(), *torch.autograd.grad(y, (xg, rg), dy))
 
     kept = step(xs[0])

@@ -1,10 +1,10 @@
 """The `aten` backend: torch's own batch-norm kernels, composed with the extras.
 
-The fallback for every device, dtype and layout. For plain batch norm (no policy that
-needs the statistics apart from the normalization) it calls `torch.native_batch_norm`,
-so its speed and autograd (double backward included) are torch's; activation and
-residual are then applied with torch ops. For everything else it runs the kernel
-contract with the reference's torch ops.
+The fallback for every device, dtype and layout. For plain batch norm in eager mode the op
+layer calls `native_batch_norm` below, so its speed and autograd (double backward included)
+are torch's; activation and residual are then applied with torch ops. Everything else (the
+kernel contract, the whole-op `forward`/`backward` of base.py) runs the reference's torch
+ops.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from .. import activations
-from ..stats import RunningUpdate
 from .reference import ReferenceBackend
 
 
@@ -23,39 +22,25 @@ class AtenBackend(ReferenceBackend):
     def preferred(self, x: Tensor) -> bool:
         return True
 
-    @staticmethod
-    def normalize(
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        eps: float,
-        activation: str | None,
-        residual: Tensor | None,
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Whole-op batch norm on the N-D input through torch's autograd.
 
-        With running statistics given, normalizes with them (evaluation) and returns
-        (y, None, None). Without, normalizes with the batch statistics and returns
-        (y, mean, invstd), each (C,) in the accumulation dtype, for the running update.
-        """
-        training = running_mean is None
-        y, mean, invstd = _native(x, weight, bias, running_mean, running_var, training, 0.0, eps)
-        y = _finish(y, activation, residual)
-        return (y, mean, invstd) if training else (y, None, None)
+def native_batch_norm(x, weight, bias, running_mean, running_var, eps, activation, residual, training):
+    """torch's own batch norm on the N-D input, with torch's autograd (double backward
+    included), then the extras: (y, mean, unbiased_var).
 
-    @staticmethod
-    def normalize_updating(
-        x, weight, bias, running_mean, running_var, num_batches_tracked, factor, eps, activation, residual
-    ) -> tuple[Tensor, bool | Tensor]:
-        """Training batch norm that also folds the batch into the running statistics, in
-        torch's own kernel (weight `factor` for the new batch, unbiased variance): the
-        cheapest path for plain batch norm. Guarded by a snapshot (stats.RunningUpdate):
-        returns (y, whether the update was kept)."""
-        update = RunningUpdate(running_mean, running_var, num_batches_tracked)
-        y = _native(x, weight, bias, running_mean, running_var, True, factor, eps)[0]
-        return _finish(y, activation, residual), update.commit()
+    Training normalizes with the batch's statistics and also returns them, each (C,) in the
+    accumulation dtype, exactly as torch computes them for its running update (its kernel
+    writes them into two zeroed scratch buffers with momentum 1), so that the op layer can
+    fold them in under the guard's rule; the module's buffers are never handed to torch's
+    kernel. Evaluation normalizes with running_mean and running_var and returns (y, None,
+    None)."""
+    if not training:
+        y = _native(x, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
+        return _finish(y, activation, residual), None, None
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mean = torch.zeros(x.shape[1], dtype=acc, device=x.device)
+    var = torch.zeros_like(mean)
+    y = _native(x, weight, bias, mean, var, True, 1.0, eps)[0]
+    return _finish(y, activation, residual), mean, var
 
 
 def differentiable_grads(needs, dy, x, weight, bias, residual, running_mean, running_var, eps, activation):
@@ -63,7 +48,8 @@ def differentiable_grads(needs, dy, x, weight, bias, residual, running_mean, run
     torch's differentiable batch norm: the fused backends' backward under create_graph=True,
     so that double backward works. Batch statistics when running_mean is None."""
     wanted = [t for t, need in zip((x, weight, bias, residual), needs) if need]
-    y = AtenBackend.normalize(x, weight, bias, running_mean, running_var, eps, activation, residual)[0]
+    training = running_mean is None
+    y = native_batch_norm(x, weight, bias, running_mean, running_var, eps, activation, residual, training)[0]
     grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
     return [next(grads) if need else None for need in needs]
 

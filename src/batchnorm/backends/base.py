@@ -22,25 +22,30 @@ equation.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+
+from ..reference import acc_dtype, affine
+
+
+#: Rows of the (6, C) per-channel parameters that the whole-op `forward` returns and
+#: `backward` takes, in the accumulation dtype: y = g((x - center) scale + shift + residual),
+#: xhat = (x - center) invstd + xhat_shift, and the variance that normalized (the batch's,
+#: biased, in training; the running one in evaluation). A backend whose center is the mean
+#: rounded to x's dtype keeps what the rounding lost in shift and xhat_shift (numba); the
+#: others have xhat_shift = 0.
+CENTER, SCALE, SHIFT, INVSTD, XHAT_SHIFT, VAR = range(6)
+N_PARAMS = 6
 
 
 class Backend:
     """One implementation of the kernel contract. Subclasses override what they provide."""
 
     name: str = ""
-
-    #: Optional whole-op path, `normalize(x, weight, bias, running_mean, running_var, eps,
-    #: activation, residual) -> (y, mean, invstd)` on the N-D input with its own autograd,
-    #: used for plain batch norm when no policy needs the statistics apart (see aten.py).
-    normalize = None
-    #: Optional: `normalize_updating(x, weight, bias, running_mean, running_var,
-    #: num_batches_tracked, factor, eps, activation, residual) -> (y, accepted)`, training
-    #: batch norm that also folds the batch into the running statistics in place (weight
-    #: `factor`, unbiased variance) and counts it in num_batches_tracked (may be None), unless
-    #: a batch statistic is not finite: then nothing changes and `accepted` is false (a bool,
-    #: or a 0-d bool tensor on an accelerator, as stats.RunningUpdate.commit returns).
-    normalize_updating = None
+    #: Whether `forward` can fold the batch into the running statistics itself (its `fold`
+    #: argument), under the same rule as `stats.update_running`; otherwise the op layer
+    #: applies `update_running` to what `forward` returns.
+    folds_running: bool = False
 
     def unavailable(self) -> str | None:
         """Why this backend cannot run on this machine at all, or None when it can."""
@@ -53,6 +58,11 @@ class Backend:
     def preferred(self, x: Tensor) -> bool:
         """Whether `auto` should choose this backend for `x` (e.g. above a measured size)."""
         return False
+
+    def takes_plain_evaluation(self, x: Tensor) -> bool:
+        """Whether evaluation with nothing fused (no activation, no residual), one affine pass,
+        should run here rather than in torch's kernel (cheaper to call) for input x."""
+        return True
 
     # The kernel contract ------------------------------------------------------------
     def stats(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -68,6 +78,49 @@ class Backend:
         self, dy, x, mean, invstd, scale, shift, mean_d, mean_d_xhat, activation=None, residual=None
     ):
         raise NotImplementedError
+
+    # The whole op: what the op layer (ops.py) calls ----------------------------------------
+    def forward(self, x, weight, bias, residual, running_mean, running_var, eps, activation, training, fold=None):
+        """Whole-op batch norm of a canonical view x: (y, params, accepted).
+
+        y = g((x - mean) gamma invstd + beta + residual) like x; params (6, C) as the rows
+        above; in training the batch's statistics normalize, otherwise running_mean and
+        running_var (C,). `fold` (only for a backend with folds_running): (running_mean,
+        running_var, factor, unbiased) as numpy arrays and floats to update in place; then
+        `accepted` says whether the update was kept (None otherwise).
+        Here: the four contract functions (stats, apply); fused backends override it."""
+        acc = acc_dtype(x.dtype)
+        if training:
+            count, mean, m2 = self.stats(x)
+            var = m2 / count
+        else:
+            mean, var = running_mean.detach().to(acc), running_var.detach().to(acc)
+        invstd = torch.rsqrt(var + eps)
+        scale, shift = affine(invstd, None if weight is None else weight.detach(), None if bias is None else bias.detach())
+        y = self.apply(x, mean, scale, shift, activation, residual)
+        return y, torch.stack([mean, scale, shift, invstd, torch.zeros_like(mean), var]), None
+
+    def backward(self, dy, x, residual, params, training, activation, needs, weight_dtype, bias_dtype):
+        """The gradients of `forward`: (dx, dweight, dbias, dresidual), each None unless
+        `needs` (four bools, in that order) asks for it. dx = scale (d - mean_d - xhat
+        mean_d_xhat), the mean terms in training only; dweight = sum d xhat, dbias = sum d.
+        Here: the two contract functions; fused backends override it."""
+        need_x, need_w, need_b, need_r = needs
+        mean, scale, shift, invstd = params[CENTER], params[SCALE], params[SHIFT], params[INVSTD]
+        sum_d = sum_dxh = None
+        if (training and (need_x or need_r)) or need_w or need_b:
+            sum_d, sum_dxh = self.backward_reduce(dy, x, mean, invstd, scale, shift, activation, residual)
+        dx = dres = None
+        if need_x or need_r:
+            if training:
+                n = x.numel() // x.shape[1]
+                mean_d, mean_dxh = sum_d / n, sum_dxh / n
+            else:
+                mean_d = mean_dxh = torch.zeros_like(mean)
+            dx, dres = self.backward_apply(dy, x, mean, invstd, scale, shift, mean_d, mean_dxh, activation, residual)
+        dweight = sum_dxh.to(weight_dtype) if need_w else None
+        dbias = sum_d.to(bias_dtype) if need_b else None
+        return (dx if need_x else None), dweight, dbias, (dres if need_r else None)
 
     def __repr__(self) -> str:
         return f"<batchnorm backend {self.name!r}>"

@@ -52,10 +52,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import activations, layout
+from .. import activations, layout, stats
 from ..reference import acc_dtype
-from .aten import AtenBackend, differentiable_grads
-from .base import Backend
+from .base import CENTER, INVSTD, N_PARAMS, SCALE, SHIFT, VAR, XHAT_SHIFT, Backend
 from .output_pool import OutputPool
 
 try:
@@ -206,23 +205,51 @@ def _set_params(c, mean, m2c, count, eps, gamma, beta, m, a, b, inv, h, m2):
     a[c], b[c], h[c] = ac, float(beta[c]) - e * ac, -e * ic
 
 
+# The rule's arithmetic without fastmath: a fused multiply-add would round differently from
+# the tensor ops of stats.update_running, and the two must give the same bits.
+_blend = stats.blend if numba is None else numba.njit(error_model="numpy", cache=True)(stats.blend)
+
+
 @_jit(inline=True)
-def _fold_running(acc, count, update, factor, running_mean, running_var):
-    """Whether every channel's float64 mean acc[0] and m2 acc[1] is finite; if so and
-    `update`, fold them into the running statistics as torch does (weight `factor` for the
-    batch, the variance unbiased: m2 / (count - 1)). A non-finite batch, or one value per
-    channel (no unbiased variance; functional refuses it earlier), leaves them untouched (the
-    guard of DESIGN.md, decided here rather than by a snapshot)."""
-    finite = count >= 2
+def _fold_running(acc, count, update, factor, unbiased, running_mean, running_var):
+    """The guarded running update from the kernel's float64 statistics: mean acc[0] and m2
+    acc[1] (turned into the stored variance in place: m2 / (count - 1), or m2 / count when
+    not `unbiased`); see `_fold`. One value per channel (no variance; functional refuses it
+    earlier) is never folded in."""
+    if count < 2:
+        return False
+    spread = 1.0 / (count - 1.0) if unbiased else 1.0 / count
     for c in range(acc.shape[1]):
-        finite = finite and math.isfinite(acc[0, c]) and math.isfinite(acc[1, c])
+        acc[1, c] *= spread
+    return _fold(acc[0], acc[1], factor, update, running_mean, running_var)
+
+
+@_jit(inline=True)
+def _fold(mean, var, factor, update, running_mean, running_var):
+    """The guard's rule (stats.update_running) on numpy arrays: each channel's new running
+    value is `stats.blend(old, batch, factor)` in float64, rounded to the buffer's dtype; when
+    every one is finite and `update`, they are all written, otherwise none. Returns whether
+    they were all finite. The decision comes before any write, so no thread ever sees a
+    non-finite value in the buffers."""
+    fm, fv = running_mean.dtype.type, running_var.dtype.type
+    finite = True
+    for c in range(mean.shape[0]):
+        # np.float64, not float(): numba's float() keeps a float32 a float32
+        rounded_mean = fm(_blend(np.float64(running_mean[c]), np.float64(mean[c]), factor))
+        rounded_var = fv(_blend(np.float64(running_var[c]), np.float64(var[c]), factor))
+        finite = finite and math.isfinite(rounded_mean) and math.isfinite(rounded_var)
     if finite and update:
-        unbias = 1.0 / (count - 1.0)
-        for c in range(acc.shape[1]):
-            rm, rv = float(running_mean[c]), float(running_var[c])
-            running_mean[c] = rm + factor * (acc[0, c] - rm)
-            running_var[c] = rv + factor * (acc[1, c] * unbias - rv)
+        for c in range(mean.shape[0]):
+            running_mean[c] = _blend(np.float64(running_mean[c]), np.float64(mean[c]), factor)
+            running_var[c] = _blend(np.float64(running_var[c]), np.float64(var[c]), factor)
     return finite
+
+
+@_jit()
+def fold_running(mean, var, factor, running_mean, running_var):
+    """`_fold` as a call from Python (numpy arrays, all (C,); mean and var as stored), for
+    the paths whose kernel does not fold (torch's, on CPU): the rule at the cost of one call."""
+    return _fold(mean, var, factor, True, running_mean, running_var)
 
 
 # (N, C, L) -----------------------------------------------------------------------------
@@ -315,7 +342,7 @@ def _ncl_normalize(args, has_res, code):
 @_jit(parallel=True)
 def _ncl_forward(
     x, res, has_res, code, train, write, gamma, beta, eps, m, a, b, inv, h, m2, y,
-    update, factor, running_mean, running_var, lanes, acc,
+    update, factor, unbiased, running_mean, running_var, lanes, acc,
 ):  # fmt: skip
     """Per group of channels (`_ncl_group`): statistics when `train` (into m, a, b, inv, h,
     m2, see `_set_params`), then, when `write`, y = g((x - m) a + b + res) while the group is
@@ -333,7 +360,7 @@ def _ncl_forward(
         if write:
             _specialized(_ncl_normalize, (x, res, y, c0, c1, m, a, b), has_res, code)
     if train:
-        return _fold_running(acc, n_rows * length, update, factor, running_mean, running_var)
+        return _fold_running(acc, n_rows * length, update, factor, unbiased, running_mean, running_var)
     return True
 
 
@@ -431,7 +458,7 @@ def _mc_normalize(args, has_res, code):
 @_jit(parallel=True)
 def _mc_forward(
     x, res, has_res, code, train, write, gamma, beta, eps, m, a, b, inv, h, m2, y,
-    update, factor, running_mean, running_var, s1, s2, merged,
+    update, factor, unbiased, running_mean, running_var, s1, s2, merged,
 ):  # fmt: skip
     """`_ncl_forward` for (M, C): per-block sums of x - x[0] in parallel (into the zeroed
     (blocks, C) scratch s1, s2), merged in block order into the float64 (2, C) scratch
@@ -464,7 +491,7 @@ def _mc_forward(
             args = (x, res, y, k * per, min(rows, (k + 1) * per), m, a, b)
             _specialized(_mc_normalize, args, has_res, code)
     if train:
-        return _fold_running(merged, rows, update, factor, running_mean, running_var)
+        return _fold_running(merged, rows, update, factor, unbiased, running_mean, running_var)
     return True
 
 
@@ -616,14 +643,15 @@ def _ncl_lanes(xv: np.ndarray) -> np.ndarray:
 
 def _forward(xv, rv, code, train, write, gamma, beta, eps, m, a, b, inv, h, running=None):
     """Run the forward kernel of xv's view (train: fills m, a, b, inv, h; `running` =
-    (running_mean, running_var, factor) numpy arrays to fold the batch into, guarded).
-    Returns (y or None, m2, whether the batch statistics were finite)."""
+    (running_mean, running_var, factor, unbiased), the buffers as numpy arrays, to fold the
+    batch into under the guard's rule). Returns (y or None, m2, whether the batch statistics
+    were finite, so folded in)."""
     m2 = np.empty(xv.shape[1], xv.dtype)
     y = _empty_like(xv) if write else xv  # never written when not `write`
     update = running is not None
-    running_mean, running_var, factor = running if update else (m, m, 0.0)
+    running_mean, running_var, factor, unbiased = running if update else (m, m, 0.0, True)
     args = (xv, xv if rv is None else rv, rv is not None, code, train, write, gamma, beta, eps,
-            m, a, b, inv, h, m2, y, update, factor, running_mean, running_var)  # fmt: skip
+            m, a, b, inv, h, m2, y, update, factor, unbiased, running_mean, running_var)  # fmt: skip
     if xv.ndim == 3:
         finite = _kernel("_ncl_forward", xv.size)(*args, _ncl_lanes(xv), np.empty((2, xv.shape[1])))
     else:
@@ -655,104 +683,11 @@ def _writable(t: Tensor, dtype: torch.dtype) -> tuple[np.ndarray, bool]:
     return t.detach().to(dtype).contiguous().numpy(), True
 
 
-def _fused_forward(x, weight, bias, residual, running_mean, running_var, eps, activation, factor, outcome):
-    """The whole-op forward (modes as `_FusedBatchNorm`): returns y, the (5, C) kernel
-    parameters (rows m, a, b, inv, h: module docstring), the view kind, whether the batch
-    statistics normalized, and x's canonical view as a numpy array (for the backward)."""
-    view = layout.canonical(x)
-    xv = _np(view.data)
-    rv = None if residual is None else _np(layout.canonical(residual, view.kind).data)
-    acc = acc_dtype(x.dtype)
-    channels = xv.shape[1]
-    gamma, beta = _vec(weight, channels, acc, 1.0), _vec(bias, channels, acc, 0.0)
-    train = running_mean is None or factor is not None
-    params = np.empty((5, channels), xv.dtype)
-    running = None
-    if not train:  # evaluation: m = running mean, h = 0
-        params[0] = _vec(running_mean, channels, acc, 0.0)
-        params[3] = 1.0 / np.sqrt(_vec(running_var, channels, acc, 0.0) + eps)
-        params[1], params[2], params[4] = gamma * params[3], beta, 0.0
-    elif factor is not None:
-        (rmv, copied), (rvv, _) = _writable(running_mean, acc), _writable(running_var, acc)
-        running = (rmv, rvv, factor)
-    y, _, finite = _forward(xv, rv, _ACT_CODE[activation], train, True, gamma, beta, eps, *params, running)
-    if running is not None:
-        outcome.append(finite)
-        if copied:  # both buffers share dtype and layout in every module
-            running_mean.copy_(torch.from_numpy(rmv))
-            running_var.copy_(torch.from_numpy(rvv))
-    return layout.restore(torch.from_numpy(y), x, view.kind), params, view.kind, train, xv
-
-
-def _needs_graph(*tensors: Tensor | None) -> bool:
-    """Whether autograd records this call (otherwise the kernels run without a Function)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-class _FusedBatchNorm(torch.autograd.Function):
-    """Whole-op batch norm: one forward kernel, one backward kernel (see the module docstring).
-
-    Modes: `running_mean` None: batch statistics; given and `factor` None: evaluation with
-    them; given with a `factor`: batch statistics, and the running statistics updated in the
-    kernel (guarded: `outcome` gets whether the batch statistics were finite, so updated)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, eps, activation, factor, outcome):
-        y, params, kind, train, xv = _fused_forward(
-            x, weight, bias, residual, running_mean, running_var, eps, activation, factor, outcome
-        )
-        kept = (None, None) if train else (running_mean, running_var)  # double backward's
-        ctx.save_for_backward(x, weight, bias, residual, *kept)
-        # xv views x's memory (saved above, which also checks it was not modified in place):
-        # the backward reuses it rather than rebuilding it from x (each step counts on small
-        # and mid-size tensors: design notes, step 25).
-        ctx.params, ctx.kind, ctx.eps, ctx.activation, ctx.train, ctx.xv = params, kind, eps, activation, train, xv
-        mean, invstd = torch.from_numpy(params[0]), torch.from_numpy(params[3])
-        ctx.mark_non_differentiable(mean, invstd)
-        return y, mean, invstd
-
-    @staticmethod
-    def backward(ctx, dy, _dmean, _dinvstd):
-        x, weight, bias, residual, running_mean, running_var = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: differentiable ops for double backward
-            grads = differentiable_grads(
-                ctx.needs_input_grad[:4], dy, x, weight, bias, residual, running_mean, running_var, ctx.eps, ctx.activation
-            )  # fmt: skip
-            return (*grads, None, None, None, None, None, None)
-        kind = ctx.kind
-        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-        xv = ctx.xv
-        dyv = _np(layout.canonical(dy, kind).data)
-        rv = None if residual is None else _np(layout.canonical(residual, kind).data)
-        # the kernel writes (mean_d, mean_dxh) from the batch statistics; evaluation's are 0
-        mean_d, mean_dxh = np.zeros((2, xv.shape[1]), xv.dtype)
-        write = need_x or need_r
-        reduce = need_w or need_b or (ctx.train and write)
-        sum_d, sum_dxh, dxv, dresv = _backward(
-            dyv, xv, rv, _ACT_CODE[ctx.activation], *ctx.params,
-            reduce, write, ctx.train, mean_d, mean_dxh,
-        )  # fmt: skip
-        dx = layout.restore(torch.from_numpy(dxv), x, kind) if need_x else None
-        dres = layout.restore(torch.from_numpy(dresv), residual, kind) if need_r else None
-        dweight = torch.from_numpy(sum_dxh).to(weight.dtype) if need_w else None
-        dbias = torch.from_numpy(sum_d).to(bias.dtype) if need_b else None
-        return dx, dweight, dbias, dres, None, None, None, None, None, None
-
-
-def _whole_op(x, weight, bias, residual, running_mean, running_var, eps, activation, factor, outcome):
-    """(y, mean, invstd): through `_FusedBatchNorm` when autograd records the call, straight
-    to the kernel otherwise (no_grad, inference: a Function costs ~10 us per call)."""
-    args = (x, weight, bias, residual, running_mean, running_var, eps, activation, factor, outcome)
-    if _needs_graph(x, weight, bias, residual):
-        return _FusedBatchNorm.apply(*args)
-    y, params, _, _, _ = _fused_forward(*args)
-    return y, torch.from_numpy(params[0]), torch.from_numpy(params[3])
-
-
 class NumbaBackend(Backend):
     """Fused numba kernels on CPU for contiguous fp32/fp64 views; aten takes everything else."""
 
     name = "numba"
+    folds_running = True
 
     def unavailable(self) -> str | None:
         return _MISSING
@@ -773,31 +708,62 @@ class NumbaBackend(Backend):
     def preferred(self, x: Tensor) -> bool:
         return x.numel() >= CROSSOVER_NUMEL
 
-    @staticmethod
-    def normalize(x, weight, bias, running_mean, running_var, eps, activation, residual):
-        """Whole-op batch norm (base.py): (y, mean, invstd), or (y, None, None) with running stats.
+    def takes_plain_evaluation(self, x: Tensor) -> bool:
+        """Plain evaluation is one affine pass with nothing to fuse: below _HUGE_BYTES torch's
+        own pass is as fast and costs less to call; above, every fresh output is a new mapping
+        that torch's pass faults in page by page, and ours, from the output pool, does not."""
+        return x.numel() * x.element_size() >= _HUGE_BYTES
 
-        Plain evaluation (no activation, no residual) is one affine pass with nothing to fuse:
-        below _HUGE_BYTES torch's own pass is as fast and costs less to call, so it runs
-        there; above, every fresh output is a new mapping that torch's pass faults in page by
-        page, and ours, from the output pool, does not (design notes, step 22)."""
-        plain_eval = running_mean is not None and activation is None and residual is None
-        if plain_eval and x.numel() * x.element_size() < _HUGE_BYTES:
-            return AtenBackend.normalize(x, weight, bias, running_mean, running_var, eps, None, None)
-        y, mean, invstd = _whole_op(x, weight, bias, residual, running_mean, running_var, eps, activation, None, None)
-        return (y, mean, invstd) if running_mean is None else (y, None, None)
+    # The whole op (base.py) -------------------------------------------------------------
+    def forward(self, x, weight, bias, residual, running_mean, running_var, eps, activation, training, fold=None):
+        """One forward kernel call (base.py): statistics, normalization, activation and
+        residual, and with `fold` the guarded running update, all in the kernel."""
+        xv = _np(x)
+        rv = None if residual is None else _np(residual)
+        acc = acc_dtype(x.dtype)
+        channels = xv.shape[1]
+        gamma, beta = _vec(weight, channels, acc, 1.0), _vec(bias, channels, acc, 0.0)
+        params = np.empty((N_PARAMS, channels), xv.dtype)
+        if not training:  # center = running mean, xhat_shift = 0
+            params[CENTER] = _vec(running_mean, channels, acc, 0.0)
+            params[VAR] = _vec(running_var, channels, acc, 0.0)
+            params[INVSTD] = 1.0 / np.sqrt(params[VAR] + eps)
+            params[SCALE], params[SHIFT], params[XHAT_SHIFT] = gamma * params[INVSTD], beta, 0.0
+        buffers = running = None
+        if fold is not None:
+            # each buffer on its own: they may differ in dtype or layout
+            buffers = (_writable(fold.running_mean, acc), _writable(fold.running_var, acc))
+            running = (buffers[0][0], buffers[1][0], fold.factor, fold.unbiased)
+        rows = params[[CENTER, SCALE, SHIFT, INVSTD, XHAT_SHIFT]]
+        y, m2, finite = _forward(xv, rv, _ACT_CODE[activation], training, True, gamma, beta, eps, *rows, running)
+        if training:
+            params[[CENTER, SCALE, SHIFT, INVSTD, XHAT_SHIFT]] = rows
+            params[VAR] = m2 / layout.values_per_channel(x)
+        if buffers is not None:
+            for (array, copied), target in zip(buffers, (fold.running_mean, fold.running_var)):
+                if copied:
+                    target.copy_(torch.from_numpy(array))
+        return torch.from_numpy(y), torch.from_numpy(params), (finite if fold is not None else None)
 
-    @staticmethod
-    def normalize_updating(
-        x, weight, bias, running_mean, running_var, num_batches_tracked, factor, eps, activation, residual
-    ):
-        """Training batch norm that folds the batch into the running statistics in its forward
-        kernel, guarded there (base.py): (y, whether the update was kept)."""
-        outcome = []
-        y = _whole_op(x, weight, bias, residual, running_mean, running_var, eps, activation, factor, outcome)[0]
-        if outcome[0] and num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        return y, outcome[0]
+    def backward(self, dy, x, residual, params, training, activation, needs, weight_dtype, bias_dtype):
+        """One backward kernel call (base.py): the reductions and dx, dresidual together."""
+        need_x, need_w, need_b, need_r = needs
+        xv, dyv, p = _np(x), _np(dy), _np(params)
+        rv = None if residual is None else _np(residual)
+        # the kernel writes (mean_d, mean_dxh) from the batch statistics; evaluation's are 0
+        mean_d, mean_dxh = np.zeros((2, xv.shape[1]), xv.dtype)
+        write = need_x or need_r
+        reduce = need_w or need_b or (training and write)
+        sum_d, sum_dxh, dxv, dresv = _backward(
+            dyv, xv, rv, _ACT_CODE[activation], p[CENTER], p[SCALE], p[SHIFT], p[INVSTD], p[XHAT_SHIFT],
+            reduce, write, training, mean_d, mean_dxh,
+        )  # fmt: skip
+        return (
+            torch.from_numpy(dxv) if need_x else None,
+            torch.from_numpy(sum_dxh).to(weight_dtype) if need_w else None,
+            torch.from_numpy(sum_d).to(bias_dtype) if need_b else None,
+            torch.from_numpy(dresv) if need_r else None,
+        )
 
     # The kernel contract (base.py) ----------------------------------------------------
     def stats(self, x):

@@ -48,8 +48,7 @@ from torch import Tensor
 
 from .. import activations, layout
 from ..reference import acc_dtype
-from .aten import differentiable_grads
-from .base import Backend
+from .base import CENTER, INVSTD, SCALE, SHIFT, Backend
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what `auto` hands to triton
@@ -517,54 +516,6 @@ def backward(
     return Gradients(dx, dres, dw, db)
 
 
-class _FusedBatchNorm(torch.autograd.Function):
-    """Whole-op batch norm on the N-D input through `forward` and `backward` above.
-
-    Returns (y, mean, invstd, accepted); mean, invstd and accepted are not differentiable
-    (functional reads the first two for the running update). training=False normalizes with
-    the running statistics; `factor` (training only) updates them in place and counts the
-    update in num_batches_tracked (`forward`; accepted is None without it). Double backward
-    (create_graph=True) recomputes the gradients with torch's differentiable ops
-    (aten.differentiable_grads).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, nbt, eps, activation, training, factor):
-        view = layout.canonical(x)
-        res = None if residual is None else layout.canonical(residual, view.kind).data
-        f = forward(
-            view.data, weight, bias, running_mean, running_var, eps, activation, res,
-            training=training, factor=factor, num_batches_tracked=nbt,
-        )  # fmt: skip
-        # Evaluation's double backward needs the running statistics; training's must not see
-        # them (they were just updated, and the batch's statistics normalized).
-        running = (None, None) if training else (running_mean, running_var)
-        ctx.save_for_backward(x, weight, bias, residual, *running, *f.vectors)
-        ctx.kind, ctx.eps, ctx.activation, ctx.training = view.kind, eps, activation, training
-        ctx.mark_non_differentiable(f.mean, f.invstd, *([] if f.accepted is None else [f.accepted]))
-        return layout.restore(f.y, x, view.kind), f.mean, f.invstd, f.accepted
-
-    @staticmethod
-    def backward(ctx, dy, _dmean, _dinvstd, _daccepted):
-        x, weight, bias, residual, running_mean, running_var, *vectors = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: differentiable ops for double backward
-            grads = differentiable_grads(
-                ctx.needs_input_grad[:4], dy, x, weight, bias, residual, running_mean, running_var, ctx.eps, ctx.activation
-            )  # fmt: skip
-            return (*grads, None, None, None, None, None, None, None)
-        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-        kind = ctx.kind
-        res = None if residual is None else layout.canonical(residual, kind).data
-        grads = backward(
-            layout.canonical(dy, kind).data, layout.canonical(x, kind).data, *vectors, ctx.activation, res,
-            training=ctx.training, weight_dtype=weight.dtype if need_w else None,
-            bias_dtype=bias.dtype if need_b else None, need_dx=need_x or need_r,
-        )  # fmt: skip
-        dx = layout.restore(grads.dx, x, kind) if need_x else None
-        dres = layout.restore(grads.dresidual, residual, kind) if need_r else None
-        return dx, grads.dweight, grads.dbias, dres, None, None, None, None, None, None, None
-
-
 def interpreting() -> bool:
     """Whether Triton runs its CPU interpreter (TRITON_INTERPRET, as Triton reads it)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -602,28 +553,23 @@ class TritonBackend(Backend):
     def preferred(self, x: Tensor) -> bool:
         return x.is_cuda and x.dtype in FAST_DTYPES
 
-    # The whole-op hooks (base.py) -------------------------------------------------------
-    @staticmethod
-    def normalize(x, weight, bias, running_mean, running_var, eps, activation, residual):
-        """(y, mean, invstd) with the batch's statistics, or (y, None, None) normalized with
-        the running statistics when they are given (evaluation)."""
-        training = running_mean is None
-        y, mean, invstd, _ = _FusedBatchNorm.apply(
-            x, weight, bias, residual, running_mean, running_var, None, eps, activation, training, None
-        )
-        return (y, mean, invstd) if training else (y, None, None)
+    # The whole op (base.py) -------------------------------------------------------------
+    def forward(self, x, weight, bias, residual, running_mean, running_var, eps, activation, training, fold=None):
+        """`forward` above (base.py's whole op): no torch op between its launches."""
+        f = forward(x, weight, bias, running_mean, running_var, eps, activation, residual, training=training)
+        var = f.invstd.pow(-2).sub_(eps).clamp_(min=0) if training else running_var.detach().to(f.mean.dtype)
+        params = torch.stack([f.mean, f.scale, f.shift, f.invstd, torch.zeros_like(f.mean), var])
+        return f.y, params, None
 
-    @staticmethod
-    def normalize_updating(
-        x, weight, bias, running_mean, running_var, num_batches_tracked, factor, eps, activation, residual
-    ):
-        """Training batch norm whose kernels also fold the batch into the running statistics
-        in place (weight `factor`, unbiased variance) and count it in num_batches_tracked,
-        guarded on the device (base.py): (y, whether the update was kept, a 0-d bool tensor)."""
-        y, _, _, accepted = _FusedBatchNorm.apply(
-            x, weight, bias, residual, running_mean, running_var, num_batches_tracked, eps, activation, True, factor
-        )
-        return y, accepted
+    def backward(self, dy, x, residual, params, training, activation, needs, weight_dtype, bias_dtype):
+        """`backward` above (base.py's whole op)."""
+        need_x, need_w, need_b, need_r = needs
+        grads = backward(
+            dy, x, params[CENTER], params[INVSTD], params[SCALE], params[SHIFT], activation, residual,
+            training=training, weight_dtype=weight_dtype if need_w else None,
+            bias_dtype=bias_dtype if need_b else None, need_dx=need_x or need_r,
+        )  # fmt: skip
+        return (grads.dx if need_x else None), grads.dweight, grads.dbias, (grads.dresidual if need_r else None)
 
     def stats(self, x):
         return stats(x)

@@ -1,0 +1,317 @@
+"""The op layer: plain batch norm (with the fused activation and residual) as one operation,
+in eager mode, under `torch.compile` and under `torch.export`, and the one place where a
+training call folds its batch into the running statistics.
+
+    batch_norm(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+               training, momentum, eps, activation, backend, unbiased) -> (y, accepted)
+
+What runs, by mode and backend (`backends.resolve` picks the backend from x's device, dtype,
+size and layout):
+
+- eager, `aten`: torch's own kernel and autograd (`aten.native_batch_norm`), the extras in
+  torch ops; the batch's statistics come back from it and are folded in by the rule.
+- eager, a fused backend (numba, triton): `_BatchNormFunction`, an autograd Function over the
+  backend's whole-op `forward`/`backward` (base.py); a backend that `folds_running` (numba)
+  folds the batch in inside its kernel. Under no_grad the kernels run without the Function.
+- compiled or exported (`torch.compiler.is_compiling()`): the custom operators
+  `batchnorm::batch_norm` and `batchnorm::batch_norm_backward` (torch.library), which call
+  the very same backend functions, so Inductor sees one opaque op with a fake (meta)
+  implementation and a registered autograd formula; `aten` stays torch's decomposable
+  batch norm, which Inductor generates code for. The running update is `update_running`'s
+  tensor ops there, traced into the graph, with no host synchronization.
+- exported in evaluation: torch's batch norm and the extras in standard aten ops, so an
+  exported program runs where this package is not installed.
+
+The rule of the running update is `stats.update_running` (the numba kernels and
+`numba_cpu.fold_running` apply the same per-channel `stats.blend` and the same test); it
+returns whether the update was kept, which the caller counts.
+
+A custom op costs ~35 us per eager call where an autograd Function costs ~8 us, more than a
+small layer's whole kernel: that is why eager calls do not go through the custom ops. Both
+paths run the same kernels and the same rule; the tests hold them equal.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import backends, layout
+from .backends.aten import AtenBackend, differentiable_grads, native_batch_norm
+from .backends.base import CENTER, N_PARAMS, VAR
+from .reference import acc_dtype
+from .stats import momentum_factor, update_running
+
+try:
+    from .backends.numba_cpu import fold_running as _fold_running_cpu
+except ImportError:  # pragma: no cover - numba is a dependency; the torch rule serves without it
+    _fold_running_cpu = None
+
+
+class Fold(NamedTuple):
+    """What a backend that `folds_running` needs to update the running statistics itself:
+    the two buffers (C,), the weight of the new batch, and whether the stored variance is
+    unbiased (m2 / (n - 1), PyTorch's) or biased (m2 / n, Keras' and Flax's)."""
+
+    running_mean: Tensor
+    running_var: Tensor
+    factor: float
+    unbiased: bool
+
+
+def batch_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    activation: str | None,
+    backend: str | None,
+    unbiased: bool = True,
+) -> tuple[Tensor, bool | Tensor | None]:
+    """y = g(gamma (x - mu) / sqrt(var + eps) + beta + residual) and whether the running
+    update was kept (None when there was none to make).
+
+    Shapes: x (N, C, *spatial); weight, bias, running_mean, running_var (C,) or None;
+    residual like x. Training normalizes with the batch's statistics and, when both running
+    buffers are given, folds the batch into them (weight `momentum`; None: the cumulative
+    average over num_batches_tracked, which counts kept updates). Evaluation normalizes with
+    the running statistics. Inputs are checked by the caller (functional.py).
+    """
+    be = backends.resolve(backend, x).backend
+    updating = training and running_mean is not None and running_var is not None
+    if torch.compiler.is_compiling():
+        return _traced(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+                       training, momentum, eps, activation, be, unbiased, updating)  # fmt: skip
+    plain_evaluation = not training and activation is None and residual is None
+    if isinstance(be, AtenBackend) or (plain_evaluation and not be.takes_plain_evaluation(x)):
+        y, mean, var = native_batch_norm(
+            x, weight, bias, None if training else running_mean, None if training else running_var,
+            eps, activation, residual, training,
+        )  # fmt: skip
+        if not updating:
+            return y, None
+        stored = var if unbiased else var * _bias_correction(x)
+        return y, _commit(running_mean, running_var, num_batches_tracked, mean, stored, momentum)
+    fold = None
+    if updating and be.folds_running:
+        fold = Fold(running_mean, running_var, momentum_factor(momentum, num_batches_tracked), unbiased)
+    args = (x, weight, bias, residual, running_mean, running_var, eps, activation, training, be.name, fold)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        y, params, accepted = _BatchNormFunction.apply(*args)
+    else:  # nothing to differentiate: a Function would only cost time
+        y, params, accepted = _forward_kernels(*args)
+    if fold is not None:
+        if accepted and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return y, accepted
+    if not updating:
+        return y, None
+    with torch.no_grad():
+        return y, _commit(running_mean, running_var, num_batches_tracked, params[CENTER],
+                          _stored_var(params[VAR], x, unbiased), momentum)  # fmt: skip
+
+
+def _traced(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+            training, momentum, eps, activation, be, unbiased, updating):  # fmt: skip
+    """`batch_norm` while torch.compile or torch.export traces it: only ops a graph can hold."""
+    if isinstance(be, AtenBackend) or (not training and torch.compiler.is_exporting()):
+        y, mean, var = native_batch_norm(
+            x, weight, bias, None if training else running_mean, None if training else running_var,
+            eps, activation, residual, training,
+        )  # fmt: skip
+        stored = None if not updating else (var if unbiased else var * _bias_correction(x))
+    else:
+        y, params = torch.ops.batchnorm.batch_norm(
+            x, weight, bias, residual, running_mean, running_var, eps, activation, training, be.name
+        )
+        mean, stored = params[CENTER], (_stored_var(params[VAR], x, unbiased) if updating else None)
+    if not updating:
+        return y, None
+    with torch.no_grad():
+        return y, update_running(running_mean, running_var, mean.detach(), stored.detach(), momentum, num_batches_tracked)
+
+
+def _bias_correction(x: Tensor) -> float:
+    """(n - 1) / n: turns the unbiased variance of x's batch into the biased one."""
+    n = layout.values_per_channel(x)
+    return (n - 1) / n
+
+
+def _stored_var(var: Tensor, x: Tensor, unbiased: bool) -> Tensor:
+    """The batch's biased variance as the running statistics store it."""
+    if not unbiased:
+        return var
+    n = layout.values_per_channel(x)
+    return var * (n / (n - 1))
+
+
+def _commit(running_mean, running_var, num_batches_tracked, mean, var, momentum) -> bool | Tensor:
+    """The rule (`update_running`) in eager mode: for fp32/fp64 buffers on the CPU one numba
+    call on numpy views (a few microseconds where the tensor ops cost tens), else tensor ops."""
+    if _fold_running_cpu is not None and _numpy_viewable(running_mean, running_var, mean, var):
+        factor = momentum_factor(momentum, num_batches_tracked)
+        accepted = bool(_fold_running_cpu(mean.numpy(), var.numpy(), factor, running_mean.numpy(), running_var.numpy()))
+        if accepted and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return accepted
+    return update_running(running_mean, running_var, mean, var, momentum, num_batches_tracked)
+
+
+def _numpy_viewable(*tensors: Tensor) -> bool:
+    """Whether each tensor's numpy view is its own memory: CPU, fp32/fp64, contiguous, no grad."""
+    return all(
+        t.is_cpu and t.dtype in (torch.float32, torch.float64) and t.is_contiguous() and not t.requires_grad
+        for t in tensors
+    )
+
+
+# The kernels, as both paths call them -----------------------------------------------------
+def _forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend, fold=None):
+    """The backend's whole-op forward on x's canonical view: (y like x, params (6, C), accepted)."""
+    view = layout.canonical(x)
+    res = None if residual is None else layout.canonical(residual, view.kind).data
+    y, params, accepted = backends.get(backend).forward(
+        view.data, weight, bias, res, running_mean, running_var, eps, activation, training, fold
+    )
+    return layout.restore(y, x, view.kind), params, accepted
+
+
+def _backward_kernels(dy, x, weight, bias, residual, params, training, activation, backend, needs):
+    """The backend's whole-op backward: (dx, dweight, dbias, dresidual), None where not needed."""
+    view = layout.canonical(x)
+    kind = view.kind
+    res = None if residual is None else layout.canonical(residual, kind).data
+    dx, dw, db, dres = backends.get(backend).backward(
+        layout.canonical(dy, kind).data, view.data, res, params, training, activation, needs,
+        None if weight is None else weight.dtype, None if bias is None else bias.dtype,
+    )  # fmt: skip
+    dx = None if dx is None else layout.restore(dx, x, kind)
+    dres = None if dres is None else layout.restore(dres, residual, kind)
+    return dx, dw, db, dres
+
+
+def _save(ctx, x, weight, bias, residual, running_mean, running_var, params, eps, activation, training, backend):
+    """What the backward of either path keeps. Evaluation's double backward needs the running
+    statistics; training's must not see them (they were just updated)."""
+    running = (None, None) if training else (running_mean, running_var)
+    ctx.save_for_backward(x, weight, bias, residual, *running, params)
+    ctx.eps, ctx.activation, ctx.training, ctx.backend = eps, activation, training, backend
+
+
+def _gradients(ctx, dy, kernels):
+    """The four input gradients of either path; `kernels` runs the backend's backward."""
+    x, weight, bias, residual, running_mean, running_var, params = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:4])
+    if torch.is_grad_enabled():  # create_graph=True: differentiable ops for double backward
+        return differentiable_grads(
+            needs, dy, x, weight, bias, residual, running_mean, running_var, ctx.eps, ctx.activation
+        )
+    return kernels(dy, x, weight, bias, residual, params, ctx.training, ctx.activation, ctx.backend, needs)
+
+
+class _BatchNormFunction(torch.autograd.Function):
+    """The eager path's autograd node: (y, params, accepted) from `_forward_kernels`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend, fold):
+        y, params, accepted = _forward_kernels(
+            x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend, fold
+        )
+        _save(ctx, x, weight, bias, residual, running_mean, running_var, params, eps, activation, training, backend)
+        ctx.mark_non_differentiable(params)
+        return y, params, accepted
+
+    @staticmethod
+    def backward(ctx, dy, _dparams, _daccepted):
+        grads = _gradients(ctx, dy, _backward_kernels)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+# The custom operators ------------------------------------------------------------------
+@torch.library.custom_op("batchnorm::batch_norm", mutates_args=())
+def _batch_norm_op(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    eps: float,
+    activation: Optional[str],
+    training: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """(y, params): the backend's whole-op forward; the running statistics are only read
+    (in evaluation): the update is traced apart, so that this op is functional."""
+    y, params, _ = _forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend)
+    return y, params
+
+
+@_batch_norm_op.register_fake
+def _batch_norm_fake(x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend):
+    return layout.empty_output(x), x.new_empty((N_PARAMS, x.shape[1]), dtype=acc_dtype(x.dtype))
+
+
+@torch.library.custom_op("batchnorm::batch_norm_backward", mutates_args=())
+def _batch_norm_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    params: Tensor,
+    training: bool,
+    activation: Optional[str],
+    backend: str,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dresidual): the backend's whole-op backward; a gradient that
+    `needs` does not ask for is an empty tensor (an op returns tensors, never None)."""
+    grads = _backward_kernels(dy, x, weight, bias, residual, params, training, activation, backend, needs)
+    inputs = (dy, x, weight, bias, residual, params)
+    return tuple(_own(g, inputs) if g is not None else x.new_empty(0) for g in grads)
+
+
+@_batch_norm_backward_op.register_fake
+def _batch_norm_backward_fake(dy, x, weight, bias, residual, params, training, activation, backend, needs):
+    like = (x, weight, bias, residual)
+    return tuple(
+        (layout.empty_output(t) if t.dim() > 1 else torch.empty_like(t)) if need else x.new_empty(0)
+        for t, need in zip(like, needs)
+    )
+
+
+def _own(t: Tensor, inputs) -> Tensor:
+    """t, or a copy of it when it shares memory with an input (a custom op's outputs may not
+    alias its inputs; a backend may hand dy back as dresidual for identity activations)."""
+    ptr = t.untyped_storage().data_ptr()
+    if any(i is not None and i.numel() and i.untyped_storage().data_ptr() == ptr for i in inputs):
+        return t.clone()
+    return t
+
+
+def _op_backward_kernels(dy, x, weight, bias, residual, params, training, activation, backend, needs):
+    grads = torch.ops.batchnorm.batch_norm_backward(
+        dy, x, weight, bias, residual, params, training, activation, backend, list(needs)
+    )
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend = inputs
+    _save(ctx, x, weight, bias, residual, running_mean, running_var, output[1], eps, activation, training, backend)
+
+
+def _op_backward(ctx, dy, _dparams):
+    return (*_gradients(ctx, dy, _op_backward_kernels), None, None, None, None, None, None)
+
+
+_batch_norm_op.register_autograd(_op_backward, setup_context=_setup_context)

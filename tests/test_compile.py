@@ -1,0 +1,246 @@
+"""The layer under torch.compile and torch.export: no graph breaks, compiled equals eager over
+several training steps for every extra, the custom operators pass opcheck, and an exported
+evaluation program runs in a process where batchnorm cannot be imported.
+
+Compiling is the slow part: most cases compile with the "aot_eager" backend (Dynamo's trace
+and AOT autograd, what decides graph breaks and gradients), a few with Inductor.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import batchnorm as bn
+from batchnorm import ops
+from batchnorm.backends import numba_cpu
+
+EXTRAS = {
+    "plain": {},
+    "relu": {"activation": "relu"},
+    "ghost": {"virtual_batch_size": 3},
+    "biased": {"unbiased_running_var": False},
+    "cumulative": {"momentum": None},
+}
+BACKENDS = ["aten", "numba", "reference"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: every layer shares nn.py's forward, whose compiled
+    versions would otherwise pile up across tests into Dynamo's recompile limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _pair(extra: dict, backend: str, channels_last: bool):
+    """Two equal BatchNorm2d(4) layers (random affine parameters) and their inputs."""
+    g = torch.Generator().manual_seed(0)
+    eager = bn.BatchNorm2d(4, backend=backend, **extra)
+    with torch.no_grad():
+        eager.weight.copy_(torch.rand(4, generator=g) + 0.5)
+        eager.bias.copy_(torch.randn(4, generator=g))
+    compiled = bn.BatchNorm2d(4, backend=backend, **extra)
+    compiled.load_state_dict(eager.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    xs = [(torch.randn(6, 4, 5, 5, generator=g, dtype=torch.float64) * 2 + 1).float().contiguous(memory_format=fmt)
+          for _ in range(3)]  # fmt: skip
+    return eager, compiled, xs
+
+
+def _step(module, x, residual=None, mask=None):
+    """One training step's forward and backward: (y, dx, dweight, dbias)."""
+    x = x.clone().requires_grad_()
+    kwargs = {k: v for k, v in (("residual", residual), ("mask", mask)) if v is not None}
+    y = module(x, **kwargs)
+    dy = torch.linspace(-1, 1, y.numel()).view_as(y)
+    dx, dw, db = torch.autograd.grad(y, (x, module.weight, module.bias), dy)
+    return y.detach(), dx, dw, db
+
+
+def _assert_same_state(a, b):
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=2e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("extra", list(EXTRAS))
+def test_compiled_equals_eager_over_training_steps(extra, backend):
+    eager, compiled, xs = _pair(EXTRAS[extra], backend, channels_last=extra == "relu")
+    fn = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    for x in xs:
+        for got, want in zip(_step(fn, x), _step(eager, x)):
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+        _assert_same_state(compiled, eager)
+    eager.eval(), compiled.eval()
+    torch.testing.assert_close(fn(xs[0]), eager(xs[0]), rtol=2e-5, atol=2e-5)
+
+
+def test_renorm_runs_eagerly_inside_a_compiled_model():
+    """Batch renormalization is a documented graph break (functional.py says why): the
+    compiled model gives eager's results, and fullgraph=True refuses it."""
+    extra = {"renorm": bn.Renorm(r_max=1.5, d_max=0.5, warmup_steps=1, ramp_steps=2)}
+    eager, compiled, xs = _pair(extra, "aten", channels_last=False)
+    fn = torch.compile(compiled, backend="aot_eager")
+    for x in xs:
+        for got, want in zip(_step(fn, x), _step(eager, x)):
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+        _assert_same_state(compiled, eager)
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        torch.compile(compiled, backend="aot_eager", fullgraph=True)(xs[0])
+
+
+def test_residual_and_mask_compile_without_breaks():
+    g = torch.Generator().manual_seed(1)
+    x, r = torch.randn(6, 4, 5, 5, generator=g), torch.randn(6, 4, 5, 5, generator=g)
+    mask = torch.rand(6, 5, 5, generator=g) > 0.3
+    for kwargs in ({"residual": r}, {"mask": mask}):
+        eager, compiled, _ = _pair({"activation": "relu"}, "aten", channels_last=False)
+        fn = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+        for got, want in zip(_step(fn, x, **kwargs), _step(eager, x, **kwargs)):
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+        _assert_same_state(compiled, eager)
+
+
+def test_no_graph_breaks_in_a_converted_cnn():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10),
+    )  # fmt: skip
+    model, _ = bn.convert(model, fuse=True)
+    small = torch.randn(4, 3, 8, 8)
+    large = torch.randn(64, 3, 32, 32)  # 2^19 values per layer: the numba path
+    assert bn.backends.resolve("auto", torch.empty(64, 8, 32, 32)).backend.name == "numba"
+    for x in (small, large):
+        for training in (True, False):
+            model.train(training)
+            explained = torch._dynamo.explain(model)(x)
+            assert explained.graph_break_count == 0, explained.break_reasons
+            torch._dynamo.reset()
+
+
+def test_inductor_numba_op_matches_eager_and_does_not_recompile_for_a_new_batch_size():
+    eager, compiled, _ = _pair({"activation": "relu"}, "numba", channels_last=False)
+    torch._dynamo.utils.counters.clear()
+    fn = torch.compile(compiled, dynamic=True, fullgraph=True)
+    g = torch.Generator().manual_seed(2)
+    for n in (6, 9, 12):
+        x = torch.randn(n, 4, 5, 5, generator=g)
+        for got, want in zip(_step(fn, x), _step(eager, x)):
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    _assert_same_state(compiled, eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+
+
+def test_non_finite_batch_is_refused_and_counted_in_a_compiled_graph():
+    eager, compiled, xs = _pair({}, "numba", channels_last=False)
+    fn = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    bad = xs[0].clone()
+    bad[0, 1, 0, 0] = float("nan")
+    before = compiled.running_mean.clone(), compiled.running_var.clone()
+    fn(bad)
+    assert torch.equal(compiled.running_mean, before[0]) and torch.equal(compiled.running_var, before[1])
+    assert int(compiled.num_batches_tracked) == 0
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        assert compiled.nonfinite_skips == 1
+    fn(xs[1])
+    assert int(compiled.num_batches_tracked) == 1 and compiled.nonfinite_skips == 1
+
+
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("extras", [(None, False), ("relu", True)])
+def test_opcheck(backend, training, extras):
+    activation, with_residual = extras
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, 7, generator=g, requires_grad=True)
+    w = (torch.rand(3, generator=g) + 0.5).requires_grad_()
+    b = torch.randn(3, generator=g).requires_grad_()
+    r = torch.randn(5, 3, 7, generator=g).requires_grad_() if with_residual else None
+    rm, rv = torch.randn(3, generator=g), torch.rand(3, generator=g) + 0.5
+    args = (x, w, b, r, None if training else rm, None if training else rv, 1e-5, activation, training, backend)
+    torch.library.opcheck(torch.ops.batchnorm.batch_norm, args)
+    y, params = torch.ops.batchnorm.batch_norm(*args)
+    dy = torch.randn_like(y)
+    needs = [True, True, True, with_residual]
+    torch.library.opcheck(
+        torch.ops.batchnorm.batch_norm_backward,
+        (dy, x.detach(), w.detach(), b.detach(), None if r is None else r.detach(), params.detach(),
+         training, activation, backend, needs),
+    )  # fmt: skip
+
+
+def test_eager_and_custom_op_paths_give_the_same_bits():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 3, 6, 6, generator=g).requires_grad_()
+    w = (torch.rand(3, generator=g) + 0.5).requires_grad_()
+    dy = torch.randn(8, 3, 6, 6, generator=g)
+    y1, p1, _ = ops._BatchNormFunction.apply(x, w, None, None, None, None, 1e-5, "relu", True, "numba", None)
+    y2, p2 = torch.ops.batchnorm.batch_norm(x, w, None, None, None, None, 1e-5, "relu", True, "numba")
+    assert torch.equal(y1, y2) and torch.equal(p1, p2)
+    g1 = torch.autograd.grad(y1, (x, w), dy)
+    g2 = torch.autograd.grad(y2, (x, w), dy)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+_BLOCK_BATCHNORM = """
+import sys
+class Blocker:
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "batchnorm" or fullname.startswith("batchnorm."):
+            raise ImportError("batchnorm is blocked in this process")
+sys.meta_path.insert(0, Blocker())
+sys.path = [p for p in sys.path if "batchnorm" not in p and not p.endswith("/src")]
+"""
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_exported_evaluation_program_runs_without_batchnorm(tmp_path, size):
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), bn.BatchNorm2d(8, activation="relu"),
+        torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), bn.BatchNorm2d(8),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, bn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+    n = 2 if size == "small" else 130  # 130 x 8 x 32 x 32 > the numba crossover
+    x = torch.randn(n, 3, 32, 32)
+    program = torch.export.export(model, (x,))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("batchnorm::" in t for t in targets), targets
+    path = tmp_path / "model.pt2"
+    torch.export.save(program, path)
+    torch.save({"x": x, "y": model(x)}, tmp_path / "io.pt")
+    script = _BLOCK_BATCHNORM + textwrap.dedent(f"""
+        import torch
+        try:
+            import batchnorm
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("batchnorm was importable")
+        program = torch.export.load({str(path)!r})
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        torch.testing.assert_close(program.module()(io["x"]), io["y"], rtol=1e-5, atol=1e-5)
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+def test_training_export_holds_our_op_on_the_fast_path():
+    layer = bn.BatchNorm2d(8, backend="numba")
+    x = torch.randn(4, 8, 6, 6)
+    program = torch.export.export(layer, (x,))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert "batchnorm.batch_norm.default" in targets, targets
+    assert numba_cpu.NumbaBackend().unavailable() is None
