@@ -160,3 +160,113 @@ def test_double_backward_of_the_whole_op_is_exact(backend, training):
                           training=training, backend=backend, activation="tanh")  # fmt: skip
 
     assert torch.autograd.gradgradcheck(f, (x, w))
+
+
+# One behaviour at every size: the small layers run torch's kernel, the large ones numba's.
+SIZES = {"small": (4, 8, 4, 4), "large": (64, 8, 32, 32)}
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_a_non_finite_running_value_restarts_from_the_batch_at_every_size(size):
+    m = bn.BatchNorm2d(8)
+    with torch.no_grad():
+        m.running_var[0], m.running_mean[1] = float("inf"), float("nan")
+    x = torch.randn(SIZES[size], generator=torch.Generator().manual_seed(0))
+    m(x)
+    batch_var = x.transpose(0, 1).reshape(8, -1).var(1)
+    batch_mean = x.transpose(0, 1).reshape(8, -1).mean(1)
+    torch.testing.assert_close(m.running_var[0], batch_var[0])
+    torch.testing.assert_close(m.running_mean[1], batch_mean[1])
+    torch.testing.assert_close(m.running_var[1:], 0.9 + 0.1 * batch_var[1:])
+    assert int(m.num_batches_tracked) == 1 and m.nonfinite_skips == 0
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_a_variance_that_overflows_float32_is_refused_at_every_size(size):
+    m = bn.BatchNorm2d(8)
+    x = torch.randn(SIZES[size], generator=torch.Generator().manual_seed(1))
+    x[::2, 3] = 1e20
+    x[1::2, 3] = -1e20  # finite in float64, (1e20)^2 overflows float32
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        m(x)
+    assert torch.equal(m.running_var, torch.ones(8)) and torch.equal(m.running_mean, torch.zeros(8))
+    assert int(m.num_batches_tracked) == 0 and m.nonfinite_skips == 1
+
+
+@pytest.mark.parametrize("backend", ["aten", "numba"])
+def test_running_buffers_of_another_layout_are_both_updated(backend):
+    x = torch.randn(64, 64, 8, generator=torch.Generator().manual_seed(2)) + 1
+    rm, rv = torch.zeros(64), torch.ones(128)[::2]
+    batch_norm(x, rm, rv, training=True, backend=backend)
+    expected_var = 0.9 + 0.1 * x.transpose(0, 1).reshape(64, -1).var(1)
+    torch.testing.assert_close(rv, expected_var)
+    torch.testing.assert_close(rm, 0.1 * x.transpose(0, 1).reshape(64, -1).mean(1))
+
+
+def test_running_buffers_of_mixed_dtypes_are_refused():
+    x = torch.randn(8, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="running_var is torch.float32"):
+        batch_norm(x, torch.zeros(4, dtype=torch.float64), torch.ones(4), training=True)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan"), float("inf")])
+@pytest.mark.parametrize("size", list(SIZES))
+def test_eps_must_be_positive_at_every_size(eps, size):
+    with pytest.raises(ValueError, match="eps must be positive"):
+        batch_norm(torch.randn(SIZES[size]), None, None, training=True, eps=eps)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_float64_input_into_a_float32_layer_is_a_type_error_at_every_size(size):
+    m = bn.BatchNorm2d(8)
+    with pytest.raises(TypeError, match="weight is torch.float32 but the input is torch.float64"):
+        m(torch.randn(SIZES[size], dtype=torch.float64))
+
+
+def test_a_nan_at_a_masked_out_position_does_not_reach_the_statistics():
+    g = torch.Generator().manual_seed(3)
+    x, mask = torch.randn(4, 3, 6, generator=g), torch.ones(4, 6, dtype=torch.bool)
+    x[0, :, 4], mask[0, 4] = float("nan"), False
+    m = bn.BatchNorm1d(3)
+    y = m(x, mask=mask)
+    assert torch.isfinite(y[mask.unsqueeze(1).expand_as(y)]).all()
+    assert torch.isfinite(m.running_mean).all() and m.nonfinite_skips == 0
+    valid = x.transpose(0, 1)[:, mask]
+    torch.testing.assert_close(m.running_mean, 0.1 * valid.mean(1))
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_threads_sharing_a_layer_never_see_a_non_finite_running_value(size):
+    """Four threads train one layer, one of them on NaN batches: the running statistics
+    stay finite at every moment, since the rule decides before it writes."""
+    import threading
+
+    m = bn.BatchNorm2d(8)
+    clean = torch.randn(SIZES[size], generator=torch.Generator().manual_seed(4))
+    bad = clean.clone()
+    bad[0, 2, 0, 0] = float("nan")
+    seen_non_finite, stop = [], threading.Event()
+
+    def train(x):
+        for _ in range(30):
+            with torch.no_grad():
+                m(x)
+
+    def watch():
+        while not stop.is_set():
+            if not (torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()):
+                seen_non_finite.append(True)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    workers = [threading.Thread(target=train, args=(x,)) for x in (clean, clean, clean, bad)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    stop.set()
+    watcher.join()
+    assert not seen_non_finite
+    assert m.nonfinite_skips == 30

@@ -8,6 +8,8 @@ from torch import Tensor
 
 from . import activations
 
+_HALF = (torch.float16, torch.bfloat16)
+
 _SMALL_BATCH_HINT = (
     "batch norm needs at least two values per channel to estimate a variance in training. "
     "Use drop_last=True in the DataLoader (a last batch of one example), call model.eval() "
@@ -61,13 +63,14 @@ def check_per_channel(x: Tensor, **tensors: Tensor | None) -> None:
                 f"{name} is on {t.device} but the input is on {device}; move the module "
                 f"with .to({str(device)!r}) or the input with .to({str(t.device)!r})"
             )
-        if t.dtype is dtype or t.dtype is torch.float32:  # the common case, decided at once
+        if t.dtype is dtype or (t.dtype is torch.float32 and dtype in _HALF):  # decided at once
             continue
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
         raise TypeError(
             f"{name} is {t.dtype} but the input is {dtype}; parameters and buffers must "
-            "match the input's dtype, or be float32 for float16/bfloat16 input"
+            "match the input's dtype (convert the module with .to(x.dtype) or the input with "
+            f".to({t.dtype})), or be float32 for float16/bfloat16 input"
         )
 
 
@@ -116,6 +119,12 @@ def check_global_count(count: int, local_shape: tuple[int, ...]) -> None:
             f"the global batch across all processes has {count} value(s) per channel (this "
             f"process's part has shape {tuple(local_shape)}). " + _SMALL_BATCH_HINT
         )
+
+
+def check_eps(eps: float) -> None:
+    """eps keeps the division finite for a constant channel: it must be a positive number."""
+    if not (isinstance(eps, (int, float)) and 0.0 < float(eps) < float("inf")):
+        raise ValueError(f"eps must be positive and finite, got {eps!r}; torch's default is 1e-5")
 
 
 def check_momentum(momentum: float | None) -> None:

@@ -91,6 +91,7 @@ def batch_norm(
     checks.check_residual(x, residual)
     checks.check_activation(activation)
     checks.check_momentum(momentum)
+    checks.check_eps(eps)
     if mask is not None:
         variants.check_mask(x, mask)
     if virtual_batch_size is not None:

@@ -10,7 +10,7 @@ from torch import fx, nn
 import batchnorm as bn
 from batchnorm.tools import convert, revert
 
-from .models import FrozenBatchNorm2d, ResNet, randomize
+from .models import Block, FrozenBatchNorm2d, ResNet, randomize
 
 
 def _mixed() -> nn.Module:
@@ -218,3 +218,46 @@ def test_revert_keeps_layers_torch_cannot_express():
     assert [type(m) for m in model] == [bn.BatchNorm1d, bn.BatchNorm1d]
     assert [p for p, _ in changes.skipped] == ["0", "1"]
     assert "virtual_batch_size=4" in changes.skipped[0][1]
+
+
+class _Untraceable(nn.Module):
+    """A model fx cannot rewrite (data-dependent control flow), as third-party code often is:
+    fuse=True then converts its layers without fusing, and the blocks' own in-place ReLU and
+    `out += shortcut` run on our layer's output."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        if float(x.mean()) > 1e9:  # never true; fx cannot trace a branch on a value
+            return x
+        return self.net(x)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("wrap", [False, True])
+def test_torchvision_style_blocks_train_like_torch_on_the_fast_path(fuse, wrap):
+    """The torchvision ResNet block pattern (ReLU(inplace=True) after bn1, `out += identity`
+    after bn2) at sizes where our layer runs its fused kernels: several SGD steps give torch's
+    losses and weights."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                        Block(64, 64), Block(64, 64))  # fmt: skip
+    reference = _Untraceable(copy.deepcopy(net)) if wrap else copy.deepcopy(net)
+    ours, record = convert(_Untraceable(net) if wrap else net, fuse=fuse)
+    x = torch.randn(16, 3, 16, 16)  # 16 x 64 x 16 x 16 = 2^18 values per layer
+    assert bn.backends.resolve("auto", torch.empty(16, 64, 16, 16)).backend.name == "numba"
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.1)
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for _ in range(3):
+        losses = []
+        for model, opt in ((ours, opt_ours), (reference, opt_ref)):
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(ours.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
