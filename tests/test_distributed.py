@@ -414,9 +414,31 @@ def task_failure(rank: int, world: int, group, _) -> dict:
         return dict(error=str(err), seconds=time.monotonic() - start)
 
 
+def task_compiled(rank: int, world: int, group, _) -> dict:
+    """The three-layer SyncBatchNorm model under torch.compile against the same model in eager
+    mode, two training steps on the same batches: each layer runs outside the graph (a
+    documented graph break), so the collectives and the results are eager's."""
+    compiled_model, eager_model = _three_layer_model(1, group), _three_layer_model(1, group)
+    fn = torch.compile(compiled_model, backend="aot_eager")
+    equal = []
+    for step in range(2):
+        x = torch.randn(3 + rank, 4)
+        results = []
+        for model in (fn, eager_model):
+            xg = x.clone().requires_grad_()
+            y = model(xg)
+            y.square().sum().backward()
+            results.append((y.detach(), xg.grad))
+        equal.append(all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(*results)))
+    states = zip(compiled_model.state_dict().values(), eager_model.state_dict().values())
+    equal.append(all(torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6) for a, b in states))
+    return dict(equal=equal)
+
+
 TASKS = dict(
     equivalence=task_equivalence, count=task_count_collectives, group_of_one=task_group_of_one,
     ddp=task_ddp, one_value=task_one_value, mismatch=task_channel_mismatch, failure=task_failure,
+    compiled=task_compiled,
 )
 
 
@@ -431,7 +453,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed")
     cases = {k: draw_cases(k, seed=k, count=N_CASES) for k in (2, 3, 4)}
     extra = {
-        2: [("count", None), ("ddp", str(out)), ("one_value", None)],
+        2: [("count", None), ("ddp", str(out)), ("one_value", None), ("compiled", None)],
         3: [("ddp", str(out)), ("one_value", None), ("mismatch", None)],
         4: [("group_of_one", None), ("one_value", None), ("failure", None)],  # failure last
     }
@@ -476,6 +498,11 @@ def test_one_all_reduce_per_layer_per_direction(runs):
         for step in (first, second, third):
             assert step["backward"] == [(2, 5), (2, 6), (2, 4)]
         assert evaluation["eval"] == []
+
+
+def test_compiled_model_runs_each_layer_eagerly_with_the_same_results(runs):
+    for r in runs[2]["tasks"]["compiled"]:
+        assert r["equal"] == [True, True, True]
 
 
 def test_group_of_one_is_plain_batch_norm(runs):

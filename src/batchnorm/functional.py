@@ -114,10 +114,10 @@ def batch_norm(
             (guard or _DEFAULT_GUARD).record(accepted)
         return y
 
-    if renorm is not None and torch.compiler.is_compiling():
-        return _renorm_outside_the_graph(
+    if (renorm is not None or sync is not None) and torch.compiler.is_compiling():
+        return _outside_the_graph(
             x, running_mean, running_var, weight, bias, momentum, eps, activation, residual, backend,
-            num_batches_tracked, guard, mask, virtual_batch_size, renorm, unbiased_running_var,
+            num_batches_tracked, guard, sync, mask, virtual_batch_size, renorm, unbiased_running_var,
         )  # fmt: skip
     # Policy paths (ghost batches, masks, renorm, sync) run the kernel contract; while a graph
     # is traced they run differentiable torch ops instead (`_normalize_masked`).
@@ -142,17 +142,19 @@ def batch_norm(
 
 
 @torch.compiler.disable
-def _renorm_outside_the_graph(x, running_mean, running_var, weight, bias, momentum, eps, activation, residual,
-                              backend, num_batches_tracked, guard, mask, virtual_batch_size, renorm,
-                              unbiased_running_var):  # fmt: skip
-    """Batch renormalization in a compiled model runs eagerly, a graph break per layer (so
-    fullgraph=True refuses it). Its correction reads the running statistics, which the
-    forward then updates in place; traced, AOTAutograd's backward recomputes the correction
-    from the updated buffers and the gradients come out wrong."""
+def _outside_the_graph(x, running_mean, running_var, weight, bias, momentum, eps, activation, residual,
+                       backend, num_batches_tracked, guard, sync, mask, virtual_batch_size, renorm,
+                       unbiased_running_var):  # fmt: skip
+    """Batch renormalization and SyncBatchNorm in a compiled model run eagerly, a graph break
+    per layer (so fullgraph=True refuses them). SyncBatchNorm's two reductions are
+    collectives between the forward's statistics and the backward's sums, which a traced
+    graph would drop. Renorm's correction reads the running statistics, which the forward
+    then updates in place; traced, AOTAutograd's backward recomputes the correction from the
+    updated buffers and the gradients come out wrong."""
     return batch_norm(
         x, running_mean, running_var, weight, bias, True, momentum, eps, activation=activation,
         residual=residual, backend=backend, num_batches_tracked=num_batches_tracked, guard=guard,
-        mask=mask, virtual_batch_size=virtual_batch_size, renorm=renorm,
+        sync=sync, mask=mask, virtual_batch_size=virtual_batch_size, renorm=renorm,
         unbiased_running_var=unbiased_running_var,
     )  # fmt: skip
 
