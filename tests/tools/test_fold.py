@@ -139,6 +139,13 @@ def test_linear_over_tokens_then_batch_norm_over_the_tokens_is_not_silently_wron
     torch.testing.assert_close(seen(x), expected)
 
 
+def test_an_example_input_the_model_rejects_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5)).eval()
+    with pytest.raises(ValueError, match=r"fold: the model failed on example_input \(RuntimeError"):
+        fold(model, example_input=torch.randn(3, 7))
+    assert isinstance(model[1], nn.BatchNorm1d)
+
+
 def test_linear_on_2d_input_folds_when_the_example_shows_it():
     model = randomize(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5)), seed=2).eval()
     x = torch.randn(3, 4)

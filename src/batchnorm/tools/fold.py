@@ -165,6 +165,11 @@ def _input_shapes(model: nn.Module, layers: list, example_input) -> dict[str, tu
     handles = [m.register_forward_pre_hook(recorder(path)) for path, m in layers]
     try:
         model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+    except Exception as error:
+        raise ValueError(
+            f"fold: the model failed on example_input ({type(error).__name__}: {error}); pass an "
+            "input the model takes (a tensor, or a tuple of its forward arguments)"
+        ) from error
     finally:
         for handle in handles:
             handle.remove()
@@ -175,9 +180,8 @@ def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
     """{id(parameter): the path of every module holding it}: more than one means tied."""
     owners: dict[int, list[str]] = {}
     for path, m in model.named_modules(remove_duplicate=False):
-        for p in m._parameters.values():
-            if p is not None:
-                owners.setdefault(id(p), []).append(path)
+        for _, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(path)
     return owners
 
 
