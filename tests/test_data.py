@@ -185,3 +185,111 @@ def test_idx_missing_file_and_directory(tmp_path):
         data.load(f"idx:{tmp_path}")
     with pytest.raises(ValueError, match="not a directory"):
         data.load(f"idx:{tmp_path / 'nowhere'}")
+
+
+# ---- validation before allocation, labels, complex inputs ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "y",
+    [
+        np.array([0, 1, 2**63], dtype=np.uint64),  # would wrap to a negative int64
+        np.array([0, 1, 10**12], dtype=np.int64),
+        np.array([0, data.MAX_CLASSES], dtype=np.int64),
+    ],
+    ids=["uint64-above-int64", "1e12", "max-classes"],
+)
+def test_npz_refuses_labels_at_or_above_the_class_limit(tmp_path, y):
+    path = tmp_path / "labels.npz"
+    np.savez(path, x=np.zeros((len(y), 2)), y=y, x_test=np.zeros((1, 2)), y_test=np.zeros(1, dtype=int))
+    with pytest.raises(ValueError, match=rf"labels must be below {data.MAX_CLASSES}.*largest is {int(y.max())}"):
+        data.load(f"npz:{path}")
+
+
+def test_npz_accepts_the_largest_allowed_label(tmp_path):
+    path = tmp_path / "labels.npz"
+    y = np.array([0, data.MAX_CLASSES - 1], dtype=np.uint64)
+    np.savez(path, x=np.zeros((2, 2)), y=y, x_test=np.zeros((1, 2)), y_test=np.zeros(1, dtype=np.uint8))
+    ds = data.load(f"npz:{path}")
+    assert ds.n_classes == data.MAX_CLASSES and ds.y_train.dtype == np.int64
+
+
+def test_npz_refuses_complex_inputs(tmp_path):
+    path = tmp_path / "complex.npz"
+    np.savez(path, x=np.full((8, 2), 1 + 2j), y=np.zeros(8, dtype=int))
+    with pytest.raises(ValueError, match=r"complex128.*imaginary part"):
+        data.load(f"npz:{path}")
+
+
+def _npz_with_member(path, name, header_shape, payload=b"", dtype="<f8"):
+    """An npz whose member `name` has a .npy header claiming `header_shape`, then `payload`."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": dtype, "fortran_order": False, "shape": header_shape})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(f"{name}.npy", header.getvalue() + payload)
+        z.writestr("y.npy", _npy(np.zeros(8, dtype="<i8")))
+
+
+def _npy(array):
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def test_npz_refuses_a_header_claiming_more_than_the_file_holds_before_allocating(tmp_path):
+    path = tmp_path / "huge.npz"
+    _npz_with_member(path, "x", (5 * 2**40, 1))  # 40 TiB of float64, stored in a few bytes
+    with pytest.raises(ValueError, match=r"huge.npz: x.npy claims shape \(5497558138880, 1\) of float64.*holds 0"):
+        data.load(f"npz:{path}")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_npz_refuses_a_damaged_file_naming_it(tmp_path, damage):
+    x, y = _arrays()
+    good = tmp_path / "good.npz"
+    np.savez_compressed(good, x=x, y=y)
+    raw = good.read_bytes()
+    bad = raw[: len(raw) // 2] if damage == "truncated" else raw[:80] + bytes(b ^ 0xFF for b in raw[80:200]) + raw[200:]
+    path = tmp_path / f"{damage}.npz"
+    path.write_bytes(bad)
+    with pytest.raises(ValueError, match=rf"npz dataset .*{damage}.npz: not a readable .npz file"):
+        data.load(f"npz:{path}")
+
+
+def test_read_idx_gz_checks_the_header_before_decompressing(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "bomb-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(_idx_bytes(np.arange(10)) + bytes(32 * 2**20), compresslevel=1))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="trailing bytes"):
+            data.read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20, f"{peak / 2**20:.1f} MiB to read a 10-byte array"
+
+
+def test_read_idx_refuses_a_header_claiming_more_than_the_file_can_hold(tmp_path):
+    header = struct.pack(">HBB", 0, 0x08, 3) + struct.pack(">III", 60000, 10000, 10000)
+    (tmp_path / "claims-idx3-ubyte.gz").write_bytes(gzip.compress(header + bytes(100)))
+    with pytest.raises(ValueError, match=r"claims shape \(60000, 10000, 10000\) of uint8, 6000000000000 bytes.*at most"):
+        data.read_idx(tmp_path / "claims-idx3-ubyte.gz")
+    (tmp_path / "claims-idx3-ubyte").write_bytes(header + bytes(100))
+    with pytest.raises(ValueError, match=r"claims shape \(60000, 10000, 10000\).*the file has 100"):
+        data.read_idx(tmp_path / "claims-idx3-ubyte")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-gzip"])
+def test_read_idx_refuses_a_bad_gzip_file(tmp_path, damage):
+    content = gzip.compress(_idx_bytes(np.arange(100).reshape(10, 10)))
+    path = tmp_path / "labels-idx1-ubyte.gz"
+    path.write_bytes(content[: len(content) // 2] if damage == "truncated" else b"plain bytes, no gzip here")
+    with pytest.raises(ValueError, match=r"labels-idx1-ubyte.gz: not a readable gzip file"):
+        data.read_idx(path)

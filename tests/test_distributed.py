@@ -671,3 +671,42 @@ def test_bad_input_is_refused_before_any_collective():
         m(torch.randn(4, 5))
     with pytest.raises(TypeError, match="floating-point"):
         m(torch.ones(4, 3, dtype=torch.int64))
+
+
+def _step_matches(model, reference, x):
+    """One training step of both: same output, same buffers afterwards."""
+    torch.testing.assert_close(model(x), reference(x))
+    for (k, v), w in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(v, w, msg=k)
+
+
+def test_convert_and_revert_keep_the_extras_that_change_outputs():
+    keras = bn.from_keras(3, spatial_dims=1, moving_mean=[0.5, -1.0, 2.0], moving_variance=[1.0, 4.0, 0.25])
+    renorm = bn.Renorm(r_max=1.2, d_max=0.1)  # tight limits: the correction is active
+    net = torch.nn.Sequential(keras, bn.BatchNorm1d(3, renorm=renorm, activation="silu", backend="reference"))
+    reference = copy.deepcopy(net)
+    g = torch.Generator().manual_seed(0)
+
+    synced = SyncBatchNorm.convert(net)
+    assert synced[0].unbiased_running_var is False
+    assert synced[1].renorm == renorm and synced[1].activation == "silu" and synced[1].backend == "reference"
+    _step_matches(synced, reference, torch.randn(8, 3, generator=g) * 3 + 1)
+
+    reverted = SyncBatchNorm.revert(synced)
+    assert type(reverted[0]) is bn.BatchNorm1d and reverted[0].unbiased_running_var is False
+    assert reverted[1].renorm == renorm and reverted[1].activation == "silu" and reverted[1].backend == "reference"
+    _step_matches(reverted, reference, torch.randn(8, 3, generator=g) * 3 + 1)
+
+
+def test_convert_refuses_a_ghost_batch_layer_naming_it():
+    net = torch.nn.Sequential(bn.BatchNorm1d(2), torch.nn.Linear(2, 4), bn.BatchNorm1d(4, virtual_batch_size=2))
+    with pytest.raises(ValueError, match=r"BatchNorm1d at 2.*virtual_batch_size=2.*SyncBatchNorm"):
+        SyncBatchNorm.convert(net)
+    assert type(net[0]) is bn.BatchNorm1d and type(net[2]) is bn.BatchNorm1d  # nothing converted
+
+
+def test_revert_refuses_extras_that_torchs_class_cannot_hold():
+    sync = SyncBatchNorm.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))
+    sync[0].unbiased_running_var = False
+    with pytest.raises(ValueError, match=r"unbiased_running_var=False.*BatchNorm2d"):
+        SyncBatchNorm.revert(sync)

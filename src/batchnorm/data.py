@@ -18,13 +18,25 @@ and test. The spec names where the data comes from:
 
 Inputs are returned raw (digits: pixel counts 0..16, IDX: bytes 0..255); `standardize`
 fits a `StandardScaler` on the training inputs only and applies it to both splits.
+
+What a file may hold (anything else is a ValueError naming the file and the problem):
+inputs real numbers (integer, float or bool; complex inputs are refused rather than losing
+their imaginary part), finite; labels integers in [0, MAX_CLASSES), so n_classes is at
+most MAX_CLASSES (a label of 1e12 or a uint64 beyond int64 is a data error, not a class).
+Sizes are checked before anything is allocated: an npz member's .npy header and an IDX
+header must describe exactly the bytes that follow, and cannot claim more than the file
+(uncompressed, or inflated at deflate's maximum ratio) can hold; an IDX `.gz` file is
+decompressed as a stream, its header checked first.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import math
 import random
+import zipfile
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,6 +45,12 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 SPLIT_SEED = 0  # the train/test split of digits and of npz files without a test split
+# Labels are class indices 0..k-1 and each class is one output of a classifier head: larger
+# labels are IDs or corrupt values, not classes (ImageNet-21k, among the largest, has 21,841).
+MAX_CLASSES = 100_000
+# Deflate's largest expansion (258 bytes from a 2-bit code, less block overhead): no deflate
+# stream of c bytes inflates to more than c * 1032, so a header claiming more is a lie.
+DEFLATE_MAX_RATIO = 1032
 
 
 @dataclass(frozen=True)
@@ -109,19 +127,11 @@ def transform(scaler: StandardScaler, x: np.ndarray) -> np.ndarray:
 
 
 def _make(name, x, y, x_test, y_test, sample_shape=None) -> Dataset:
-    """Flatten, cast, and check a split dataset; labels must be integers 0..k-1."""
+    """Flatten, cast, and check a split dataset; labels must be integers 0..MAX_CLASSES-1."""
     x, x_test = np.asarray(x), np.asarray(x_test)
     y, y_test = np.asarray(y), np.asarray(y_test)
     for what, xs, ys in (("train", x, y), ("test", x_test, y_test)):
-        if xs.ndim < 2 or ys.ndim != 1 or len(xs) != len(ys):
-            raise ValueError(
-                f"{name}: {what} inputs of shape {xs.shape} and labels of shape {ys.shape} do not "
-                "match: inputs must be (n, features...) and labels (n,)"
-            )
-        if len(xs) == 0:
-            raise ValueError(f"{name}: the {what} split is empty")
-        if not np.issubdtype(ys.dtype, np.integer) or ys.min() < 0:
-            raise ValueError(f"{name}: {what} labels must be non-negative integers, got {ys.dtype}")
+        _check_split(name, what, xs, ys)
     if x.shape[1:] != x_test.shape[1:]:
         raise ValueError(f"{name}: train examples are {x.shape[1:]} but test examples are {x_test.shape[1:]}")
     flat = lambda a: np.ascontiguousarray(a.reshape(len(a), -1), dtype=np.float32)  # noqa: E731
@@ -136,6 +146,31 @@ def _make(name, x, y, x_test, y_test, sample_shape=None) -> Dataset:
         n_classes=int(max(y.max(), y_test.max())) + 1,
         sample_shape=tuple(sample_shape or x.shape[1:]),
     )
+
+
+def _check_split(name: str, what: str, xs: np.ndarray, ys: np.ndarray) -> None:
+    """Inputs (n, features...) of real numbers and labels (n,) of class indices."""
+    if xs.ndim < 2 or ys.ndim != 1 or len(xs) != len(ys):
+        raise ValueError(
+            f"{name}: {what} inputs of shape {xs.shape} and labels of shape {ys.shape} do not "
+            "match: inputs must be (n, features...) and labels (n,)"
+        )
+    if len(xs) == 0:
+        raise ValueError(f"{name}: the {what} split is empty")
+    if np.iscomplexobj(xs):
+        raise ValueError(
+            f"{name}: {what} inputs are {xs.dtype}; casting to float32 would drop the imaginary "
+            "part: store real features (e.g. the real and imaginary parts side by side)"
+        )
+    if not (np.issubdtype(xs.dtype, np.number) or xs.dtype == np.bool_):
+        raise ValueError(f"{name}: {what} inputs must be numbers, got {xs.dtype}")
+    if not np.issubdtype(ys.dtype, np.integer) or ys.min() < 0:
+        raise ValueError(f"{name}: {what} labels must be non-negative integers, got {ys.dtype}")
+    if ys.max() >= MAX_CLASSES:  # compared in the labels' own dtype: no wrap-around
+        raise ValueError(
+            f"{name}: {what} labels must be below {MAX_CLASSES} (class indices 0..k-1); the largest "
+            f"is {ys.max()}. Map them to indices first, e.g. np.unique(y, return_inverse=True)[1]"
+        )
 
 
 def _split(x, y):
@@ -173,13 +208,19 @@ def _teacher(n_train: int = 4000, n_test: int = 1000, features: int = 32, classe
     return _make("teacher", x[:n_train], y[:n_train], x[n_train:], y[n_train:])
 
 
+# What a damaged zip member raises while it is read (numpy's own format errors are ValueError).
+_NPZ_DAMAGE = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error)
+
+
 def _npz(path: Path) -> Dataset:
     if not path.is_file():
         raise ValueError(f"npz dataset: no file at {path}")
     try:
         arrays = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
+    except _NPZ_DAMAGE as error:
         raise ValueError(f"npz dataset {path}: not a readable .npz file ({error})") from error
+    if not isinstance(arrays, np.lib.npyio.NpzFile):
+        raise ValueError(f"npz dataset {path}: not a readable .npz file (it holds one .npy array, not a zip)")
     with arrays:
         missing = {"x", "y"} - set(arrays.files)
         if missing:
@@ -187,14 +228,53 @@ def _npz(path: Path) -> Dataset:
         has_test = {"x_test", "y_test"} & set(arrays.files)
         if has_test and has_test != {"x_test", "y_test"}:
             raise ValueError(f"npz dataset {path}: give both x_test and y_test, or neither")
-        x, y = arrays["x"], arrays["y"]
+        x, y = _npz_array(path, arrays, "x"), _npz_array(path, arrays, "y")
         if len(x) != len(y):
             raise ValueError(f"npz dataset {path}: {len(x)} inputs but {len(y)} labels")
         if has_test:
-            x_test, y_test = arrays["x_test"], arrays["y_test"]
+            x_test, y_test = _npz_array(path, arrays, "x_test"), _npz_array(path, arrays, "y_test")
         else:
             x, x_test, y, y_test = train_test_split(x, y, test_size=0.25, random_state=SPLIT_SEED)
     return _make(f"npz:{path.name}", x, y, x_test, y_test)
+
+
+def _npz_array(path: Path, arrays, name: str) -> np.ndarray:
+    """One array of the npz, read only once its header is shown to fit the member."""
+    try:
+        info = arrays.zip.getinfo(f"{name}.npy" if f"{name}.npy" in arrays.zip.namelist() else name)
+        with arrays.zip.open(info) as member:
+            shape, dtype = _npy_header(member)
+            header = member.tell()
+    except _NPZ_DAMAGE as error:
+        raise ValueError(f"npz dataset {path}: not a readable .npz file ({error})") from error
+    claimed, held = math.prod(shape) * dtype.itemsize, info.file_size - header
+    if claimed != held or held > _most_inflated(info) - header:
+        raise ValueError(
+            f"npz dataset {path}: {info.filename} claims shape {shape} of {dtype} ({claimed} bytes) "
+            f"but holds {max(held, 0)} bytes of values; the file is damaged"
+        )
+    try:
+        return arrays[name]
+    except _NPZ_DAMAGE as error:
+        raise ValueError(f"npz dataset {path}: not a readable .npz file ({type(error).__name__}: {error})") from error
+
+
+def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from the header of a .npy stream, left positioned at the values."""
+    version = np.lib.format.read_magic(f)
+    # Format 3.0 differs from 2.0 only in allowing utf-8 in the header text.
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def _most_inflated(info: zipfile.ZipInfo) -> int:
+    """The most bytes a zip member of its compressed size can hold."""
+    if info.compress_type == zipfile.ZIP_STORED:
+        return info.compress_size
+    if info.compress_type == zipfile.ZIP_DEFLATED:
+        return info.compress_size * DEFLATE_MAX_RATIO
+    return info.file_size  # bzip2, lzma: no tight bound; numpy never writes them
 
 
 # IDX: magic = two zero bytes, a type code, the number of dimensions; then one big-endian
@@ -207,32 +287,78 @@ _IDX_FILES = {
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """The array stored in one IDX file (gzipped or not); ValueError if it is malformed."""
+    """The array stored in one IDX file (gzipped or not); ValueError if it is malformed.
+
+    The header is read and checked first, and the values it announces bounded by what the
+    file can hold, before any buffer for them is allocated; a `.gz` file is read as a stream.
+    """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4:
-        raise ValueError(f"IDX file {path}: {len(raw)} bytes, too short for the 4-byte magic number")
-    magic = int.from_bytes(raw[:4], "big")
-    zeros, type_code, ndim = raw[0:2], raw[2], raw[3]
+    gz = path.suffix == ".gz"
+    try:
+        with (gzip.open if gz else open)(path, "rb") as f:
+            shape, dtype, header = _idx_header(f, path)
+            size = math.prod(shape) * dtype.itemsize
+            _check_idx_size(path, shape, dtype, header, size, gz)
+            values = _read_at_most(f, size + 1)  # one byte more tells trailing bytes apart
+    except (OSError, EOFError, zlib.error) as error:
+        raise ValueError(f"IDX file {path}: not a readable {'gzip ' if gz else ''}file ({error})") from error
+    if len(values) != size:
+        raise ValueError(
+            f"IDX file {path}: {'truncated' if len(values) < size else 'trailing bytes'}: the header "
+            f"claims shape {shape} of {dtype}, {size} bytes of values; the data stream has "
+            f"{'only ' + str(len(values)) if len(values) < size else 'more'}"
+        )
+    return np.frombuffer(values, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _idx_header(f, path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, header length) read from the start of an IDX stream."""
+    magic = f.read(4)
+    if len(magic) < 4:
+        raise ValueError(f"IDX file {path}: {len(magic)} bytes, too short for the 4-byte magic number")
+    zeros, type_code, ndim = magic[0:2], magic[2], magic[3]
     if zeros != b"\0\0" or type_code not in _IDX_TYPES or ndim == 0:
         raise ValueError(
-            f"IDX file {path}: wrong magic number 0x{magic:08x}; expected 0x000008NN "
-            "(0x00000801 labels, 0x00000803 images). Is this an MNIST-format file?"
+            f"IDX file {path}: wrong magic number 0x{int.from_bytes(magic, 'big'):08x}; expected "
+            "0x000008NN (0x00000801 labels, 0x00000803 images). Is this an MNIST-format file?"
         )
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"IDX file {path}: truncated header ({len(raw)} of {header} bytes)")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(_IDX_TYPES[type_code])
-    expected = header + int(np.prod(shape)) * dtype.itemsize
-    if len(raw) != expected:
+    dims = f.read(4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise ValueError(f"IDX file {path}: truncated header ({4 + len(dims)} of {header} bytes)")
+    shape = tuple(int.from_bytes(dims[4 * i : 4 * i + 4], "big") for i in range(ndim))
+    return shape, np.dtype(_IDX_TYPES[type_code]), header
+
+
+def _check_idx_size(path: Path, shape, dtype, header: int, size: int, gz: bool) -> None:
+    """Refuse a header announcing more values than the file can hold, before reading them:
+    a plain file holds exactly its size after the header, a gzip file at most
+    DEFLATE_MAX_RATIO times its size."""
+    on_disk = path.stat().st_size
+    if not gz and size != on_disk - header:
         raise ValueError(
-            f"IDX file {path}: {'truncated' if len(raw) < expected else 'trailing bytes'}: "
-            f"shape {shape} of {dtype} needs {expected} bytes, the file has {len(raw)}"
+            f"IDX file {path}: {'truncated' if size > on_disk - header else 'trailing bytes'}: the "
+            f"header claims shape {shape} of {dtype}, {size} bytes of values; the file has "
+            f"{on_disk - header} after the {header}-byte header"
         )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    if gz and size > on_disk * DEFLATE_MAX_RATIO:
+        raise ValueError(
+            f"IDX file {path}: the header claims shape {shape} of {dtype}, {size} bytes of values, "
+            f"more than a {on_disk}-byte gzip file can hold (at most {on_disk * DEFLATE_MAX_RATIO}); "
+            "the file is damaged or not IDX"
+        )
+
+
+def _read_at_most(f, limit: int, chunk: int = 1 << 20) -> bytearray:
+    """Up to `limit` bytes of `f`, read a chunk at a time: memory grows with the bytes
+    actually there, not with `limit` (a single read(limit) allocates it all up front)."""
+    out = bytearray()
+    while len(out) < limit:
+        part = f.read(min(chunk, limit - len(out)))
+        if not part:
+            break
+        out += part
+    return out
 
 
 def _find(directory: Path, stem: str) -> Path:

@@ -206,20 +206,29 @@ class SyncBatchNorm(_Extras, _BatchNorm):
         """Replace every BatchNorm1d/2d/3d in `module` (torch's or ours) by a SyncBatchNorm.
 
         Parameters are shared (an optimizer built before still holds them), buffers and the
-        training flag are kept, and so are our modules' `activation` and `backend`; the
-        original class is remembered for `revert`. Returns the converted module (a new
-        object when `module` itself is a batch norm). Lazy modules must have seen an input.
+        training flag are kept, and so are our modules' extras that SyncBatchNorm has
+        (`activation`, `backend`, `renorm`, `unbiased_running_var`); the original class is
+        remembered for `revert`. Returns the converted module (a new object when `module`
+        itself is a batch norm). ValueError, with `module` left unchanged, for a layer that
+        cannot be synchronized: a Lazy module that has not seen an input, or one with
+        `virtual_batch_size` (ghost batches, like masks, are not synchronized).
         """
 
-        def to_sync(m: torch.nn.Module, path: str) -> torch.nn.Module:
+        def target(m: torch.nn.Module, path: str) -> type | None:
             if not isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
-                return m
+                return None
             _check_materialized(m, path)
-            new = _rebuild(m, cls)
+            return cls
+
+        def to_sync(m: torch.nn.Module, path: str) -> torch.nn.Module:
+            if target(m, path) is None:
+                return m
+            new = _rebuild(m, cls, path)
             new.process_group = process_group
             new._reverts_to = type(m)
             return new
 
+        _check_rebuilds(module, target)
         return _map_modules(module, to_sync)
 
     @classmethod
@@ -227,21 +236,37 @@ class SyncBatchNorm(_Extras, _BatchNorm):
         """Replace every SyncBatchNorm in `module` by the class it was converted from.
 
         A SyncBatchNorm built directly becomes `default` (e.g. `batchnorm.BatchNorm2d`);
-        without one, ValueError. State and extras are kept as in `convert`.
+        without one, ValueError. State and every extra are kept as in `convert`; ValueError,
+        with `module` left unchanged, when the original class cannot hold an extra set since
+        (torch's BatchNorm2d has no `renorm`, say).
         """
 
-        def to_local(m: torch.nn.Module, path: str) -> torch.nn.Module:
+        def target(m: torch.nn.Module, path: str) -> type | None:
             if not isinstance(m, cls):
-                return m
-            target = getattr(m, "_reverts_to", None) or default
-            if target is None:
+                return None
+            original = getattr(m, "_reverts_to", None) or default
+            if original is None:
                 raise ValueError(
                     f"SyncBatchNorm at {path or 'the top level'} was not made by convert, so its "
                     "original class is unknown; pass default=, e.g. default=batchnorm.BatchNorm2d"
                 )
-            return _rebuild(m, target)
+            return original
 
+        def to_local(m: torch.nn.Module, path: str) -> torch.nn.Module:
+            original = target(m, path)
+            return m if original is None else _rebuild(m, original, path)
+
+        _check_rebuilds(module, target)
         return _map_modules(module, to_local)
+
+
+def _check_rebuilds(module: torch.nn.Module, target) -> None:
+    """Raise what converting any layer would raise, before the first one is replaced;
+    target(m, path) is the class `m` becomes, or None to keep it."""
+    for path, m in module.named_modules():
+        cls = target(m, path)
+        if cls is not None:
+            _extras_for(m, cls, path)
 
 
 def _map_modules(module: torch.nn.Module, fn, path: str = "") -> torch.nn.Module:
@@ -261,20 +286,24 @@ def _check_materialized(m: torch.nn.Module, path: str) -> None:
         )
 
 
-def _rebuild(old: torch.nn.Module, cls: type) -> torch.nn.Module:
-    """A `cls` batch norm with `old`'s configuration, parameters (shared), buffers and mode."""
-    extras = {}
-    if isinstance(old, _Extras):
-        if issubclass(cls, _Extras):
-            extras = dict(activation=old.activation, backend=old.backend)
-        elif old.activation is not None:
-            raise ValueError(
-                f"cannot turn a batch norm with activation={old.activation!r} into "
-                f"{cls.__name__}, which has no activation; use batchnorm's BatchNorm*d"
-            )
+# Our modules' keyword-only extras and their defaults (a default changes nothing). Every
+# one but `backend` changes what the layer computes, so it must be kept or refused.
+_EXTRA_DEFAULTS = dict(
+    activation=None, backend="auto", virtual_batch_size=None, renorm=None, unbiased_running_var=True
+)
+# What to do about an extra the target class lacks, where there is more to say than "reset it".
+_UNSUPPORTED_HINT = {
+    "virtual_batch_size": "ghost batches are not synchronized across processes (neither are "
+    "masks); set virtual_batch_size=None first",
+}
+
+
+def _rebuild(old: torch.nn.Module, cls: type, path: str = "") -> torch.nn.Module:
+    """A `cls` batch norm with `old`'s configuration, extras, parameters (shared), buffers and
+    mode; ValueError, before anything changes, for an extra that `cls` cannot hold."""
     new = cls(
         old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats,
-        bias=old.bias is not None, **extras,
+        bias=old.bias is not None, **_extras_for(old, cls, path),
     )
     if old.affine:
         new.weight, new.bias = old.weight, old.bias
@@ -285,3 +314,22 @@ def _rebuild(old: torch.nn.Module, cls: type) -> torch.nn.Module:
         new.qconfig = old.qconfig
     return new
 
+
+def _extras_for(old: torch.nn.Module, cls: type, path: str) -> dict:
+    """The extras of `old` as keywords for `cls`: those `cls` accepts. One it lacks is dropped
+    if at its default (or `backend`, which only picks kernels); otherwise ValueError."""
+    accepted = inspect.signature(cls.__init__).parameters
+    extras = {}
+    for name, default in _EXTRA_DEFAULTS.items():
+        value = getattr(old, name, default)
+        if name in accepted:
+            extras[name] = value
+        elif name != "backend" and value != default:
+            hint = _UNSUPPORTED_HINT.get(
+                name, f"set {name}={default!r} first, or use a batchnorm module, which has it"
+            )
+            raise ValueError(
+                f"{type(old).__name__} at {path or 'the top level'} has {name}={value!r}, which "
+                f"{cls.__name__} does not support: {hint}"
+            )
+    return extras

@@ -119,3 +119,73 @@ def test_shared_conv_is_not_folded():
 def test_channel_affine_checks_its_input():
     with pytest.raises(ValueError, match="expected 3 channels"):
         ChannelAffine(torch.ones(3), torch.zeros(3))(torch.randn(2, 4))
+
+
+def test_linear_over_tokens_then_batch_norm_over_the_tokens_is_not_silently_wrong():
+    # Linear(4 -> 5) on (N, 5 tokens, 4 features): BatchNorm1d(5) normalizes dim 1, the
+    # tokens, while folding would scale the Linear's 5 output features (the last dim).
+    model = randomize(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5)), seed=1).eval()
+    x = torch.randn(3, 5, 4)
+    expected = model(x)
+
+    blind, _ = fold(model, inplace=False)  # the rank is unknown: checked at each call
+    with pytest.raises(ValueError, match=r"2-D input.*got 3 dimensions.*example_input="):
+        blind(x)
+
+    seen, changes = fold(model, inplace=False, example_input=x)
+    assert isinstance(seen[1], nn.BatchNorm1d) and not changes.changed
+    assert changes.skipped == [("1", "normalizes dim 1 of the (3, 5, 5) output of Linear 0, not its features "
+                                     "(the last dim); folding would scale the wrong axis: not folded")]
+    torch.testing.assert_close(seen(x), expected)
+
+
+def test_an_example_input_the_model_rejects_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5)).eval()
+    with pytest.raises(ValueError, match=r"fold: the model failed on example_input \(RuntimeError"):
+        fold(model, example_input=torch.randn(3, 7))
+    assert isinstance(model[1], nn.BatchNorm1d)
+
+
+def test_linear_on_2d_input_folds_when_the_example_shows_it():
+    model = randomize(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5)), seed=2).eval()
+    x = torch.randn(3, 4)
+    expected = model(x)
+    folded, changes = fold(model, example_input=x)
+    assert changes.changed == [("1", "folded into 0")] and isinstance(folded[1], Activation)
+    torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tied", ["weight", "bias"])
+def test_a_conv_whose_parameter_is_tied_to_another_layer_is_not_folded(tied):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 1)
+            self.bn = nn.BatchNorm2d(2)
+            self.other = nn.Conv2d(2, 2, 1)
+            setattr(self.other, tied, getattr(self.conv, tied))
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + self.other(x)
+
+    model = randomize(Net()).eval()
+    x = torch.randn(2, 2, 3, 3)
+    expected, other = model(x), model.other(x)
+    _, changes = fold(model)
+    assert isinstance(model.bn, nn.BatchNorm2d) and not changes.changed
+    assert changes.skipped == [("bn", f"not folded into conv: its {tied} is shared with other "
+                                      "(tied parameters), which folding would change too")]
+    torch.testing.assert_close(model.other(x), other)
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_linear_then_batch_norm_2d_is_refused_without_an_example():
+    # BatchNorm2d takes only 4-D input, so the Linear's features can never be its channels.
+    model = randomize(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm2d(3)), seed=3).eval()
+    x = torch.randn(2, 3, 2, 4)
+    expected = model(x)
+    _, changes = fold(model)
+    assert isinstance(model[1], nn.BatchNorm2d) and not changes.changed
+    assert changes.skipped == [("1", "BatchNorm2d normalizes dim 1 of 4-D or 5-D input, not the features of "
+                                     "Linear 0 (the last dim); folding would scale the wrong axis: not folded")]
+    torch.testing.assert_close(model(x), expected)

@@ -200,3 +200,52 @@ def test_masked_positions_and_biased_variance_layers():
     var, mean = torch.var_mean(valid, dim=0, unbiased=False)
     torch.testing.assert_close(net.bn.running_mean, mean, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(net.bn.running_var, var, rtol=1e-10, atol=1e-12)
+
+
+def test_a_batch_with_nan_is_left_out_reported_and_warned():
+    net = _net()
+    batches = [torch.randn(8, 6, dtype=torch.float64) * 3 + 1 for _ in range(3)]
+    expected = _expected(net, [batches[0], batches[2]])
+    bad = batches[1].clone()
+    bad[2, 3] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"non-finite.*1: batch 1; 5: batch 1"):
+        _, changes = recalibrate(net, [batches[0], bad, batches[2]], progress=False)
+    for layer, (mean, var) in zip((net[1], net[5]), expected):
+        torch.testing.assert_close(layer.running_mean, mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(layer.running_var, var, rtol=1e-10, atol=1e-12)
+        assert int(layer.num_batches_tracked) == 2
+    over = "population statistics over 16 values per channel; 1 of 3 batches left out (non-finite values)"
+    assert changes.changed == [("1", over), ("5", over)] and not changes.skipped
+    assert net[1].nonfinite_skips == 0  # the passes are not training: the layer's count is kept
+
+
+def test_batches_are_left_out_per_layer():
+    class TwoBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.plain, self.logged = nn.BatchNorm1d(2), nn.BatchNorm1d(2)
+
+        def forward(self, x):
+            return self.plain(x) + self.logged(x.log())  # NaN where x < 0
+
+    net = TwoBranches().double()
+    positive, mixed = torch.rand(5, 2, dtype=torch.float64) + 0.5, torch.randn(5, 2, dtype=torch.float64)
+    mixed[0] = -1.0
+    with pytest.warns(RuntimeWarning, match=r"logged: batch 1"):
+        _, changes = recalibrate(net, [positive, mixed], progress=False)
+    var, mean = torch.var_mean(torch.cat([positive, mixed]), dim=0)
+    torch.testing.assert_close(net.plain.running_var, var)
+    torch.testing.assert_close(net.logged.running_mean, positive.log().mean(0))
+    assert int(net.plain.num_batches_tracked) == 2 and int(net.logged.num_batches_tracked) == 1
+
+
+def test_a_layer_whose_every_batch_is_non_finite_is_left_untouched():
+    net = _net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    nan, inf = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    nan[0, 0], inf[1, 1] = float("nan"), float("inf")
+    with pytest.warns(RuntimeWarning, match=r"non-finite.*1: batch 0, 1"):
+        _, changes = adapt(net, [nan, inf], progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    untouched = "every batch it saw had non-finite values (NaN or inf) in its input (2 of 2 left out); statistics unchanged"
+    assert not changes.changed and changes.skipped == [("1", untouched), ("5", untouched)]

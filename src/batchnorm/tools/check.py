@@ -367,20 +367,39 @@ def _short(value: Any) -> str:
 
 def load_state_dict(path: Path) -> dict[str, Tensor]:
     """A state dict read with torch.load(weights_only=True): tensors and plain containers
-    only, never arbitrary pickled objects. A {"state_dict": ...} checkpoint is unwrapped."""
+    only, never arbitrary pickled objects. A {"state_dict": ...} checkpoint is unwrapped.
+    ValueError, naming the file, for anything that is not a readable state dict (missing,
+    empty, truncated or corrupt file, or one that needs arbitrary unpickling)."""
+    if path.is_dir():
+        raise ValueError(f"{path}: a directory, not a checkpoint file")
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty; expected a checkpoint saved with torch.save")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as error:
+        if "global" not in str(error).lower():  # not a refused class: a damaged pickle stream
+            raise ValueError(f"{path}: not a readable checkpoint (truncated or corrupt)") from None
         raise ValueError(
             f"{path}: refusing to load it: it needs arbitrary unpickling (objects other than "
             "tensors), which could run any code. Save only the weights, "
             "torch.save(model.state_dict(), path)."
         ) from None
+    except Exception as error:  # torch.load raises many kinds for a damaged file
+        raise ValueError(
+            f"{path}: not a readable checkpoint, truncated or corrupt ({type(error).__name__}: {_first_line(error)})"
+        ) from error
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a state dict (names to tensors), got {type(state).__name__}")
     return state
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def build(target: str) -> nn.Module:
@@ -409,6 +428,14 @@ def data_batches(spec: str, batch_size: int, count: int) -> list[Tensor]:
     return [x[order[i : i + batch_size]] for i in range(0, count * batch_size, batch_size) if i < len(x)]
 
 
+def _cannot_load(error: Exception) -> str:
+    """One line saying why loading failed: our ValueErrors' text, else the type too."""
+    text = " ".join(str(error).split())  # torch's messages span lines; stderr gets one
+    if isinstance(error, (ValueError, ImportError)):
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def check_command(
     target: str = typer.Argument(..., help="package.module:factory, a function returning the model"),
     weights: Path = typer.Option(None, "--weights", help="a state dict saved with torch.save"),
@@ -417,7 +444,8 @@ def check_command(
     batches: int = typer.Option(4, "--batches", min=1, help="how many batches to run"),
     json_path: Path = typer.Option(None, "--json", help="also write the report here as JSON"),
 ) -> None:
-    """Check a model's batch-norm layers; exit code 1 when a problem (error or warning) is found."""
+    """Check a model's batch-norm layers. Exit code 0: healthy; 1: a problem (error or
+    warning) found; 2: the model, weights or data cannot be loaded (one line on stderr)."""
     from rich.console import Console
 
     try:
@@ -425,8 +453,12 @@ def check_command(
         if weights is not None:
             model.load_state_dict(load_state_dict(weights))
         inputs = data_batches(data, batch_size, batches)
-    except (ValueError, ImportError, RuntimeError) as error:
-        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {error}", markup=True)
+    # Whatever stops the model or data from loading (the factory is user code) is exit 2,
+    # never 1: a CI gate must not read an unreadable file as findings.
+    except Exception as error:
+        Console(stderr=True, soft_wrap=True, highlight=False).print(
+            f"error: {_cannot_load(error)}", markup=False, style="red"
+        )
         raise typer.Exit(2) from None
     model.eval()
     report = check(model, inputs, max_batches=batches)

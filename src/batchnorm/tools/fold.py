@@ -15,8 +15,19 @@ arithmetic runs in float64 and is written back in the layer's dtype.
 The batch norm is then replaced in its parent by `Activation(bn.activation)` (identity
 when it fused none; it still takes the `residual=` our layers accept). A batch norm with
 nothing to fold into (no Linear/Conv producing its input alone) becomes a
-`ChannelAffine(s, t, activation)`. A channel-count mismatch leaves the layer alone and is
-recorded; a layer in training mode is an error (its output depends on the batch).
+`ChannelAffine(s, t, activation)`. A layer in training mode is an error (its output
+depends on the batch).
+
+Folding is refused (the batch norm left alone, the reason recorded) where it would change
+what the model computes:
+- a channel-count mismatch;
+- a producer whose weight or bias is also another module's (tied parameters): scaling it
+  would change that module too;
+- a Linear whose output is not 2-D. A Linear's features are the last dim of its output,
+  a batch norm's channels are dim 1: they coincide only for (N, features). With
+  `example_input` fold sees each batch norm's input shape; without, a BatchNorm2d/3d or
+  frozen-style layer (4-D and 5-D input) is refused, and a fold into a Linear before any
+  other batch norm leaves an `Activation` that refuses anything but 2-D input.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from torch import Tensor, nn
 
 from .. import activations, checks
 from ..reference import affine
-from ._common import Changes, is_batchnorm, prepare, replace, require_batchnorm
+from ._common import Changes, is_batchnorm, is_frozen_style, prepare, replace, require_batchnorm
 from ._patterns import pairs
 
 _FOLDABLE = (
@@ -35,18 +46,30 @@ _FOLDABLE = (
 
 
 class Activation(nn.Module):
-    """y = g(x + residual): what remains of a folded batch norm (g = identity for None)."""
+    """y = g(x + residual): what remains of a folded batch norm (g = identity for None).
 
-    def __init__(self, activation: str | None = None) -> None:
+    `ndim`: the number of input dimensions the fold was right for (2 after a Linear whose
+    input rank fold could not see); other input is a ValueError. None: any.
+    """
+
+    def __init__(self, activation: str | None = None, *, ndim: int | None = None) -> None:
         super().__init__()
         self.activation = checks.check_activation(activation)
+        self.ndim = ndim
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if self.ndim is not None and x.dim() != self.ndim:
+            raise ValueError(
+                f"this layer is a batch norm folded into the Linear before it, which is right only "
+                f"for {self.ndim}-D input (N, features); got {x.dim()} dimensions {tuple(x.shape)}, "
+                "where the batch norm normalized dim 1, not the Linear's features. Fold the "
+                "unfolded model with fold(model, example_input=x) so fold sees the shapes"
+            )
         checks.check_residual(x, residual)
         return activations.forward(x if residual is None else x + residual, self.activation)
 
     def extra_repr(self) -> str:
-        return f"activation={self.activation!r}"
+        return f"activation={self.activation!r}" + ("" if self.ndim is None else f", ndim={self.ndim}")
 
 
 class ChannelAffine(Activation):
@@ -66,10 +89,14 @@ class ChannelAffine(Activation):
         return f"{self.scale.numel()}, " + super().extra_repr()
 
 
-def fold(model: nn.Module, *, inplace: bool = True) -> tuple[nn.Module, Changes]:
+def fold(model: nn.Module, *, inplace: bool = True, example_input=None) -> tuple[nn.Module, Changes]:
     """Fold every evaluation-mode batch norm into the layer before it. Returns (model, changes).
 
-    Outputs match the unfolded model in evaluation mode to floating-point rounding.
+    Outputs match the unfolded model in evaluation mode to floating-point rounding; where a
+    fold would not (see the module docstring) the batch norm is left alone and the reason
+    recorded in `changes.skipped`. `example_input`: a tensor (or tuple of forward arguments)
+    the model is run on once, without gradients, so fold sees the rank of each batch norm's
+    input; it decides whether a Linear's output features are the batch norm's channels.
     """
     model = prepare(model, inplace)
     layers = require_batchnorm(model, "fold")
@@ -80,15 +107,9 @@ def fold(model: nn.Module, *, inplace: bool = True) -> tuple[nn.Module, Changes]
             "is in training mode (it would normalize with each batch's own statistics); call model.eval() first"
         )
     changes = Changes()
-    found, why = pairs(model)
-    if why is not None:
-        changes.skip("", why)
-    producer_of = {
-        p.consumer.path: p.producer
-        for p in found
-        if p.consumer.path is not None and is_batchnorm(p.consumer.op)
-        and isinstance(model.get_submodule(p.producer), _FOLDABLE)
-    }  # fmt: skip
+    producer_of = _producers(model, changes)
+    shapes = {} if example_input is None else _input_shapes(model, layers, example_input)
+    owners = _parameter_owners(model)
     for path, bn in layers:
         if getattr(bn, "running_mean", None) is None:
             changes.skip(path, "no running statistics (track_running_stats=False): it normalizes with batch statistics")
@@ -102,14 +123,94 @@ def fold(model: nn.Module, *, inplace: bool = True) -> tuple[nn.Module, Changes]
             changes.change(path, "nothing to fold into: now a per-channel ChannelAffine")
             continue
         layer = model.get_submodule(source)
-        channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-        if channels != scale.numel():
-            changes.skip(path, f"has {scale.numel()} channels but {source} produces {channels}; not folded")
+        why = _refusal(bn, scale.numel(), source, layer, shapes.get(path), owners)
+        if why is not None:
+            changes.skip(path, why)
             continue
         _fold_into(layer, scale, shift)
-        model = replace(model, path, Activation(activation))
+        # A Linear's features are channels only for 2-D output: unseen, that is checked per call.
+        unseen_linear = isinstance(layer, nn.Linear) and path not in shapes
+        model = replace(model, path, Activation(activation, ndim=2 if unseen_linear else None))
         changes.change(path, f"folded into {source}" + (f" (activation {activation} kept)" if activation else ""))
     return model, changes
+
+
+def _producers(model: nn.Module, changes: Changes) -> dict[str, str]:
+    """{batch norm path: path of the Linear/Conv whose output alone it takes}; a note in
+    `changes` when tracing failed and the Sequential order was used instead."""
+    found, why = pairs(model)
+    if why is not None:
+        changes.skip("", why)
+    return {
+        p.consumer.path: p.producer
+        for p in found
+        if p.consumer.path is not None and is_batchnorm(p.consumer.op)
+        and isinstance(model.get_submodule(p.producer), _FOLDABLE)
+    }  # fmt: skip
+
+
+@torch.no_grad()
+def _input_shapes(model: nn.Module, layers: list, example_input) -> dict[str, tuple[int, ...]]:
+    """{batch norm path: the shape of its input} over one forward of `example_input`; for a
+    layer called more than once, the first shape that is not 2-D (the one that matters)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def recorder(path: str):
+        def hook(module, args) -> None:
+            if args and isinstance(args[0], Tensor) and (path not in shapes or len(shapes[path]) == 2):
+                shapes[path] = tuple(args[0].shape)
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(recorder(path)) for path, m in layers]
+    try:
+        model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+    except Exception as error:
+        raise ValueError(
+            f"fold: the model failed on example_input ({type(error).__name__}: {error}); pass an "
+            "input the model takes (a tensor, or a tuple of its forward arguments)"
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """{id(parameter): the path of every module holding it}: more than one means tied."""
+    owners: dict[int, list[str]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        for _, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(path)
+    return owners
+
+
+def _refusal(bn, channels, source, layer, shape, owners) -> str | None:
+    """Why folding `bn` (with `channels` channels and input `shape`, None when not seen)
+    into `layer` at path `source` would change the model's output; None when it would not."""
+    produced = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    if produced != channels:
+        return f"has {channels} channels but {source} produces {produced}; not folded"
+    for name in ("weight", "bias"):
+        others = [o for o in owners.get(id(getattr(layer, name)), []) if o != source]
+        if others:
+            return (f"not folded into {source}: its {name} is shared with {', '.join(others)} "
+                    "(tied parameters), which folding would change too")  # fmt: skip
+    if isinstance(layer, nn.Linear):
+        return _linear_axis_refusal(bn, source, shape)
+    return None
+
+
+def _linear_axis_refusal(bn, source, shape) -> str | None:
+    """Why the Linear's features (last dim of its output) are not `bn`'s channels (dim 1),
+    or None when they are or may be (2-D input, seen or possible)."""
+    if shape is not None and len(shape) != 2:
+        return (f"normalizes dim 1 of the {shape} output of Linear {source}, not its features "
+                "(the last dim); folding would scale the wrong axis: not folded")  # fmt: skip
+    if shape is None and (isinstance(bn, (nn.BatchNorm2d, nn.BatchNorm3d)) or is_frozen_style(bn)):
+        return (f"{type(bn).__name__} normalizes dim 1 of 4-D or 5-D input, not the features of "
+                f"Linear {source} (the last dim); folding would scale the wrong axis: not folded")  # fmt: skip
+    return None
 
 
 def _as_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
