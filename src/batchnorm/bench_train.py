@@ -79,7 +79,7 @@ def speedups(ms: dict[str, float | None]) -> dict[str, float | None]:
 
 
 def _error(e: BaseException) -> str:
-    """`Type: message`, the message's first line first (dynamo's are long), cut to ERROR_CHARS."""
+    """`Type: message`, cut to ERROR_CHARS characters (dynamo's messages run to pages)."""
     text = f"{type(e).__name__}: {str(e).strip()}"
     return text if len(text) <= ERROR_CHARS else text[: ERROR_CHARS - 3] + "..."
 
