@@ -31,6 +31,13 @@ tests=${PIPESTATUS[0]}
 "$PY" -m batchnorm.cli bench kernels --device cuda --out docs/bench --markdown docs/benchmarks-cuda.md
 bench=$?
 
+# Whole training steps (`batchnorm bench train --device cuda`): ResNet-20 fp32 and ResNet-50 bf16
+# (batch 128, channels_last), torch vs ours, eager and torch.compile; an arm that fails is
+# recorded in the table, so a nonzero exit here means the benchmark itself broke.
+#   -> docs/bench/train-cuda.json and docs/bench-train-cuda.md
+"$PY" -m batchnorm.cli bench train --device cuda --out docs/bench --markdown docs/bench-train-cuda.md
+echo "bench train: exit $?"
+
 # 3. The whole op's two paths head to head (docs/gpu-notes.md, designs 6 and 7): forward +
 #    backward (add + ReLU) of triton_gpu.forward/backward on the path the size rule picks
 #    against the tiled path forced (single_read=0), and the registers / spills of every

@@ -1,4 +1,5 @@
-"""`batchnorm bench kernels --quick`: runs end to end and writes well-formed JSON and markdown.
+"""`batchnorm bench kernels --quick` and `bench train --quick`: run end to end and write
+well-formed JSON and markdown.
 
 No timing is asserted (the machine is shared); only the structure of what is written, and
 the pure helpers (traffic model, summary) on hand-made numbers.
@@ -9,9 +10,10 @@ from __future__ import annotations
 import json
 import math
 
+import torch
 from typer.testing import CliRunner
 
-from batchnorm import bench
+from batchnorm import bench, bench_train, models
 from batchnorm.cli import app
 
 
@@ -97,3 +99,108 @@ def test_monitor_overhead_command_reports_both_models():
     result = CliRunner().invoke(app, ["bench", "monitor", "--steps", "3", "--rounds", "1", "--every", "2"])
     assert result.exit_code == 0, result.output
     assert "sigmoid" in result.output and "batchnorm" in result.output and "%" in result.output
+
+
+# `batchnorm bench train`: whole training steps, four arms. As above, no timing is asserted:
+# only that every arm is there, the ratios are the quotients of the times, and a failing arm
+# is recorded instead of stopping the run.
+
+
+def test_quick_train_bench_eager_arms(tmp_path):
+    md = tmp_path / "bench-train.md"
+    result = CliRunner().invoke(
+        app, ["bench", "train", "--quick", "--no-compile", "--out", str(tmp_path), "--markdown", str(md)]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "train-cpu-quick.json").read_text())
+    assert data["repeats"] == 2 and data["compile"] is False and data["machine"]["cores"] >= 1
+    configs = bench_train.configurations("cpu", quick=True)
+    assert [{k: r[k] for k in ("model", "batch", "format", "dtype")} for r in data["rows"]] == configs
+    for row in data["rows"]:
+        assert set(row["arms"]) == set(bench_train.ARMS)
+        for arm in ("torch eager", "ours eager"):
+            rec = row["arms"][arm]
+            assert rec["status"] == "ok" and rec["error"] is None
+            assert 0 < rec["min_ms"] <= rec["ms"] and rec["first_step_s"] > 0
+        for arm in ("torch compiled", "ours compiled"):
+            assert row["arms"][arm]["status"] == "skipped" and row["arms"][arm]["ms"] is None
+        eager = row["arms"]["torch eager"]["ms"] / row["arms"]["ours eager"]["ms"]
+        assert math.isclose(row["speedups"]["ours_eager_vs_torch_eager"], eager, rel_tol=1e-12)
+        assert row["speedups"]["ours_compiled_vs_torch_compiled"] is None
+        assert row["speedups"]["ours_compiled_vs_torch_eager"] is None
+        # same initial weights, same first batch: the same loss up to rounding
+        losses = [row["arms"][a]["first_loss"] for a in ("torch eager", "ours eager")]
+        assert math.isclose(*losses, rel_tol=1e-4)
+        assert row["fusion"] == dict(batch_norms=21, fused_activation=19, fused_residual=9)
+    text = md.read_text()
+    assert text.startswith("# Training-step benchmarks") and "## Errors" not in text
+    table = [ln for ln in text.splitlines() if ln.startswith("| resnet20 | 8 |")]
+    assert len(table) == 2 * len(configs)  # step times, then warm-up
+    assert all("not run" in ln for ln in table)
+    assert "| resnet20 | 8 | contiguous | fp32 |" in result.output  # the table is printed too
+
+
+def test_train_bench_records_failing_arms(monkeypatch):
+    """A compiled arm failing as it is built, and one failing in the timed rounds: both are
+    recorded with their message and left out; the eager arms are timed."""
+
+    class FailsOnCall(torch.nn.Module):
+        def __init__(self, inner, after):
+            super().__init__()
+            self.inner, self.calls, self.after = inner, 0, after
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls > self.after:
+                raise RuntimeError(f"call {self.calls} failed")
+            return self.inner(x)
+
+    def fake_compile(model):
+        if isinstance(model, torch.fx.GraphModule):  # ours: convert rewrote the graph
+            raise RuntimeError("ours cannot compile\nsecond line")
+        # the warm-up steps and time_medians' own warm-up pass, the first timed round fails
+        return FailsOnCall(model, bench_train.WARMUP_STEPS + 1)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    cfg = dict(model="resnet20", batch=4, format="contiguous", dtype="fp32")
+    row = bench_train.bench_config(cfg, "cpu", repeats=2)
+    arms = row["arms"]
+    assert arms["ours compiled"]["status"] == "error" and arms["ours compiled"]["phase"] == "build or warm-up"
+    assert arms["ours compiled"]["error"].startswith("RuntimeError: ours cannot compile")
+    assert arms["torch compiled"]["status"] == "error" and arms["torch compiled"]["phase"] == "timed rounds"
+    assert arms["torch compiled"]["error"] == f"RuntimeError: call {bench_train.WARMUP_STEPS + 2} failed"
+    assert arms["torch compiled"]["first_step_s"] > 0 and arms["torch compiled"]["ms"] is None
+    for arm in ("torch eager", "ours eager"):
+        assert arms[arm]["status"] == "ok" and arms[arm]["ms"] > 0
+    assert row["speedups"] == dict(
+        ours_eager_vs_torch_eager=arms["torch eager"]["ms"] / arms["ours eager"]["ms"],
+        ours_compiled_vs_torch_compiled=None, ours_compiled_vs_torch_eager=None,
+    )  # fmt: skip
+    result = dict(machine={}, repeats=2, warmup_steps=2, load_before=None, load_after=None, rows=[row])
+    text = bench_train.render(result)
+    assert "error [1]" in text and "error [2]" in text and "## Errors" in text
+    assert "torch compiled (timed rounds): `RuntimeError: call" in text
+    assert "ours compiled (build or warm-up): `RuntimeError: ours cannot compile`" in text
+
+
+def test_train_speedups_are_time_quotients():
+    ms = {"torch eager": 10.0, "torch compiled": 6.0, "ours eager": 4.0, "ours compiled": 3.0}
+    assert bench_train.speedups(ms) == dict(
+        ours_eager_vs_torch_eager=2.5, ours_compiled_vs_torch_compiled=2.0, ours_compiled_vs_torch_eager=10 / 3
+    )
+    s = bench_train.speedups({**ms, "torch compiled": None})
+    assert s["ours_compiled_vs_torch_compiled"] is None and s["ours_compiled_vs_torch_eager"] == 10 / 3
+
+
+def test_train_grid_and_models():
+    cpu, cuda = bench_train.configurations("cpu", False), bench_train.configurations("cuda", False)
+    assert {(r["batch"], r["format"]) for r in cpu} == {(b, f) for b in (64, 128) for f in bench_train.FORMATS}
+    assert all(r["model"] == "resnet20" and r["dtype"] == "fp32" for r in cpu)
+    assert cuda[: len(cpu)] == cpu
+    assert cuda[len(cpu):] == [dict(model="resnet50", batch=128, format="channels_last", dtype="bf16")]
+    r20, r50 = models.resnet20(), models.resnet50()
+    # parameter counts of the reference models (torchvision's resnet50: 25,557,032)
+    assert sum(p.numel() for p in r20.parameters()) == 272_474
+    assert sum(p.numel() for p in r50.parameters()) == 25_557_032
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in r50.modules()) == 53
+    assert r20(torch.randn(2, 3, 32, 32)).shape == (2, 10)

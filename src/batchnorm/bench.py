@@ -38,7 +38,7 @@ import typer
 from . import backends
 from .nn import BatchNorm1d, BatchNorm2d
 
-bench_app = typer.Typer(help="Benchmarks: kernels against torch.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks against torch: kernels, whole training steps.", no_args_is_help=True)
 
 MLP_SHAPES = [(64, 100), (256, 512), (4096, 1024)]
 CNN_SHAPES = [(64, 64, 56, 56), (32, 256, 14, 14), (128, 512, 7, 7), (8, 32, 112, 112)]
@@ -279,6 +279,10 @@ def render(result: dict, notes: str = "") -> str:
         f"Ratio = torch eager time / ours (`auto`), medians of {result['repeats']} interleaved runs in one "
         "process; GB/s at the op's minimal traffic (forward: read x, write y; backward: read x and dy, "
         "write dx; + residual), against a copy of the same tensor into a preallocated one, timed in the same run.",
+        "",
+        "Whole training steps (ResNets with torch's batch norm and ours, eager and under `torch.compile`, from "
+        f"`batchnorm bench train`): [bench-train{'-cuda' if m.get('device') == 'cuda' else ''}.md]"
+        f"(bench-train{'-cuda' if m.get('device') == 'cuda' else ''}.md).",
         "",
         "## Machine",
         "",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 
 from .bench import bench_app
+from .bench_train import train_bench_command
 from .experiments.commands import demo_command, list_command, report_command, run_command
 from .tools.check import check_command
 from .train import train_command
@@ -18,6 +19,7 @@ app = typer.Typer(
 )
 
 
+bench_app.command("train")(train_bench_command)
 app.add_typer(bench_app, name="bench")
 app.command("check")(check_command)
 app.command("train")(train_command)

@@ -1,0 +1,135 @@
+"""ResNets written the torchvision way, with torch's own `nn.BatchNorm2d`, for benchmarks.
+
+`bn.convert(model, fuse=True)` is meant for models written like these: each block is
+conv -> bn -> relu(inplace=True) -> conv -> bn, then `out += identity` and the block's
+(shared) relu, with a 1x1 conv + bn on the shortcut where the shape changes. torchvision is
+not a dependency, so the two models are written out here.
+
+- `resnet20()`: the CIFAR ResNet-20 (He et al. 2016, section 4.2): a 3x3 stem of 16
+  channels, 3 stages of 3 basic blocks at 16 / 32 / 64 channels (stride 2 at the start of
+  the second and third stage), global average pooling and a linear layer. Input
+  (N, 3, 32, 32), output logits (N, num_classes).
+- `resnet50()`: torchvision's ResNet-50 layout (7x7 stride-2 stem, 3x3 max pool, bottleneck
+  stages of 3 / 4 / 6 / 3 blocks at widths 64 / 128 / 256 / 512 with 4x expansion, the
+  stride on the 3x3 conv). Input (N, 3, 224, 224), output (N, num_classes).
+
+The shortcut downsamples with a 1x1 conv + BN (torchvision's option B) in both; the
+CIFAR paper's ResNet-20 uses zero-padding instead, which has no BN to convert.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+def _downsample(cin: int, cout: int, stride: int) -> nn.Module | None:
+    """1x1 conv + BN on the shortcut when the block changes the shape, else None (identity)."""
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs: (N, cin, H, W) -> (N, cout, H / stride, W / stride)."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(cin, width, stride)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(width, width)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.downsample = _downsample(cin, width, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        # the shortcut after the main path, as torchvision orders it
+        identity = x if self.downsample is None else self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (strided), 1x1 expand: (N, cin, H, W) -> (N, 4 width, H / stride, W / stride)."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = _conv3x3(width, width, stride)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(cin, cout, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    """stem -> stages of `block` -> global average pool -> linear: (N, 3, H, W) -> (N, num_classes).
+
+    stem: "cifar" (3x3 conv, stride 1, no pooling) or "imagenet" (7x7 conv stride 2, 3x3
+    max pool stride 2). Stage i (`layer{i + 1}`, as torchvision names them, so ResNet-50's
+    state_dict keys are torchvision's) has `blocks[i]` blocks of width `widths[i]`; every
+    stage but the first halves H and W in its first block.
+    """
+
+    def __init__(self, block: type, blocks: list[int], widths: list[int], stem: str, num_classes: int) -> None:
+        super().__init__()
+        cin = widths[0]
+        if stem == "cifar":
+            self.conv1 = _conv3x3(3, cin)
+            self.maxpool = nn.Identity()
+        elif stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, cin, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        else:
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.relu = nn.ReLU(inplace=True)
+        self.num_stages = len(blocks)
+        for i, (n, width) in enumerate(zip(blocks, widths)):
+            layers = []
+            for j in range(n):
+                layers.append(block(cin, width, 2 if i > 0 and j == 0 else 1))
+                cin = width * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        x = self.avgpool(x)
+        return self.fc(x.flatten(1))
+
+
+def resnet20(num_classes: int = 10) -> ResNet:
+    """CIFAR ResNet-20: (N, 3, 32, 32) -> (N, num_classes); 21 batch norms (2 on shortcuts), 0.27 M parameters."""
+    return ResNet(BasicBlock, [3, 3, 3], [16, 32, 64], "cifar", num_classes)
+
+
+def resnet50(num_classes: int = 1000) -> ResNet:
+    """ResNet-50, torchvision's layout: (N, 3, 224, 224) -> (N, num_classes); 53 batch norms, 25.6 M parameters."""
+    return ResNet(Bottleneck, [3, 4, 6, 3], [64, 128, 256, 512], "imagenet", num_classes)
