@@ -204,3 +204,17 @@ def test_train_grid_and_models():
     assert sum(p.numel() for p in r50.parameters()) == 25_557_032
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in r50.modules()) == 53
     assert r20(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_compile_crossover_renders_each_point_and_the_rule():
+    from batchnorm.bench import render_compile_crossover
+
+    result = dict(
+        machine={"device": "cpu"}, backend="numba", op_wins_from_numel=65536,
+        points=[dict(numel=4096, inductor_ms=0.1, op_ms=0.2, torch_compiled_ms=0.1, ratio=0.5, ratio_vs_torch_compiled=0.5),
+                dict(numel=65536, inductor_ms=3.0, op_ms=1.0, torch_compiled_ms=2.5, ratio=3.0, ratio_vs_torch_compiled=2.5)],
+    )  # fmt: skip
+    text = render_compile_crossover(result)
+    assert "| 4096 | 0.100 | 0.200 | 0.100 | 0.50 | 0.50 |" in text
+    assert "| 65536 | 3.000 | 1.000 | 2.500 | 3.00 | 2.50 |" in text
+    assert "never slower from 65536 elements on" in text
