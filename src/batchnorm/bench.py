@@ -42,7 +42,7 @@ bench_app = typer.Typer(help="Benchmarks against torch: kernels, whole training 
 
 MLP_SHAPES = [(64, 100), (256, 512), (4096, 1024)]
 CNN_SHAPES = [(64, 64, 56, 56), (32, 256, 14, 14), (128, 512, 7, 7), (8, 32, 112, 112)]
-#: ResNet-50 at batch 256 (issue 4): the input of each distinct batch-norm shape.
+#: ResNet-50 at batch 256: the input of each distinct batch-norm shape.
 RESNET50_SHAPES = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), (256, 1024, 14, 14), (256, 2048, 7, 7)]
 QUICK_SHAPES = [(64, 100), (4, 8, 6, 6)]
 MODES = ("eval", "train", "train_fb")
@@ -80,7 +80,7 @@ def kernel_passes(fmt: str, variant: str) -> int:
     and writes y, backward reads x and dy and writes dx (5), + a residual read forward and a
     residual read and dresidual write backward (ReLU's slope needs u) (8). Channels-last no
     value can be finished before the last row is read: statistics then normalize (3), grad
-    sums then apply (5), 8; with the residual 4 + 8 = 12 (design notes, "Where the targets stand")."""
+    sums then apply (5), 8; with the residual 4 + 8 = 12."""
     residual = VARIANTS[variant][1]
     if fmt == "contiguous":
         return 8 if residual else 5
@@ -432,7 +432,7 @@ def kernels(
     notes: Path = typer.Option(Path("docs/bench/design_notes.md"), help="Design notes appended to the markdown."),
     repeats: int = typer.Option(7, min=1, help="Timed runs per row (the median is reported)."),
 ) -> None:
-    """Time our batch norm (`auto`) against torch for the issue-3 grid; write JSON and markdown."""
+    """Time our batch norm (`auto`) against torch over the grid of shapes; write JSON and markdown."""
     if device not in ("cpu", "cuda"):
         raise typer.BadParameter(f"--device must be cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():

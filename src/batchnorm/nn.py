@@ -119,7 +119,7 @@ class _Extras:
 def _tensors(module) -> tuple[Tensor | None, ...]:
     """(weight, bias, running_mean, running_var, num_batches_tracked), read from the module's
     parameter and buffer tables: nn.Module.__getattr__ costs ~0.7 us a read, a fifth of what a
-    small layer's call costs beyond torch's kernel (design notes, step 24). A name not in its
+    small layer's call costs beyond torch's kernel. A name not in its
     table (a parametrized weight, say) is read the ordinary way."""
     params, buffers = module._parameters, module._buffers
     return (

@@ -1,4 +1,4 @@
-"""The oracle: batch normalization written as the equations of DESIGN.md, in plain torch ops.
+"""The oracle: batch normalization written as its equations, in plain torch ops.
 
 Read this file first. It is slow and it is exact (run it in float64); every other backend
 is tested against it. The four kernel-contract functions below work on a canonical view

@@ -1,4 +1,4 @@
-"""The kernel contract every backend implements (DESIGN.md, "How data flows").
+"""The kernel contract every backend implements (docs/architecture.md shows where it sits).
 
 A backend computes; it holds no batch-norm policy (running statistics, synchronization,
 ghost batches, guards live above it). All tensors are canonical views (`layout.py`):

@@ -77,13 +77,13 @@ _ACT_CODE = {name: code for code, name in enumerate(activations.NAMES)}
 _DTYPES = (torch.float32, torch.float64)
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
-#: Measured crossover (docs/benchmarks.md, docs/bench/design_notes.md step 10): on the
+#: Measured crossover (docs/benchmarks.md): on the
 #: (N, 64, L) fp32 BN + ReLU forward + backward sweep, aten / numba was 0.69-0.84 from 4k to
 #: 64k elements (our ~0.08 ms of fixed cost per call), 1.00 at 128k, 1.16 at 256k and
 #: 1.8-3.1 above; `auto` takes numba from 256k elements.
 CROSSOVER_NUMEL = 1 << 18
-#: Below this many elements the kernels run on one thread (`_serial`); measured in
-#: docs/bench/design_notes.md, step 18.
+#: Below this many elements the kernels run on one thread (`_serial`): a parallel region's
+#: start costs more than the second thread saves there (measured on 2 cores).
 PARALLEL_NUMEL = 1 << 16
 
 
@@ -520,7 +520,7 @@ def _mc_grad_apply(args, has_res, code):
             # With a residual the fused loop loads five arrays and stores two: LLVM gives up
             # vectorizing it (too many runtime alias checks), 2-3x slower per value. Two loops
             # (d into dres; dx from it while the row is in L1) each vectorize; on rows shorter
-            # than _LANES the second loop's overhead outweighs it (design notes, step 19).
+            # than _LANES the second loop's overhead outweighs it (measured).
             for c in range(xr.shape[0]):
                 drr[c] = _d(dyr[c], xr[c] - m[c], a[c], b[c], rr[c], True, code, f)
             for c in range(xr.shape[0]):
@@ -607,16 +607,16 @@ def _allocate(count: int, dtype: np.dtype) -> np.ndarray:
     """A new 1-D array. numpy asks the OS for huge pages on large arrays (madvise); below
     glibc's largest mmap threshold (32 MiB) that memory is often reused heap where
     first-touching it cost ~20 ms per 16 MB here, so those come from torch's allocator;
-    above, numpy's fresh huge-page mappings fault 10x less (design_notes.md, step 12).
+    above, numpy's fresh huge-page mappings fault 10x less.
     Small arrays come from numpy too: the heap's free lists serve them, and np.empty costs
-    ~0.3 us where torch.empty(...).numpy() costs ~2.5 (design notes, step 24)."""
+    ~0.3 us where torch.empty(...).numpy() costs ~2.5."""
     nbytes = count * dtype.itemsize
     if _SMALL_BYTES <= nbytes < _HUGE_BYTES:
         return torch.empty(count, dtype=_TORCH_DTYPES[dtype]).numpy()
     return np.empty(count, dtype)
 
 
-#: Our large outputs are reused from step to step (output_pool.py, design notes step 20).
+#: Our large outputs are reused from step to step (output_pool.py says why).
 OUTPUTS = OutputPool(_allocate)
 
 

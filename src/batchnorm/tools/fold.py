@@ -1,6 +1,6 @@
 """`fold`: merge evaluation-mode batch norm into the Linear / Conv / ConvTranspose before it.
 
-In evaluation mode a batch norm is a per-channel affine map (DESIGN.md),
+In evaluation mode a batch norm is a per-channel affine map,
 
     BN(z) = s * z + t,   s = gamma / sqrt(running_var + eps),   t = beta - running_mean * s
 
