@@ -53,16 +53,28 @@ from .base import Backend
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what `auto` hands to triton
-TILE_ELEMENTS = 4096  # elements a program holds per tile: enough loads in flight per SM
+# Elements a program holds per tile: 16 values per thread at Triton's default 4 warps. 4096
+# (32 per thread) compiled to 150-255 registers on sm_90, so at most 3 CTAs (12 warps) per SM;
+# at 2048 the streaming kernels fit in 128 registers, 4+ CTAs, >= 25% occupancy
+# (triton_compile's table, docs/gpu-notes.md).
+TILE_ELEMENTS = 2048
+# Elements per tile of an (N, C, L) view whose rows are not 16-element aligned (L % 16 != 0,
+# e.g. 7 x 7 = 49; Triton knows an int's divisibility by 16 only): its loads do not vectorize,
+# so each value costs its own load and address registers, and a short row spreads a thread's
+# values over many channels, each with its own mean, scale, shift. 32 channels x 64 positions
+# took 168-250 registers; 8 x 64 (4 values per thread) takes 48-64.
+UNALIGNED_TILE_ELEMENTS = 512
 PROGRAMS_PER_SM = 8  # reduction programs per SM: a few waves, a small workspace
 MERGE_BLOCK = (64, 32)  # (channels, partials) per step of the merge kernels
 COMMIT_BLOCK = 1024  # channels per step of the one-program running-statistics commit
 # The single-read path (`single_read_block`): values of x one program holds in registers,
-# the narrowest channel block of an (M, C) view, and the values per thread (32 fp32 of x
-# forward, 64 with dy backward: 16 warps at the largest block).
-SINGLE_READ_ELEMENTS = 16384
+# the narrowest channel block of an (M, C) view, and the values per thread (16 of x forward,
+# 32 with dy backward: 16 warps at the largest block). 32 per thread (16384 values) needed
+# 128+ registers and spilled at 16 warps, i.e. one 512-thread CTA per SM.
+SINGLE_READ_ELEMENTS = 8192
 SINGLE_READ_MIN_CHANNELS = 16
-SINGLE_READ_PER_THREAD = 32
+SINGLE_READ_PER_THREAD = 16
+INT32_OFFSETS = 2**31  # the single-read kernels index a tensor below this many elements in int32
 
 
 class Geometry(NamedTuple):
@@ -107,10 +119,12 @@ def geometry(v: Tensor) -> Geometry:
 
 
 def tiling_for(g: Geometry, programs: int) -> Tiling:
-    """Tiles long along the contiguous axis, ~TILE_ELEMENTS each, spread over ~`programs`."""
+    """Tiles long along the contiguous axis, ~TILE_ELEMENTS each (UNALIGNED_TILE_ELEMENTS on
+    (N, C, L) rows not a multiple of 16 long), spread over ~`programs`."""
     if g.s_l == 1:
+        tile = TILE_ELEMENTS if g.l % 16 == 0 else min(TILE_ELEMENTS, UNALIGNED_TILE_ELEMENTS)
         block_l = min(_next_pow2(g.l), 1024)
-        block_c = max(1, min(_next_pow2(g.c), TILE_ELEMENTS // block_l))
+        block_c = max(1, min(_next_pow2(g.c), tile // block_l))
     else:
         block_c = min(_next_pow2(g.c), 256)
         block_l = max(1, min(_next_pow2(g.l), TILE_ELEMENTS // block_c))
@@ -353,10 +367,11 @@ def single_read_block(g: Geometry, limit: int | None = None, programs: int = 1) 
 
 
 def _single_read_sizes(g: Geometry, block_c: int) -> dict:
-    """Block sizes and warps of a single-read launch: SINGLE_READ_PER_THREAD values per thread."""
+    """Block sizes and warps of a single-read launch: SINGLE_READ_PER_THREAD values per
+    thread; 64-bit offsets (WIDE) only for a tensor of INT32_OFFSETS elements or more."""
     block_r = _next_pow2(g.n * g.l)
     warps = min(16, max(1, block_c * block_r // (32 * SINGLE_READ_PER_THREAD)))
-    return dict(BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps)
+    return dict(BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps, WIDE=g.n * g.c * g.l >= INT32_OFFSETS)
 
 
 class Normalized(NamedTuple):
