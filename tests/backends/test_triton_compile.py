@@ -133,3 +133,16 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
         assert 0 < r["regs"] <= 255 and r["ctas"] >= 1, r
         if r["arch"] == 90 and r["kernel"] + "_kernel" in tc.STREAMING:
             assert r["occupancy"] >= tc.MIN_OCCUPANCY, r
+
+
+def test_gpu_compile_command(monkeypatch):
+    """`batchnorm bench gpu-compile` hands its options to triton_compile.main and exits with its status."""
+    from typer.testing import CliRunner
+
+    from batchnorm.cli import app
+
+    seen = []
+    monkeypatch.setattr(tc, "main", lambda argv: seen.append(argv) or 1)
+    result = CliRunner().invoke(app, ["bench", "gpu-compile", "--arch", "90", "--quick", "--jobs", "3"])
+    assert result.exit_code == 1
+    assert seen == [["--arch=90", "--quick", "--jobs=3"]]

@@ -23,6 +23,7 @@ pytest.importorskip("triton")
 
 import batchnorm as bn  # noqa: E402
 from batchnorm import activations, backends, layout, reference, stats  # noqa: E402
+from batchnorm.backends import gpu_rule  # noqa: E402
 from batchnorm.backends import triton_gpu as tg  # noqa: E402
 from kernels.poison import poisoned_allocations  # noqa: E402
 
@@ -621,8 +622,12 @@ def test_availability_and_support(monkeypatch):
     assert "strided" in be.unsupported(torch.randn(4, 6, device=DEVICE)[:, :3])
     assert "empty" in be.unsupported(x[:0])
     assert "dtype" in be.unsupported(x.to(torch.int32))
+    # auto takes triton on CUDA where the recorded runs put x's shape class, nowhere else
+    monkeypatch.setattr(gpu_rule, "prefers_triton", lambda x: True)
     assert be.preferred(x) == CUDA
     assert be.preferred(x.double()) is False
+    monkeypatch.setattr(gpu_rule, "prefers_triton", lambda x: False)
+    assert be.preferred(x) is False
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert "CPU" in be.unsupported(torch.randn(2, 3))
     assert be.preferred(torch.randn(2, 3)) is False

@@ -49,10 +49,11 @@ from torch import Tensor
 from .. import activations, layout
 from ..reference import acc_dtype
 from .aten import differentiable_grads
+from . import gpu_rule
 from .base import Backend
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what `auto` hands to triton
+FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what `auto` may hand to triton
 # Elements a program holds per tile: 16 values per thread at Triton's default 4 warps. 4096
 # (32 per thread) compiled to 150-255 registers on sm_90, so at most 3 CTAs (12 warps) per SM;
 # at 2048 the streaming kernels fit in 128 registers, 4+ CTAs, >= 25% occupancy
@@ -594,7 +595,8 @@ def _missing() -> str | None:
 
 
 class TritonBackend(Backend):
-    """Fused Triton kernels; auto picks it for CUDA tensors in fp32, fp16 and bf16."""
+    """Fused Triton kernels; auto picks it for CUDA tensors in fp32, fp16 and bf16 of the
+    shape classes where a recorded GPU benchmark has it at or above torch eager (gpu_rule)."""
 
     name = "triton"
 
@@ -615,7 +617,9 @@ class TritonBackend(Backend):
         return None
 
     def preferred(self, x: Tensor) -> bool:
-        return x.is_cuda and x.dtype in FAST_DTYPES
+        # Measured, not assumed: a CUDA input goes to triton only where the recorded runs of
+        # this GPU put its shape class (gpu_rule.json); elsewhere auto takes aten (cuDNN).
+        return x.is_cuda and x.dtype in FAST_DTYPES and gpu_rule.prefers_triton(x)
 
     # The whole-op hooks (base.py) -------------------------------------------------------
     @staticmethod
