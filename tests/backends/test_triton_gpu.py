@@ -653,6 +653,23 @@ def test_tiling_never_one_program_per_channel():
         assert grid.programs > 1 and tiling.block_c * tiling.block_l <= tg.TILE_ELEMENTS
 
 
+def test_tile_sizes():
+    """TILE_ELEMENTS per tile (16 values per thread) where the contiguous axis is a multiple
+    of 16 long, UNALIGNED_TILE_ELEMENTS (4 per thread) where its loads cannot vectorize."""
+    programs = tg.PROGRAMS_PER_SM * 132
+
+    def elements(g):
+        tiling = tg.tiling_for(g, programs)
+        return tiling.block_c * tiling.block_l
+
+    ncl = lambda n, c, l: tg.Geometry(n, c, l, c * l, l, 1)  # noqa: E731
+    mc = lambda m, c: tg.geometry(torch.empty(m, c, device="meta"))  # noqa: E731
+    assert elements(ncl(256, 64, 112 * 112)) == elements(ncl(256, 512, 28 * 28)) == tg.TILE_ELEMENTS
+    assert elements(ncl(256, 2048, 7 * 7)) == elements(ncl(256, 1024, 14 * 14)) == tg.UNALIGNED_TILE_ELEMENTS
+    assert elements(mc(256 * 49, 2048)) == elements(mc(4096, 1024)) == tg.TILE_ELEMENTS
+    assert elements(mc(64, 100)) == tg.UNALIGNED_TILE_ELEMENTS
+
+
 # --- end to end through the module -------------------------------------------------------
 
 

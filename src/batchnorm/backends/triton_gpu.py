@@ -59,11 +59,12 @@ FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what `auto` may 
 # at 2048 the streaming kernels fit in 128 registers, 4+ CTAs, >= 25% occupancy
 # (triton_compile's table, docs/gpu-notes.md).
 TILE_ELEMENTS = 2048
-# Elements per tile of an (N, C, L) view whose rows are not 16-element aligned (L % 16 != 0,
-# e.g. 7 x 7 = 49; Triton knows an int's divisibility by 16 only): its loads do not vectorize,
-# so each value costs its own load and address registers, and a short row spreads a thread's
-# values over many channels, each with its own mean, scale, shift. 32 channels x 64 positions
-# took 168-250 registers; 8 x 64 (4 values per thread) takes 48-64.
+# Elements per tile of a view whose contiguous rows are not a multiple of 16 long (L of an
+# (N, C, L) view, e.g. 7 x 7 = 49; C of an (M, C) view, e.g. 100; Triton knows an int's
+# divisibility by 16 only): its loads do not vectorize, so each value costs its own load and
+# address registers, and a short (N, C, L) row spreads a thread's values over many channels,
+# each with its own mean, scale, shift. 32 channels x 64 positions took 168-250 registers on
+# sm_90; 8 x 64 (4 values per thread) takes 48-64. (64, 100) at 128 x 16 spilled with Triton 3.6.
 UNALIGNED_TILE_ELEMENTS = 512
 PROGRAMS_PER_SM = 8  # reduction programs per SM: a few waves, a small workspace
 MERGE_BLOCK = (64, 32)  # (channels, partials) per step of the merge kernels
@@ -120,15 +121,16 @@ def geometry(v: Tensor) -> Geometry:
 
 
 def tiling_for(g: Geometry, programs: int) -> Tiling:
-    """Tiles long along the contiguous axis, ~TILE_ELEMENTS each (UNALIGNED_TILE_ELEMENTS on
-    (N, C, L) rows not a multiple of 16 long), spread over ~`programs`."""
+    """Tiles long along the contiguous axis, ~TILE_ELEMENTS each (UNALIGNED_TILE_ELEMENTS when
+    that axis is not a multiple of 16 long), spread over ~`programs`."""
+    aligned = (g.l if g.s_l == 1 else g.c) % 16 == 0
+    tile = TILE_ELEMENTS if aligned else min(TILE_ELEMENTS, UNALIGNED_TILE_ELEMENTS)
     if g.s_l == 1:
-        tile = TILE_ELEMENTS if g.l % 16 == 0 else min(TILE_ELEMENTS, UNALIGNED_TILE_ELEMENTS)
         block_l = min(_next_pow2(g.l), 1024)
         block_c = max(1, min(_next_pow2(g.c), tile // block_l))
     else:
         block_c = min(_next_pow2(g.c), 256)
-        block_l = max(1, min(_next_pow2(g.l), TILE_ELEMENTS // block_c))
+        block_l = max(1, min(_next_pow2(g.l), tile // block_c))
     channel_blocks = -(-g.c // block_c)
     total = g.n * -(-g.l // block_l)
     per_block = max(1, programs // channel_blocks)
