@@ -109,22 +109,35 @@ def test_representative_keeps_each_kernel_view_and_tile():
 # --- the compile itself ------------------------------------------------------------------
 
 
-def _compile_env(tmp_path) -> dict:
+# Another Triton to check the kernels with, e.g. the GPU machine's: a folder holding it
+# (pip install --target DIR triton==3.6.0 --no-deps), put first on the path of the compile.
+OTHER_TRITON = os.environ.get("BATCHNORM_OTHER_TRITON")
+TRITONS = [None] + ([OTHER_TRITON] if OTHER_TRITON else [])
+
+
+def _compile_env(tmp_path, triton_dir) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_dir, str(SRC), env.get("PYTHONPATH")) if p)
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # a cold cache: the test compiles
     return env
 
 
-def test_kernels_compile_for_sm80_and_sm90(tmp_path):
+@pytest.mark.parametrize("triton_dir", TRITONS, ids=lambda d: "installed" if d is None else "other")
+def test_kernels_compile_for_sm80_and_sm90(tmp_path, triton_dir):
     """One specialization per kernel, view and tile (`representative`), for sm_80 and sm_90:
-    all compile, none spills, the streaming kernels reach MIN_OCCUPANCY on sm_90."""
+    all compile, none spills, the streaming kernels reach MIN_OCCUPANCY on sm_90. With
+    BATCHNORM_OTHER_TRITON set, also with that Triton."""
     out = tmp_path / "compile.json"
     cmd = [sys.executable, "-m", "batchnorm.backends.triton_compile", "--quick", "--strict", "--jobs", "2",
            "--json", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, env=_compile_env(tmp_path), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env=_compile_env(tmp_path, triton_dir), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    results = json.loads(out.read_text())["results"]
+    payload = json.loads(out.read_text())
+    if triton_dir is not None:
+        import triton
+
+        assert payload["triton"] != triton.__version__  # the other one did compile
+    results = payload["results"]
     assert {r["arch"] for r in results} == {80, 90}
     assert {r["kernel"] + "_kernel" for r in results} >= set(tc.STREAMING)
     for r in results:
