@@ -6,12 +6,12 @@
 #   1. every kernel specialization the benchmark launches, compiled in parallel with this
 #      machine's Triton (registers, spills, occupancy; it also fills Triton's cache, so the
 #      steps below do not compile one kernel at a time)  -> docs/bench/triton-compile-cuda.txt/.json
-#   2. the full-size tests (ResNet-50 rows at batch 256 and MLP rows, both views, bf16 and
+#   2. `batchnorm bench kernels --device cuda --backend triton` in fp32 and bf16: triton
+#      against torch eager on every row (what the rule reads, so it runs first)
+#      -> docs/bench/kernels-cuda-triton.json, docs/benchmarks-cuda.md
+#   3. the full-size tests (ResNet-50 rows at batch 256 and MLP rows, both views, bf16 and
 #      fp32, contract and whole op, against the float64 reference)
 #      -> docs/bench/triton-tests-cuda.txt (and .xml)
-#   3. `batchnorm bench kernels --device cuda --backend triton` in fp32 and bf16: triton
-#      against torch eager on every row -> docs/bench/kernels-cuda-triton.json,
-#      docs/benchmarks-cuda.md
 #   4. `batchnorm bench train --device cuda`, when that command exists
 #      -> docs/bench/train-cuda.txt
 #   5. head to head on a few rows: the tiles and single-read sizes in use against the
@@ -71,12 +71,12 @@ else
     echo "== compile: sm_$ARCH is not one triton_compile knows (80, 90): skipped" | tee -a "$LOG"
 fi
 
+step bench 240 "$PY" -m batchnorm.cli bench kernels --device cuda --backend triton --dtype float32 \
+    --dtype bfloat16 --no-compile --out docs/bench --markdown docs/benchmarks-cuda.md
+
 step tests 180 "$PY" -m pytest tests/backends/test_triton_gpu.py -k full_size -q -p no:cacheprovider \
     --junitxml=docs/bench/triton-tests-cuda.xml
 grep -v -i warn "$LOG" | sed -n '/^== tests (/,/^== tests:/p' > docs/bench/triton-tests-cuda.txt
-
-step bench 240 "$PY" -m batchnorm.cli bench kernels --device cuda --backend triton --dtype float32 \
-    --dtype bfloat16 --no-compile --out docs/bench --markdown docs/benchmarks-cuda.md
 
 if "$PY" -m batchnorm.cli bench train --help > /dev/null 2>&1; then
     step train 90 bash -c "$PY -m batchnorm.cli bench train --device cuda 2>&1 | tee docs/bench/train-cuda.txt"

@@ -17,9 +17,9 @@ machine without a GPU. Three steps:
    arch, 32))`. The binder and `_pack_args` are Triton internals; they have the same
    interface in Triton 3.6 and 3.9 (both checked), and going through them keeps the compiled
    specialization identical to what a launch compiles, where hand-written signatures drift.
-3. `resource_usage` reads registers, local memory (spills) and shared memory of the cubin
-   with `cuobjdump --dump-resource-usage` (shipped in the triton wheel), and `occupancy`
-   turns them into the theoretical occupancy on the target's SM.
+3. `resource_usage` reads registers, local memory and stack frame (where ptxas spills) and
+   shared memory of the cubin with `cuobjdump --dump-resource-usage` (shipped in the triton
+   wheel), and `occupancy` turns them into the theoretical occupancy on the target's SM.
 
 The compile needs Triton's compiler, not its interpreter: with TRITON_INTERPRET set (the
 tests set it) `main` reruns itself in a subprocess without it.
