@@ -113,13 +113,14 @@ def time_medians(fns: dict[str, Callable[[], object]], repeats: int, device: str
     return {k: (statistics.median(v), min(v)) for k, v in times.items()}
 
 
-def _modules(c: int, dim: int, activation: str | None, device: str):
-    """torch's module and ours (`auto`) for a (N, C) / (N, C, L) or (N, C, H, W) input."""
+def _modules(c: int, dim: int, activation: str | None, device: str, backend: str = "auto"):
+    """torch's module and ours (`backend`, "auto" by default) for a (N, C) / (N, C, L) or
+    (N, C, H, W) input; both with fp32 parameters (torch's mixed case for half inputs)."""
     torch_cls = torch.nn.BatchNorm1d if dim <= 3 else torch.nn.BatchNorm2d
     ours_cls = BatchNorm1d if dim <= 3 else BatchNorm2d
     return (
         torch_cls(c, device=device),
-        ours_cls(c, activation=activation, backend="auto", device=device),
+        ours_cls(c, activation=activation, backend=backend, device=device),
     )
 
 
@@ -147,19 +148,21 @@ def _runner(module, mode, x, r, dy, fused: bool, activation):
     return run_fb
 
 
-def bench_row(shape, fmt, mode, variant, device, repeats, with_compile) -> dict:
+def bench_row(shape, fmt, mode, variant, device, repeats, with_compile, dtype=torch.float32, backend="auto") -> dict:
+    """One row: x (and residual, dy) of `shape` in `dtype` and memory format `fmt`, ours run
+    with `backend`."""
     activation, has_res = VARIANTS[variant]
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(shape, device=device, generator=gen)
+    x = torch.randn(shape, device=device, generator=gen).to(dtype)
     if fmt == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    r = torch.randn(x.shape, device=device, generator=gen).to(memory_format=_fmt(x)) if has_res else None
-    dy = torch.randn(x.shape, device=device, generator=gen).to(memory_format=_fmt(x))
+    r = torch.randn(x.shape, device=device, generator=gen).to(dtype, memory_format=_fmt(x)) if has_res else None
+    dy = torch.randn(x.shape, device=device, generator=gen).to(dtype, memory_format=_fmt(x))
     if mode == "train_fb":
         x.requires_grad_()
         if r is not None:
             r.requires_grad_()
-    ref, ours = _modules(shape[1], len(shape), activation, device)
+    ref, ours = _modules(shape[1], len(shape), activation, device, backend)
     fns = {
         "torch": _runner(ref, mode, x, r, dy, False, activation),
         "ours": _runner(ours, mode, x, r, dy, True, activation),
@@ -173,7 +176,7 @@ def bench_row(shape, fmt, mode, variant, device, repeats, with_compile) -> dict:
     nbytes = minimal_bytes(x.numel(), x.element_size(), mode, has_res)
     (t_torch, min_torch), (t_ours, min_ours) = t["torch"], t["ours"]
     row = dict(
-        shape=list(shape), format=fmt, mode=mode, variant=variant, backend=chosen,
+        shape=list(shape), format=fmt, dtype=str(dtype).removeprefix("torch."), mode=mode, variant=variant, backend=chosen,
         torch_ms=t_torch * 1e3, ours_ms=t_ours * 1e3, ratio=t_torch / t_ours,
         torch_min_ms=min_torch * 1e3, ours_min_ms=min_ours * 1e3, ratio_min=min_torch / min_ours,
         minimal_bytes=nbytes, ours_gbps=nbytes / t_ours / 1e9, ours_gbps_min=nbytes / min_ours / 1e9,
@@ -293,13 +296,37 @@ def machine_info(device: str) -> dict:
         info.update(numba=numba.__version__, numba_threads=numba.get_num_threads())
     except ImportError:
         pass
+    info["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
+        info.update(gpu_info())
+    return info
+
+
+def gpu_info() -> dict:
+    """The GPU and the software that ran on it: name, SMs, driver, CUDA, triton."""
+    import subprocess
+
+    p = torch.cuda.get_device_properties(torch.cuda.current_device())
+    info = dict(gpu=p.name, sms=p.multi_processor_count, capability=f"{p.major}.{p.minor}", cuda=torch.version.cuda)
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+        info["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        info["driver"] = None
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
     return info
 
 
 def summarize(rows: list[dict]) -> dict:
-    """The issue's targets: geomean over CNN fwd+bwd rows, BN+ReLU rows, worst row, largest rows."""
+    """The issue's targets: geomean over CNN fwd+bwd rows, BN+ReLU rows, worst row, largest rows
+    (fp32 rows only: the targets are stated for fp32)."""
+    rows = [r for r in rows if r.get("dtype", "float32") == "float32"]
     fb = [r for r in rows if r["mode"] == "train_fb"]
     cnn = [r for r in fb if len(r["shape"]) == 4]
     relu = [r for r in fb if r["variant"] == "relu"]
@@ -334,7 +361,7 @@ def render(result: dict, notes: str = "") -> str:
         "# Kernel benchmarks",
         "",
         "Generated by `batchnorm bench kernels` (src/batchnorm/bench.py); do not edit by hand.",
-        f"Ratio = torch eager time / ours (`auto`), medians of {result['repeats']} interleaved runs in one "
+        f"Ratio = torch eager time / ours (`{result.get('backend_requested', 'auto')}`), medians of {result['repeats']} interleaved runs in one "
         "process; GB/s at the op's minimal traffic (forward: read x, write y; backward: read x and dy, "
         "write dx; + residual), against a copy of the same tensor into a preallocated one, timed in the same run.",
         "",
@@ -384,7 +411,8 @@ def render(result: dict, notes: str = "") -> str:
     ]
     for r in result["rows"]:
         cells = [
-            "x".join(map(str, r["shape"])), r["format"], r["mode"], r["variant"], r["backend"],
+            "x".join(map(str, r["shape"])) + ("" if r.get("dtype", "float32") == "float32" else f" {r['dtype']}"),
+            r["format"], r["mode"], r["variant"], r["backend"],
             f"{r['torch_ms']:.3f}", f"{r['ours_ms']:.3f}", f"{r['ratio']:.2f}", f"{r['ratio_min']:.2f}",
         ]  # fmt: skip
         if compiled:
@@ -396,8 +424,12 @@ def render(result: dict, notes: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(device: str, quick: bool, repeats: int, progress: bool = True) -> dict:
-    """Time the grid and the crossover sweep; the result dict that `render` and the JSON take."""
+def run(
+    device: str, quick: bool, repeats: int, progress: bool = True, dtypes=(torch.float32,), backend: str = "auto",
+    with_compile: bool | None = None,
+) -> dict:
+    """Time the grid (per dtype) and the crossover sweep; the result dict that `render` and
+    the JSON take. `with_compile` (default: on CUDA) adds torch.compile's times."""
     from rich.progress import Progress
 
     from .backends import numba_cpu
@@ -405,19 +437,20 @@ def run(device: str, quick: bool, repeats: int, progress: bool = True) -> dict:
     pairs = grid(device, quick)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows = []
-    with_compile = device == "cuda"
-    total = len(pairs) * len(MODES) * len(VARIANTS)
+    with_compile = device == "cuda" if with_compile is None else with_compile
+    total = len(pairs) * len(MODES) * len(VARIANTS) * len(dtypes)
     with Progress(disable=not progress) as bar:
         task = bar.add_task("bench kernels", total=total)
-        for shape, fmt in pairs:
-            for mode in MODES:
-                for variant in VARIANTS:
-                    rows.append(bench_row(shape, fmt, mode, variant, device, repeats, with_compile))
-                    bar.advance(task)
+        for dtype in dtypes:
+            for shape, fmt in pairs:
+                for mode in MODES:
+                    for variant in VARIANTS:
+                        rows.append(bench_row(shape, fmt, mode, variant, device, repeats, with_compile, dtype, backend))
+                        bar.advance(task)
     sizes = CROSSOVER_SIZES[:3] if quick else CROSSOVER_SIZES
     cross = crossover(device, repeats, sizes) if device == "cpu" else dict(points=[], crossover_numel=None)
     return dict(
-        machine=machine_info(device), repeats=repeats, quick=quick, rows=rows,
+        machine=machine_info(device), repeats=repeats, quick=quick, backend_requested=backend, rows=rows,
         summary=summarize(rows), crossover=cross, crossover_setting=numba_cpu.CROSSOVER_NUMEL,
         load_before=load_before, load_after=os.getloadavg() if hasattr(os, "getloadavg") else None,
     )  # fmt: skip
@@ -431,15 +464,27 @@ def kernels(
     markdown: Path = typer.Option(Path("docs/benchmarks.md"), help="Where to render the table."),
     notes: Path = typer.Option(Path("docs/bench/design_notes.md"), help="Design notes appended to the markdown."),
     repeats: int = typer.Option(7, min=1, help="Timed runs per row (the median is reported)."),
+    backend: str = typer.Option("auto", help="The backend ours runs with: auto, or a name (triton: what `bench gpu-rule` reads)."),
+    dtype: list[str] = typer.Option(["float32"], help="Input dtype(s), repeatable: float32, bfloat16, float16."),
+    with_compile: bool | None = typer.Option(None, "--compile/--no-compile", help="Time torch.compile too (default: on CUDA)."),
 ) -> None:
-    """Time our batch norm (`auto`) against torch over the grid of shapes; write JSON and markdown."""
+    """Time our batch norm (`auto`) against torch over the grid of shapes; write JSON and markdown.
+
+    The JSON goes to OUT/kernels-DEVICE[-BACKEND][-quick].json (BACKEND when not auto)."""
     if device not in ("cpu", "cuda"):
         raise typer.BadParameter(f"--device must be cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter("--device cuda: torch sees no CUDA device here; use --device cpu")
-    result = run(device, quick, repeats)
+    if backend != "auto":
+        backends.get(backend)  # unknown names fail here, not after the first row
+    dtypes = []
+    for name in dtype:
+        if name not in ("float32", "bfloat16", "float16"):
+            raise typer.BadParameter(f"--dtype must be float32, bfloat16 or float16, got {name!r}")
+        dtypes.append(getattr(torch, name))
+    result = run(device, quick, repeats, dtypes=tuple(dtypes), backend=backend, with_compile=with_compile)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"kernels-{device}{'-quick' if quick else ''}.json"
+    path = out / f"kernels-{device}{'' if backend == 'auto' else '-' + backend}{'-quick' if quick else ''}.json"
     path.write_text(json.dumps(result, indent=1))
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(render(result, notes.read_text() if notes.exists() else ""))
@@ -483,3 +528,40 @@ def monitor_command(
     for name, r in monitor_overhead(steps=steps, rounds=rounds, every=every).items():
         table.add_row(name, f"{r['step_s'] * 1e3:.3f}", f"{r['monitored_step_s'] * 1e3:.3f}", f"{r['overhead']:.1%}")
     Console().print(table)
+
+
+@bench_app.command("gpu-compile")
+def gpu_compile_command(
+    arch: list[int] = typer.Option([80, 90], help="Compute capability to compile for, repeatable: 80, 90."),
+    quick: bool = typer.Option(False, help="One specialization per kernel, view and tile (what the CI test compiles)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write every result here."),
+    strict: bool = typer.Option(False, help="Also fail on a streaming kernel under 25% occupancy on sm_90."),
+    jobs: int = typer.Option(1, min=1, help="Compile in this many processes."),
+) -> None:
+    """Compile every Triton kernel specialization the backend launches for the benchmark's
+    rows, for sm_80 / sm_90, without a GPU; print registers, spills, shared memory and
+    theoretical occupancy per kernel. Exits 1 on a compile error or a spill."""
+    from .backends import triton_compile
+
+    argv = [f"--arch={a}" for a in arch] + (["--quick"] if quick else []) + (["--strict"] if strict else [])
+    argv += [f"--jobs={jobs}"] + ([f"--json={json_out}"] if json_out is not None else [])
+    raise typer.Exit(triton_compile.main(argv))
+
+
+@bench_app.command("gpu-rule")
+def gpu_rule_command(
+    runs: str = typer.Option("docs/bench/kernels-cuda*.json", help="Glob of recorded GPU benchmark runs."),
+    out: Path | None = typer.Option(None, help="The rule file (default: the one `auto` reads, backends/gpu_rule.json)."),
+) -> None:
+    """Regenerate the CUDA dispatch rule (which shape classes `auto` sends to triton on each
+    recorded GPU) from `bench kernels --device cuda --backend triton` runs."""
+    from .backends import gpu_rule
+
+    rule = gpu_rule.regenerate(runs, out if out is not None else gpu_rule.RULE_PATH)
+    for gpu, d in rule["devices"].items():
+        typer.echo(f"{gpu}: triton for {len(d['triton'])} of {len(d['classes'])} shape classes: {', '.join(d['triton']) or 'none'}")
+    for name, why in rule["skipped"].items():
+        typer.echo(f"skipped {name}: {why}")
+    if not rule["devices"]:
+        typer.echo("no recorded GPU run: auto sends every CUDA input to aten")
+    typer.echo(f"wrote {out if out is not None else gpu_rule.RULE_PATH}")

@@ -23,6 +23,7 @@ pytest.importorskip("triton")
 
 import batchnorm as bn  # noqa: E402
 from batchnorm import activations, backends, layout, reference, stats  # noqa: E402
+from batchnorm.backends import gpu_rule  # noqa: E402
 from batchnorm.backends import triton_gpu as tg  # noqa: E402
 from kernels.poison import poisoned_allocations  # noqa: E402
 
@@ -574,18 +575,33 @@ def test_whole_op_non_finite_batch_leaves_running_statistics(path, bad):
     assert all(torch.equal(a, b) for a, b in zip(running, before))
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 9), (29, 6)], ids=str)
+@pytest.mark.parametrize("wide", [False, True], ids=["int32", "int64"])
+@pytest.mark.filterwarnings("ignore:Using `assume` outside")  # check_whole_forward's assume: always true here
+def test_single_read_offsets(monkeypatch, shape, wide):
+    """The single-read kernels index in int32 below INT32_OFFSETS elements and in int64 from
+    there (WIDE): both against the reference, both views."""
+    monkeypatch.setattr(tg, "INT32_OFFSETS", 0 if wide else 2**31)
+    assert tg._single_read_sizes(tg.geometry(torch.empty(shape)), 2)["WIDE"] is wide
+    case = Case(shape, torch.float32, None, 1.0, 1.0, seed=7)
+    check_whole_forward(case, "relu", True, "update", PATHS["single"], True, True)
+    check_whole_backward(case, "relu", True, True, PATHS["single"], True)
+
+
 def test_single_read_rule():
     """On a 132-SM GPU: MLP activations that fit take the single-read path, wide enough to
-    read whole sectors and spread over the SMs; so does ResNet-50's (256, 2048, 7, 7) as
-    (N, C, L) (N L = 12544 values per channel, one channel per program); the larger rows
-    and tall (M, C) views take the tiled path."""
+    read whole sectors and spread over the SMs; so does (128, 512, 7, 7) as (N, C, L) (N L =
+    6272 values per channel, one channel per program); ResNet-50's (256, 2048, 7, 7) (12544,
+    over SINGLE_READ_ELEMENTS since 16 values per thread keep the kernels at 25% occupancy),
+    the larger rows and tall (M, C) views take the tiled path."""
     sms = 132
     mlp = tg.geometry(torch.empty(256, 4096))
     block_c = tg.single_read_block(mlp, programs=sms)
     assert block_c is not None and block_c >= tg.SINGLE_READ_MIN_CHANNELS
     assert block_c * 256 <= tg.SINGLE_READ_ELEMENTS and -(-4096 // block_c) >= sms
     assert tg.single_read_block(tg.geometry(torch.empty(8192, 1024)), programs=sms) is None
-    assert tg.single_read_block(tg.Geometry(256, 2048, 49, 2048 * 49, 49, 1), programs=sms) == 1
+    assert tg.single_read_block(tg.Geometry(128, 512, 49, 512 * 49, 49, 1), programs=sms) == 1
+    assert tg.single_read_block(tg.Geometry(256, 2048, 49, 2048 * 49, 49, 1), programs=sms) is None
     assert tg.single_read_block(tg.Geometry(256, 1024, 196, 1024 * 196, 196, 1), programs=sms) is None
     # The same 7 x 7 row channels-last: a 16-channel column of 12544 rows does not fit.
     assert tg.single_read_block(tg.geometry(torch.empty(256 * 49, 2048)), programs=sms) is None
@@ -606,8 +622,12 @@ def test_availability_and_support(monkeypatch):
     assert "strided" in be.unsupported(torch.randn(4, 6, device=DEVICE)[:, :3])
     assert "empty" in be.unsupported(x[:0])
     assert "dtype" in be.unsupported(x.to(torch.int32))
+    # auto takes triton on CUDA where the recorded runs put x's shape class, nowhere else
+    monkeypatch.setattr(gpu_rule, "prefers_triton", lambda x: True)
     assert be.preferred(x) == CUDA
     assert be.preferred(x.double()) is False
+    monkeypatch.setattr(gpu_rule, "prefers_triton", lambda x: False)
+    assert be.preferred(x) is False
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert "CPU" in be.unsupported(torch.randn(2, 3))
     assert be.preferred(torch.randn(2, 3)) is False
@@ -631,6 +651,23 @@ def test_tiling_never_one_program_per_channel():
         grid = tg.grid_of(g, tiling)
         assert grid.channel_blocks * grid.programs >= 2 * 132 > g.c * 0  # fills the GPU
         assert grid.programs > 1 and tiling.block_c * tiling.block_l <= tg.TILE_ELEMENTS
+
+
+def test_tile_sizes():
+    """TILE_ELEMENTS per tile (16 values per thread) where the contiguous axis is a multiple
+    of 16 long, UNALIGNED_TILE_ELEMENTS (4 per thread) where its loads cannot vectorize."""
+    programs = tg.PROGRAMS_PER_SM * 132
+
+    def elements(g):
+        tiling = tg.tiling_for(g, programs)
+        return tiling.block_c * tiling.block_l
+
+    ncl = lambda n, c, l: tg.Geometry(n, c, l, c * l, l, 1)  # noqa: E731
+    mc = lambda m, c: tg.geometry(torch.empty(m, c, device="meta"))  # noqa: E731
+    assert elements(ncl(256, 64, 112 * 112)) == elements(ncl(256, 512, 28 * 28)) == tg.TILE_ELEMENTS
+    assert elements(ncl(256, 2048, 7 * 7)) == elements(ncl(256, 1024, 14 * 14)) == tg.UNALIGNED_TILE_ELEMENTS
+    assert elements(mc(256 * 49, 2048)) == elements(mc(4096, 1024)) == tg.TILE_ELEMENTS
+    assert elements(mc(64, 100)) == tg.UNALIGNED_TILE_ELEMENTS
 
 
 # --- end to end through the module -------------------------------------------------------

@@ -36,11 +36,11 @@ multiply-adds, NaN and Inf still propagate. Each loop is compiled once per (resi
 activation) case that matters (`_specialized`): identity and ReLU get branch-free vector
 loops; the smooth activations are computed in float64 and rounded once.
 
-`normalize` and `normalize_updating` are the whole-op hooks (base.py): one forward kernel
-call (which, in training, also folds the batch into the running statistics, guarded:
-`_fold_running`), one backward kernel call, their own autograd; double backward goes through
-torch's differentiable ops (aten). Large outputs come from `OUTPUTS` (output_pool.py), which
-reuses their memory from step to step instead of faulting in fresh pages.
+`NumbaBackend.forward` and `.backward` are the whole op (base.py) that the op layer (ops.py)
+calls: one forward kernel call (which, given `fold`, also folds the batch into the running
+statistics under the guard's rule: `_fold_running`), one backward kernel call. Large outputs
+come from `OUTPUTS` (output_pool.py), which reuses their memory from step to step instead of
+faulting in fresh pages.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ contiguous. Each contract function is one or two kernel launches:
 an optional `tiling=` and `out=` (the tests pass small tilings to exercise every mask and
 merge, and NaN-filled outputs to catch unwritten elements).
 
-The whole op (`forward`, `backward`, and through `_FusedBatchNorm` the backend's optional
-`normalize` / `normalize_updating` hooks) runs with no torch op between its launches:
+The whole op (`forward`, `backward`, which `TritonBackend.forward`/`.backward` hand to the op
+layer, ops.py) runs with no torch op between its launches:
 
     forward, tiled     stats_partials -> merge_stats (finalizing: mean, invstd, scale, shift)
                        [-> commit_running] -> apply                        2R + 1W of x
@@ -26,7 +26,9 @@ The whole op (`forward`, `backward`, and through `_FusedBatchNorm` the backend's
 
 The single-read path holds a channel block's whole N L values in registers; it runs when
 `single_read_block` says they fit (SINGLE_READ_ELEMENTS). commit_running (one program)
-applies the non-finite guard of the running update on the device, without a host sync.
+applies a non-finite guard of the running update on the device when `forward` is given a
+`factor`; the op layer does not use it (it applies stats.update_running, traced, on the
+device), so the backend's running statistics follow the one rule of stats.py.
 
 The kernels module (and with it triton) is imported on the first launch, not with this
 module, so `import batchnorm` works without triton. On CPU the kernels run in Triton's
@@ -48,20 +50,34 @@ from torch import Tensor
 
 from .. import activations, layout
 from ..reference import acc_dtype
+from . import gpu_rule
 from .base import CENTER, INVSTD, SCALE, SHIFT, Backend
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what `auto` hands to triton
-TILE_ELEMENTS = 4096  # elements a program holds per tile: enough loads in flight per SM
+FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what `auto` may hand to triton
+# Elements a program holds per tile: 16 values per thread at Triton's default 4 warps. 4096
+# (32 per thread) compiled to 150-255 registers on sm_90, so at most 3 CTAs (12 warps) per SM;
+# at 2048 the streaming kernels fit in 128 registers, 4+ CTAs, >= 25% occupancy
+# (triton_compile's table, docs/gpu-notes.md).
+TILE_ELEMENTS = 2048
+# Elements per tile of a view whose contiguous rows are not a multiple of 16 long (L of an
+# (N, C, L) view, e.g. 7 x 7 = 49; C of an (M, C) view, e.g. 100; Triton knows an int's
+# divisibility by 16 only): its loads do not vectorize, so each value costs its own load and
+# address registers, and a short (N, C, L) row spreads a thread's values over many channels,
+# each with its own mean, scale, shift. 32 channels x 64 positions took 168-250 registers on
+# sm_90; 8 x 64 (4 values per thread) takes 48-64. (64, 100) at 128 x 16 spilled with Triton 3.6.
+UNALIGNED_TILE_ELEMENTS = 512
 PROGRAMS_PER_SM = 8  # reduction programs per SM: a few waves, a small workspace
 MERGE_BLOCK = (64, 32)  # (channels, partials) per step of the merge kernels
 COMMIT_BLOCK = 1024  # channels per step of the one-program running-statistics commit
 # The single-read path (`single_read_block`): values of x one program holds in registers,
-# the narrowest channel block of an (M, C) view, and the values per thread (32 fp32 of x
-# forward, 64 with dy backward: 16 warps at the largest block).
-SINGLE_READ_ELEMENTS = 16384
+# the narrowest channel block of an (M, C) view, and the values per thread (16 of x forward,
+# 32 with dy backward: 16 warps at the largest block). 32 per thread (16384 values) needed
+# 128+ registers and spilled at 16 warps, i.e. one 512-thread CTA per SM.
+SINGLE_READ_ELEMENTS = 8192
 SINGLE_READ_MIN_CHANNELS = 16
-SINGLE_READ_PER_THREAD = 32
+SINGLE_READ_PER_THREAD = 16
+INT32_OFFSETS = 2**31  # the single-read kernels index a tensor below this many elements in int32
 
 
 class Geometry(NamedTuple):
@@ -106,13 +122,16 @@ def geometry(v: Tensor) -> Geometry:
 
 
 def tiling_for(g: Geometry, programs: int) -> Tiling:
-    """Tiles long along the contiguous axis, ~TILE_ELEMENTS each, spread over ~`programs`."""
+    """Tiles long along the contiguous axis, ~TILE_ELEMENTS each (UNALIGNED_TILE_ELEMENTS when
+    that axis is not a multiple of 16 long), spread over ~`programs`."""
+    aligned = (g.l if g.s_l == 1 else g.c) % 16 == 0
+    tile = TILE_ELEMENTS if aligned else min(TILE_ELEMENTS, UNALIGNED_TILE_ELEMENTS)
     if g.s_l == 1:
         block_l = min(_next_pow2(g.l), 1024)
-        block_c = max(1, min(_next_pow2(g.c), TILE_ELEMENTS // block_l))
+        block_c = max(1, min(_next_pow2(g.c), tile // block_l))
     else:
         block_c = min(_next_pow2(g.c), 256)
-        block_l = max(1, min(_next_pow2(g.l), TILE_ELEMENTS // block_c))
+        block_l = max(1, min(_next_pow2(g.l), tile // block_c))
     channel_blocks = -(-g.c // block_c)
     total = g.n * -(-g.l // block_l)
     per_block = max(1, programs // channel_blocks)
@@ -352,10 +371,11 @@ def single_read_block(g: Geometry, limit: int | None = None, programs: int = 1) 
 
 
 def _single_read_sizes(g: Geometry, block_c: int) -> dict:
-    """Block sizes and warps of a single-read launch: SINGLE_READ_PER_THREAD values per thread."""
+    """Block sizes and warps of a single-read launch: SINGLE_READ_PER_THREAD values per
+    thread; 64-bit offsets (WIDE) only for a tensor of INT32_OFFSETS elements or more."""
     block_r = _next_pow2(g.n * g.l)
     warps = min(16, max(1, block_c * block_r // (32 * SINGLE_READ_PER_THREAD)))
-    return dict(BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps)
+    return dict(BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps, WIDE=g.n * g.c * g.l >= INT32_OFFSETS)
 
 
 class Normalized(NamedTuple):
@@ -530,7 +550,8 @@ def _missing() -> str | None:
 
 
 class TritonBackend(Backend):
-    """Fused Triton kernels; auto picks it for CUDA tensors in fp32, fp16 and bf16."""
+    """Fused Triton kernels; auto picks it for CUDA tensors in fp32, fp16 and bf16 of the
+    shape classes where a recorded GPU benchmark has it at or above torch eager (gpu_rule)."""
 
     name = "triton"
 
@@ -551,7 +572,9 @@ class TritonBackend(Backend):
         return None
 
     def preferred(self, x: Tensor) -> bool:
-        return x.is_cuda and x.dtype in FAST_DTYPES
+        # Measured, not assumed: a CUDA input goes to triton only where the recorded runs of
+        # this GPU put its shape class (gpu_rule.json); elsewhere auto takes aten (cuDNN).
+        return x.is_cuda and x.dtype in FAST_DTYPES and gpu_rule.prefers_triton(x)
 
     # The whole op (base.py) -------------------------------------------------------------
     def forward(self, x, weight, bias, residual, running_mean, running_var, eps, activation, training, fold=None):

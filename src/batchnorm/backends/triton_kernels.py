@@ -185,14 +185,35 @@ def _finalize_stats(
     running + factor (batch - running), the variance's batch value `unbiased`, go to rows 0
     and 1 of the (2, C) `cand_ptr` (commit_running_kernel keeps them if all are finite).
     Returns (invstd, scale, shift), each [BLOCK_C]."""
-    acc = mean.dtype
+    invstd, scale, shift = _normalizer(c, cmask, var, w_ptr, b_ptr, eps_hi, eps_lo, HAS_W, HAS_B)
+    _store_stats(
+        c, cmask, mean, unbiased, invstd, scale, shift, rm_ptr, rv_ptr, cand_ptr,
+        mean_out, invstd_out, scale_out, shift_out, f_hi, f_lo, C, UPDATE,
+    )
+    return invstd, scale, shift
+
+
+@triton.jit
+def _normalizer(c, cmask, var, w_ptr, b_ptr, eps_hi, eps_lo, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """(invstd, scale, shift), each [BLOCK_C], of a channel block's biased variance."""
+    acc = var.dtype
     invstd = 1.0 / tl.sqrt(var + _scalar(eps_hi, eps_lo, acc))
     scale = invstd
     if HAS_W:
         scale = invstd * tl.load(w_ptr + c, mask=cmask, other=0.0).to(acc)
-    shift = tl.zeros(mean.shape, acc)
+    shift = tl.zeros(var.shape, acc)
     if HAS_B:
         shift = tl.load(b_ptr + c, mask=cmask, other=0.0).to(acc)
+    return invstd, scale, shift
+
+
+@triton.jit
+def _store_stats(
+    c, cmask, mean, unbiased, invstd, scale, shift, rm_ptr, rv_ptr, cand_ptr,
+    mean_out, invstd_out, scale_out, shift_out, f_hi, f_lo, C, UPDATE: tl.constexpr,
+):
+    """Store the vectors and, with UPDATE, the candidate running statistics (`_finalize_stats`)."""
+    acc = mean.dtype
     tl.store(mean_out + c, mean, mask=cmask)
     tl.store(invstd_out + c, invstd, mask=cmask)
     tl.store(scale_out + c, scale, mask=cmask)
@@ -203,7 +224,6 @@ def _finalize_stats(
         rv = tl.load(rv_ptr + c, mask=cmask, other=0.0).to(acc)
         tl.store(cand_ptr + c, rm + factor * (mean - rm), mask=cmask)
         tl.store(cand_ptr + C + c, rv + factor * (unbiased - rv), mask=cmask)
-    return invstd, scale, shift
 
 
 @triton.jit
@@ -432,16 +452,22 @@ def backward_apply_kernel(
 
 
 @triton.jit
-def _column(cb, C, L, NL, s_n, s_c, s_l, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Offsets and mask ([BLOCK_C, BLOCK_R]) of all N L positions r = n L + l of channel block cb."""
+def _column(cb, C, L, NL, s_n, s_c, s_l, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, WIDE: tl.constexpr):
+    """Offsets and mask ([BLOCK_C, BLOCK_R]) of all N L positions r = n L + l of channel block
+    cb. The offsets are int64 with WIDE, else int32 (the launch sets WIDE when the tensor has
+    2^31 elements or more): they stay live from the loads to the stores, and 32-bit ones
+    take half the registers."""
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     r = tl.arange(0, BLOCK_R)
     n = r // L
-    offs = (
-        n.to(tl.int64)[None, :] * s_n
-        + c[:, None].to(tl.int64) * s_c
-        + (r - n * L).to(tl.int64)[None, :] * s_l
-    )
+    if WIDE:
+        offs = (
+            n.to(tl.int64)[None, :] * s_n
+            + c[:, None].to(tl.int64) * s_c
+            + (r - n * L).to(tl.int64)[None, :] * s_l
+        )
+    else:
+        offs = n[None, :] * s_n + c[:, None] * s_c + (r - n * L)[None, :] * s_l
     return c, offs, (c[:, None] < C) & (r[None, :] < NL)
 
 
@@ -451,26 +477,30 @@ def single_read_forward_kernel(
     C, L, NL, s_n, s_c, s_l, eps_hi, eps_lo, f_hi, f_lo,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, LEAKY: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Training forward of BLOCK_C channels whose NL values all fit in registers: x is read
     once, mean and m2 computed around the mean in registers (exact two-pass arithmetic, one
     memory pass), the vectors finalized (`_finalize_stats`), y written. Grid: channel blocks."""
     acc = mean_out.dtype.element_ty
-    c, offs, mask = _column(tl.program_id(0), C, L, NL, s_n, s_c, s_l, BLOCK_C, BLOCK_R)
+    c, offs, mask = _column(tl.program_id(0), C, L, NL, s_n, s_c, s_l, BLOCK_C, BLOCK_R, WIDE)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
     n = tl.zeros([BLOCK_C], acc) + NL
     mean = tl.sum(x, axis=1) / n
     centered = tl.where(mask, x - mean[:, None], 0.0)
     m2 = tl.sum(centered * centered, axis=1)
-    _, scale, shift = _finalize_stats(
-        c, c < C, mean, m2 / n, m2 / (n - 1), w_ptr, b_ptr, rm_ptr, rv_ptr, cand_ptr, mean_out,
-        invstd_out, scale_out, shift_out, eps_hi, eps_lo, f_hi, f_lo, C, HAS_W, HAS_B, UPDATE,
-    )
+    cmask = c < C
+    invstd, scale, shift = _normalizer(c, cmask, m2 / n, w_ptr, b_ptr, eps_hi, eps_lo, HAS_W, HAS_B)
     u = centered * scale[:, None] + shift[:, None]
     if HAS_RES:
         u += tl.load(res_ptr + offs, mask=mask, other=0.0).to(acc)
     tl.store(y_ptr + offs, _activation(u, ACT, LEAKY).to(y_ptr.dtype.element_ty), mask=mask)
+    # The per-channel stores after y's: the tile's values and offsets are dead by then, so
+    # the running update's loads and stores need no registers of their own.
+    _store_stats(
+        c, cmask, mean, m2 / (n - 1), invstd, scale, shift, rm_ptr, rv_ptr, cand_ptr,
+        mean_out, invstd_out, scale_out, shift_out, f_hi, f_lo, C, UPDATE,
+    )
 
 
 @triton.jit
@@ -479,12 +509,12 @@ def single_read_backward_kernel(
     C, L, NL, s_n, s_c, s_l,
     TRAIN: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, LEAKY: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Backward of BLOCK_C channels held in registers: dy and x (and the residual when an
     activation needs u) read once, the sums reduced in registers, dgamma and dbeta stored
     (`_finalize_grads`), dx (and dresidual) written. Grid: channel blocks."""
-    c, offs, mask = _column(tl.program_id(0), C, L, NL, s_n, s_c, s_l, BLOCK_C, BLOCK_R)
+    c, offs, mask = _column(tl.program_id(0), C, L, NL, s_n, s_c, s_l, BLOCK_C, BLOCK_R, WIDE)
     cmask = c < C
     mean = tl.load(mean_ptr + c, mask=cmask, other=0.0)[:, None]
     invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0)
