@@ -16,7 +16,7 @@ from torch import Tensor
 from . import activations, backends, checks, layout, variants
 from . import ops
 from .autograd import BatchNormFunction
-from .reference import acc_dtype, affine
+from .channel_params import acc_dtype, affine
 from .stats import NonFiniteGuard, Stats, merge_stacked, update_running
 from .variants import Renorm
 

@@ -41,7 +41,7 @@ from torch import Tensor
 from . import backends, layout
 from .backends.aten import AtenBackend, differentiable_grads, native_batch_norm
 from .backends.base import CENTER, N_PARAMS, VAR
-from .reference import acc_dtype
+from .channel_params import acc_dtype
 from .stats import momentum_factor, update_running
 
 try:

@@ -37,11 +37,7 @@ from torch import Tensor
 
 from . import activations
 from .layout import per_channel, reduce_dims
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics are accumulated in fp64 for fp64 input, fp32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .channel_params import acc_dtype, affine
 
 
 def stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -124,13 +120,6 @@ def backward_apply(
     dx = per_channel(scale, x) * (d - per_channel(mean_d, x) - xhat * per_channel(mean_d_xhat, x))
     dres = None if residual is None else d.to(residual.dtype)
     return dx.to(x.dtype), dres
-
-
-def affine(invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(scale, shift) of z' = (z - mu) * scale + shift: scale = gamma * invstd, shift = beta."""
-    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
-    shift = torch.zeros_like(invstd) if bias is None else bias.to(invstd.dtype)
-    return scale, shift
 
 
 class _BatchNorm(torch.autograd.Function):

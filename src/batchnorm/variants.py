@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import activations
-from .reference import acc_dtype
+from .channel_params import acc_dtype
 from .stats import Stats
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..reference import acc_dtype, affine
+from ..channel_params import acc_dtype, affine
 
 
 #: Rows of the (6, C) per-channel parameters that the whole-op `forward` returns and

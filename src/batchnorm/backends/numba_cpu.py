@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from .. import activations, layout, stats
-from ..reference import acc_dtype
+from ..channel_params import acc_dtype
 from .base import CENTER, INVSTD, N_PARAMS, SCALE, SHIFT, VAR, XHAT_SHIFT, Backend
 from .output_pool import OutputPool
 

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from .. import activations, layout
-from ..reference import acc_dtype
+from ..channel_params import acc_dtype
 from . import gpu_rule
 from .base import CENTER, INVSTD, SCALE, SHIFT, Backend
 

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import activations, checks
-from ..reference import affine
+from ..channel_params import affine
 from ._common import Changes, is_batchnorm, is_frozen_style, prepare, replace, require_batchnorm
 from ._patterns import pairs
 
