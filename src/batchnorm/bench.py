@@ -205,9 +205,7 @@ def crossover(device: str, repeats: int, sizes=CROSSOVER_SIZES) -> dict:
     smallest size from which numba is never slower."""
     points = []
     for numel in sizes:
-        shape = (max(1, numel // (64 * 64)), 64, min(64, max(1, numel // 64)))
-        x = torch.randn(shape, device=device, requires_grad=True)
-        dy = torch.randn(shape, device=device)
+        x, dy = _sweep_input(numel, device)
         fns = {}
         for name in ("aten", "numba"):
             m = BatchNorm1d(64, activation="relu", backend=name, device=device)
@@ -215,9 +213,20 @@ def crossover(device: str, repeats: int, sizes=CROSSOVER_SIZES) -> dict:
         t = {k: v[1] for k, v in time_medians(fns, repeats, device).items()}  # best of: less noisy
         points.append(dict(numel=x.numel(), aten_ms=t["aten"] * 1e3, numba_ms=t["numba"] * 1e3,
                            ratio=t["aten"] / t["numba"]))  # fmt: skip
+    return dict(points=points, crossover_numel=_never_slower_from(points))
+
+
+def _sweep_input(numel: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, dy) of a size sweep: fp32 (N, 64, L <= 64) with about `numel` elements, x a leaf."""
+    shape = (max(1, numel // (64 * 64)), 64, min(64, max(1, numel // 64)))
+    return torch.randn(shape, device=device, requires_grad=True), torch.randn(shape, device=device)
+
+
+def _never_slower_from(points: list[dict]) -> int | None:
+    """The smallest size of a sweep from which every point's ratio is at least 1."""
     wins = [p["ratio"] >= 1.0 for p in points]
     first = next((i for i in range(len(points)) if all(wins[i:])), None)
-    return dict(points=points, crossover_numel=None if first is None else points[first]["numel"])
+    return None if first is None else points[first]["numel"]
 
 
 def compile_crossover(device: str, repeats: int, sizes=CROSSOVER_SIZES) -> dict:
@@ -230,9 +239,7 @@ def compile_crossover(device: str, repeats: int, sizes=CROSSOVER_SIZES) -> dict:
     fast = "numba" if device == "cpu" else "triton"
     points = []
     for numel in sizes:
-        shape = (max(1, numel // (64 * 64)), 64, min(64, max(1, numel // 64)))
-        x = torch.randn(shape, device=device, requires_grad=True)
-        dy = torch.randn(shape, device=device)
+        x, dy = _sweep_input(numel, device)
         fns = {}
         for name in ("inductor", "op", "torch"):
             torch._dynamo.reset()
@@ -246,10 +253,7 @@ def compile_crossover(device: str, repeats: int, sizes=CROSSOVER_SIZES) -> dict:
         points.append(dict(numel=x.numel(), inductor_ms=t["inductor"] * 1e3, op_ms=t["op"] * 1e3,
                            torch_compiled_ms=t["torch"] * 1e3, ratio=t["inductor"] / t["op"],
                            ratio_vs_torch_compiled=t["torch"] / t["op"]))  # fmt: skip
-    wins = [p["ratio"] >= 1.0 for p in points]
-    first = next((i for i in range(len(points)) if all(wins[i:])), None)
-    return dict(machine=machine_info(device), backend=fast, points=points,
-                op_wins_from_numel=None if first is None else points[first]["numel"])  # fmt: skip
+    return dict(machine=machine_info(device), backend=fast, points=points, op_wins_from_numel=_never_slower_from(points))
 
 
 def render_compile_crossover(result: dict) -> str:
