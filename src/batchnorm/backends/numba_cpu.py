@@ -206,8 +206,10 @@ def _set_params(c, mean, m2c, count, eps, gamma, beta, m, a, b, inv, h, m2):
 
 
 # The rule's arithmetic without fastmath: a fused multiply-add would round differently from
-# the tensor ops of stats.update_running, and the two must give the same bits.
-_blend = stats.blend if numba is None else numba.njit(error_model="numpy", cache=True)(stats.blend)
+# the tensor ops of stats.update_running, and the two must give the same bits. fastmath=False
+# is spelled out: numba compiles a callee that leaves it unset with its caller's flags, and
+# the kernels that call this one contract multiply-adds.
+_blend = stats.blend if numba is None else numba.njit(fastmath=False, error_model="numpy", cache=True)(stats.blend)
 
 
 @_jit(inline=True)
