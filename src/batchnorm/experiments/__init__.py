@@ -2,8 +2,14 @@
 
 Every experiment module has `NAME`, `CLAIM`, `SETUP` (a format string over its config),
 `FULL` and `QUICK` (its settings at full size and for `batchnorm demo`),
-`run(config, progress) -> {"numbers", "checks", "held", "result"}` and
-`plot(record) -> {key: matplotlib Figure}`.
+`run(config, progress) -> {"numbers", "checks", "held", "result", "headline"}` (`result`:
+the outcome in a sentence; `headline`: its key number in a few words, for the terminal)
+and `plot(record) -> {key: matplotlib Figure}`.
+
+An experiment with networks without batch norm has `inits` in its config (keys of
+`common.INITS`): it initializes those networks by the first, and `run_into` reruns it with
+each other one and saves that outcome (without plots) under `other_inits`, beside the
+verdict's.
 
 `run_into(name, config, out)` runs one and writes `out/NAME.json` (the record: claim,
 exact config, numbers, verdict, versions, machine) and `out/NAME-KEY.png`, each file
@@ -77,8 +83,10 @@ def run_into(name: str, config: dict, out: Path, progress: Progress = no_progres
     out.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
     clock = time.perf_counter()
+    progress = accumulating(progress)
     with threads(config["threads"]):
         outcome = module.run(config, progress)
+        others = {init: module.run({**config, "inits": [init]}, progress) for init in config.get("inits", [])[1:]}
     record = {
         "experiment": name,
         "claim": module.CLAIM,
@@ -89,9 +97,29 @@ def run_into(name: str, config: dict, out: Path, progress: Progress = no_progres
         "seconds": round(time.perf_counter() - clock, 2),
         "environment": environment(config["device"]),
     }
+    record.setdefault("headline", outcome["result"])
+    if others:
+        record["other_inits"] = {
+            init: {key: other.get(key) for key in ("held", "result", "headline", "checks", "numbers")}
+            for init, other in others.items()}
     record["plots"] = save_plots(module, record, out)
     write_atomic(out / f"{name}.json", json.dumps(record, indent=1, allow_nan=False).encode())
     return record
+
+
+def accumulating(progress: Progress) -> Progress:
+    """`progress` for several runs in a row: each run announces its own total once, at its
+    start, and the bar's total becomes the sum of the totals announced so far."""
+    announced = [0]
+
+    def chained(advance: int = 0, *, total: int | None = None) -> None:
+        if total is not None:
+            announced[0] += total
+            progress(total=announced[0])
+        if advance:
+            progress(advance)
+
+    return chained
 
 
 @contextlib.contextmanager

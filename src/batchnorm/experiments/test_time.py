@@ -124,7 +124,8 @@ def _verdict(config, lengths, ewma, precise, per_batch) -> dict:
               f"{common.pct(final_precise)}")
     return {"numbers": {"table": table, "per_batch": {str(b): s for b, s in batch_acc.items()},
                         "final_precise": final_precise},
-            "checks": checks, "held": all(c["held"] for c in checks), "result": result}
+            "checks": checks, "held": common.verdict(checks), "result": result,
+            "headline": f"EWMA {common.pct(worst['ewma']['mean'])} vs precise {common.pct(worst['precise']['mean'])}"}
 
 
 def plot(result: dict) -> dict:
