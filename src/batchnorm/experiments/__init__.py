@@ -9,7 +9,8 @@ and `plot(record) -> {key: matplotlib Figure}`.
 An experiment with networks without batch norm has `inits` in its config (keys of
 `common.INITS`): it initializes those networks by the first, and `run_into` reruns it with
 each other one and saves that outcome (without plots) under `other_inits`, beside the
-verdict's.
+verdict's. The rerun reuses every training the init does not change (the networks with
+batch norm; `common.reusing_training`).
 
 `run_into(name, config, out)` runs one and writes `out/NAME.json` (the record: claim,
 exact config, numbers, verdict, versions, machine) and `out/NAME-KEY.png`, each file
@@ -32,6 +33,10 @@ import torch
 
 from . import (
     batch_size,
+    cnn_depth,
+    cnn_learning_rate,
+    cnn_speed,
+    cnn_wallclock,
     covariate_shift,
     distributions,
     input_normalization,
@@ -40,12 +45,13 @@ from . import (
     speed,
     test_time,
 )
+from . import common
 from .common import Progress, no_progress
 
 EXPERIMENTS = {
     m.NAME: m
     for m in (speed, distributions, learning_rate, noise, batch_size, test_time, covariate_shift,
-              input_normalization)
+              input_normalization, cnn_speed, cnn_learning_rate, cnn_depth, cnn_wallclock)
 }
 # threads: torch's and numba's threads while an experiment runs. These networks are tiny,
 # and several threads on busy cores spin against each other (measured on 2 loaded cores:
@@ -84,9 +90,11 @@ def run_into(name: str, config: dict, out: Path, progress: Progress = no_progres
     started = datetime.datetime.now(datetime.timezone.utc)
     clock = time.perf_counter()
     progress = accumulating(progress)
-    with threads(config["threads"]):
+    others_to_run = config.get("inits", [])[1:]
+    # A rerun with another init of the baseline reuses the trainings that init does not change.
+    with threads(config["threads"]), common.reusing_training() if others_to_run else contextlib.nullcontext():
         outcome = module.run(config, progress)
-        others = {init: module.run({**config, "inits": [init]}, progress) for init in config.get("inits", [])[1:]}
+        others = {init: module.run({**config, "inits": [init]}, progress) for init in others_to_run}
     record = {
         "experiment": name,
         "claim": module.CLAIM,
