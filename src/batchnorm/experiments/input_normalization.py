@@ -27,8 +27,8 @@ SETUP = (
     "steps, which rewards both speed and final accuracy) at each arm's best rate." + common.INIT_SETUP
 )
 FULL = {"seeds": [0, 1, 2], "steps": 3000, "batch_size": 60, "momentum": 0.9, "eval_every": 50,
-        "lrs": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "validation": 0.2, "inits": ["practitioner", "torch"]}
-QUICK = {**FULL, "seeds": [0], "steps": 500, "eval_every": 25, "lrs": [0.01, 0.1, 1.0], "inits": ["practitioner"]}
+        "lrs": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0], "validation": 0.2, "inits": ["practitioner", "torch"]}
+QUICK = {**FULL, "seeds": [0], "steps": 400, "eval_every": 50, "lrs": [0.01, 0.1, 1.0], "inits": ["practitioner"]}
 ARMS = {  # label: (standardized inputs, batch norm)
     "raw, no batch norm": (False, False),
     "standardized, no batch norm": (True, False),

@@ -18,7 +18,7 @@ SETUP = (
 FULL = {"seeds": [0, 1, 2], "steps": 1500, "depth": 6, "width": 100, "batch_size": 60, "momentum": 0.0,
         "lrs": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0], "good_fraction": 0.9,
         "inits": ["practitioner", "torch"]}
-QUICK = {**FULL, "seeds": [0, 1], "steps": 300, "lrs": [0.01, 0.1, 1.0, 3.0, 10.0], "inits": ["practitioner"]}
+QUICK = {**FULL, "seeds": [0], "steps": 300, "lrs": [0.01, 0.1, 1.0, 10.0], "inits": ["practitioner"]}
 ARMS = {"batch norm": True, "no batch norm": False}
 
 
