@@ -17,7 +17,8 @@ and test. The spec names where the data comes from:
   optionally gzipped).
 
 Inputs are returned raw (digits: pixel counts 0..16, IDX: bytes 0..255); `standardize`
-fits a `StandardScaler` on the training inputs only and applies it to both splits.
+fits a `StandardScaler` on the training inputs only and applies it to both splits;
+`standardize_global` uses one mean and one std over all training inputs instead.
 
 What a file may hold (anything else is a ValueError naming the file and the problem):
 inputs real numbers (integer, float or bool; complex inputs are refused rather than losing
@@ -114,6 +115,18 @@ def standardize(ds: Dataset) -> Dataset:
         x_train=transform(scaler, ds.x_train),
         x_test=transform(scaler, ds.x_test),
     )
+
+
+def standardize_global(ds: Dataset) -> Dataset:
+    """The dataset shifted and scaled by one mean and one std over all training inputs.
+
+    Unlike `standardize`, every feature keeps its scale relative to the others (an image's
+    pixels stay comparable), which is what a convolution, sharing its weights across
+    positions, needs. Fitted on `x_train` only.
+    """
+    mean, std = float(ds.x_train.mean()), float(ds.x_train.std())
+    scale = lambda x: ((x - mean) / (std if std > 0 else 1.0)).astype(np.float32)  # noqa: E731
+    return replace(ds, x_train=scale(ds.x_train), x_test=scale(ds.x_test))
 
 
 def fit_scaler(x_train: np.ndarray) -> StandardScaler:

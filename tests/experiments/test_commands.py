@@ -18,6 +18,40 @@ def test_list_names_every_experiment():
         assert name in result.output
 
 
+def test_list_keeps_whole_names_at_80_columns_in_a_pipe():
+    from batchnorm.experiments import EXPERIMENTS
+
+    result = runner.invoke(app, ["list"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert lines[0].split("\t")[0] == "experiment"
+    assert [line.split("\t")[0] for line in lines[1:]] == list(EXPERIMENTS)  # whole names, pasteable into `run`
+    assert all(len(line.split("\t")) == 4 for line in lines)
+
+
+def test_summary_table_fits_80_columns():
+    from rich.console import Console
+
+    from batchnorm.experiments import EXPERIMENTS
+    from batchnorm.experiments.commands import other_init_notes, summary_table
+
+    records = [{"experiment": name, "held": i % 2 == 0, "headline": "4.1x time, BN part 1.5x", "seconds": 12.3,
+                "claim": "a long claim " * 20, "result": "a long result " * 20}
+               for i, name in enumerate(EXPERIMENTS)]
+    records[0]["other_inits"] = {"torch": {"held": False, "headline": "lr 3 vs None"}}
+    console = Console(width=80, record=True, color_system=None)
+    console.print(summary_table(records, ["broken"]))
+    text = console.export_text()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert len(lines) <= 2 * len(records) + 8  # one row per experiment, nothing wrapped into a tall table
+    for name in EXPERIMENTS:
+        assert name in text  # never cut with an ellipsis
+    assert "a long claim" not in text  # the claims are in the report
+    assert other_init_notes(records) == [f"{records[0]['experiment']}: not held with the 'torch' initialization of "
+                                         "the networks without batch norm (lr 3 vs None)"]
+
+
 def test_run_resume_and_report(tmp_path):
     args = ["run", "covariate-shift", "--quick", "--steps", "5", "--seeds", "1", "--out", str(tmp_path)]
     result = runner.invoke(app, args, env={"COLUMNS": "200"})

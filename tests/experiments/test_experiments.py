@@ -9,7 +9,16 @@ import torch
 
 from batchnorm import data as datasets
 from batchnorm import experiments
-from batchnorm.experiments import batch_size, common, covariate_shift, distributions, noise, speed, test_time
+from batchnorm.experiments import (
+    batch_size,
+    common,
+    convnets,
+    covariate_shift,
+    distributions,
+    noise,
+    speed,
+    test_time,
+)
 
 # Per experiment, the smallest settings that still exercise every arm and every verdict.
 TINY = {
@@ -20,7 +29,14 @@ TINY = {
     "batch-size": dict(steps=4, batch_sizes=[2, 8, 32]),
     "test-time": dict(steps=20, momenta=[0.1, 0.5], lengths=[0.5, 1.0], test_batch_sizes=[1, 2, 16]),
     "covariate-shift": dict(steps=20),
-    "input-normalization": dict(steps=20, eval_every=10),
+    "input-normalization": dict(steps=20, eval_every=10, lrs=[0.01, 1.0]),
+    # teacher: 1-D inputs of 32 features, generated in milliseconds (MNIST-1D takes seconds)
+    "cnn-speed": dict(dataset="teacher", steps=20, eval_every=10, judge_yardstick=True,
+                      inits=["practitioner", "torch"]),
+    "cnn-learning-rate": dict(steps=30, lrs=[0.1, 100.0], channels=4, blocks=1),
+    "cnn-depth": dict(steps=6, depths=[2, 5], lrs=[0.01, 0.1], channels=4),
+    # the fast path needs 2^18 elements per layer: the full width and batch, few steps
+    "cnn-wallclock": dict(steps=4, eval_every=2, layer_repeats=2),
 }
 
 
@@ -55,6 +71,7 @@ def test_record_is_well_formed(records, name):
     assert saved["claim"] == experiments.get(name).CLAIM and "{" not in saved["setup"]
     assert isinstance(saved["held"], bool) and saved["checks"]
     assert saved["held"] == all(c["held"] for c in saved["checks"])
+    assert isinstance(saved["headline"], str) and 0 < len(saved["headline"]) <= 40  # fits the demo's table
     for check in saved["checks"]:
         assert check["criterion"] and isinstance(check["held"], bool) and check["numbers"]
     assert isinstance(saved["result"], str) and saved["result"]
@@ -100,6 +117,58 @@ def test_batch_size_arms(records):
     assert "ghost batch norm @ 32" in labels and "batch renorm @ 2" in labels
     steps = {row["batch_size"]: row["steps"] for row in table}
     assert steps == {2: 64, 8: 16, 32: 4}  # equal examples: 4 steps at the reference batch of 32
+
+
+def test_input_normalization_picks_each_arms_rate_on_validation(records):
+    numbers = records[1]["input-normalization"][0]["numbers"]
+    for arm, points in numbers["sweep"].items():
+        assert [p["lr"] for p in points] == [0.01, 1.0]
+        best = max(points, key=lambda p: p["validation"]["mean"])
+        assert numbers["best_lr"][arm] == best["lr"]  # chosen on validation, not on test
+        assert numbers["mean_test_accuracy_at_best_lr"][arm] == best["test"]["mean"]
+    assert set(numbers["best_lr_at_edge"]) == set(numbers["best_lr"])  # a two-point sweep has only edges
+
+
+def test_cnn_speed_judges_the_yardstick_and_reruns_the_other_init(records):
+    record = records[1]["cnn-speed"][0]
+    yardstick = next(c for c in record["checks"] if c["name"] == "reaches the published CNN accuracy")
+    final = record["numbers"]["final_test_acc"]["batch norm"]["mean"]
+    assert yardstick["held"] == (final >= 0.94) and record["numbers"]["published"]["CNN"] == 0.94
+    other = record["other_inits"]["torch"]  # rerun with torch's init for the network without batch norm
+    assert {c["name"] for c in other["checks"]} == {c["name"] for c in record["checks"]}
+    # the batch-norm arm does not depend on the baseline's init: the same numbers in both runs
+    assert other["numbers"]["curves"]["batch norm"] == record["numbers"]["curves"]["batch norm"]
+    assert other["numbers"]["curves"]["no batch norm"] != record["numbers"]["curves"]["no batch norm"]
+
+
+def test_cnn_learning_rate_sweep(records):
+    numbers = records[1]["cnn-learning-rate"][0]["numbers"]
+    for arm, points in numbers["sweep"].items():
+        assert [p["lr"] for p in points] == [0.1, 100.0]
+        assert points[1]["diverged"] == 1 or points[1]["test_acc"]["mean"] <= 0.15  # lr 100 wrecks both networks
+        trains = [p["lr"] for p in points if not p["diverged"] and p["test_acc"]["mean"] >= numbers["bar"]]
+        assert numbers["largest_rate_that_trains"][arm] == max(trains, default=None)
+
+
+def test_cnn_depth_takes_each_networks_best_rate(records):
+    table = records[1]["cnn-depth"][0]["numbers"]["table"]
+    for rows in table.values():
+        assert [r["depth"] for r in rows] == [2, 5]
+        for row in rows:
+            best = max(row["sweep"], key=lambda p: p["train_acc"]["mean"])
+            assert row["best_lr"] == best["lr"] and row["train_acc"] == best["train_acc"]
+
+
+def test_cnn_wallclock_runs_our_kernels_on_the_same_math(records):
+    numbers = records[1]["cnn-wallclock"][0]["numbers"]
+    assert len(numbers["backends"]) == 5  # the stem and two per block
+    for layer in numbers["backends"].values():
+        assert layer["numel"] >= 2**18 and layer["backend"] == "numba"
+    ours, theirs = numbers["runs"]["ours"][0], numbers["runs"]["torch"][0]
+    assert ours["same_initial_tensors"] and abs(ours["first_loss"] - theirs["first_loss"]) <= 1e-4 * theirs["first_loss"]
+    assert len(ours["step_ms"]) == 4 and ours["steps"] == [0, 2, 4]
+    assert ours["seconds"] == sorted(ours["seconds"]) and ours["seconds"][-1] > 0
+    assert set(numbers["batchnorm_part"]["per_step_ms"]) == {"ours", "torch"}
 
 
 def test_resume_lookup(records):
@@ -152,9 +221,9 @@ def test_train_stops_on_divergence():
 def test_steps_to_target_and_median():
     assert common.steps_to_target([0, 10, 20], [0.1, 0.5, 0.9], 0.5) == 10
     assert common.steps_to_target([0, 10], [0.1, 0.2], 0.5) is None
-    assert speed._median_steps([10, None, 30]) == 30
-    assert speed._median_steps([10, None, None]) is None
-    assert speed._median_steps([10, 20]) == 15
+    assert common.median_steps([10, None, 30]) == 30
+    assert common.median_steps([10, None, None]) is None
+    assert common.median_steps([10, 20]) == 15
 
 
 def test_instability_zero_for_constant_and_grows_with_drift():
@@ -194,3 +263,90 @@ def test_per_batch_accuracy_leaves_running_stats():
     assert test_time.per_batch_accuracy(model, ds, 1, 0) is None
     acc = test_time.per_batch_accuracy(model, ds, 50, 0)
     assert 0 <= acc <= 1 and torch.equal(model[1].running_mean, before) and not model.training
+
+
+def test_practitioner_init():
+    torch.manual_seed(0)
+    relu = common.mlp(400, 10, width=400, depth=2, activation="relu", batchnorm=False, init="practitioner")
+    assert abs(relu[0].weight.std().item() - (2 / 400) ** 0.5) < 0.002  # He: variance 2 / fan_in
+    assert relu[0].bias.abs().max() == 0
+    sigmoid = common.mlp(400, 10, width=400, depth=2, activation="sigmoid", batchnorm=False, init="practitioner")
+    assert abs(sigmoid[2].weight.std().item() - (2 / 800) ** 0.5) < 0.002  # Xavier: 2 / (fan_in + fan_out)
+    torch.manual_seed(0)
+    default = common.mlp(400, 10, width=400, depth=2, activation="relu", batchnorm=False)
+    assert abs(default[0].weight.std().item() - (1 / 1200) ** 0.5) < 0.002  # torch's: 1 / (3 fan_in)
+    assert relu[-1].weight.std().item() < 0.05  # the classifier keeps torch's default
+    with pytest.raises(ValueError, match="unknown initialization"):
+        common.initialize(relu, "relu", "lecun")
+    assert common.init_for({"inits": ["practitioner"]}, batchnorm=True) == "torch"
+    assert common.init_for({"inits": ["torch", "practitioner"]}, batchnorm=False) == "torch"
+
+
+def test_holdout_and_global_standardization():
+    ds = datasets.load("digits")
+    scaled = datasets.standardize_global(ds)
+    assert abs(scaled.x_train.mean()) < 1e-4 and abs(scaled.x_train.std() - 1) < 1e-4
+    expected = (ds.x_train - ds.x_train.mean()) / ds.x_train.std()  # one mean and one scale for every pixel
+    np.testing.assert_allclose(scaled.x_train, expected, atol=1e-5)
+    data = common.Data(scaled)
+    split = data.holdout(0.2)
+    assert len(split.x) + len(split.x_test) == len(data.x) and len(split.x_test) == round(0.2 * len(data.x))
+    # a partition of the training split (every row once), the test split left as it was
+    torch.testing.assert_close(torch.cat([split.x, split.x_test]).sum(0), data.x.sum(0))
+    assert torch.equal(split.y.bincount(minlength=10) + split.y_test.bincount(minlength=10), data.y.bincount(minlength=10))
+    assert data.x_test.shape == (450, 64)
+
+
+def test_trainers_with_one_seed_see_the_same_batches():
+    data = common.Data(datasets.standardize(datasets.load("teacher")))
+    build = lambda: common.mlp(32, 10, width=8, depth=1, activation="relu", batchnorm=False)  # noqa: E731
+    a = common.Trainer(common.seeded_model(0, build, "cpu"), data, batch_size=16, lr=0.1, seed=3)
+    b = common.Trainer(common.seeded_model(0, build, "cpu"), data, batch_size=16, lr=0.1, seed=3)
+    for _ in range(5):
+        assert a.step() and b.step()
+    assert a.losses == b.losses
+
+
+def test_accumulating_progress_sums_the_runs_totals():
+    seen = []
+    progress = experiments.accumulating(lambda advance=0, *, total=None: seen.append((advance, total)))
+    progress(total=3)
+    progress(2)
+    progress(total=5)
+    assert seen == [(0, 3), (2, None), (0, 8)]
+
+
+def test_convnets_shapes_and_fusion():
+    x = torch.randn(4, 64)
+    torch.manual_seed(0)
+    theirs = convnets.resnet((8, 8), 10, channels=4, blocks=2, batchnorm=True, layer="torch")
+    torch.manual_seed(0)
+    ours = convnets.resnet((8, 8), 10, channels=4, blocks=2, batchnorm=True, layer="ours")
+    layers = convnets.batchnorm_layers(ours)
+    assert len(layers) == 5 and all(layer.activation == "relu" for layer in layers)  # ReLUs fused
+    calls = {n.target: n for n in ours.graph.nodes if n.op == "call_module"}
+    assert all(len(calls[f"{b}.bn2"].args) == 2 for b in (4, 5))  # bn2(x, shortcut): the residual add fused
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert convnets.cnn1d((40,), 10, channels=25, batchnorm=False)[-1].in_features == 125  # the authors' CNN
+    assert convnets.cnn1d((40,), 10, channels=25, batchnorm=True)(torch.randn(3, 40)).shape == (3, 10)
+    plain = convnets.plain_cnn((8, 8), 10, channels=4, depth=7, batchnorm=False)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in plain.modules()) == 7 and plain(x).shape == (4, 10)
+
+
+def test_reusing_training_gives_what_training_gives():
+    data = common.Data(datasets.standardize(datasets.load("teacher")))
+    build = lambda: common.mlp(32, 10, width=8, depth=1, activation="relu", batchnorm=True)  # noqa: E731
+    settings = dict(steps=12, batch_size=16, lr=0.1, seed=1, eval_every=4)
+    trained = common.seeded_model(0, build, "cpu")
+    expected = common.train(trained, data, **settings)
+    ticks = []
+    with common.reusing_training():
+        first = common.train(common.seeded_model(0, build, "cpu"), data, **settings)
+        again = common.seeded_model(0, build, "cpu")
+        reused = common.train(again, data, **settings, progress=lambda n=0, **_: ticks.append(n))
+        other = common.train(common.seeded_model(1, build, "cpu"), data, **settings)  # other initial tensors
+    assert first == expected == reused and other != expected
+    assert sum(ticks) == 12  # the progress bar still advances by the steps
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor)  # the model ends where training leaves it
+    assert common._reused is None  # nothing is kept after the block

@@ -2,8 +2,15 @@
 
 Every experiment module has `NAME`, `CLAIM`, `SETUP` (a format string over its config),
 `FULL` and `QUICK` (its settings at full size and for `batchnorm demo`),
-`run(config, progress) -> {"numbers", "checks", "held", "result"}` and
-`plot(record) -> {key: matplotlib Figure}`.
+`run(config, progress) -> {"numbers", "checks", "held", "result", "headline"}` (`result`:
+the outcome in a sentence; `headline`: its key number in a few words, for the terminal)
+and `plot(record) -> {key: matplotlib Figure}`.
+
+An experiment with networks without batch norm has `inits` in its config (keys of
+`common.INITS`): it initializes those networks by the first, and `run_into` reruns it with
+each other one and saves that outcome (without plots) under `other_inits`, beside the
+verdict's. The rerun reuses every training the init does not change (the networks with
+batch norm; `common.reusing_training`).
 
 `run_into(name, config, out)` runs one and writes `out/NAME.json` (the record: claim,
 exact config, numbers, verdict, versions, machine) and `out/NAME-KEY.png`, each file
@@ -26,6 +33,10 @@ import torch
 
 from . import (
     batch_size,
+    cnn_depth,
+    cnn_learning_rate,
+    cnn_speed,
+    cnn_wallclock,
     covariate_shift,
     distributions,
     input_normalization,
@@ -34,12 +45,13 @@ from . import (
     speed,
     test_time,
 )
+from . import common
 from .common import Progress, no_progress
 
 EXPERIMENTS = {
     m.NAME: m
     for m in (speed, distributions, learning_rate, noise, batch_size, test_time, covariate_shift,
-              input_normalization)
+              input_normalization, cnn_speed, cnn_learning_rate, cnn_depth, cnn_wallclock)
 }
 # threads: torch's and numba's threads while an experiment runs. These networks are tiny,
 # and several threads on busy cores spin against each other (measured on 2 loaded cores:
@@ -77,8 +89,12 @@ def run_into(name: str, config: dict, out: Path, progress: Progress = no_progres
     out.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
     clock = time.perf_counter()
-    with threads(config["threads"]):
+    progress = accumulating(progress)
+    others_to_run = config.get("inits", [])[1:]
+    # A rerun with another init of the baseline reuses the trainings that init does not change.
+    with threads(config["threads"]), common.reusing_training() if others_to_run else contextlib.nullcontext():
         outcome = module.run(config, progress)
+        others = {init: module.run({**config, "inits": [init]}, progress) for init in others_to_run}
     record = {
         "experiment": name,
         "claim": module.CLAIM,
@@ -89,9 +105,29 @@ def run_into(name: str, config: dict, out: Path, progress: Progress = no_progres
         "seconds": round(time.perf_counter() - clock, 2),
         "environment": environment(config["device"]),
     }
+    record.setdefault("headline", outcome["result"])
+    if others:
+        record["other_inits"] = {
+            init: {key: other.get(key) for key in ("held", "result", "headline", "checks", "numbers")}
+            for init, other in others.items()}
     record["plots"] = save_plots(module, record, out)
     write_atomic(out / f"{name}.json", json.dumps(record, indent=1, allow_nan=False).encode())
     return record
+
+
+def accumulating(progress: Progress) -> Progress:
+    """`progress` for several runs in a row: each run announces its own total once, at its
+    start, and the bar's total becomes the sum of the totals announced so far."""
+    announced = [0]
+
+    def chained(advance: int = 0, *, total: int | None = None) -> None:
+        if total is not None:
+            announced[0] += total
+            progress(total=announced[0])
+        if advance:
+            progress(advance)
+
+    return chained
 
 
 @contextlib.contextmanager

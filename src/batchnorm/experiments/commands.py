@@ -20,12 +20,12 @@ def demo_command(
     out: Annotated[Optional[Path], typer.Option(help="results folder [default: results/demo-<timestamp>]")] = None,
     device: Device = "cpu",
 ) -> None:
-    """Every experiment in a quick configuration on the digits dataset (a few minutes on 2 cores)."""
+    """Every experiment in a quick configuration, on digits and MNIST-1D (about 2 minutes on 2 cores)."""
     from . import EXPERIMENTS, config_for
 
     out = out or Path("results") / f"demo-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     plan = [(name, config_for(name, quick=True, device=_device(device))) for name in EXPERIMENTS]
-    _run_plan(plan, out, resume=False, title="quick demo on digits")
+    _run_plan(plan, out, resume=False, title="quick demo")
 
 
 def run_command(
@@ -37,12 +37,14 @@ def run_command(
     device: Device = "cpu",
     quick: Annotated[bool, typer.Option(help="the demo's quick configuration instead of the full one")] = False,
     resume: Annotated[bool, typer.Option(help="skip experiments already saved in --out with this configuration")] = False,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch and numba threads [default: the experiment's, 1]")] = None,
 ) -> None:
     """Run one experiment (or all) at full size; save results, plots and the report."""
     from . import EXPERIMENTS, config_for
 
     names = list(EXPERIMENTS) if name == "all" else [name]
-    overrides = dict(dataset=dataset, steps=steps, seeds=list(range(seeds)) if seeds else None, device=_device(device))
+    overrides = dict(dataset=dataset, steps=steps, seeds=list(range(seeds)) if seeds else None, device=_device(device),
+                     threads=threads)
     try:
         plan = [(n, config_for(n, quick=quick, **overrides)) for n in names]
         if dataset is not None:
@@ -51,21 +53,37 @@ def run_command(
             data.load(dataset)  # fail now, with the loader's message, not inside the first experiment
     except (ValueError, TypeError) as error:
         raise typer.BadParameter(str(error)) from error
-    _run_plan(plan, out or Path("results") / name, resume=resume, title=f"{name} on {plan[0][1]['dataset']}")
+    datasets = sorted({config["dataset"] for _, config in plan})
+    _run_plan(plan, out or Path("results") / name, resume=resume, title=f"{name} on {', '.join(datasets)}")
 
 
 def list_command() -> None:
-    """List the experiments: the claim each one tests and its full and quick sizes."""
+    """List the experiments: the claim each one tests and its full and quick sizes.
+
+    In a terminal, a table that wraps the claims to its width; otherwise (a pipe, a file,
+    CI) one tab-separated line per experiment, nothing wrapped or cut, under a header line.
+    """
     from rich.console import Console
     from rich.table import Table
 
     from . import EXPERIMENTS
 
-    table = Table("experiment", "claim", "full: seeds x steps", "demo: seeds x steps", title="experiments")
-    for name, module in EXPERIMENTS.items():
-        size = lambda c: f"{len(c['seeds'])} x {c['steps']}"  # noqa: E731
-        table.add_row(name, module.CLAIM, size(module.FULL), size(module.QUICK))
-    Console().print(table)
+    size = lambda c: f"{len(c['seeds'])} x {c['steps']}"  # noqa: E731
+    header = ("experiment", "full: seeds x steps", "demo: seeds x steps", "claim")
+    rows = [(name, size(m.FULL), size(m.QUICK), m.CLAIM) for name, m in EXPERIMENTS.items()]
+    console = Console()
+    if not console.is_terminal:
+        for row in (header, *rows):
+            typer.echo("\t".join(row))
+        return
+    table = Table(title="experiments")
+    table.add_column(header[0], no_wrap=True)
+    table.add_column(header[1], no_wrap=True)
+    table.add_column(header[2], no_wrap=True)
+    table.add_column(header[3], ratio=1)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 def report_command(
@@ -128,15 +146,42 @@ def _run_plan(plan: list[tuple[str, dict]], out: Path, *, resume: bool, title: s
                 console.print(f"[red]{name} failed[/]: {type(error).__name__}: {error}")
                 console.print(traceback.format_exc(), markup=False, highlight=False)
                 failed.append(name)
-    table = Table("experiment", "claim", "result", "held", "time", title="claims", show_lines=True)
-    for record in rows:
-        verdict = "[green]held[/]" if record["held"] else "[red]did not hold[/]"
-        table.add_row(record["experiment"], record["claim"], record["result"], verdict, f"{record['seconds']:.0f} s")
-    for name in failed:
-        table.add_row(name, "", "[red]failed (see above)[/]", "", "")
-    console.print(table)
+    console.print(summary_table(rows, failed))
+    for line in other_init_notes(rows):
+        console.print(line, highlight=False)
     if rows:
         html, markdown = render(out, title=title)
-        console.print(f"report: {html}\nsummary: {markdown}")
+        console.print(f"claims, criteria, numbers and plots: {html}\nsummary: {markdown}")
     if failed:
         raise typer.Exit(code=1)
+
+
+def summary_table(records: list[dict], failed: list[str] = ()):
+    """The verdicts as a table that fits 80 columns: experiment (never cut), verdict, the
+    key number (`headline`) and the time; the claims' text is in the report."""
+    from rich.table import Table
+
+    table = Table(title="claims", title_justify="left")
+    table.add_column("experiment", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
+    table.add_column("key number", ratio=1)
+    table.add_column("time", justify="right", no_wrap=True)
+    for record in records:
+        verdict = "[green]held[/]" if record["held"] else "[red]not held[/]"
+        table.add_row(record["experiment"], verdict, record.get("headline") or record["result"],
+                      f"{record['seconds']:.0f} s")
+    for name in failed:
+        table.add_row(name, "[red]failed[/]", "see the error above", "")
+    return table
+
+
+def other_init_notes(records: list[dict]) -> list[str]:
+    """One line per experiment whose verdict changes with the initialization of its networks
+    without batch norm (those rerun with another one, `other_inits`)."""
+    notes = []
+    for record in records:
+        for init, other in record.get("other_inits", {}).items():
+            if other["held"] != record["held"]:
+                notes.append(f"{record['experiment']}: {'held' if other['held'] else 'not held'} with the "
+                             f"'{init}' initialization of the networks without batch norm ({other['headline']})")
+    return notes

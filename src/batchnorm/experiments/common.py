@@ -8,6 +8,9 @@ batch-norm layer never sees a batch of one), the model's weights seeded by `seed
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import hashlib
 from typing import Callable, Protocol
 
 import numpy as np
@@ -29,25 +32,96 @@ def no_progress(advance: int = 0, *, total: int | None = None) -> None:
 
 
 class Data:
-    """A dataset's splits as tensors on one device: x (n, features) float32, y (n,) int64."""
+    """A dataset's splits as tensors on one device: x (n, features) float32, y (n,) int64.
+
+    `sample_shape` is one example's shape before flattening ((8, 8) for digits, (40,) for
+    MNIST-1D): a convolutional network unflattens x to (n, 1, *sample_shape).
+    """
 
     def __init__(self, ds: datasets.Dataset, device: str | torch.device = "cpu") -> None:
         self.name = ds.name
         self.n_classes = ds.n_classes
         self.n_features = ds.n_features
+        self.sample_shape = tuple(ds.sample_shape)
         self.x = torch.as_tensor(ds.x_train, device=device)
         self.y = torch.as_tensor(ds.y_train, device=device)
         self.x_test = torch.as_tensor(ds.x_test, device=device)
         self.y_test = torch.as_tensor(ds.y_test, device=device)
 
+    def holdout(self, fraction: float, seed: int = 0) -> "Data":
+        """A copy whose training split is a random (1 - fraction) of this one's and whose test
+        split is the rest: a validation set to choose a setting on, the test split untouched."""
+        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(seed)).to(self.x.device)
+        n_val = max(1, round(fraction * len(self.x)))
+        split = copy.copy(self)
+        split.x, split.y = self.x[order[n_val:]], self.y[order[n_val:]]
+        split.x_test, split.y_test = self.x[order[:n_val]], self.y[order[:n_val]]
+        return split
 
-def load_data(config: dict, *, standardized: bool = True) -> Data:
-    """The dataset of `config["dataset"]`, standardized on its training split unless told not to."""
+
+def load_data(config: dict, *, standardized: bool = True, per_feature: bool = True) -> Data:
+    """The dataset of `config["dataset"]`, standardized on its training split unless told not to.
+
+    `per_feature=False` standardizes with one mean and one std over all training inputs
+    instead of one per feature: a convolution applies the same weights at every position,
+    so every position should keep the same scale.
+    """
     ds = datasets.load(config["dataset"])
-    return Data(datasets.standardize(ds) if standardized else ds, config["device"])
+    if standardized:
+        ds = datasets.standardize(ds) if per_feature else datasets.standardize_global(ds)
+    return Data(ds, config["device"])
 
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
+
+# How a network's Linear and Conv weights start. A network without batch norm depends on
+# it: with torch's default, uniform(-b, b) with b = 1/sqrt(fan_in) (variance 1/(3 fan_in)),
+# each ReLU layer shrinks the signal and a deep network barely trains at small rates. A
+# practitioner uses He (Kaiming) for ReLU, variance 2/fan_in, and Xavier (Glorot) for
+# sigmoid and tanh, variance gain^2 * 2/(fan_in + fan_out). A network with batch norm keeps
+# torch's default: batch norm undoes the scale of the weights before it.
+INITS = {
+    "practitioner": "He (Kaiming) normal for ReLU networks, Xavier (Glorot) uniform for sigmoid and tanh, zero biases",
+    "torch": "PyTorch's default: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))",
+}
+
+
+# The sentence every SETUP with a network without batch norm ends with (formatted with the config).
+INIT_SETUP = (" Networks without batch norm start from the '{inits[0]}' initialization, those with batch "
+              "norm from torch's default (initializations run: {inits}; the first is judged, any other is "
+              "rerun and reported beside it).")
+
+
+def baseline_init(config: dict) -> str:
+    """The initialization of the networks without batch norm that the verdict is judged on:
+    the first of `config["inits"]` (the others are rerun and reported beside it)."""
+    return config.get("inits", ["practitioner"])[0]
+
+
+def init_for(config: dict, batchnorm: bool) -> str:
+    """The init of one arm: the baseline's (`baseline_init`) without batch norm, torch's with it."""
+    return "torch" if batchnorm else baseline_init(config)
+
+
+def initialize(model: nn.Module, activation: str, init: str) -> nn.Module:
+    """Re-initialize `model`'s hidden Linear/Conv layers by `init` (a key of INITS), in place.
+
+    The last Linear layer (the classifier, no activation after it) keeps torch's default,
+    as does every layer when `init` is "torch". Returns the model.
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown initialization {init!r}: use one of {', '.join(INITS)}")
+    if init == "torch":
+        return model
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    for layer in layers[:-1]:
+        if activation == "relu":
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+        else:
+            nn.init.xavier_uniform_(layer.weight, gain=nn.init.calculate_gain(activation))
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+    return model
 
 
 def mlp(
@@ -58,15 +132,18 @@ def mlp(
     depth: int,
     activation: str,
     batchnorm: bool,
+    init: str = "torch",
     after_norm: Callable[[int], nn.Module] | None = None,
     **bn_options,
 ) -> nn.Sequential:
-    """`depth` hidden layers of `width` units, then a linear classifier.
+    """`depth` hidden layers of `width` units, then a linear classifier: (n, n_features) ->
+    (n, n_classes) logits.
 
     Without batch norm a hidden layer is `g(W x + b)`; with it, `g(BN(W x))` (the bias is
     dropped: BN's beta replaces it), the activation fused into `bn.BatchNorm1d`. When
     `after_norm(width)` is given, it builds a module put between BN and `g` (the noise
-    experiment), and `g` is a separate module. `bn_options` go to every BatchNorm1d.
+    experiment), and `g` is a separate module. `bn_options` go to every BatchNorm1d. The
+    weights start by `init` (see `initialize`).
     """
     layers: list[nn.Module] = []
     features = n_features
@@ -80,7 +157,7 @@ def mlp(
             layers.append(ACTIVATIONS[activation]())
         features = width
     layers.append(nn.Linear(features, n_classes))
-    return nn.Sequential(*layers)
+    return initialize(nn.Sequential(*layers), activation, init)
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator):
@@ -98,6 +175,58 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     """The fraction of examples classified correctly, the model in evaluation mode."""
     model.eval()
     return (model(x).argmax(dim=1) == y).float().mean().item()
+
+
+class Trainer:
+    """One model's training, a step at a time: SGD with momentum on cross-entropy over
+    mini-batches of `batch_size` drawn from the training split, the batches fixed by `seed`.
+
+    `step()` makes one update; once a loss is non-finite the model has diverged and every
+    later step does nothing. Two trainers with the same data, batch size and seed see the
+    same batches in the same order.
+    """
+
+    def __init__(self, model: nn.Module, data: Data, *, batch_size: int, lr: float, seed: int,
+                 momentum: float = 0.9) -> None:
+        self.model, self.data = model, data
+        self.batches = batch_indices(len(data.x), batch_size, torch.Generator().manual_seed(seed))
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        self.losses: list[float] = []
+        self.diverged = False
+
+    def step(self) -> bool:
+        """One update on the next mini-batch; False (and no update) once training has diverged."""
+        if self.diverged:
+            return False
+        x, y = self.data.x, self.data.y
+        index = next(self.batches).to(x.device)
+        self.model.train()
+        loss = nn.functional.cross_entropy(self.model(x[index]), y[index])
+        if not torch.isfinite(loss):
+            self.diverged = True
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.losses.append(loss.item())
+        return True
+
+    def test_accuracy(self) -> float:
+        """Test accuracy now; chance (1 / n_classes) after divergence."""
+        chance = 1 / self.data.n_classes
+        return chance if self.diverged else accuracy(self.model, self.data.x_test, self.data.y_test)
+
+    def final(self) -> dict:
+        """`final_test_acc`, `final_train_acc`, `final_loss` (mean of the last 10% of the
+        training losses; None after divergence) and `diverged`."""
+        chance = 1 / self.data.n_classes
+        tail = self.losses[-max(1, len(self.losses) // 10) :]
+        return {
+            "final_test_acc": self.test_accuracy(),
+            "final_train_acc": chance if self.diverged else accuracy(self.model, self.data.x, self.data.y),
+            "final_loss": None if self.diverged or not tail else float(np.mean(tail)),
+            "diverged": self.diverged,
+        }
 
 
 def train(
@@ -121,41 +250,64 @@ def train(
     training stops there and the rest of the curve is chance, 1 / n_classes). `on_step(n)` is called after the n-th
     update (n = 1..steps), to look at the model mid-training.
     """
-    x = data.x
-    generator = torch.Generator().manual_seed(seed)
-    batches = batch_indices(len(x), batch_size, generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    key = None
+    if _reused is not None and on_step is None and not _hooked(model):
+        key = _fingerprint(model, data, steps, batch_size, lr, seed, momentum, eval_every)
+        if key in _reused:
+            result, state = _reused[key]
+            model.load_state_dict(state)
+            model.eval()
+            progress(steps)
+            return copy.deepcopy(result)
+    trainer = Trainer(model, data, batch_size=batch_size, lr=lr, seed=seed, momentum=momentum)
     curve = {"steps": [], "test_acc": []}
-    losses: list[float] = []
-    diverged = False
     for step in range(steps + 1):
         if eval_every and step % eval_every == 0:
             curve["steps"].append(step)
-            curve["test_acc"].append(1 / data.n_classes if diverged else accuracy(model, data.x_test, data.y_test))
-        if step == steps or diverged:
-            progress(1 if step < steps else 0)
-            continue
-        index = next(batches).to(x.device)
-        model.train()
-        loss = nn.functional.cross_entropy(model(x[index]), data.y[index])
-        if not torch.isfinite(loss):
-            diverged = True
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            if on_step is not None:
-                on_step(step + 1)
+            curve["test_acc"].append(trainer.test_accuracy())
+        if step == steps:
+            break
+        if trainer.step() and on_step is not None:
+            on_step(step + 1)
         progress(1)
-    tail = losses[-max(1, len(losses) // 10) :]
-    return {
-        **curve,
-        "final_test_acc": 1 / data.n_classes if diverged else accuracy(model, data.x_test, data.y_test),
-        "final_train_acc": 1 / data.n_classes if diverged else accuracy(model, x, data.y),
-        "final_loss": None if diverged else float(np.mean(tail)),
-        "diverged": diverged,
-    }
+    result = {**curve, **trainer.final()}
+    if key is not None:
+        _reused[key] = (copy.deepcopy(result), {k: v.detach().clone() for k, v in model.state_dict().items()})
+    return result
+
+
+# Trainings to reuse while `reusing_training` is active: fingerprint -> (result, final state).
+_reused: dict | None = None
+
+
+@contextlib.contextmanager
+def reusing_training():
+    """Within this block, a `train` call that repeats an earlier one (the same architecture,
+    initial tensors, data, settings and seed; no `on_step`, no hooks on the model) returns
+    the earlier result and loads the state that training ended in, instead of training
+    again. Training on given inputs is deterministic, so this is the result it would give:
+    an experiment rerun with another initialization of its baseline (`run_into`) retrains
+    only the networks that the initialization changes."""
+    global _reused
+    outer, _reused = _reused, {} if _reused is None else _reused
+    try:
+        yield
+    finally:
+        _reused = outer
+
+
+def _hooked(model: nn.Module) -> bool:
+    """Whether something watches the model's calls (a monitor): reusing would skip it."""
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in model.modules())
+
+
+def _fingerprint(model: nn.Module, data: Data, *settings) -> str:
+    """A digest of the model's structure and initial tensors, the data and the settings."""
+    digest = hashlib.sha256(repr((repr(model), getattr(model, "code", ""), data.name, settings)).encode())
+    for tensor in (*model.state_dict().values(), data.x, data.y, data.x_test, data.y_test):
+        digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def seeded_model(seed: int, build: Callable[[], nn.Module], device) -> nn.Module:
@@ -169,6 +321,18 @@ def steps_to_target(steps: list[int], acc: list[float], target: float) -> int | 
     return next((s for s, a in zip(steps, acc) if a >= target), None)
 
 
+def median_steps(reached: list[float | None]) -> float | None:
+    """Median over seeds of steps (or seconds) to a target, with "never" (None) as +infinity;
+    None when the median itself is never."""
+    ordered = sorted(reached, key=lambda s: float("inf") if s is None else s)
+    middle = ordered[(len(ordered) - 1) // 2 : len(ordered) // 2 + 1]
+    return None if None in middle else sum(middle) / len(middle)
+
+
+def fmt_steps(steps: float | None) -> str:
+    return "never" if steps is None else f"{steps:.0f}"
+
+
 def summary(values: list[float]) -> dict:
     """{"mean", "std", "values"} over seeds (std 0 for one seed)."""
     array = np.asarray(values, dtype=np.float64)
@@ -178,6 +342,11 @@ def summary(values: list[float]) -> dict:
 def check(name: str, criterion: str, held: bool, **numbers) -> dict:
     """One verdict: what was compared (`criterion`, in words), whether it held, on which numbers."""
     return {"name": name, "criterion": criterion, "held": bool(held), "numbers": numbers}
+
+
+def verdict(checks: list[dict]) -> bool:
+    """Whether a claim held: every one of its checks did."""
+    return all(c["held"] for c in checks)
 
 
 def pct(x: float) -> str:

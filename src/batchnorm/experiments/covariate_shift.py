@@ -27,10 +27,11 @@ SETUP = (
     "overall std s around their overall mean: contrast x -> mean + {contrast}(x - mean), brightness "
     "x -> x + {brightness} s, noise x -> x + N(0, ({noise} s)^2). Adapted statistics: bn.adapt on the "
     "shifted test inputs in batches of {batch_size}, then the source statistics are restored."
+    + common.INIT_SETUP
 )
 FULL = {"seeds": [0, 1, 2], "steps": 1500, "depth": 3, "width": 100, "batch_size": 60, "lr": 0.05,
-        "momentum": 0.9, "contrast": 0.5, "brightness": 0.5, "noise": 0.25}
-QUICK = {**FULL, "seeds": [0, 1], "steps": 400}
+        "momentum": 0.9, "contrast": 0.5, "brightness": 0.5, "noise": 0.25, "inits": ["practitioner"]}
+QUICK = {**FULL, "seeds": [0], "steps": 400}
 SHIFTS = ("contrast", "brightness", "noise")
 
 
@@ -60,7 +61,7 @@ def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
         for batchnorm in (False, True):
             model = common.seeded_model(seed, lambda: common.mlp(
                 data.n_features, data.n_classes, width=config["width"], depth=config["depth"],
-                activation="relu", batchnorm=batchnorm), config["device"])
+                activation="relu", batchnorm=batchnorm, init=common.init_for(config, batchnorm)), config["device"])
             common.train(model, data, steps=config["steps"], batch_size=config["batch_size"], lr=config["lr"],
                          momentum=config["momentum"], seed=seed, progress=progress)
             arm = "source" if batchnorm else "no batch norm"
@@ -83,7 +84,8 @@ def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
         mean_gain > 0, gain_per_shift=gain, mean_gain=mean_gain)]
     result = "; ".join(f"{kind}: source {common.pct(table['source'][kind]['mean'])} -> adapted "
                        f"{common.pct(table['adapted'][kind]['mean'])}" for kind in SHIFTS)
-    return {"numbers": {"test_acc": table, "gain": gain}, "checks": checks, "held": mean_gain > 0, "result": result}
+    return {"numbers": {"test_acc": table, "gain": gain}, "checks": checks, "held": mean_gain > 0, "result": result,
+            "headline": f"+{100 * mean_gain:.1f} points" if mean_gain >= 0 else f"{100 * mean_gain:.1f} points"}
 
 
 def plot(result: dict) -> dict:

@@ -26,10 +26,11 @@ SETUP = (
     "{momentum}, {steps} steps, with and without batch norm; bn.tools.monitor records the "
     "15/50/85th percentiles of {units} units' input to the last hidden sigmoid every {every} steps. "
     "Criterion: instability (std over time of the median and of the 15-85 width, divided by the mean "
-    "width) is lower with batch norm."
+    "width) is lower with batch norm." + common.INIT_SETUP
 )
-FULL = {"seeds": [0, 1, 2], "steps": 3000, "batch_size": 60, "lr": 0.1, "momentum": 0.9, "every": 20, "units": 3}
-QUICK = {**FULL, "seeds": [0, 1], "steps": 500, "every": 5}
+FULL = {"seeds": [0, 1, 2], "steps": 3000, "batch_size": 60, "lr": 0.1, "momentum": 0.9, "every": 20, "units": 3,
+        "inits": ["practitioner", "torch"]}
+QUICK = {**FULL, "seeds": [0], "steps": 500, "every": 5, "inits": ["practitioner"]}
 ARMS = {"batch norm": True, "no batch norm": False}
 LAST_HIDDEN = "5"  # in common.mlp(depth=3): the last BatchNorm1d(activation=sigmoid), or the last nn.Sigmoid
 
@@ -44,8 +45,8 @@ def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
         traces[arm], values = [], []
         for seed in config["seeds"]:
             model = common.seeded_model(seed, lambda: common.mlp(
-                data.n_features, data.n_classes, width=100, depth=3, activation="sigmoid", batchnorm=batchnorm),
-                config["device"])
+                data.n_features, data.n_classes, width=100, depth=3, activation="sigmoid", batchnorm=batchnorm,
+                init=common.init_for(config, batchnorm)), config["device"])
             with monitor(model, layers=[LAST_HIDDEN], every=config["every"], units=config["units"]) as watch:
                 trained = common.train(model, data, steps=config["steps"], batch_size=config["batch_size"],
                                    lr=config["lr"], momentum=config["momentum"], seed=seed, progress=progress)
@@ -62,7 +63,8 @@ def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
     result = (f"instability {instability['batch norm']['mean']:.3f} with BN vs "
               f"{instability['no batch norm']['mean']:.3f} without")
     return {"numbers": {"instability": instability, "traces": traces}, "checks": checks, "held": held,
-            "result": result}
+            "result": result, "headline": f"instability {instability['batch norm']['mean']:.2f} vs "
+                                          f"{instability['no batch norm']['mean']:.2f}"}
 
 
 def instability_of(percentiles: np.ndarray) -> float:

@@ -23,11 +23,11 @@ SETUP = (
     "norm, and batch norm followed by noise y = k*x + m + s*e per unit, with k ~ U{scale}, "
     "m ~ U(-{shift}, {shift}), s ~ U(0, {jitter}) drawn per unit at every step and e ~ N(0, 1) per "
     "example (training only). Criterion: the mean test accuracy over all evaluations (the area "
-    "under the accuracy curve, which rewards speed and final accuracy)."
+    "under the accuracy curve, which rewards speed and final accuracy)." + common.INIT_SETUP
 )
 FULL = {"seeds": [0, 1, 2], "steps": 3000, "batch_size": 60, "lr": 0.1, "momentum": 0.9, "eval_every": 50,
-        "scale": [0.5, 1.5], "shift": 1.0, "jitter": 0.5}
-QUICK = {**FULL, "seeds": [0, 1], "steps": 600, "eval_every": 25}
+        "scale": [0.5, 1.5], "shift": 1.0, "jitter": 0.5, "inits": ["practitioner", "torch"]}
+QUICK = {**FULL, "seeds": [0], "steps": 600, "eval_every": 25, "inits": ["practitioner"]}
 ARMS = ("no batch norm", "batch norm", "batch norm + noise")
 
 
@@ -58,7 +58,7 @@ def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
     progress(total=len(ARMS) * len(config["seeds"]) * config["steps"])
     noise = lambda width: MovingNoise(config["scale"], config["shift"], config["jitter"])  # noqa: E731
     builds = {
-        "no batch norm": dict(batchnorm=False),
+        "no batch norm": dict(batchnorm=False, init=common.init_for(config, False)),
         "batch norm": dict(batchnorm=True),
         "batch norm + noise": dict(batchnorm=True, after_norm=noise),
     }
@@ -84,7 +84,8 @@ def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
     result = ("mean accuracy over the run: " +
               ", ".join(f"{arm} {common.pct(area[arm]['mean'])}" for arm in ARMS))
     return {"numbers": {"mean_accuracy_over_run": area, "final_test_acc": final, "curves": curves},
-            "checks": checks, "held": held, "result": result}
+            "checks": checks, "held": held, "result": result,
+            "headline": f"{common.pct(area['batch norm + noise']['mean'])} vs {common.pct(area['no batch norm']['mean'])}"}
 
 
 def plot(result: dict) -> dict:
