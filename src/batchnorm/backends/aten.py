@@ -37,8 +37,7 @@ def native_batch_norm(x, weight, bias, running_mean, running_var, eps, activatio
         y = _native(x, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
         return _finish(y, activation, residual), None, None
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    mean = torch.zeros(x.shape[1], dtype=acc, device=x.device)
-    var = torch.zeros_like(mean)
+    mean, var = torch.zeros(2, x.shape[1], dtype=acc, device=x.device)  # one allocation, two rows
     y = _native(x, weight, bias, mean, var, True, 1.0, eps)[0]
     return _finish(y, activation, residual), mean, var
 
