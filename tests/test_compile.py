@@ -138,6 +138,31 @@ def test_inductor_numba_op_matches_eager_and_does_not_recompile_for_a_new_batch_
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
 
 
+def test_inductor_passes_convolutions_channels_last_outputs_and_gets_eagers_results():
+    """Inductor lays convolution outputs out channels-last on the CPU; our ops take them as
+    they are (flexible layout), next to a residual in the other format, and the compiled
+    block still gives eager's outputs and gradients."""
+    torch.manual_seed(6)
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    layers = [bn.BatchNorm2d(8, activation="relu", backend="numba") for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+
+    def block(layer, x, r):
+        return layer(conv(x), residual=r).sum(dim=(2, 3))
+
+    x, r = torch.randn(4, 3, 6, 6, requires_grad=True), torch.randn(4, 8, 6, 6, requires_grad=True)
+    fn = torch.compile(block, fullgraph=True)
+    got, want = fn(layers[0], x, r), block(layers[1], x, r)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    dy = torch.randn_like(got)
+    inputs = (x, r, conv.weight, layers[0].weight)
+    grads_got = torch.autograd.grad(got, inputs, dy)
+    grads_want = torch.autograd.grad(want, (x, r, conv.weight, layers[1].weight), dy)
+    for a, b in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+    _assert_same_state(layers[0], layers[1])
+
+
 def test_non_finite_batch_is_refused_and_counted_in_a_compiled_graph():
     eager, compiled, xs = _pair({}, "numba", channels_last=False)
     fn = torch.compile(compiled, backend="aot_eager", fullgraph=True)

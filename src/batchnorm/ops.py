@@ -259,7 +259,15 @@ class _BatchNormFunction(torch.autograd.Function):
 
 
 # The custom operators ------------------------------------------------------------------
-@torch.library.custom_op("batchnorm::batch_norm", mutates_args=())
+# Both ops take x and the residual in either memory format (layout.canonical) and give
+# outputs in x's (layout.empty_output says which): `flexible_layout` lets Inductor hand over
+# its convolutions' channels-last outputs as they are. Without the tag it restores the
+# traced (contiguous) strides, a transposing copy of every activation on the way in and
+# out of every layer, forward and backward.
+_LAYOUT = (torch.Tag.flexible_layout,)
+
+
+@torch.library.custom_op("batchnorm::batch_norm", mutates_args=(), tags=_LAYOUT)
 def _batch_norm_op(
     x: Tensor,
     weight: Optional[Tensor],
@@ -283,7 +291,7 @@ def _batch_norm_fake(x, weight, bias, residual, running_mean, running_var, eps, 
     return layout.empty_output(x), x.new_empty((N_PARAMS, x.shape[1]), dtype=acc_dtype(x.dtype))
 
 
-@torch.library.custom_op("batchnorm::batch_norm_backward", mutates_args=())
+@torch.library.custom_op("batchnorm::batch_norm_backward", mutates_args=(), tags=_LAYOUT)
 def _batch_norm_backward_op(
     dy: Tensor,
     x: Tensor,
@@ -305,11 +313,10 @@ def _batch_norm_backward_op(
 
 @_batch_norm_backward_op.register_fake
 def _batch_norm_backward_fake(dy, x, weight, bias, residual, params, training, activation, backend, needs):
-    like = (x, weight, bias, residual)
-    return tuple(
-        (layout.empty_output(t) if t.dim() > 1 else torch.empty_like(t)) if need else x.new_empty(0)
-        for t, need in zip(like, needs)
-    )
+    # dx and dresidual both come back in x's memory format (the residual is read in x's)
+    like = (layout.empty_output(x), torch.empty_like(weight) if needs[1] else None,
+            torch.empty_like(bias) if needs[2] else None, layout.empty_output(x))  # fmt: skip
+    return tuple(t if need else x.new_empty(0) for t, need in zip(like, needs))
 
 
 def _own(t: Tensor, inputs) -> Tensor:
