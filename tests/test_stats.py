@@ -113,7 +113,7 @@ _EDGE = [0.0, -1.5, 3e38, -3e38, 1e-30, float("nan"), float("inf"), float("-inf"
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("momentum", [0.1, 1.0, None])
 def test_numba_rule_equals_the_tensor_rule(dtype, momentum):
-    from batchnorm.backends.numba_cpu import fold_running
+    from batchnorm.backends.numba_kernels import fold_running
 
     g = torch.Generator().manual_seed(3)
     for trial in range(200):

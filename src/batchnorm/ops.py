@@ -23,7 +23,7 @@ size and layout):
   exported program runs where this package is not installed.
 
 The rule of the running update is `stats.update_running` (the numba kernels and
-`numba_cpu.fold_running` apply the same per-channel `stats.blend` and the same test); it
+`numba_kernels.fold_running` apply the same per-channel `stats.blend` and the same test); it
 returns whether the update was kept, which the caller counts.
 
 A custom op costs ~35 us per eager call where an autograd Function costs ~8 us, more than a
@@ -46,7 +46,7 @@ from .channel_params import acc_dtype
 from .stats import Stats, momentum_factor, update_running
 
 try:
-    from .backends.numba_cpu import fold_running as _fold_running_cpu
+    from .backends.numba_kernels import fold_running as _fold_running_cpu
 except ImportError:  # pragma: no cover - numba is a dependency; the torch rule serves without it
     _fold_running_cpu = None
 

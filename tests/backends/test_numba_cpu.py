@@ -20,7 +20,7 @@ import batchnorm as bn
 from batchnorm import activations, backends
 from batchnorm import functional as F
 from batchnorm import ops
-from batchnorm.backends import numba_cpu
+from batchnorm.backends import numba_cpu, numba_kernels
 from batchnorm.backends.base import CENTER, INVSTD
 
 from kernels.poison import poisoned_allocations
@@ -76,12 +76,12 @@ def make_input(fmt, n, c, length, dtype, gen, offset=0.0):
 @contextlib.contextmanager
 def kernels(parallel: bool):
     """Force the parallel (or the serial) kernels whatever the input's size."""
-    before = numba_cpu.PARALLEL_NUMEL
-    numba_cpu.PARALLEL_NUMEL = 0 if parallel else 1 << 62
+    before = numba_kernels.PARALLEL_NUMEL
+    numba_kernels.PARALLEL_NUMEL = 0 if parallel else 1 << 62
     try:
         yield
     finally:
-        numba_cpu.PARALLEL_NUMEL = before
+        numba_kernels.PARALLEL_NUMEL = before
 
 
 @st.composite
@@ -451,5 +451,5 @@ def test_plain_evaluation_runs_where_it_is_faster():
 def test_serial_and_parallel_kernels_have_their_own_compiled_cache():
     """numba keys its on-disk cache by name and line: a shared entry would make the parallel
     dispatcher load the serial machine code whenever that was compiled first."""
-    for parallel, serial in numba_cpu._KERNELS.values():
+    for parallel, serial in numba_kernels.KERNELS.values():
         assert parallel._cache._cache_file._index_path != serial._cache._cache_file._index_path
