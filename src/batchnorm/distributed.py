@@ -182,7 +182,7 @@ class SyncBatchNorm(_Extras, _BatchNorm):
         self._sync: GroupSync | None = None
 
     def _check_input_dim(self, input: Tensor) -> None:
-        """Any (N, C, *spatial): `checks.check_input` has already asked for 2 dimensions."""
+        """Any (N, C, *spatial): `validation.validate_input` has already asked for 2 dimensions."""
 
     def _synchronizer(self) -> GroupSync | None:
         """This layer's GroupSync when batch statistics normalize and others share them."""

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _LazyNormBase
 
-from . import checks
+from . import validation
 from . import functional as F
 from .stats import NonFiniteGuard
 from .variants import Renorm
@@ -64,12 +64,12 @@ class _Extras:
         return self._guard.count
 
     def _check_input_dim(self, input: Tensor) -> None:
-        checks.check_ndim(input, self._ndims, type(self).__name__)
+        validation.validate_ndim(input, self._ndims, type(self).__name__)
 
     def forward(self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """g(gamma * (x - mu) / sqrt(var + eps) + beta + residual); shapes as torch's module,
         mask (N, *spatial) bool."""
-        checks.check_input(input, None if self.num_features == 0 else self.num_features)
+        validation.validate_input(input, None if self.num_features == 0 else self.num_features)
         self._check_input_dim(input)
         weight, bias, running_mean, running_var, num_batches_tracked = _tensors(self)
         update = self.training and self.track_running_stats
@@ -140,7 +140,7 @@ def _set_extras(module, activation, backend, virtual_batch_size, renorm, unbiase
             raise TypeError(f"renorm must be a batchnorm.Renorm, got {type(renorm).__name__}")
         if not module.track_running_stats:
             raise ValueError("batch renormalization needs running statistics: track_running_stats=True")
-    module.activation = checks.check_activation(activation)
+    module.activation = validation.validate_activation(activation)
     module.backend = backend
     module.virtual_batch_size = virtual_batch_size
     module.renorm = renorm

@@ -46,7 +46,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import backends, layout
 from ..stats import Stats, merge_stacked
-from ..variants import check_mask, masked_stats
+from ..variants import masked_stats, validate_mask
 from ._common import Changes, prepare, require_batchnorm
 from .freeze import frozen_stats, is_frozen, stats_snapshot
 
@@ -228,9 +228,9 @@ def _capture(into: list[Stats]):
         x = args[0] if args else kwargs.get("input")
         mask = args[2] if len(args) > 2 else kwargs.get("mask")
         if not isinstance(x, Tensor) or x.dim() < 2 or x.numel() == 0:
-            return  # the layer's own checks report a bad input
+            return  # the layer's own validation reports a bad input
         if mask is not None:
-            stats = masked_stats(x, check_mask(x, mask))
+            stats = masked_stats(x, validate_mask(x, mask))
         else:
             backend = backends.resolve(getattr(module, "backend", "auto"), x).backend
             stats = backend.stats(layout.canonical(x).data)
