@@ -95,6 +95,14 @@ def test_grid_depends_on_device():
     assert set(cpu) < set(cuda) and any(s in bench.RESNET50_SHAPES for s, _ in cuda)
 
 
+def test_monitor_overhead_reports_both_models():
+    result = bench.monitor_overhead(steps=2, rounds=1)
+    assert set(result) == {"sigmoid", "batchnorm"}
+    for numbers in result.values():
+        assert numbers["step_s"] > 0 and numbers["monitored_step_s"] > 0
+        assert numbers["overhead"] > -1.0  # a ratio of two positive times, minus one
+
+
 def test_monitor_overhead_command_reports_both_models():
     result = CliRunner().invoke(app, ["bench", "monitor", "--steps", "3", "--rounds", "1", "--every", "2"])
     assert result.exit_code == 0, result.output

@@ -37,6 +37,8 @@ import typer
 
 from . import backends
 from .nn import BatchNorm1d, BatchNorm2d
+from .tools.monitor import EVERY as MONITOR_EVERY
+from .tools.monitor import monitor
 
 bench_app = typer.Typer(help="Benchmarks against torch: kernels, whole training steps.", no_args_is_help=True)
 
@@ -460,6 +462,54 @@ def run(
     )  # fmt: skip
 
 
+def monitor_overhead(
+    steps: int = 200, rounds: int = 5, batch_size: int = 60, every: int = MONITOR_EVERY
+) -> dict[str, dict[str, float]]:
+    """The activation monitor's cost (`bn.monitor` with its default layers and units,
+    recording every `every`-th step), as a fraction of a training step (SGD, cross-entropy)
+    of the experiments' MLP (64 inputs, 3 hidden layers of 100 sigmoid units, 10 outputs),
+    without and with batch norm.
+
+    Blocks of `steps` steps alternate without and with the monitor, `rounds` times; the
+    overhead is the median over rounds of (monitored block / the plain block just before)
+    - 1, so that drifts in the machine's load cancel in each pair. Returns
+    {"sigmoid" | "batchnorm": {"step_s", "monitored_step_s" (medians), "overhead"}}.
+    """
+    from .experiments.common import mlp
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, 64, generator=generator)
+    y = torch.randint(0, 10, (batch_size,), generator=generator)
+    results = {}
+    for name in ("sigmoid", "batchnorm"):
+        torch.manual_seed(0)
+        model = mlp(64, 10, width=100, depth=3, activation="sigmoid", batchnorm=name == "batchnorm")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+
+        def block(watch: bool) -> float:
+            start = time.perf_counter()
+            mon = monitor(model, every=every).start() if watch else None
+            for _ in range(steps):
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+            if mon is not None:
+                mon.stop()  # computing the statistics is part of the cost
+            return (time.perf_counter() - start) / steps
+
+        block(True)  # warm up
+        plain, watched = [], []
+        for _ in range(rounds):
+            plain.append(block(False))
+            watched.append(block(True))
+        results[name] = {
+            "step_s": statistics.median(plain),
+            "monitored_step_s": statistics.median(watched),
+            "overhead": statistics.median(w / p for w, p in zip(watched, plain)) - 1.0,
+        }
+    return results
+
+
 @bench_app.command("kernels")
 def kernels(
     quick: bool = typer.Option(False, help="A few tiny rows (for tests), not the issue's grid."),
@@ -525,7 +575,6 @@ def monitor_command(
     from rich.console import Console
     from rich.table import Table
 
-    from .tools.monitor import monitor_overhead
 
     table = Table("model", "step (ms)", "with monitor (ms)", "overhead",
                   title=f"bn.monitor overhead, every={every} (64 -> 3 x 100 sigmoid -> 10, batch 60)")  # fmt: skip
