@@ -18,7 +18,10 @@ Batch-norm layers are recognized as:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,3 +103,30 @@ def replace(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
         return new
     model.set_submodule(path, new)
     return model
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None, enabled: bool) -> Iterator[Callable[[], None]]:
+    """Yields `advance()`, one step done: a transient rich progress bar when `enabled` and
+    rich is installed (it comes with the `experiments` extra), else nothing is shown. The
+    tools themselves need only torch."""
+    if enabled:
+        try:
+            from rich.progress import Progress
+        except ImportError:
+            enabled = False
+    if not enabled:
+        yield lambda: None
+        return
+    with Progress(transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
+
+
+def import_extra(name: str, what: str) -> Any:
+    """The module `name` of the `experiments` extra (matplotlib, rich, ...), or ImportError
+    saying that `what` needs it and how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise ImportError(f"{what} needs {name.partition('.')[0]}: pip install 'batchnorm[experiments]'") from error

@@ -47,6 +47,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from ..stats import Stats
+from ._common import import_extra
 from ._patterns import pairs
 from .freeze import frozen_stats
 from .recalibrate import _capture, _merge
@@ -94,9 +95,8 @@ class CheckReport:
         return text
 
     def table(self):
-        """A rich Table: one row per finding."""
-        from rich.table import Table
-
+        """A rich Table: one row per finding (rich comes with the `experiments` extra)."""
+        Table = import_extra("rich.table", "CheckReport.table").Table
         verdict = "[green]ok[/green]" if self.ok else "[red]problems found[/red]"
         table = Table(
             title=f"batch-norm check: {self.layers} layers, {self.batches} batches: {verdict}", show_lines=True

@@ -56,6 +56,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from ._common import import_extra
+
 PERCENTILES = (0.15, 0.50, 0.85)
 SATURATION = {"sigmoid": 4.0, "tanh": 2.0}
 DEAD = ("relu", "relu6")
@@ -282,8 +284,7 @@ class Monitor:
         for each chosen unit the median as a line and the 15th-85th percentiles as a band.
         Returns the matplotlib Figure (drawn with the Agg canvas, no display needed);
         saved to `path` when given."""
-        from matplotlib.figure import Figure
-
+        Figure = import_extra("matplotlib.figure", "Monitor.plot").Figure
         history = self.arrays()
         names = list(history) if layers is None else list(layers)
         missing = [n for n in names if n not in history]

@@ -40,14 +40,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from rich.progress import Progress
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import backends, layout
 from ..stats import Stats, merge_stacked
 from ..variants import masked_stats, validate_mask
-from ._common import Changes, prepare, require_batchnorm
+from ._common import Changes, prepare, progress_bar, require_batchnorm
 from .freeze import frozen_stats, is_frozen, stats_snapshot
 
 
@@ -64,7 +63,7 @@ def recalibrate(
     batches: any iterable of input tensors or of (input, target, ...) tuples/lists (the
         first element is the input; the model is called as model(input)).
     num_batches: use at most this many batches (all when None).
-    progress: show a rich progress bar.
+    progress: show a progress bar (when rich, from the `experiments` extra, is installed).
     Returns (model, changes); `changes.previous` holds the statistics before
     (`stats_restore(model, changes.previous)` switches back). Frozen layers and layers
     without running statistics are skipped and recorded. A batch with non-finite values in
@@ -162,8 +161,8 @@ def _run(model, layers, batches, num_batches, captures, progress) -> int:
         m.train()
     count = 0
     try:
-        with torch.no_grad(), frozen_stats(model), Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task("recalibrating batch norm", total=num_batches)
+        bar = progress_bar("recalibrating batch norm", num_batches, progress)
+        with torch.no_grad(), frozen_stats(model), bar as advance:
             for batch in batches:
                 if num_batches is not None and count >= num_batches:
                     break
@@ -171,7 +170,7 @@ def _run(model, layers, batches, num_batches, captures, progress) -> int:
                 for capture in captures.values():
                     capture.end_batch(count)
                 count += 1
-                bar.advance(task)
+                advance()
     finally:
         for hook in hooks:
             hook.remove()
