@@ -33,7 +33,6 @@ was: modes, parameters, buffers.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from collections.abc import Iterable
@@ -46,11 +45,10 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from ..stats import Stats
-from ._common import import_extra
+from ..stats import Stats, merge_all
+from ._common import import_extra, input_stats_hook, leaves_no_trace
 from ._patterns import pairs
 from .freeze import frozen_stats
-from .recalibrate import _capture, _merge
 
 SEVERITIES = ("error", "warning", "info")
 
@@ -233,11 +231,9 @@ def _data_findings(model, layers, inputs, shift_tol, var_tol, gap_tol, min_value
     """Run the batches in evaluation mode (statistics of each layer's input, outputs), then
     with the batch-norm layers normalizing by batch statistics; put the model back."""
     captured: dict[str, list[Stats]] = {name: [] for name, _ in layers}  # one per batch
-    modes = {m: m.training for m in model.modules()}
-    guards = {m: copy.copy(m._guard) for _, m in layers if hasattr(m, "_guard")}
-    hooks = [m.register_forward_pre_hook(_capture(captured[name]), with_kwargs=True) for name, m in layers]
+    hooks = [m.register_forward_pre_hook(input_stats_hook(captured[name]), with_kwargs=True) for name, m in layers]
     try:
-        with torch.no_grad():
+        with leaves_no_trace(model, layers), torch.no_grad():
             model.eval()
             eval_out = [_flat(model(x)) for x in inputs]
             for h in hooks:
@@ -252,10 +248,6 @@ def _data_findings(model, layers, inputs, shift_tol, var_tol, gap_tol, min_value
     finally:
         for h in hooks:
             h.remove()
-        for m, training in modes.items():
-            m.training = training
-        for m, guard in guards.items():
-            m._guard = guard
 
     found = []
     for name, m in layers:
@@ -277,7 +269,7 @@ def _data_findings(model, layers, inputs, shift_tol, var_tol, gap_tol, min_value
                 "ghost batches only help with batches that are too large",
             ))  # fmt: skip
         if m.running_mean is not None:
-            found += _stale(name, m, _merge(captured[name]), shift_tol, var_tol)
+            found += _stale(name, m, merge_all(captured[name]), shift_tol, var_tol)
     if train_out is not None:
         diff = math.sqrt(sum(float((a - b).double().square().sum()) for a, b in zip(train_out, eval_out)))
         norm = math.sqrt(sum(float(b.double().square().sum()) for b in eval_out))
