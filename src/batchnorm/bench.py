@@ -330,8 +330,8 @@ def gpu_info() -> dict:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """The issue's targets: geomean over CNN fwd+bwd rows, BN+ReLU rows, worst row, largest rows
-    (fp32 rows only: the targets are stated for fp32)."""
+    """What the targets are stated on: geomean over CNN fwd+bwd rows, BN+ReLU rows, worst row,
+    largest rows (fp32 rows only: the targets are stated for fp32)."""
     rows = [r for r in rows if r.get("dtype", "float32") == "float32"]
     fb = [r for r in rows if r["mode"] == "train_fb"]
     cnn = [r for r in fb if len(r["shape"]) == 4]
@@ -512,7 +512,7 @@ def monitor_overhead(
 
 @bench_app.command("kernels")
 def kernels(
-    quick: bool = typer.Option(False, help="A few tiny rows (for tests), not the issue's grid."),
+    quick: bool = typer.Option(False, help="A few tiny rows (for tests), not the full grid."),
     device: str = typer.Option("cpu", help="cpu or cuda (cuda adds torch.compile and ResNet-50 rows)."),
     out: Path = typer.Option(Path("docs/bench"), help="Folder for the JSON results."),
     markdown: Path = typer.Option(Path("docs/benchmarks.md"), help="Where to render the table."),
