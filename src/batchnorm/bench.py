@@ -17,8 +17,8 @@ Modes: `eval` (forward with running statistics), `train` (forward with batch sta
 no autograd) and `train_fb` (forward + backward, gradients of x, weight, bias, residual).
 
 Results go to JSON (`--out`), and `docs/benchmarks.md` is rendered from them together with
-the crossover sweep (where `auto` starts to prefer numba over aten) and the design notes in
-`docs/bench/design_notes.md`.
+the crossover sweep (where `auto` starts to prefer numba over aten). How the kernels move
+memory, and what the numbers mean, is in `docs/performance.md`.
 """
 
 from __future__ import annotations
@@ -371,10 +371,11 @@ def render(result: dict, notes: str = "") -> str:
         "process; GB/s at the op's minimal traffic (forward: read x, write y; backward: read x and dy, "
         "write dx; + residual), against a copy of the same tensor into a preallocated one, timed in the same run.",
         "",
+        "How the backends move memory, the dispatch rules and what was tried: [performance.md](performance.md). "
         "Whole training steps (ResNets with torch's batch norm and ours, eager and under `torch.compile`, from "
         f"`batchnorm bench train`): [bench-train{'-cuda' if m.get('device') == 'cuda' else ''}.md]"
         f"(bench-train{'-cuda' if m.get('device') == 'cuda' else ''}.md). Our kernel as an op under "
-        "`torch.compile` against Inductor's code, per size (`batchnorm bench compile`): [bench-compile.md](bench-compile.md).",
+        "`torch.compile` against Inductor's code, per size: `batchnorm bench compile` (writes bench-compile.md).",
         "",
         "## Machine",
         "",
@@ -516,7 +517,7 @@ def kernels(
     device: str = typer.Option("cpu", help="cpu or cuda (cuda adds torch.compile and ResNet-50 rows)."),
     out: Path = typer.Option(Path("docs/bench"), help="Folder for the JSON results."),
     markdown: Path = typer.Option(Path("docs/benchmarks.md"), help="Where to render the table."),
-    notes: Path = typer.Option(Path("docs/bench/design_notes.md"), help="Design notes appended to the markdown."),
+    notes: Path | None = typer.Option(None, help="A markdown file appended to the rendered page."),
     repeats: int = typer.Option(7, min=1, help="Timed runs per row (the median is reported)."),
     backend: str = typer.Option("auto", help="The backend ours runs with: auto, or a name (triton: what `bench gpu-rule` reads)."),
     dtype: list[str] = typer.Option(["float32"], help="Input dtype(s), repeatable: float32, bfloat16, float16."),
@@ -541,7 +542,7 @@ def kernels(
     path = out / f"kernels-{device}{'' if backend == 'auto' else '-' + backend}{'-quick' if quick else ''}.json"
     path.write_text(json.dumps(result, indent=1))
     markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text(render(result, notes.read_text() if notes.exists() else ""))
+    markdown.write_text(render(result, notes.read_text() if notes is not None and notes.exists() else ""))
     typer.echo(f"wrote {path} and {markdown}")
 
 
