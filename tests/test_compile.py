@@ -81,19 +81,18 @@ def test_compiled_equals_eager_over_training_steps(extra, backend):
     torch.testing.assert_close(fn(xs[0]), eager(xs[0]), rtol=2e-5, atol=2e-5)
 
 
-def test_renorm_runs_eagerly_inside_a_compiled_model():
-    """Batch renormalization is a documented graph break (functional.py says why): the
-    compiled model gives eager's results, and fullgraph=True refuses it."""
+@pytest.mark.parametrize("backend", ["aten", "numba"])
+def test_renorm_compiles_without_breaks_and_equals_eager(backend):
+    """Batch renormalization in one graph: its correction reads the running statistics that
+    the same forward updates, and the gradients must still be eager's, step after step
+    (warm-up, ramp, full limits)."""
     extra = {"renorm": bn.Renorm(r_max=1.5, d_max=0.5, warmup_steps=1, ramp_steps=2)}
-    eager, compiled, xs = _pair(extra, "aten", channels_last=False)
-    fn = torch.compile(compiled, backend="aot_eager")
-    for x in xs:
+    eager, compiled, xs = _pair(extra, backend, channels_last=False)
+    fn = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    for x in xs + xs:
         for got, want in zip(_step(fn, x), _step(eager, x)):
             torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
         _assert_same_state(compiled, eager)
-    torch._dynamo.reset()
-    with pytest.raises(torch._dynamo.exc.Unsupported):
-        torch.compile(compiled, backend="aot_eager", fullgraph=True)(xs[0])
 
 
 def test_residual_and_mask_compile_without_breaks():
@@ -181,6 +180,17 @@ def test_opcheck(backend, training, extras):
         (dy, x.detach(), w.detach(), b.detach(), None if r is None else r.detach(), params.detach(),
          training, activation, backend, needs),
     )  # fmt: skip
+
+
+def test_opcheck_renorm_correction():
+    g = torch.Generator().manual_seed(5)
+    mean, running_mean = torch.randn(4, generator=g), torch.randn(4, generator=g)
+    var, running_var = torch.rand(4, generator=g) + 0.1, torch.rand(4, generator=g) + 0.1
+    args = (mean, var, running_mean, running_var, 1e-5, torch.tensor(1.5), torch.tensor(0.5))
+    torch.library.opcheck(torch.ops.batchnorm.renorm_correction, args)
+    r, d = torch.ops.batchnorm.renorm_correction(*args)
+    want = bn.variants.renorm_correction(bn.stats.Stats(torch.ones(4), mean, var), running_mean, running_var, 1e-5, 1.5, 0.5)
+    assert torch.equal(r, want[0]) and torch.equal(d, want[1])
 
 
 def test_eager_and_custom_op_paths_give_the_same_bits():

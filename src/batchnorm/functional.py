@@ -114,7 +114,7 @@ def batch_norm(
             (guard or _DEFAULT_GUARD).record(accepted)
         return y
 
-    if (renorm is not None or sync is not None) and torch.compiler.is_compiling():
+    if sync is not None and torch.compiler.is_compiling():
         return _outside_the_graph(
             x, running_mean, running_var, weight, bias, momentum, eps, activation, residual, backend,
             num_batches_tracked, guard, sync, mask, virtual_batch_size, renorm, unbiased_running_var,
@@ -145,12 +145,9 @@ def batch_norm(
 def _outside_the_graph(x, running_mean, running_var, weight, bias, momentum, eps, activation, residual,
                        backend, num_batches_tracked, guard, sync, mask, virtual_batch_size, renorm,
                        unbiased_running_var):  # fmt: skip
-    """Batch renormalization and SyncBatchNorm in a compiled model run eagerly, a graph break
-    per layer (so fullgraph=True refuses them). SyncBatchNorm's two reductions are
-    collectives between the forward's statistics and the backward's sums, which a traced
-    graph would drop. Renorm's correction reads the running statistics, which the forward
-    then updates in place; traced, AOTAutograd's backward recomputes the correction from the
-    updated buffers and the gradients come out wrong."""
+    """SyncBatchNorm in a compiled model runs eagerly, a graph break per layer (so
+    fullgraph=True refuses it): its two reductions are collectives between the forward's
+    statistics and the backward's sums, which a traced graph would drop."""
     return batch_norm(
         x, running_mean, running_var, weight, bias, True, momentum, eps, activation=activation,
         residual=residual, backend=backend, num_batches_tracked=num_batches_tracked, guard=guard,
@@ -228,7 +225,7 @@ def _normalize_masked(x, mask, weight, bias, eps, activation, residual, limits, 
     correction = None
     if limits is not None:
         detached = Stats(*(t.detach() for t in batch))
-        correction = variants.renorm_correction(detached, running_mean, running_var, eps, *limits)
+        correction = ops.renorm_correction(detached, running_mean, running_var, eps, *limits)
     shift = _scale_shift(weight, bias, torch.ones_like(batch.mean), correction)[1]
     y = variants.masked_normalize(
         x, mask, batch, eps, lambda invstd: _scale_shift(weight, None, invstd, correction)[0],

@@ -35,14 +35,15 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from . import backends, layout
+from . import backends, layout, variants
 from .backends.aten import AtenBackend, differentiable_grads, native_batch_norm
 from .backends.base import CENTER, N_PARAMS, VAR
 from .channel_params import acc_dtype
-from .stats import momentum_factor, update_running
+from .stats import Stats, momentum_factor, update_running
 
 try:
     from .backends.numba_cpu import fold_running as _fold_running_cpu
@@ -92,14 +93,19 @@ def batch_norm(
                        training, momentum, eps, activation, be, unbiased, updating)  # fmt: skip
     plain_evaluation = not training and activation is None and residual is None
     if isinstance(be, AtenBackend) or (plain_evaluation and not be.takes_plain_evaluation(x)):
+        scratch, arrays = _batch_scratch(x, running_mean, running_var) if updating else (None, None)
         y, mean, var = native_batch_norm(
             x, weight, bias, None if training else running_mean, None if training else running_var,
-            eps, activation, residual, training,
+            eps, activation, residual, training, scratch,
         )  # fmt: skip
         if not updating:
             return y, None
+        if arrays is not None:  # the rule in one numba call on the scratch's own memory
+            if not unbiased:
+                arrays[1] *= _bias_correction(x)
+            return y, _fold_cpu(running_mean, running_var, num_batches_tracked, *arrays, momentum)
         stored = var if unbiased else var * _bias_correction(x)
-        return y, _commit(running_mean, running_var, num_batches_tracked, mean, stored, momentum)
+        return y, update_running(running_mean, running_var, mean, stored, momentum, num_batches_tracked)
     fold = None
     if updating and be.folds_running:
         fold = Fold(running_mean, running_var, momentum_factor(momentum, num_batches_tracked), unbiased)
@@ -157,12 +163,17 @@ def _commit(running_mean, running_var, num_batches_tracked, mean, var, momentum)
     """The rule (`update_running`) in eager mode: for fp32/fp64 buffers on the CPU one numba
     call on numpy views (a few microseconds where the tensor ops cost tens), else tensor ops."""
     if _fold_running_cpu is not None and _numpy_viewable(running_mean, running_var, mean, var):
-        factor = momentum_factor(momentum, num_batches_tracked)
-        accepted = bool(_fold_running_cpu(mean.numpy(), var.numpy(), factor, running_mean.numpy(), running_var.numpy()))
-        if accepted and num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        return accepted
+        return _fold_cpu(running_mean, running_var, num_batches_tracked, mean.numpy(), var.numpy(), momentum)
     return update_running(running_mean, running_var, mean, var, momentum, num_batches_tracked)
+
+
+def _fold_cpu(running_mean, running_var, num_batches_tracked, mean, var, momentum) -> bool:
+    """The rule by numba on the batch's (mean, stored var) as numpy arrays (C,)."""
+    factor = momentum_factor(momentum, num_batches_tracked)
+    accepted = bool(_fold_running_cpu(mean, var, factor, running_mean.numpy(), running_var.numpy()))
+    if accepted and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    return accepted
 
 
 def _numpy_viewable(*tensors: Tensor) -> bool:
@@ -171,6 +182,18 @@ def _numpy_viewable(*tensors: Tensor) -> bool:
         t.is_cpu and t.dtype in (torch.float32, torch.float64) and t.is_contiguous() and not t.requires_grad
         for t in tensors
     )
+
+
+def _batch_scratch(x: Tensor, running_mean: Tensor, running_var: Tensor) -> tuple[Tensor | None, np.ndarray | None]:
+    """The (2, C) rows torch's kernel writes the batch's (mean, unbiased var) into. When the
+    rule can run in numba (CPU, numpy-viewable buffers) they are allocated by numpy and
+    shared with torch, so that the fold reads them without a conversion (a fresh tensor's
+    `.numpy()` costs microseconds, as much as the fold itself); (None, None) otherwise, and
+    native_batch_norm allocates them."""
+    if _fold_running_cpu is None or not (x.is_cpu and _numpy_viewable(running_mean, running_var)):
+        return None, None
+    arrays = np.zeros((2, x.shape[1]), dtype=np.float64 if x.dtype == torch.float64 else np.float32)
+    return torch.from_numpy(arrays), arrays
 
 
 # The kernels, as both paths call them -----------------------------------------------------
@@ -315,3 +338,32 @@ def _op_backward(ctx, dy, _dparams):
 
 
 _batch_norm_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+# Batch renormalization's correction, for compiled graphs ---------------------------------
+def renorm_correction(batch: Stats, running_mean, running_var, eps, r_max, d_max) -> tuple[Tensor, Tensor]:
+    """variants.renorm_correction's (r, d), each (C,); while a graph is traced, as the opaque
+    op `batchnorm::renorm_correction`. Why an op: (r, d) read the running statistics, which
+    the same forward then updates in place; as plain tensor ops, AOTAutograd's partitioner
+    may recompute them in the backward from the buffers, already updated, and the gradients
+    come out wrong. An opaque op's outputs are saved for the backward, never recomputed."""
+    if not torch.compiler.is_compiling():
+        return variants.renorm_correction(batch, running_mean, running_var, eps, r_max, d_max)
+    acc = batch.mean.dtype
+    limits = [torch.as_tensor(v, dtype=acc, device=batch.mean.device) for v in (r_max, d_max)]
+    return torch.ops.batchnorm.renorm_correction(batch.mean, batch.var, running_mean, running_var, eps, *limits)
+
+
+@torch.library.custom_op("batchnorm::renorm_correction", mutates_args=())
+def _renorm_correction_op(
+    mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor, eps: float, r_max: Tensor, d_max: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(r, d) from the batch's mean and biased variance and the running statistics, all (C,)."""
+    count = torch.ones_like(mean)  # var = m2 / count with count 1
+    batch = Stats(count, mean, var)
+    return tuple(t.clone() for t in variants.renorm_correction(batch, running_mean, running_var, eps, r_max, d_max))
+
+
+@_renorm_correction_op.register_fake
+def _renorm_correction_fake(mean, var, running_mean, running_var, eps, r_max, d_max):
+    return torch.empty_like(mean), torch.empty_like(mean)

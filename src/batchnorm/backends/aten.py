@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import activations
+from ..channel_params import acc_dtype
 from .reference import ReferenceBackend
 
 
@@ -23,21 +24,22 @@ class AtenBackend(ReferenceBackend):
         return True
 
 
-def native_batch_norm(x, weight, bias, running_mean, running_var, eps, activation, residual, training):
+def native_batch_norm(x, weight, bias, running_mean, running_var, eps, activation, residual, training, batch_stats=None):
     """torch's own batch norm on the N-D input, with torch's autograd (double backward
     included), then the extras: (y, mean, unbiased_var).
 
     Training normalizes with the batch's statistics and also returns them, each (C,) in the
-    accumulation dtype, exactly as torch computes them for its running update (its kernel
-    writes them into two zeroed scratch buffers with momentum 1), so that the op layer can
-    fold them in under the guard's rule; the module's buffers are never handed to torch's
-    kernel. Evaluation normalizes with running_mean and running_var and returns (y, None,
-    None)."""
+    accumulation dtype, exactly as torch computes them for its running update: its kernel
+    writes them, with momentum 1, into the two zeroed rows of `batch_stats` (2, C), which
+    the caller may hand in (allocated here otherwise), so that the op layer can fold them
+    in under the guard's rule; the module's buffers are never handed to torch's kernel.
+    Evaluation normalizes with running_mean and running_var and returns (y, None, None)."""
     if not training:
         y = _native(x, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
         return _finish(y, activation, residual), None, None
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    mean, var = torch.zeros(2, x.shape[1], dtype=acc, device=x.device)  # one allocation, two rows
+    if batch_stats is None:
+        batch_stats = torch.zeros(2, x.shape[1], dtype=acc_dtype(x.dtype), device=x.device)
+    mean, var = batch_stats
     y = _native(x, weight, bias, mean, var, True, 1.0, eps)[0]
     return _finish(y, activation, residual), mean, var
 
