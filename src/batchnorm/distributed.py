@@ -156,9 +156,8 @@ class SyncBatchNorm(BatchNormExtras, _BatchNorm):
     buffer broadcast: wrap with `DistributedDataParallel(model, **no_buffer_broadcast())`.
     """
 
-    # Ghost batches and masks are normalized chunk by chunk, position by position, with
-    # statistics this layer would have to synchronize for each chunk; functional.batch_norm
-    # refuses them together with synchronization.
+    # functional.batch_norm refuses masks and ghost batches together with synchronization; a
+    # mask is a forward argument (refused there), a ghost batch size a constructor one (here).
     refused_extras = {
         "virtual_batch_size": "ghost batches, like masks, are not supported together with "
         "SyncBatchNorm (their statistics are not synchronized across processes)",
@@ -318,10 +317,11 @@ def _extras_for(old: torch.nn.Module, cls: type, path: str) -> dict:
     for name, value in changed_extras(old).items():
         if name not in accepted:
             default = EXTRA_DEFAULTS[name]
-            hint = getattr(cls, "refused_extras", {}).get(name)
-            hint = f"{hint}; set {name}={default!r} first" if hint else (
-                f"set {name}={default!r} first, or use a batchnorm module, which has it"
-            )
+            why = getattr(cls, "refused_extras", {}).get(name)
+            if why:
+                hint = f"{why}; set {name}={default!r} first"
+            else:
+                hint = f"set {name}={default!r} first, or use a batchnorm module, which has it"
             raise ValueError(
                 f"{type(old).__name__} at {path or 'the top level'} has {name}={value!r}, which "
                 f"{cls.__name__} does not support: {hint}"
