@@ -1,6 +1,7 @@
 # The two set-up commands of the README: `make demo` and `make test`.
 # Both create .venv on first use and install the package with torch pinned
-# (constraints.txt: the CPU build of torch 2.13.0; anything else pulls CUDA wheels).
+# (constraints.txt: the CPU build of torch 2.13.0; anything else pulls CUDA wheels) and
+# its `dev` extra, which includes the `experiments` extra that the command line needs.
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python

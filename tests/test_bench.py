@@ -19,7 +19,7 @@ from batchnorm.cli import app
 
 def test_quick_bench_writes_json_and_markdown(tmp_path):
     notes = tmp_path / "notes.md"
-    notes.write_text("## Design notes\n\nprediction, then measurement.\n")
+    notes.write_text("## Notes\n\nappended as they are.\n")
     md = tmp_path / "benchmarks.md"
     result = CliRunner().invoke(
         app,
@@ -40,7 +40,7 @@ def test_quick_bench_writes_json_and_markdown(tmp_path):
     assert data["machine"]["cores"] >= 1 and data["crossover"]["points"]
     text = md.read_text()
     assert text.startswith("# Kernel benchmarks")
-    assert "## Crossover" in text and "## Design notes" in text
+    assert "## Crossover" in text and "## Notes" in text and "(performance.md)" in text
     table = [ln for ln in text.splitlines() if ln.startswith("| ") and ln[2].isdigit() and "x" in ln.split("|")[1]]
     assert len(table) == expected
     header = next(ln for ln in text.splitlines() if ln.startswith("| shape"))
@@ -93,6 +93,14 @@ def test_grid_depends_on_device():
     cpu, cuda = bench.grid("cpu", False), bench.grid("cuda", False)
     assert len(cpu) == len(bench.MLP_SHAPES) + 2 * len(bench.CNN_SHAPES)
     assert set(cpu) < set(cuda) and any(s in bench.RESNET50_SHAPES for s, _ in cuda)
+
+
+def test_monitor_overhead_reports_both_models():
+    result = bench.monitor_overhead(steps=2, rounds=1)
+    assert set(result) == {"sigmoid", "batchnorm"}
+    for numbers in result.values():
+        assert numbers["step_s"] > 0 and numbers["monitored_step_s"] > 0
+        assert numbers["overhead"] > -1.0  # a ratio of two positive times, minus one
 
 
 def test_monitor_overhead_command_reports_both_models():

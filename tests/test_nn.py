@@ -84,7 +84,7 @@ def test_matches_torch_module(case):
         xb = x.detach().clone().requires_grad_()
         ya, yb = ours(xa), theirs(xb)
         if half_stats_in_torch and (training or not case["track"]):
-            # torch computes these statistics in half precision; DESIGN asks for fp32, so
+            # torch computes these statistics in half precision, ours in fp32 (guide.md), so
             # the float64 reference on the same input is the oracle here.
             xb = x.detach().double().requires_grad_()
             yb = torch.nn.functional.batch_norm(xb, None, None, training=True, eps=theirs.eps)

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from batchnorm import reference
-from batchnorm.stats import NonFiniteGuard, Stats, merge, merge_stacked, update_running
+from batchnorm.stats import NonFiniteGuard, Stats, merge, merge_all, merge_stacked, update_running
 
 
 def _stats_of(x):
@@ -24,8 +24,9 @@ def test_merge_equals_statistics_of_the_concatenation(sizes, seed):
     for p in parts:
         folded = merge(folded, _stats_of(p) if len(p) else zero)
     direct = _stats_of(torch.cat(parts))
-    stacked = merge_stacked(*(torch.stack(t) for t in zip(*[_stats_of(p) if len(p) else zero for p in parts])))
-    for got in (folded, stacked):
+    sets = [_stats_of(p) if len(p) else zero for p in parts]
+    stacked = merge_stacked(*(torch.stack(t) for t in zip(*sets)))
+    for got in (folded, stacked, merge_all(sets)):
         torch.testing.assert_close(got.count, direct.count)
         torch.testing.assert_close(got.mean, direct.mean, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got.m2, direct.m2, rtol=1e-9, atol=1e-9)

@@ -17,8 +17,8 @@ Modes: `eval` (forward with running statistics), `train` (forward with batch sta
 no autograd) and `train_fb` (forward + backward, gradients of x, weight, bias, residual).
 
 Results go to JSON (`--out`), and `docs/benchmarks.md` is rendered from them together with
-the crossover sweep (where `auto` starts to prefer numba over aten) and the design notes in
-`docs/bench/design_notes.md`.
+the crossover sweep (where `auto` starts to prefer numba over aten). How the kernels move
+memory, and what the numbers mean, is in `docs/performance.md`.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ import typer
 
 from . import backends
 from .nn import BatchNorm1d, BatchNorm2d
+from .tools.monitor import EVERY as MONITOR_EVERY
+from .tools.monitor import monitor
 
 bench_app = typer.Typer(help="Benchmarks against torch: kernels, whole training steps.", no_args_is_help=True)
 
@@ -328,8 +330,8 @@ def gpu_info() -> dict:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """The issue's targets: geomean over CNN fwd+bwd rows, BN+ReLU rows, worst row, largest rows
-    (fp32 rows only: the targets are stated for fp32)."""
+    """What the targets are stated on: geomean over CNN fwd+bwd rows, BN+ReLU rows, worst row,
+    largest rows (fp32 rows only: the targets are stated for fp32)."""
     rows = [r for r in rows if r.get("dtype", "float32") == "float32"]
     fb = [r for r in rows if r["mode"] == "train_fb"]
     cnn = [r for r in fb if len(r["shape"]) == 4]
@@ -369,10 +371,11 @@ def render(result: dict, notes: str = "") -> str:
         "process; GB/s at the op's minimal traffic (forward: read x, write y; backward: read x and dy, "
         "write dx; + residual), against a copy of the same tensor into a preallocated one, timed in the same run.",
         "",
+        "How the backends move memory, the dispatch rules and what was tried: [performance.md](performance.md). "
         "Whole training steps (ResNets with torch's batch norm and ours, eager and under `torch.compile`, from "
         f"`batchnorm bench train`): [bench-train{'-cuda' if m.get('device') == 'cuda' else ''}.md]"
         f"(bench-train{'-cuda' if m.get('device') == 'cuda' else ''}.md). Our kernel as an op under "
-        "`torch.compile` against Inductor's code, per size (`batchnorm bench compile`): [bench-compile.md](bench-compile.md).",
+        "`torch.compile` against Inductor's code, per size: `batchnorm bench compile` (writes bench-compile.md).",
         "",
         "## Machine",
         "",
@@ -460,13 +463,61 @@ def run(
     )  # fmt: skip
 
 
+def monitor_overhead(
+    steps: int = 200, rounds: int = 5, batch_size: int = 60, every: int = MONITOR_EVERY
+) -> dict[str, dict[str, float]]:
+    """The activation monitor's cost (`bn.monitor` with its default layers and units,
+    recording every `every`-th step), as a fraction of a training step (SGD, cross-entropy)
+    of the experiments' MLP (64 inputs, 3 hidden layers of 100 sigmoid units, 10 outputs),
+    without and with batch norm.
+
+    Blocks of `steps` steps alternate without and with the monitor, `rounds` times; the
+    overhead is the median over rounds of (monitored block / the plain block just before)
+    - 1, so that drifts in the machine's load cancel in each pair. Returns
+    {"sigmoid" | "batchnorm": {"step_s", "monitored_step_s" (medians), "overhead"}}.
+    """
+    from .experiments.common import mlp
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, 64, generator=generator)
+    y = torch.randint(0, 10, (batch_size,), generator=generator)
+    results = {}
+    for name in ("sigmoid", "batchnorm"):
+        torch.manual_seed(0)
+        model = mlp(64, 10, width=100, depth=3, activation="sigmoid", batchnorm=name == "batchnorm")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+
+        def block(watch: bool) -> float:
+            start = time.perf_counter()
+            mon = monitor(model, every=every).start() if watch else None
+            for _ in range(steps):
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+            if mon is not None:
+                mon.stop()  # computing the statistics is part of the cost
+            return (time.perf_counter() - start) / steps
+
+        block(True)  # warm up
+        plain, watched = [], []
+        for _ in range(rounds):
+            plain.append(block(False))
+            watched.append(block(True))
+        results[name] = {
+            "step_s": statistics.median(plain),
+            "monitored_step_s": statistics.median(watched),
+            "overhead": statistics.median(w / p for w, p in zip(watched, plain)) - 1.0,
+        }
+    return results
+
+
 @bench_app.command("kernels")
 def kernels(
-    quick: bool = typer.Option(False, help="A few tiny rows (for tests), not the issue's grid."),
+    quick: bool = typer.Option(False, help="A few tiny rows (for tests), not the full grid."),
     device: str = typer.Option("cpu", help="cpu or cuda (cuda adds torch.compile and ResNet-50 rows)."),
     out: Path = typer.Option(Path("docs/bench"), help="Folder for the JSON results."),
     markdown: Path = typer.Option(Path("docs/benchmarks.md"), help="Where to render the table."),
-    notes: Path = typer.Option(Path("docs/bench/design_notes.md"), help="Design notes appended to the markdown."),
+    notes: Path | None = typer.Option(None, help="A markdown file appended to the rendered page."),
     repeats: int = typer.Option(7, min=1, help="Timed runs per row (the median is reported)."),
     backend: str = typer.Option("auto", help="The backend ours runs with: auto, or a name (triton: what `bench gpu-rule` reads)."),
     dtype: list[str] = typer.Option(["float32"], help="Input dtype(s), repeatable: float32, bfloat16, float16."),
@@ -491,7 +542,7 @@ def kernels(
     path = out / f"kernels-{device}{'' if backend == 'auto' else '-' + backend}{'-quick' if quick else ''}.json"
     path.write_text(json.dumps(result, indent=1))
     markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text(render(result, notes.read_text() if notes.exists() else ""))
+    markdown.write_text(render(result, notes.read_text() if notes is not None and notes.exists() else ""))
     typer.echo(f"wrote {path} and {markdown}")
 
 
@@ -525,7 +576,6 @@ def monitor_command(
     from rich.console import Console
     from rich.table import Table
 
-    from .tools.monitor import monitor_overhead
 
     table = Table("model", "step (ms)", "with monitor (ms)", "overhead",
                   title=f"bn.monitor overhead, every={every} (64 -> 3 x 100 sigmoid -> 10, batch 60)")  # fmt: skip

@@ -45,9 +45,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parallel import DistributedDataParallel
 
-from .nn import _Extras
+from .extras import EXTRA_DEFAULTS, BatchNormExtras, changed_extras, spell_out_extras
 from .stats import Stats
-from .variants import Renorm
 
 
 def active_group(process_group=None):
@@ -139,12 +138,13 @@ def _finite(mean: Tensor) -> Tensor:
     return torch.nan_to_num(mean, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-class SyncBatchNorm(_Extras, _BatchNorm):
+class SyncBatchNorm(BatchNormExtras, _BatchNorm):
     """Batch norm over the global batch of every process in `process_group` (None: all).
 
     Input (N, C, *spatial) with any number of spatial dimensions, as torch's SyncBatchNorm;
     the arguments, parameters, buffers and state_dict keys are torch's, and the extras
-    (`activation=`, `forward(x, residual)`, `backend=`) are those of `batchnorm.BatchNorm2d`.
+    are those of `batchnorm.BatchNorm2d` (extras.py) but `virtual_batch_size`
+    (`refused_extras` says why; masks are refused for the same reason).
     It subclasses torch's `_BatchNorm`, not `torch.nn.SyncBatchNorm`: DistributedDataParallel
     refuses any `torch.nn.SyncBatchNorm` in a CPU model.
 
@@ -155,6 +155,13 @@ class SyncBatchNorm(_Extras, _BatchNorm):
     from the global statistics, so they stay identical on every process and DDP needs no
     buffer broadcast: wrap with `DistributedDataParallel(model, **no_buffer_broadcast())`.
     """
+
+    # functional.batch_norm refuses masks and ghost batches together with synchronization; a
+    # mask is a forward argument (refused there), a ghost batch size a constructor one (here).
+    refused_extras = {
+        "virtual_batch_size": "ghost batches, like masks, are not supported together with "
+        "SyncBatchNorm (their statistics are not synchronized across processes)",
+    }
 
     def __init__(
         self,
@@ -168,21 +175,16 @@ class SyncBatchNorm(_Extras, _BatchNorm):
         dtype=None,
         *,
         bias: bool = True,
-        activation: str | None = None,
-        backend: str | None = "auto",
-        renorm: Renorm | None = None,
-        unbiased_running_var: bool = True,
+        **extras,
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            bias=bias, activation=activation, backend=backend, renorm=renorm,
-            unbiased_running_var=unbiased_running_var,
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias, **extras
         )
         self.process_group = process_group
         self._sync: GroupSync | None = None
 
     def _check_input_dim(self, input: Tensor) -> None:
-        """Any (N, C, *spatial): `checks.check_input` has already asked for 2 dimensions."""
+        """Any (N, C, *spatial): `validation.validate_input` has already asked for 2 dimensions."""
 
     def _synchronizer(self) -> GroupSync | None:
         """This layer's GroupSync when batch statistics normalize and others share them."""
@@ -260,6 +262,9 @@ class SyncBatchNorm(_Extras, _BatchNorm):
         return _map_modules(module, to_local)
 
 
+spell_out_extras(SyncBatchNorm.__init__, SyncBatchNorm.refused_extras)
+
+
 def _check_rebuilds(module: torch.nn.Module, target) -> None:
     """Raise what converting any layer would raise, before the first one is replaced;
     target(m, path) is the class `m` becomes, or None to keep it."""
@@ -286,18 +291,6 @@ def _check_materialized(m: torch.nn.Module, path: str) -> None:
         )
 
 
-# Our modules' keyword-only extras and their defaults (a default changes nothing). Every
-# one but `backend` changes what the layer computes, so it must be kept or refused.
-_EXTRA_DEFAULTS = dict(
-    activation=None, backend="auto", virtual_batch_size=None, renorm=None, unbiased_running_var=True
-)
-# What to do about an extra the target class lacks, where there is more to say than "reset it".
-_UNSUPPORTED_HINT = {
-    "virtual_batch_size": "ghost batches are not synchronized across processes (neither are "
-    "masks); set virtual_batch_size=None first",
-}
-
-
 def _rebuild(old: torch.nn.Module, cls: type, path: str = "") -> torch.nn.Module:
     """A `cls` batch norm with `old`'s configuration, extras, parameters (shared), buffers and
     mode; ValueError, before anything changes, for an extra that `cls` cannot hold."""
@@ -316,18 +309,19 @@ def _rebuild(old: torch.nn.Module, cls: type, path: str = "") -> torch.nn.Module
 
 
 def _extras_for(old: torch.nn.Module, cls: type, path: str) -> dict:
-    """The extras of `old` as keywords for `cls`: those `cls` accepts. One it lacks is dropped
-    if at its default (or `backend`, which only picks kernels); otherwise ValueError."""
-    accepted = inspect.signature(cls.__init__).parameters
-    extras = {}
-    for name, default in _EXTRA_DEFAULTS.items():
-        value = getattr(old, name, default)
-        if name in accepted:
-            extras[name] = value
-        elif name != "backend" and value != default:
-            hint = _UNSUPPORTED_HINT.get(
-                name, f"set {name}={default!r} first, or use a batchnorm module, which has it"
-            )
+    """The extras of `old` as keywords for `cls`: those `cls` accepts (none, for torch's
+    classes). One it lacks is dropped if it changes nothing (at its default, or `backend`,
+    which only picks kernels); otherwise ValueError."""
+    accepted = cls.accepted_extras() if issubclass(cls, BatchNormExtras) else ()
+    extras = {name: getattr(old, name) for name in accepted if hasattr(old, name)}
+    for name, value in changed_extras(old).items():
+        if name not in accepted:
+            default = EXTRA_DEFAULTS[name]
+            why = getattr(cls, "refused_extras", {}).get(name)
+            if why:
+                hint = f"{why}; set {name}={default!r} first"
+            else:
+                hint = f"set {name}={default!r} first, or use a batchnorm module, which has it"
             raise ValueError(
                 f"{type(old).__name__} at {path or 'the top level'} has {name}={value!r}, which "
                 f"{cls.__name__} does not support: {hint}"

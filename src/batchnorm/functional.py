@@ -1,6 +1,6 @@
 """`batch_norm`: the one entry point every module calls.
 
-It checks the input, picks a backend (`backends.resolve`), computes the statistics,
+It validates the input, picks a backend (`backends.resolve`), computes the statistics,
 normalizes, and updates the running statistics (`stats.update_running`, with the
 non-finite guard). Policy lives here (ghost batches, masks, batch renormalization,
 synchronization across processes); the backends only compute.
@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from . import activations, backends, checks, layout, variants
+from . import activations, backends, layout, validation, variants
 from . import ops
 from .autograd import BatchNormFunction
 from .channel_params import acc_dtype, affine
@@ -84,16 +84,16 @@ def batch_norm(
     `backend`: "auto", a name from `batchnorm.backends.available()`, or None to read the
     BATCHNORM_BACKEND environment variable.
     """
-    x = checks.check_input(input)
-    checks.check_per_channel(
+    x = validation.validate_input(input)
+    validation.validate_per_channel(
         x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
     )
-    checks.check_residual(x, residual)
-    checks.check_activation(activation)
-    checks.check_momentum(momentum)
-    checks.check_eps(eps)
+    validation.validate_residual(x, residual)
+    validation.validate_activation(activation)
+    validation.validate_momentum(momentum)
+    validation.validate_eps(eps)
     if mask is not None:
-        variants.check_mask(x, mask)
+        variants.validate_mask(x, mask)
     if virtual_batch_size is not None:
         variants.chunks(max(x.shape[0], 1), virtual_batch_size, 1)  # validates k
     if sync is not None and (mask is not None or virtual_batch_size is not None):
@@ -105,7 +105,7 @@ def batch_norm(
     if plain or not use_batch_stats:
         # the extras are training-only: evaluation is plain batch norm with the running statistics
         if use_batch_stats:
-            checks.check_training_batch(x)
+            validation.validate_training_batch(x)
         y, accepted = ops.batch_norm(
             x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
             use_batch_stats, momentum, eps, activation, backend, unbiased_running_var,
@@ -197,13 +197,13 @@ def _normalize_chunks(
 def _normalize_one(x, weight, bias, eps, activation, residual, be, sync, limits, running_mean, running_var):
     """One batch (or ghost chunk) through the backend's kernels and BatchNormFunction."""
     if sync is None:
-        checks.check_training_batch(x)
+        validation.validate_training_batch(x)
     with torch.no_grad():
         batch = _local_stats(x, be)
         if sync is not None:
             batch = sync.reduce_stats(batch)
             # Every process holds the same global count, so all raise together.
-            checks.check_global_count(int(batch.count[0]) if batch.count.numel() else 0, x.shape)
+            validation.validate_global_count(int(batch.count[0]) if batch.count.numel() else 0, x.shape)
         invstd = torch.rsqrt(batch.var + eps)
         correction = None
         if limits is not None:
@@ -221,7 +221,7 @@ def _normalize_masked(x, mask, weight, bias, eps, activation, residual, limits, 
     the statistics, which see only the valid positions (all of them when mask is None)."""
     batch = variants.masked_stats(x, mask)
     if not torch.compiler.is_compiling():  # a graph cannot raise on a value it computes
-        checks.check_training_batch_count(int(batch.count[0]) if batch.count.numel() else 0, x.shape, masked=True)
+        validation.validate_training_batch_count(int(batch.count[0]) if batch.count.numel() else 0, x.shape, masked=True)
     correction = None
     if limits is not None:
         detached = Stats(*(t.detach() for t in batch))

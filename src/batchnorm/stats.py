@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -65,6 +66,11 @@ def merge_stacked(count: Tensor, mean: Tensor, m2: Tensor) -> Stats:
     mu = (count * mean).sum(0) / safe_n
     m2_total = m2.sum(0) + (count * (mean - mu) ** 2).sum(0)
     return Stats(n, mu, m2_total)
+
+
+def merge_all(sets: Sequence[Stats]) -> Stats:
+    """Merge a list of statistics (each (C,) tensors), in order: `merge_stacked` of them stacked."""
+    return merge_stacked(*(torch.stack(column) for column in zip(*sets)))
 
 
 def momentum_factor(momentum: float | None, num_batches_tracked: Tensor | None) -> float:

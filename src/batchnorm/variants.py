@@ -93,7 +93,7 @@ def chunks(n: int, k: int, values_per_example: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def check_mask(x: Tensor, mask: Tensor) -> Tensor:
+def validate_mask(x: Tensor, mask: Tensor) -> Tensor:
     """A boolean mask over batch and spatial positions, shape (N, *spatial)."""
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
@@ -166,4 +166,4 @@ def masked_normalize(
     return activations.forward(u, activation).to(x.dtype)
 
 
-__all__ = ["Renorm", "check_mask", "chunks", "masked_normalize", "masked_stats", "renorm_correction"]
+__all__ = ["Renorm", "chunks", "masked_normalize", "masked_stats", "renorm_correction", "validate_mask"]

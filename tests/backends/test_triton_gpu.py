@@ -378,7 +378,7 @@ def check_whole_forward(case, activation, with_residual, mode, single_read, mixe
     """tg.forward against the reference: y, the vectors, and the running statistics (mode
     "update": updated and counted; "train", "eval": untouched). Allocations are poisoned."""
     # The unbiased running variance needs two values per channel; functional refuses a
-    # training batch with one (checks.check_training_batch) before any backend sees it.
+    # training batch with one (validation.validate_training_batch) before any backend sees it.
     assume(mode != "update" or layout.values_per_channel(case.x) >= 2)
     pdtype = _param_dtype(case, mixed)
     weight, bias = (t.to(pdtype) if affine else None for t in (case.weight, case.bias))

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import batchnorm as bn
-from batchnorm.tools.monitor import PERCENTILES, SATURATION, Monitor, monitor, monitor_overhead
+from batchnorm.tools.monitor import PERCENTILES, SATURATION, Monitor, monitor
 
 monitor_module = importlib.import_module("batchnorm.tools.monitor")  # the name `monitor` is the function
 Q = torch.tensor(PERCENTILES, dtype=torch.float64)
@@ -222,11 +222,3 @@ def test_bad_arguments():
             model(torch.randn(2, 3))
     assert _hooks(model) == 0  # removed although a hook raised
     assert monitor(model, layers=[model[1]]).layers[0].name == "1"
-
-
-def test_monitor_overhead_reports_both_models():
-    result = monitor_overhead(steps=2, rounds=1)
-    assert set(result) == {"sigmoid", "batchnorm"}
-    for numbers in result.values():
-        assert numbers["step_s"] > 0 and numbers["monitored_step_s"] > 0
-        assert numbers["overhead"] > -1.0  # a ratio of two positive times, minus one

@@ -3,8 +3,8 @@
 A training step allocates the same outputs as the step before. glibc hands a large freed
 block back to the OS (above its mmap or trim threshold), so the next step's first write to a
 new one faults every 4 KiB page: measured here, 3,125 faults and several milliseconds per
-12.8 MB output, three of them per step for batch norm + residual + ReLU (docs/bench/
-docs/bench/design_notes.md). The pool keeps freed buffers, by size, up to a byte budget, and
+12.8 MB output, three of them per step for batch norm + residual + ReLU (docs/performance.md).
+The pool keeps freed buffers, by size, up to a byte budget, and
 hands them out again. A buffer goes back to the pool only when the array built on it is
 gone, which happens when nothing refers to it any more (a torch tensor made with
 `torch.from_numpy` keeps its array alive, views included), so a live output is never reused.

@@ -59,7 +59,7 @@ def bn_options(options: dict, steps: int, config: dict) -> dict:
     """The keyword options of bn.BatchNorm1d for one arm; a fresh Renorm for each model."""
     if not options.get("renorm"):
         return options
-    from .. import Renorm  # batch renormalization (the variants issue)
+    from .. import Renorm  # batch renormalization (Ioffe 2017)
 
     return {"renorm": Renorm(r_max=config["r_max"], d_max=config["d_max"],
                              warmup_steps=int(config["warmup_fraction"] * steps),
@@ -109,24 +109,24 @@ def _checks(table: list[dict], config: dict) -> list[dict]:
     gaps = {k: float(np.mean([row[f"{k} @ {b}"]["gap"]["mean"] for b in trained])) if trained else float("nan")
             for k in kinds}
     return [
-        common.check(
+        common.record_verdict(
             "tiny batches hurt",
             f"batch norm at batch size {smallest} is at least {common.pct(TOLERANCE)} below its best "
             "test accuracy at the larger sizes",
             test(f"batch norm @ {smallest}") <= best_bn - TOLERANCE,
             tiny=test(f"batch norm @ {smallest}"), best_larger=best_bn),
-        common.check(
+        common.record_verdict(
             "batch renorm recovers part",
             f"batch renorm at batch size {smallest} has a higher test accuracy than batch norm there",
             test(f"batch renorm @ {smallest}") > test(f"batch norm @ {smallest}"),
             renorm=test(f"batch renorm @ {smallest}"), batchnorm=test(f"batch norm @ {smallest}")),
-        common.check(
+        common.record_verdict(
             "ghost batches help large batches",
             f"ghost batch norm (virtual batches of {config['ghost']}) at batch size {largest} has a higher "
             "test accuracy than plain batch norm there",
             test(f"ghost batch norm @ {largest}") > test(f"batch norm @ {largest}"),
             ghost=test(f"ghost batch norm @ {largest}"), batchnorm=test(f"batch norm @ {largest}")),
-        common.check(
+        common.record_verdict(
             "batch norm narrows the generalization gap",
             f"the mean generalization gap (train - test accuracy) over the batch sizes in {sizes[1:]} where "
             "no run of either arm diverged is smaller with batch norm",

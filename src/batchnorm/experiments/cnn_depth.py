@@ -58,12 +58,12 @@ def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
     bn_acc, plain_acc = (deepest[arm]["train_acc"]["mean"] for arm in ARMS)
     depth = max(config["depths"])
     checks = [
-        common.check(
+        common.record_verdict(
             "trains with batch norm",
             f"at depth {depth}, the network with batch norm reaches a mean final training accuracy of at least "
             f"{common.pct(config['trains_bar'])} (at its best rate)",
             bn_acc >= config["trains_bar"], train_acc=bn_acc, best_lr=deepest["batch norm"]["best_lr"]),
-        common.check(
+        common.record_verdict(
             "trains poorly without",
             f"at depth {depth}, the network without batch norm ends at least {common.pct(config['gap'])} below it "
             "in mean final training accuracy (each at its best rate)",

@@ -61,7 +61,7 @@ def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
     yardstick = config["yardstick"]
     outcome["numbers"]["published"] = PUBLISHED
     if config["judge_yardstick"]:
-        outcome["checks"].append(common.check(
+        outcome["checks"].append(common.record_verdict(
             "reaches the published CNN accuracy",
             f"the CNN with batch norm ends at a mean test accuracy (over seeds) of at least {common.pct(yardstick)}, "
             "what the MNIST-1D authors report for this CNN",

@@ -155,10 +155,10 @@ def compare(runs: dict, ran: dict, layers: dict, config: dict) -> dict:
     per_run = [b["seconds"][-1] / a["seconds"][-1] for a, b in zip(runs["ours"], runs["torch"])]
     speedup = float(np.median(per_run))
     checks = [
-        common.check(
+        common.record_verdict(
             "our kernels ran", "every batch-norm layer of ours resolved to the numba backend (the fast path) "
             "on its training input", fast, backends=ran),
-        common.check(
+        common.record_verdict(
             "same curve", f"both arms start from the same tensors, the first step's losses agree to a relative "
             f"{config['loss_rtol']:g}, and the mean final test accuracies to {common.pct(config['tolerance'])}",
             loss_gap <= config["loss_rtol"] and acc_gap <= config["tolerance"] and
@@ -169,7 +169,7 @@ def compare(runs: dict, ran: dict, layers: dict, config: dict) -> dict:
         # time per step does; judging the whole run's time, not the time to one target, keeps
         # the verdict off the evaluation grid (a curve crossing the target one evaluation
         # later on one arm would otherwise decide it).
-        common.check(
+        common.record_verdict(
             "less time", "the median over seeds of the ratio torch's training time / ours over the same "
             f"{config['steps']} steps is above 1",
             speedup > 1, time_ratio_per_seed=per_run, training_seconds={a: t["mean"] for a, t in total.items()},

@@ -339,13 +339,14 @@ def summary(values: list[float]) -> dict:
     return {"mean": float(array.mean()), "std": float(array.std()), "values": [float(v) for v in values]}
 
 
-def check(name: str, criterion: str, held: bool, **numbers) -> dict:
-    """One verdict: what was compared (`criterion`, in words), whether it held, on which numbers."""
+def record_verdict(name: str, criterion: str, held: bool, **numbers) -> dict:
+    """The record of one verdict on a claim: what was compared (`criterion`, in words),
+    whether it held, on which numbers. An experiment's records go under its "checks" key."""
     return {"name": name, "criterion": criterion, "held": bool(held), "numbers": numbers}
 
 
 def verdict(checks: list[dict]) -> bool:
-    """Whether a claim held: every one of its checks did."""
+    """Whether a claim held: every one of its verdict records did."""
     return all(c["held"] for c in checks)
 
 

@@ -77,7 +77,7 @@ def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
     table = {arm: {kind: common.summary(v) for kind, v in by_kind.items()} for arm, by_kind in acc.items()}
     gain = {kind: table["adapted"][kind]["mean"] - table["source"][kind]["mean"] for kind in SHIFTS}
     mean_gain = sum(gain.values()) / len(gain)
-    checks = [common.check(
+    checks = [common.record_verdict(
         "adapted statistics beat source statistics",
         "averaged over the three shifts, test accuracy with adapted statistics (bn.adapt) is higher than "
         "with the source statistics",

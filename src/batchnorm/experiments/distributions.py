@@ -57,7 +57,7 @@ def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
                                 "final_test_acc": trained["final_test_acc"]})
         instability[arm] = common.summary(values)
     held = instability["batch norm"]["mean"] < instability["no batch norm"]["mean"]
-    checks = [common.check(
+    checks = [common.record_verdict(
         "stabler with batch norm", "mean instability over units and seeds is lower with batch norm", held,
         instability={arm: s["mean"] for arm, s in instability.items()})]
     result = (f"instability {instability['batch norm']['mean']:.3f} with BN vs "

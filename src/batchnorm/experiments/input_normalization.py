@@ -62,12 +62,12 @@ def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
     best_lr = {arm: p["lr"] for arm, p in best.items()}
     at_edge = [arm for arm, lr in best_lr.items() if lr in (min(config["lrs"]), max(config["lrs"]))]
     checks = [
-        common.check(
+        common.record_verdict(
             "standardized inputs train better",
             "without batch norm, at each input scaling's best learning rate, the mean test accuracy over "
             "the run is higher on standardized inputs",
             effect["no batch norm"] > 0, gain_from_standardizing=effect["no batch norm"], best_lr=best_lr),
-        common.check(
+        common.record_verdict(
             "batch norm makes the input scale matter less",
             "at each arm's best learning rate, the gain (or loss) from standardizing is smaller in size "
             "with batch norm than without",

@@ -64,7 +64,7 @@ def compare(points: dict, good_fraction: float) -> dict:
                         default=None) for arm, arm_points in points.items()}
     held = largest["batch norm"] is not None and (
         largest["no batch norm"] is None or largest["batch norm"] > largest["no batch norm"])
-    checks = [common.check(
+    checks = [common.record_verdict(
         "larger rates train",
         f"the largest learning rate that trains (no divergence, mean accuracy >= {common.pct(bar)}) "
         "is larger with batch norm",

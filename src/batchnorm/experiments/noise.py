@@ -76,7 +76,7 @@ def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
             for arm, runs in curves.items()}
     final = {arm: common.summary([c["final_test_acc"] for c in runs]) for arm, runs in curves.items()}
     held = area["batch norm + noise"]["mean"] > area["no batch norm"]["mean"]
-    checks = [common.check(
+    checks = [common.record_verdict(
         "noisy batch norm beats no batch norm",
         "mean test accuracy over the run (area under the curve, mean over seeds) is higher with "
         "batch norm + noise than without batch norm",

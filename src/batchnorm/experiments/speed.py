@@ -50,7 +50,7 @@ def compare(curves: dict[str, list[dict]], target_fraction: float) -> dict:
     median = {arm: common.median_steps(r) for arm, r in reached.items()}
     faster = median["batch norm"] is not None and (
         median["no batch norm"] is None or median["batch norm"] < median["no batch norm"])
-    checks = [common.check(
+    checks = [common.record_verdict(
         "fewer steps to the target",
         f"median over seeds of the steps to reach {common.pct(target)} test accuracy is smaller "
         "with batch norm (a run that never reaches it counts as never)",

@@ -103,15 +103,15 @@ def _verdict(config, lengths, ewma, precise, per_batch) -> dict:
     final_precise = mean(precise[lengths[-1]])
     small = min(b for b, s in batch_acc.items() if s is not None)
     checks = [
-        common.check(
+        common.record_verdict(
             "precise statistics never worse", f"at every momentum and training length, precise statistics "
             f"are at most {common.pct(TOLERANCE)} below the EWMA ones",
             min(deficit) >= -TOLERANCE, worst=min(deficit)),
-        common.check(
+        common.record_verdict(
             "EWMA statistics can be off", f"in some setting the EWMA statistics are at least "
             f"{common.pct(TOLERANCE)} below precise statistics",
             max(deficit) >= TOLERANCE, largest_loss=max(deficit)),
-        common.check(
+        common.record_verdict(
             "small test batches hurt", f"per-batch statistics at test batch size {small} are at least "
             f"{common.pct(TOLERANCE)} below precise statistics (after all {lengths[-1]} steps)",
             batch_acc[small]["mean"] <= final_precise - TOLERANCE,

@@ -1,7 +1,7 @@
 """Operations on whole models: fit batch norm in (`insert`, `convert`/`revert`), serve it
 (`fold`), fix it (`freeze`/`unfreeze`, `frozen_stats`, `stats_snapshot`/`stats_restore`)
 and re-estimate its statistics (`recalibrate`, `adapt`); and look inside it: `monitor`
-(what reaches each nonlinearity during training) and `check` (a batch-norm health check,
+(what reaches each nonlinearity during training) and `check` (a batch-norm health check, health.py,
 returning a `CheckReport`, not `(model, changes)`).
 
 Each tool takes the model first and returns `(model, changes)`: the model is changed in
@@ -10,12 +10,12 @@ lists what was changed and what was skipped, per module path.
 """
 
 from ._common import Changes
-from .check import CheckReport, Finding, check
 from .convert import convert, revert
 from .fold import Activation, ChannelAffine, fold
 from .freeze import freeze, frozen_stats, stats_restore, stats_snapshot, unfreeze
+from .health import CheckReport, Finding, check
 from .insert import insert
-from .monitor import Monitor, monitor, monitor_overhead
+from .monitor import Monitor, monitor
 from .recalibrate import adapt, recalibrate
 
 __all__ = [
@@ -33,7 +33,6 @@ __all__ = [
     "frozen_stats",
     "insert",
     "monitor",
-    "monitor_overhead",
     "recalibrate",
     "revert",
     "stats_restore",

@@ -18,12 +18,20 @@ Batch-norm layers are recognized as:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import backends, layout
+from ..extras import nonfinite_skips_kept
+from ..stats import Stats
+from ..variants import masked_stats, validate_mask
 
 _FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
 
@@ -100,3 +108,65 @@ def replace(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
         return new
     model.set_submodule(path, new)
     return model
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None, enabled: bool) -> Iterator[Callable[[], None]]:
+    """Yields `advance()`, one step done: a transient rich progress bar when `enabled` and
+    rich is installed (it comes with the `experiments` extra), else nothing is shown. The
+    tools themselves need only torch."""
+    if enabled:
+        try:
+            from rich.progress import Progress
+        except ImportError:
+            enabled = False
+    if not enabled:
+        yield lambda: None
+        return
+    with Progress(transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
+
+
+def import_extra(name: str, what: str) -> Any:
+    """The module `name` of the `experiments` extra (matplotlib, rich, ...), or ImportError
+    saying that `what` needs it and how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise ImportError(f"{what} needs {name.partition('.')[0]}: pip install 'batchnorm[experiments]'") from error
+
+
+@contextlib.contextmanager
+def leaves_no_trace(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> Iterator[None]:
+    """Inside, passes over `model` that must leave it as it was (check, recalibrate): on exit
+    every module's training flag is back, and so is the count of skipped non-finite updates
+    of each of `layers` (batch-norm layers of ours). The running statistics are another
+    matter: `frozen_stats` keeps them."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with nonfinite_skips_kept(m for _, m in layers):
+            yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def input_stats_hook(into: list[Stats]):
+    """A forward pre-hook (register it `with_kwargs=True`) appending the (count, mean, m2) of
+    the layer's input to `into`, in float64 (over the valid positions only when the call
+    passes our layers' `mask=`)."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("input")
+        mask = args[2] if len(args) > 2 else kwargs.get("mask")
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.numel() == 0:
+            return  # the layer's own validation reports a bad input
+        if mask is not None:
+            stats = masked_stats(x, validate_mask(x, mask))
+        else:
+            backend = backends.resolve(getattr(module, "backend", "auto"), x).backend
+            stats = backend.stats(layout.canonical(x).data)
+        into.append(Stats(*(t.double() for t in stats)))
+
+    return hook

@@ -31,6 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from .. import nn as ours
+from ..extras import BatchNormExtras, changed_extras
 from ._common import Changes, is_frozen_style, prepare, replace, require_batchnorm
 from ._patterns import activation_name, consumer_of, is_add, module_calls, pairs, sole_user, trace
 from .freeze import frozen_state, pin_eval
@@ -41,8 +42,6 @@ _TO_OURS: dict[type, type] = {
     nn.BatchNorm3d: ours.BatchNorm3d,
 }
 _TO_TORCH: dict[type, type] = {v: k for k, v in _TO_OURS.items()}
-# Options of ours that torch's layers cannot express: revert keeps a layer that uses one.
-_NOT_IN_TORCH = {"activation": None, "virtual_batch_size": None, "renorm": None, "unbiased_running_var": True}
 
 
 def _our_sync_batchnorm() -> type | None:
@@ -119,7 +118,8 @@ def _to_torch(m: nn.Module) -> tuple[nn.Module | None, str | None]:
         if type(m) in _TO_OURS or type(m) is nn.SyncBatchNorm or is_frozen_style(m):
             return None, None
         return None, f"{type(m).__name__} is not one of ours; left as it is"
-    used = [f"{k}={getattr(m, k)!r}" for k, default in _NOT_IN_TORCH.items() if getattr(m, k, default) != default]
+    # torch's layers express none of our extras that change the result: revert keeps a layer using one
+    used = [f"{name}={value!r}" for name, value in changed_extras(m).items()]
     if used:
         return None, f"uses {', '.join(used)}, which torch's {target.__name__} cannot express"
     extra = {"process_group": m.process_group} if target is nn.SyncBatchNorm else {}
@@ -163,7 +163,7 @@ def revert(model: nn.Module, *, inplace: bool = True) -> tuple[nn.Module, Change
 
 def _fusable(m: nn.Module) -> bool:
     """A layer of ours with no activation yet."""
-    return isinstance(m, ours._Extras) and isinstance(m, _BatchNorm) and m.activation is None
+    return isinstance(m, BatchNormExtras) and isinstance(m, _BatchNorm) and m.activation is None
 
 
 def _fuse_modules(model: nn.Module, changes: Changes) -> nn.Module:

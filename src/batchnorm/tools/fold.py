@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import activations, checks
+from .. import activations, validation
 from ..channel_params import affine
 from ._common import Changes, is_batchnorm, is_frozen_style, prepare, replace, require_batchnorm
 from ._patterns import pairs
@@ -54,7 +54,7 @@ class Activation(nn.Module):
 
     def __init__(self, activation: str | None = None, *, ndim: int | None = None) -> None:
         super().__init__()
-        self.activation = checks.check_activation(activation)
+        self.activation = validation.validate_activation(activation)
         self.ndim = ndim
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
@@ -65,7 +65,7 @@ class Activation(nn.Module):
                 "where the batch norm normalized dim 1, not the Linear's features. Fold the "
                 "unfolded model with fold(model, example_input=x) so fold sees the shapes"
             )
-        checks.check_residual(x, residual)
+        validation.validate_residual(x, residual)
         return activations.forward(x if residual is None else x + residual, self.activation)
 
     def extra_repr(self) -> str:
@@ -81,7 +81,7 @@ class ChannelAffine(Activation):
         self.register_buffer("shift", shift)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        checks.check_input(x, self.scale.numel())
+        validation.validate_input(x, self.scale.numel())
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return super().forward(x * self.scale.view(shape) + self.shift.view(shape), residual)
 

@@ -40,7 +40,7 @@ Cost: between recorded steps only the model's pre-hook runs (the layers are hook
 recorded forwards alone); a recorded forward copies u and the running statistics, and the
 statistics are computed later for many records at once, on u's device, when the copies
 reach FLUSH_BYTES or the history is read, with one transfer to the host per field.
-`monitor_overhead` measures the cost on the experiments' MLP.
+`batchnorm bench monitor` (bench.monitor_overhead) measures the cost on the experiments' MLP.
 """
 
 from __future__ import annotations
@@ -56,10 +56,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from ._common import import_extra
+
 PERCENTILES = (0.15, 0.50, 0.85)
 SATURATION = {"sigmoid": 4.0, "tanh": 2.0}
 DEAD = ("relu", "relu6")
-EVERY = 10  # the default: cheap enough to leave on (see monitor_overhead)
+EVERY = 10  # the default: cheap enough to leave on (`batchnorm bench monitor`)
 FLUSH_BYTES = 64 * 2**20  # copies of u kept on the device before their statistics are taken
 FIELDS = ("step", "percentiles", "mean", "std", "saturated", "dead", "mean_drift", "var_drift")
 
@@ -282,8 +284,7 @@ class Monitor:
         for each chosen unit the median as a line and the 15th-85th percentiles as a band.
         Returns the matplotlib Figure (drawn with the Agg canvas, no display needed);
         saved to `path` when given."""
-        from matplotlib.figure import Figure
-
+        Figure = import_extra("matplotlib.figure", "Monitor.plot").Figure
         history = self.arrays()
         names = list(history) if layers is None else list(layers)
         missing = [n for n in names if n not in history]
@@ -471,66 +472,3 @@ def _running(module: nn.Module) -> Tensor | None:
     if isinstance(module, _BatchNorm) and module.running_mean is not None:
         return torch.stack([module.running_mean, module.running_var]).detach()
     return None
-
-
-def _experiment_mlp(batchnorm: bool) -> nn.Sequential:
-    """The experiments' MLP: 64 inputs, 3 hidden layers of 100 sigmoid units, 10 outputs;
-    with batch norm, each hidden layer is Linear (no bias) -> BatchNorm1d(activation="sigmoid")."""
-    from ..nn import BatchNorm1d
-
-    layers: list[nn.Module] = []
-    width = 64
-    for _ in range(3):
-        if batchnorm:
-            layers += [nn.Linear(width, 100, bias=False), BatchNorm1d(100, activation="sigmoid")]
-        else:
-            layers += [nn.Linear(width, 100), nn.Sigmoid()]
-        width = 100
-    return nn.Sequential(*layers, nn.Linear(width, 10))
-
-
-def monitor_overhead(
-    steps: int = 200, rounds: int = 5, batch_size: int = 60, every: int = EVERY
-) -> dict[str, dict[str, float]]:
-    """The monitor's cost (default layers and units, recording every `every`-th step), as
-    a fraction of a training step (SGD, cross-entropy) of the experiments' MLP, without
-    and with batch norm.
-
-    Blocks of `steps` steps alternate without and with the monitor, `rounds` times; the
-    overhead is the median over rounds of (monitored block / the plain block just before)
-    - 1, so that drifts in the machine's load cancel in each pair. Returns
-    {"sigmoid" | "batchnorm": {"step_s", "monitored_step_s" (medians), "overhead"}}.
-    """
-    import time
-
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, 64, generator=generator)
-    y = torch.randint(0, 10, (batch_size,), generator=generator)
-    results = {}
-    for name in ("sigmoid", "batchnorm"):
-        torch.manual_seed(0)
-        model = _experiment_mlp(name == "batchnorm")
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-
-        def block(watch: bool) -> float:
-            start = time.perf_counter()
-            mon = monitor(model, every=every).start() if watch else None
-            for _ in range(steps):
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(model(x), y).backward()
-                optimizer.step()
-            if mon is not None:
-                mon.stop()  # computing the statistics is part of the cost
-            return (time.perf_counter() - start) / steps
-
-        block(True)  # warm up
-        plain, watched = [], []
-        for _ in range(rounds):
-            plain.append(block(False))
-            watched.append(block(True))
-        results[name] = {
-            "step_s": float(np.median(plain)),
-            "monitored_step_s": float(np.median(watched)),
-            "overhead": float(np.median(np.divide(watched, plain))) - 1.0,
-        }
-    return results

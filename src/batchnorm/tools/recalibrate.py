@@ -33,21 +33,17 @@ in `changes`; a layer that every batch it saw was left out of keeps its statisti
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from rich.progress import Progress
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import backends, layout
-from ..stats import Stats, merge_stacked
-from ..variants import check_mask, masked_stats
-from ._common import Changes, prepare, require_batchnorm
+from ..stats import Stats, merge_all, merge_stacked
+from ._common import Changes, input_stats_hook, leaves_no_trace, prepare, progress_bar, require_batchnorm
 from .freeze import frozen_stats, is_frozen, stats_snapshot
 
 
@@ -64,7 +60,7 @@ def recalibrate(
     batches: any iterable of input tensors or of (input, target, ...) tuples/lists (the
         first element is the input; the model is called as model(input)).
     num_batches: use at most this many batches (all when None).
-    progress: show a rich progress bar.
+    progress: show a progress bar (when rich, from the `experiments` extra, is installed).
     Returns (model, changes); `changes.previous` holds the statistics before
     (`stats_restore(model, changes.previous)` switches back). Frozen layers and layers
     without running statistics are skipped and recorded. A batch with non-finite values in
@@ -90,7 +86,7 @@ def recalibrate(
     captures = {path: _LayerCapture() for path, _ in layers}
     total = _run(model, layers, batches, num_batches, captures, progress)
     _warn_left_out(captures)
-    merged = {path: _merge(c.stats) for path, c in captures.items() if c.stats}
+    merged = {path: merge_all(c.stats) for path, c in captures.items() if c.stats}
     left_out = {path: len(c.left_out) for path, c in captures.items()}
     if dist.is_available() and dist.is_initialized():
         merged, left_out, total = _merge_across_ranks(layers, merged, left_out, total)
@@ -153,32 +149,26 @@ def adapt(
 
 def _run(model, layers, batches, num_batches, captures, progress) -> int:
     """Forward every batch with the layers in training mode; return how many batches ran."""
-    modes = {m: m.training for m in model.modules()}
-    # The passes must leave no trace: our layers' count of skipped non-finite updates too.
-    guards = {m: copy.copy(m._guard) for _, m in layers if hasattr(m, "_guard")}
     hooks = [m.register_forward_pre_hook(captures[path].hook, with_kwargs=True) for path, m in layers]
-    model.eval()
-    for _, m in layers:
-        m.train()
     count = 0
     try:
-        with torch.no_grad(), frozen_stats(model), Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task("recalibrating batch norm", total=num_batches)
-            for batch in batches:
-                if num_batches is not None and count >= num_batches:
-                    break
-                _forward(model, batch, count)
-                for capture in captures.values():
-                    capture.end_batch(count)
-                count += 1
-                bar.advance(task)
+        with leaves_no_trace(model, layers):
+            model.eval()
+            for _, m in layers:
+                m.train()
+            bar = progress_bar("recalibrating batch norm", num_batches, progress)
+            with torch.no_grad(), frozen_stats(model), bar as advance:
+                for batch in batches:
+                    if num_batches is not None and count >= num_batches:
+                        break
+                    _forward(model, batch, count)
+                    for capture in captures.values():
+                        capture.end_batch(count)
+                    count += 1
+                    advance()
     finally:
         for hook in hooks:
             hook.remove()
-        for m, training in modes.items():
-            m.training = training
-        for m, guard in guards.items():
-            m._guard = guard
     if count == 0:
         raise ValueError("recalibrate: the batches iterable yielded nothing; pass a non-empty iterable of inputs")
     return count
@@ -209,7 +199,7 @@ class _LayerCapture:
         self.stats: list[Stats] = []
         self.left_out: list[int] = []
         self._batch: list[Stats] = []
-        self.hook = _capture(self._batch)
+        self.hook = input_stats_hook(self._batch)
 
     def end_batch(self, index: int) -> None:
         """Keep this batch's statistics, or leave them all out if one is not finite."""
@@ -218,29 +208,6 @@ class _LayerCapture:
         else:
             self.left_out.append(index)
         self._batch.clear()
-
-
-def _capture(into: list[Stats]):
-    """A forward pre-hook appending the (count, mean, m2) of the layer's input, in float64
-    (over the valid positions only when the call passes our layers' `mask=`)."""
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs.get("input")
-        mask = args[2] if len(args) > 2 else kwargs.get("mask")
-        if not isinstance(x, Tensor) or x.dim() < 2 or x.numel() == 0:
-            return  # the layer's own checks report a bad input
-        if mask is not None:
-            stats = masked_stats(x, check_mask(x, mask))
-        else:
-            backend = backends.resolve(getattr(module, "backend", "auto"), x).backend
-            stats = backend.stats(layout.canonical(x).data)
-        into.append(Stats(*(t.double() for t in stats)))
-
-    return hook
-
-
-def _merge(stats: list[Stats]) -> Stats:
-    return merge_stacked(*(torch.stack(column) for column in zip(*stats)))
 
 
 def _merge_across_ranks(

@@ -1,4 +1,5 @@
-"""`check`: a health check of every batch-norm layer of a model, and `batchnorm check`.
+"""`check`: a health check of every batch-norm layer of a model (`batchnorm check` runs it
+from the command line, cli.py).
 
     report = bn.check(model, batches)         # a few batches of the data it will see
     print(report.ok); rich.print(report); report.to_json("check.json")
@@ -32,28 +33,22 @@ was: modes, parameters, buffers.
 
 from __future__ import annotations
 
-import copy
-import importlib
 import json
 import math
-import os
-import pickle
-import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import typer
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from ..stats import Stats
+from ..stats import Stats, merge_all
+from ._common import import_extra, input_stats_hook, leaves_no_trace
 from ._patterns import pairs
 from .freeze import frozen_stats
-from .recalibrate import _capture, _merge
 
 SEVERITIES = ("error", "warning", "info")
 
@@ -98,9 +93,8 @@ class CheckReport:
         return text
 
     def table(self):
-        """A rich Table: one row per finding."""
-        from rich.table import Table
-
+        """A rich Table: one row per finding (rich comes with the `experiments` extra)."""
+        Table = import_extra("rich.table", "CheckReport.table").Table
         verdict = "[green]ok[/green]" if self.ok else "[red]problems found[/red]"
         table = Table(
             title=f"batch-norm check: {self.layers} layers, {self.batches} batches: {verdict}", show_lines=True
@@ -237,11 +231,9 @@ def _data_findings(model, layers, inputs, shift_tol, var_tol, gap_tol, min_value
     """Run the batches in evaluation mode (statistics of each layer's input, outputs), then
     with the batch-norm layers normalizing by batch statistics; put the model back."""
     captured: dict[str, list[Stats]] = {name: [] for name, _ in layers}  # one per batch
-    modes = {m: m.training for m in model.modules()}
-    guards = {m: copy.copy(m._guard) for _, m in layers if hasattr(m, "_guard")}
-    hooks = [m.register_forward_pre_hook(_capture(captured[name]), with_kwargs=True) for name, m in layers]
+    hooks = [m.register_forward_pre_hook(input_stats_hook(captured[name]), with_kwargs=True) for name, m in layers]
     try:
-        with torch.no_grad():
+        with leaves_no_trace(model, layers), torch.no_grad():
             model.eval()
             eval_out = [_flat(model(x)) for x in inputs]
             for h in hooks:
@@ -256,10 +248,6 @@ def _data_findings(model, layers, inputs, shift_tol, var_tol, gap_tol, min_value
     finally:
         for h in hooks:
             h.remove()
-        for m, training in modes.items():
-            m.training = training
-        for m, guard in guards.items():
-            m._guard = guard
 
     found = []
     for name, m in layers:
@@ -281,7 +269,7 @@ def _data_findings(model, layers, inputs, shift_tol, var_tol, gap_tol, min_value
                 "ghost batches only help with batches that are too large",
             ))  # fmt: skip
         if m.running_mean is not None:
-            found += _stale(name, m, _merge(captured[name]), shift_tol, var_tol)
+            found += _stale(name, m, merge_all(captured[name]), shift_tol, var_tol)
     if train_out is not None:
         diff = math.sqrt(sum(float((a - b).double().square().sum()) for a, b in zip(train_out, eval_out)))
         norm = math.sqrt(sum(float(b.double().square().sum()) for b in eval_out))
@@ -360,109 +348,3 @@ def _first(mask: Tensor, limit: int = 10) -> list[int]:
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-# -- command line ---------------------------------------------------------------------
-
-
-def load_state_dict(path: Path) -> dict[str, Tensor]:
-    """A state dict read with torch.load(weights_only=True): tensors and plain containers
-    only, never arbitrary pickled objects. A {"state_dict": ...} checkpoint is unwrapped.
-    ValueError, naming the file, for anything that is not a readable state dict (missing,
-    empty, truncated or corrupt file, or one that needs arbitrary unpickling)."""
-    if path.is_dir():
-        raise ValueError(f"{path}: a directory, not a checkpoint file")
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path}: the file is empty; expected a checkpoint saved with torch.save")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "global" not in str(error).lower():  # not a refused class: a damaged pickle stream
-            raise ValueError(f"{path}: not a readable checkpoint (truncated or corrupt)") from None
-        raise ValueError(
-            f"{path}: refusing to load it: it needs arbitrary unpickling (objects other than "
-            "tensors), which could run any code. Save only the weights, "
-            "torch.save(model.state_dict(), path)."
-        ) from None
-    except Exception as error:  # torch.load raises many kinds for a damaged file
-        raise ValueError(
-            f"{path}: not a readable checkpoint, truncated or corrupt ({type(error).__name__}: {_first_line(error)})"
-        ) from error
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict (names to tensors), got {type(state).__name__}")
-    return state
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else ""
-
-
-def build(target: str) -> nn.Module:
-    """Call the factory named 'package.module:function' (the current directory is importable)."""
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"{target!r}: expected package.module:factory, e.g. mymodels:build_mlp")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    factory = getattr(importlib.import_module(module_name), attr, None)
-    if not callable(factory):
-        raise ValueError(f"{target!r}: {module_name} has no callable {attr!r}")
-    model = factory()
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"{target!r} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
-def data_batches(spec: str, batch_size: int, count: int) -> list[Tensor]:
-    """`count` batches of the standardized test split of dataset `spec` (batchnorm.data)."""
-    from .. import data as datasets  # scikit-learn loads only when data is asked for
-
-    ds = datasets.standardize(datasets.load(spec))
-    x = torch.from_numpy(ds.x_test)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    return [x[order[i : i + batch_size]] for i in range(0, count * batch_size, batch_size) if i < len(x)]
-
-
-def _cannot_load(error: Exception) -> str:
-    """One line saying why loading failed: our ValueErrors' text, else the type too."""
-    text = " ".join(str(error).split())  # torch's messages span lines; stderr gets one
-    if isinstance(error, (ValueError, ImportError)):
-        return text
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def check_command(
-    target: str = typer.Argument(..., help="package.module:factory, a function returning the model"),
-    weights: Path = typer.Option(None, "--weights", help="a state dict saved with torch.save"),
-    data: str = typer.Option("digits", "--data", help="dataset whose test split is used (batchnorm.data)"),
-    batch_size: int = typer.Option(60, "--batch-size", min=1, help="examples per batch"),
-    batches: int = typer.Option(4, "--batches", min=1, help="how many batches to run"),
-    json_path: Path = typer.Option(None, "--json", help="also write the report here as JSON"),
-) -> None:
-    """Check a model's batch-norm layers. Exit code 0: healthy; 1: a problem (error or
-    warning) found; 2: the model, weights or data cannot be loaded (one line on stderr)."""
-    from rich.console import Console
-
-    try:
-        model = build(target)
-        if weights is not None:
-            model.load_state_dict(load_state_dict(weights))
-        inputs = data_batches(data, batch_size, batches)
-    # Whatever stops the model or data from loading (the factory is user code) is exit 2,
-    # never 1: a CI gate must not read an unreadable file as findings.
-    except Exception as error:
-        Console(stderr=True, soft_wrap=True, highlight=False).print(
-            f"error: {_cannot_load(error)}", markup=False, style="red"
-        )
-        raise typer.Exit(2) from None
-    model.eval()
-    report = check(model, inputs, max_batches=batches)
-    Console().print(report)
-    if json_path is not None:
-        report.to_json(json_path)
-    raise typer.Exit(0 if report.ok else 1)

@@ -1,26 +1,21 @@
-"""bn.check and `batchnorm check`: every finding planted in a small model is found, a
-healthy trained model raises no alarm, and checking never changes the model."""
+"""bn.check, the health check: every finding planted in a small model is found, a healthy
+trained model raises no alarm, and checking never changes the model. The command line
+(`batchnorm check`) is tested in tests/test_cli.py."""
 
 from __future__ import annotations
 
 import copy
-import gzip
-import io
 import json
-import pickle
 import textwrap
-import zipfile
 
-import numpy as np
 import pytest
 import torch
 from rich.console import Console
 from torch import nn
-from typer.testing import CliRunner
 
 from batchnorm import data
-from batchnorm.cli import app
-from batchnorm.tools.check import CheckReport, check, data_batches
+from batchnorm.cli import data_batches
+from batchnorm.tools.health import CheckReport, check
 
 FACTORY = '''
 import torch
@@ -226,114 +221,3 @@ def test_bad_input(trained):
         check("model", [])
     with pytest.raises(TypeError, match="batch 0"):
         check(trained, [["not a tensor"]])
-
-
-def test_cli_exit_codes_and_json(trained, factory, tmp_path):
-    runner = CliRunner()
-    healthy = tmp_path / "healthy.pt"
-    torch.save(trained.state_dict(), healthy)
-    result = runner.invoke(app, ["check", "check_factory_mlp:build", "--weights", str(healthy), "--data", "digits"])
-    assert result.exit_code == 0, result.output
-
-    stale = copy.deepcopy(trained)
-    with torch.no_grad():
-        stale[2].weight.mul_(3.0)
-    torch.save({"state_dict": stale.state_dict()}, tmp_path / "stale.pt")
-    args = ["check", "check_factory_mlp:build", "--weights", str(tmp_path / "stale.pt"), "--batches", "2"]
-    result = runner.invoke(app, [*args, "--json", str(tmp_path / "report.json")])
-    assert result.exit_code == 1, result.output
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert report["batches"] == 2 and ("3", "stale_statistics") in {(f["layer"], f["kind"]) for f in report["findings"]}
-
-
-class Payload:
-    """A custom class: unpickling it would run arbitrary code from the file."""
-
-
-def test_cli_refuses_a_checkpoint_needing_arbitrary_unpickling(factory, tmp_path):
-    path = tmp_path / "evil.pt"
-    with open(path, "wb") as handle:
-        pickle.dump({"weight": Payload()}, handle, protocol=2)
-    torch.save({"0.weight": Payload()}, tmp_path / "evil_torch.pt")
-    for file in (path, tmp_path / "evil_torch.pt"):
-        result = CliRunner().invoke(app, ["check", "check_factory_mlp:build", "--weights", str(file)])
-        assert result.exit_code == 2
-        assert "refusing to load" in result.output and "arbitrary unpickling" in result.output
-
-
-def test_cli_bad_factory():
-    result = CliRunner().invoke(app, ["check", "no_such_module_anywhere:build"])
-    assert result.exit_code == 2 and "no_such_module_anywhere" in result.output
-    result = CliRunner().invoke(app, ["check", "nocolon"])
-    assert result.exit_code == 2 and "package.module:factory" in result.output
-
-
-# -- exit code 2 for every file that cannot be loaded -------------------------------------
-
-
-def _assert_cannot_load(result, names: str) -> None:
-    """Exit 2, and one line on stderr, starting with 'error:', that names the file."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], result.stderr
-
-
-def _checkpoint_bytes(legacy: bool = False) -> bytes:
-    buffer = io.BytesIO()
-    torch.save({"0.weight": torch.ones(32, 64)}, buffer, _use_new_zipfile_serialization=not legacy)
-    return buffer.getvalue()
-
-
-@pytest.mark.parametrize(
-    "content",
-    [None, b"", _checkpoint_bytes()[:300], _checkpoint_bytes(legacy=True)[:100], _checkpoint_bytes(legacy=True)[:200]],
-    ids=["missing", "empty", "truncated", "truncated-legacy", "truncated-legacy-pickle"],
-)
-def test_cli_unreadable_checkpoint_exits_2(factory, tmp_path, content):
-    path = tmp_path / "model.pt"
-    if content is not None:
-        path.write_bytes(content)
-    result = CliRunner().invoke(app, ["check", "check_factory_mlp:build", "--weights", str(path)])
-    _assert_cannot_load(result, "model.pt")
-
-
-def test_cli_checkpoint_that_is_a_directory_exits_2(factory, tmp_path):
-    result = CliRunner().invoke(app, ["check", "check_factory_mlp:build", "--weights", str(tmp_path)])
-    _assert_cannot_load(result, tmp_path.name)
-
-
-def _write_npz(path, damage: str) -> None:
-    x, y = np.zeros((40, 64)), np.zeros(40, dtype=np.int64)
-    if damage == "huge-header":
-        header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (6 * 2**40, 1)})
-        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-            z.writestr("x.npy", header.getvalue())
-            z.writestr("y.npy", _npy(y))
-        return
-    np.savez_compressed(path, x=x, y=y)
-    raw = path.read_bytes()
-    path.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else raw[:80] + bytes(b ^ 0xFF for b in raw[80:200]) + raw[200:])
-
-
-def _npy(array) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
-@pytest.mark.parametrize("damage", ["truncated", "corrupt", "huge-header"])
-def test_cli_unreadable_npz_data_exits_2(factory, tmp_path, damage):
-    path = tmp_path / f"{damage}.npz"
-    _write_npz(path, damage)
-    result = CliRunner().invoke(app, ["check", "check_factory_mlp:build", "--data", f"npz:{path}"])
-    _assert_cannot_load(result, f"{damage}.npz")
-
-
-def test_cli_bad_gzip_idx_data_exits_2(factory, tmp_path):
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
-        (tmp_path / name).write_bytes(b"\0\0\x08\x01" + (0).to_bytes(4, "big"))
-    good = gzip.compress(b"\0\0\x08\x01" + (100).to_bytes(4, "big") + bytes(100))
-    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(good[: len(good) // 2])
-    result = CliRunner().invoke(app, ["check", "check_factory_mlp:build", "--data", f"idx:{tmp_path}"])
-    _assert_cannot_load(result, "t10k-labels-idx1-ubyte.gz")

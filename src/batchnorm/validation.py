@@ -17,7 +17,7 @@ _SMALL_BATCH_HINT = (
 )
 
 
-def check_input(x: object, num_features: int | None = None) -> Tensor:
+def validate_input(x: object, num_features: int | None = None) -> Tensor:
     """A floating-point tensor of shape (N, C, *spatial), C = num_features if given."""
     if not isinstance(x, Tensor):
         raise TypeError(f"batch norm expects a torch.Tensor, got {type(x).__name__}")
@@ -39,7 +39,7 @@ def check_input(x: object, num_features: int | None = None) -> Tensor:
     return x
 
 
-def check_ndim(x: Tensor, allowed: tuple[int, ...], layer: str) -> None:
+def validate_ndim(x: Tensor, allowed: tuple[int, ...], layer: str) -> None:
     """A module's rank check (BatchNorm2d takes 4-D input, ...)."""
     if x.dim() not in allowed:
         want = " or ".join(f"{d}-D" for d in allowed)
@@ -50,7 +50,7 @@ def check_ndim(x: Tensor, allowed: tuple[int, ...], layer: str) -> None:
         )
 
 
-def check_per_channel(x: Tensor, **tensors: Tensor | None) -> None:
+def validate_per_channel(x: Tensor, **tensors: Tensor | None) -> None:
     """Each given (C,) tensor has C elements, a floating dtype usable with x, and x's device."""
     c, dtype, device = x.shape[1], x.dtype, x.device
     for name, t in tensors.items():
@@ -74,7 +74,7 @@ def check_per_channel(x: Tensor, **tensors: Tensor | None) -> None:
         )
 
 
-def check_residual(x: Tensor, residual: Tensor | None) -> None:
+def validate_residual(x: Tensor, residual: Tensor | None) -> None:
     if residual is None:
         return
     if not isinstance(residual, Tensor):
@@ -91,12 +91,12 @@ def check_residual(x: Tensor, residual: Tensor | None) -> None:
         )
 
 
-def check_training_batch(x: Tensor) -> None:
+def validate_training_batch(x: Tensor) -> None:
     """Training needs two values per channel or more (an empty batch is handled apart)."""
-    check_training_batch_count(x.numel() // x.shape[1], x.shape)
+    validate_training_batch_count(x.numel() // x.shape[1], x.shape)
 
 
-def check_training_batch_count(count: int, shape: tuple[int, ...], masked: bool = False) -> None:
+def validate_training_batch_count(count: int, shape: tuple[int, ...], masked: bool = False) -> None:
     """`count` values per channel (the valid ones, with a mask) must be two or more."""
     if count == 0 and masked:
         raise ValueError(
@@ -112,7 +112,7 @@ def check_training_batch_count(count: int, shape: tuple[int, ...], masked: bool 
         )
 
 
-def check_global_count(count: int, local_shape: tuple[int, ...]) -> None:
+def validate_global_count(count: int, local_shape: tuple[int, ...]) -> None:
     """The synchronized batch (all processes together) needs two values per channel or more."""
     if count <= 1:
         raise ValueError(
@@ -121,16 +121,16 @@ def check_global_count(count: int, local_shape: tuple[int, ...]) -> None:
         )
 
 
-def check_eps(eps: float) -> None:
+def validate_eps(eps: float) -> None:
     """eps keeps the division finite for a constant channel: it must be a positive number."""
     if not (isinstance(eps, (int, float)) and 0.0 < float(eps) < float("inf")):
         raise ValueError(f"eps must be positive and finite, got {eps!r}; torch's default is 1e-5")
 
 
-def check_momentum(momentum: float | None) -> None:
+def validate_momentum(momentum: float | None) -> None:
     if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum}")
 
 
-def check_activation(name: str | None) -> str | None:
+def validate_activation(name: str | None) -> str | None:
     return activations.check(name)
