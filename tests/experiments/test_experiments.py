@@ -350,3 +350,16 @@ def test_reusing_training_gives_what_training_gives():
     for name, tensor in trained.state_dict().items():
         assert torch.equal(again.state_dict()[name], tensor)  # the model ends where training leaves it
     assert common._reused is None  # nothing is kept after the block
+
+
+def test_cnn_wallclock_warm_up_compiles_on_copies_and_leaves_the_models_alone():
+    from batchnorm.experiments import cnn_wallclock, common, convnets
+
+    data = common.load_data({**cnn_wallclock.QUICK, "dataset": "digits", "device": "cpu"}, per_feature=False)
+    models = {arm: convnets.resnet(data.sample_shape, data.n_classes, channels=4, blocks=1, batchnorm=True, layer=arm)
+              for arm in cnn_wallclock.ARMS}  # fmt: skip
+    before = {arm: {k: v.clone() for k, v in m.state_dict().items()} for arm, m in models.items()}
+    cnn_wallclock.warm_up(models, data, batch_size=8)
+    for arm, model in models.items():
+        assert all(torch.equal(v, before[arm][k]) for k, v in model.state_dict().items())
+        assert all(p.grad is None for p in model.parameters())

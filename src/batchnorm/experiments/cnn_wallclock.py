@@ -8,11 +8,12 @@ residual add, and ours after `bn.convert(model, fuse=True)`, with the ReLU and t
 fused into the kernels. Both arms train on the same batches and are timed in alternation,
 one step each, the order swapped every step, so a change in the machine's load hits both
 alike. Only training steps are timed (forward, backward, SGD update); the evaluations are
-not. Which backend ran is recorded from `bn.backends.resolve` on each layer's input.
+not, nor a first untimed step of a copy of each model (`warm_up`) that compiles the kernels. Which backend ran is recorded from `bn.backends.resolve` on each layer's input.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 
 import numpy as np
@@ -99,6 +100,7 @@ def lockstep(models: dict, data: common.Data, config: dict, seed: int, progress:
                                     momentum=config["momentum"])
                 for arm, model in models.items()}
     out = {arm: {"steps": [], "test_acc": [], "seconds": [], "step_ms": []} for arm in models}
+    warm_up(models, data, config["batch_size"])
     order = list(models)
     for step in range(config["steps"] + 1):
         if step % config["eval_every"] == 0 or step == config["steps"]:
@@ -118,6 +120,16 @@ def lockstep(models: dict, data: common.Data, config: dict, seed: int, progress:
         out[arm]["first_loss"] = trainer.losses[0] if trainer.losses else None
         out[arm].update(trainer.final())
     return out
+
+
+def warm_up(models: dict, data: common.Data, batch_size: int) -> None:
+    """One untimed forward + backward of a copy of each model on a batch of the run's size,
+    so that no timed step includes compiling a kernel (numba compiles on first use when its
+    on-disk cache is cold, seconds); the models themselves are left untouched."""
+    x, y = data.x[:batch_size], data.y[:batch_size]
+    for model in models.values():
+        twin = copy.deepcopy(model).train()
+        torch.nn.functional.cross_entropy(twin(x), y).backward()
 
 
 def layer_times(config: dict) -> dict:
