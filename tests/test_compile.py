@@ -163,6 +163,18 @@ def test_inductor_passes_convolutions_channels_last_outputs_and_gets_eagers_resu
     _assert_same_state(layers[0], layers[1])
 
 
+def test_training_steps_reuse_one_graph():
+    """The guard's pending count keeps its type from call to call: a second step must not
+    recompile the model."""
+    eager, compiled, xs = _pair({"activation": "relu"}, "numba", channels_last=False)
+    torch._dynamo.utils.counters.clear()
+    fn = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    for x in xs:
+        _step(fn, x)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert compiled.nonfinite_skips == 0 and int(compiled.num_batches_tracked) == len(xs)
+
+
 def test_non_finite_batch_is_refused_and_counted_in_a_compiled_graph():
     eager, compiled, xs = _pair({}, "numba", channels_last=False)
     fn = torch.compile(compiled, backend="aot_eager", fullgraph=True)

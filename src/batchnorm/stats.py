@@ -145,7 +145,9 @@ class NonFiniteGuard:
     def __init__(self, name: str = "batch norm") -> None:
         self.name = name
         self._count = 0
-        self._pending: Tensor | None = None
+        # Always a 0-d tensor (on the device of the last flags added): a compiled graph that
+        # found None here and left a tensor would be recompiled on its second call.
+        self._pending: Tensor = torch.zeros((), dtype=torch.int64)
         self._warned = False
 
     def record(self, accepted: bool | Tensor) -> None:
@@ -156,15 +158,15 @@ class NonFiniteGuard:
             if not accepted:
                 self._add(1)
             return
-        skipped = (~accepted).to(torch.int64)
-        self._pending = skipped if self._pending is None else self._pending + skipped
+        self._pending = self._pending + (~accepted).to(torch.int64)
 
     @property
     def count(self) -> int:
         """How many updates were skipped so far."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self._add(int(pending))
+        pending = int(self._pending)
+        if pending:
+            self._pending = torch.zeros_like(self._pending)
+            self._add(pending)
         return self._count
 
     def _add(self, skipped: int) -> None:
