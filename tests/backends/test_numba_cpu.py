@@ -13,7 +13,7 @@ import gc
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import batchnorm as bn
@@ -102,8 +102,18 @@ def cases(draw):
     )
 
 
+# The first test to run the kernels compiles every one of their specializations (both
+# dtypes, both views, serial and parallel, forward and backward) when numba's on-disk cache
+# is cold, as in a fresh clone: minutes on 2 cores, more than the suite's per-test limit
+# when other work shares the machine.
+@pytest.mark.timeout(1800)
 @settings(max_examples=40, deadline=None)
 @given(case=cases())
+# few channels, many rows, channels-last: one fp32 block sum per channel over 5,200 rows
+# was 5.2e-5 off; blocks now have at most _MC_ROWS rows
+@example(case={"fmt": "channels_last", "n": 2, "c": 3, "length": 1300, "dtype": torch.float32,
+               "activation": "tanh", "residual": True, "affine": False, "training": True,
+               "offset": 0.0, "parallel": True, "seed": 8697})  # fmt: skip
 def test_normalize_and_gradients_match_reference(case):
     gen = torch.Generator().manual_seed(case["seed"])
     dtype, c = case["dtype"], case["c"]
