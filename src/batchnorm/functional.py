@@ -17,7 +17,7 @@ from . import activations, backends, layout, validation, variants
 from . import ops
 from .autograd import BatchNormFunction
 from .channel_params import acc_dtype, affine
-from .stats import NonFiniteGuard, Stats, merge_stacked, update_running
+from .stats import NonFiniteGuard, Stats, merge_all, update_running
 from .variants import Renorm
 
 
@@ -191,7 +191,7 @@ def _normalize_chunks(
         parts.append(batch)
     if len(parts) == 1:
         return outputs[0], parts[0]
-    return torch.cat(outputs, 0), merge_stacked(*(torch.stack(t) for t in zip(*parts)))
+    return torch.cat(outputs, 0), merge_all(parts)
 
 
 def _normalize_one(x, weight, bias, eps, activation, residual, be, sync, limits, running_mean, running_var):

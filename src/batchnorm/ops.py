@@ -366,9 +366,8 @@ def _renorm_correction_op(
     mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor, eps: float, r_max: Tensor, d_max: Tensor
 ) -> tuple[Tensor, Tensor]:
     """(r, d) from the batch's mean and biased variance and the running statistics, all (C,)."""
-    count = torch.ones_like(mean)  # var = m2 / count with count 1
-    batch = Stats(count, mean, var)
-    return tuple(t.clone() for t in variants.renorm_correction(batch, running_mean, running_var, eps, r_max, d_max))
+    batch = Stats(torch.ones_like(mean), mean, var)  # var = m2 / count with count 1
+    return variants.renorm_correction(batch, running_mean, running_var, eps, r_max, d_max)  # new tensors: clamp's
 
 
 @_renorm_correction_op.register_fake
