@@ -458,8 +458,26 @@ def test_plain_evaluation_runs_where_it_is_faster():
     assert numba_cpu.OUTPUTS.idle_bytes == idle + big.numel() * 4  # it was the pool's: numba ran
 
 
-def test_serial_and_parallel_kernels_have_their_own_compiled_cache():
-    """numba keys its on-disk cache by name and line: a shared entry would make the parallel
-    dispatcher load the serial machine code whenever that was compiled first."""
-    for parallel, serial in numba_kernels.KERNELS.values():
-        assert parallel._cache._cache_file._index_path != serial._cache._cache_file._index_path
+def test_every_compiled_case_has_its_own_cache_entry():
+    """numba keys its on-disk cache by name and line, not by `parallel` nor by the case's
+    constants: a shared entry would make one case load another's machine code (the parallel
+    kernel the serial one's, or a ReLU kernel the identity's) whenever that was compiled first."""
+    cases = [
+        numba_kernels.compiled(name, parallel, has_res, kind)
+        for name in ("ncl_forward", "mc_forward", "ncl_backward", "mc_backward")
+        for parallel in (True, False)
+        for has_res in (True, False)
+        for kind in (numba_kernels.IDENTITY, numba_kernels.RELU, numba_kernels.SMOOTH)
+    ]
+    paths = {case._cache._cache_file._index_path for case in cases}
+    assert len(paths) == len(cases) == 48
+
+
+def test_a_call_compiles_only_its_own_case():
+    """The activation's kind and the residual pick the compiled case: identity, ReLU and each
+    smooth activation with and without a residual (the smooth ones share one case)."""
+    pick = lambda code, has_res: numba_kernels.kernel("ncl_forward", 1 << 20, has_res, code)  # noqa: E731
+    codes = range(len(activations.NAMES))
+    assert len({pick(code, has_res) for code in codes for has_res in (True, False)}) == 6
+    assert pick(activations.NAMES.index("gelu"), False) is pick(activations.NAMES.index("sigmoid"), False)
+    assert pick(activations.NAMES.index("relu"), False) is not pick(activations.NAMES.index("relu"), True)

@@ -135,12 +135,14 @@ def _forward(xv, rv, *, activation, train, write, gamma, beta, eps, channel: Cha
     y = _empty_like(xv) if write else xv  # never written when not `write`
     update = running is not None
     running_mean, running_var, factor, unbiased = running if update else (channel.center, channel.center, 0.0, True)
-    args = (xv, xv if rv is None else rv, rv is not None, _ACT_CODE[activation], train, write, gamma, beta, eps,
+    has_res, code = rv is not None, _ACT_CODE[activation]
+    args = (xv, xv if rv is None else rv, has_res, code, train, write, gamma, beta, eps,
             *channel, m2, y, update, factor, unbiased, running_mean, running_var)  # fmt: skip
     if xv.ndim == 3:
-        finite = kernels.kernel("ncl_forward", xv.size)(*args, _ncl_lanes(xv), np.empty((2, xv.shape[1])))
+        run = kernels.kernel("ncl_forward", xv.size, has_res, code)
+        finite = run(*args, _ncl_lanes(xv), np.empty((2, xv.shape[1])))
     else:
-        finite = kernels.kernel("mc_forward", xv.size)(*args, *_mc_scratch(xv))
+        finite = kernels.kernel("mc_forward", xv.size, has_res, code)(*args, *_mc_scratch(xv))
     return (y if write else None), m2, finite
 
 
@@ -152,12 +154,13 @@ def _backward(dyv, xv, rv, *, activation, channel: ChannelParams, reduce, write,
     sum_d, sum_dxh = np.zeros((2, channels), xv.dtype)
     dx = _empty_like(xv) if write else xv  # never written when not `write`
     dres = _empty_like(xv) if write and rv is not None else dx
-    args = (dyv, xv, xv if rv is None else rv, rv is not None, _ACT_CODE[activation], *channel,
+    has_res, code = rv is not None, _ACT_CODE[activation]
+    args = (dyv, xv, xv if rv is None else rv, has_res, code, *channel,
             reduce, write, batch_stats, sum_d, sum_dxh, mean_d, mean_dxh, dx, dres)  # fmt: skip
     if xv.ndim == 3:
-        kernels.kernel("ncl_backward", xv.size)(*args, np.empty((2, channels)))
+        kernels.kernel("ncl_backward", xv.size, has_res, code)(*args, np.empty((2, channels)))
     else:
-        kernels.kernel("mc_backward", xv.size)(*args, *_mc_scratch(xv))
+        kernels.kernel("mc_backward", xv.size, has_res, code)(*args, *_mc_scratch(xv))
     return sum_d, sum_dxh, (dx if write else None), (dres if write and rv is not None else None)
 
 

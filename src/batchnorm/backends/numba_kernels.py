@@ -1,8 +1,10 @@
 """The numba backend's kernels: fused batch norm over the canonical views of layout.py.
 
-Two kernels per view, each a `parallel=True`, cached numba function compiled once per dtype,
-and the same functions compiled without threads for inputs under `PARALLEL_NUMEL` elements
-(`serial`; the same arithmetic, so the same bits). `kernel(name, size)` picks one.
+Two kernels per view, written once as Python functions and compiled, on first use, once per
+case: threads or not (without for inputs under `PARALLEL_NUMEL` elements: the same
+arithmetic, so the same bits), residual or not, and the activation's kind (identity, ReLU,
+or one of the smooth ones), each for the dtypes it meets (numba caches the machine code on
+disk). `kernel(name, size, has_res, code)` picks one.
 
 - forward: per-channel statistics (optional), then y = g((x - center) scale + shift + residual),
   then, in training, the guarded running update (`_fold_running`);
@@ -34,14 +36,17 @@ are bitwise the same with 1 or 2 threads):
   float64), then applied.
 
 Compiled with `fastmath={"reassoc", "contract"}` only: LLVM vectorizes the sums and fuses
-multiply-adds, NaN and Inf still propagate. Each loop is compiled once per (residual,
-activation) case that matters (`_specialized`): identity and ReLU get branch-free vector
-loops; the smooth activations are computed in float64 and rounded once. `code` is the
-activation's index in activations.NAMES.
+multiply-adds, NaN and Inf still propagate. In a case's compiled kernel, the residual flag
+and the activation of identity and ReLU are constants (`_case_loop`): each loop compiles to
+branch-free vector code with no call inside; the smooth activations share one loop and are
+computed in float64 and rounded once. `code` is the activation's index in
+activations.NAMES. Compiling per case is what keeps a first call short: a kernel holding
+all six cases took 25 s (forward) and 63 s (backward) to compile on 2 cores, one case 5-9 s.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 
@@ -148,24 +153,29 @@ def _dx(d, t, scale, invstd, xhat_shift, mean_d, mean_dxh):
     return scale * (d - mean_d - (t * invstd + xhat_shift) * mean_dxh)
 
 
-@_jit(inline=True)
-def _specialized(loop, args, has_res, code):
-    """loop(args, has_res, code) with `has_res` made a constant, and `code` too for identity
-    and ReLU: each compiles to its own loops with no call and no residual test inside
-    (which vectorize); the smooth activations share one loop per `has_res`."""
-    if has_res:
-        return _by_code(loop, args, True, code)
-    return _by_code(loop, args, False, code)
+IDENTITY, RELU, SMOOTH = 0, 1, 2  # activation kinds; a kind's code is its index for the first two
+_KIND_NAMES = {IDENTITY: "identity", RELU: "relu", SMOOTH: "smooth"}
 
 
-@_jit(inline=True)
-def _by_code(loop, args, has_res, code):
-    """`_specialized`'s second half: `code` a constant for identity and ReLU."""
-    if code == 0:
-        return loop(args, has_res, 0)
-    if code == 1:
-        return loop(args, has_res, 1)
-    return loop(args, has_res, code)
+@functools.cache
+def _case_loop(loop, has_res: bool, kind: int):
+    """`loop(args, has_res, code)` (one of `_LOOPS`) compiled for one case: `has_res`, and the
+    code of identity or ReLU, are constants there (numba folds a closure's values), so its
+    machine code holds that case's loop only; the smooth kinds keep `code` a run-time value.
+    A function of its own, not inlined: the serial and the parallel kernel of a case share
+    one compilation, and numba's parallel passes, slow on large loop bodies, see only a call.
+    Not cached on disk itself: a kernel's cached machine code includes it."""
+    if kind == SMOOTH:
+
+        def case(args, _has_res, code):
+            return loop(args, has_res, code)
+
+    else:
+
+        def case(args, _has_res, _code):
+            return loop(args, has_res, kind)
+
+    return numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True)(case)
 
 
 # Statistics ---------------------------------------------------------------------------
@@ -268,7 +278,7 @@ def _ncl_group(rows, channels, length, itemsize):
     return max(1, per)
 
 
-@_jit(inline=True)
+@_jit()
 def _ncl_stats(x, c0, c1, lanes, acc):
     """(mean, m2) in float64 of channels c0:c1 into acc[0, c], acc[1, c]: blocks of about
     _BLOCK values per channel (whole short rows or a piece of a long row), each summed in one
@@ -329,7 +339,6 @@ def _ncl_normalize(args, has_res, code):
                 yr[j] = _act(u, code, f)
 
 
-@_jit(parallel=True)
 def ncl_forward(
     x, res, has_res, code, train, write, gamma, beta, eps, center, scale, shift, invstd, xhat_shift, m2, y,
     update, factor, unbiased, running_mean, running_var, lanes, acc,
@@ -350,7 +359,7 @@ def ncl_forward(
                 _set_params(c, acc[0, c], acc[1, c], n_rows * length, eps, gamma, beta,
                             center, scale, shift, invstd, xhat_shift, m2)  # fmt: skip
         if write:
-            _specialized(_ncl_normalize, (x, res, y, c0, c1, center, scale, shift), has_res, code)
+            _ncl_normalize((x, res, y, c0, c1, center, scale, shift), has_res, code)
     if train:
         return _fold_running(acc, n_rows * length, update, factor, unbiased, running_mean, running_var)
     return True
@@ -402,7 +411,6 @@ def _ncl_grad_apply(args, has_res, code):
                         drr[j] = g
 
 
-@_jit(parallel=True)
 def ncl_backward(
     dy, x, res, has_res, code, center, scale, shift, invstd, xhat_shift, reduce, write, batch_stats,
     sum_d, sum_dxh, mean_d, mean_dxh, dx, dres, acc,
@@ -418,14 +426,14 @@ def ncl_backward(
         c0, c1 = k * per, min(channels, (k + 1) * per)
         if reduce:
             args = (dy, x, res, c0, c1, center, scale, shift, invstd, xhat_shift, acc)
-            _specialized(_ncl_grad_sums, args, has_res, code)
+            _ncl_grad_sums(args, has_res, code)
             for c in range(c0, c1):
                 sum_d[c], sum_dxh[c] = acc[0, c], acc[1, c]
                 if batch_stats:
                     mean_d[c], mean_dxh[c] = acc[0, c] / (n_rows * length), acc[1, c] / (n_rows * length)
         if write:
             args = (dy, x, res, dx, dres, c0, c1, center, scale, shift, invstd, xhat_shift, mean_d, mean_dxh)
-            _specialized(_ncl_grad_apply, args, has_res, code)
+            _ncl_grad_apply(args, has_res, code)
 
 
 # (M, C) --------------------------------------------------------------------------------
@@ -450,7 +458,6 @@ def _mc_normalize(args, has_res, code):
             yr[c] = _act(u, code, f)
 
 
-@_jit(parallel=True)
 def mc_forward(
     x, res, has_res, code, train, write, gamma, beta, eps, center, scale, shift, invstd, xhat_shift, m2, y,
     update, factor, unbiased, running_mean, running_var, s1, s2, merged,
@@ -485,7 +492,7 @@ def mc_forward(
     if write:
         for k in _prange(blocks):
             args = (x, res, y, k * per, min(rows, (k + 1) * per), center, scale, shift)
-            _specialized(_mc_normalize, args, has_res, code)
+            _mc_normalize(args, has_res, code)
     if train:
         return _fold_running(merged, rows, update, factor, unbiased, running_mean, running_var)
     return True
@@ -531,7 +538,6 @@ def _mc_grad_apply(args, has_res, code):
                     drr[c] = g
 
 
-@_jit(parallel=True)
 def mc_backward(
     dy, x, res, has_res, code, center, scale, shift, invstd, xhat_shift, reduce, write, batch_stats,
     sum_d, sum_dxh, mean_d, mean_dxh, dx, dres, s1, s2, merged,
@@ -545,7 +551,7 @@ def mc_backward(
         for k in _prange(blocks):
             lo, hi = k * per, min(rows, (k + 1) * per)
             args = (dy, x, res, lo, hi, center, scale, shift, invstd, xhat_shift, s1[k], s2[k])
-            _specialized(_mc_grad_sums, args, has_res, code)
+            _mc_grad_sums(args, has_res, code)
         sd, sdx = merged[0], merged[1]
         for k in range(blocks):
             s1k, s2k = s1[k], s2[k]
@@ -560,28 +566,31 @@ def mc_backward(
         for k in _prange(blocks):
             lo, hi = k * per, min(rows, (k + 1) * per)
             args = (dy, x, res, dx, dres, lo, hi, center, scale, shift, invstd, xhat_shift, mean_d, mean_dxh)
-            _specialized(_mc_grad_apply, args, has_res, code)
+            _mc_grad_apply(args, has_res, code)
 
 
-def serial(kernel):
-    """The same kernel compiled without threads (prange runs as range): for small inputs, where
+_TEMPLATES = {k.__name__: k for k in (ncl_forward, mc_forward, ncl_backward, mc_backward)}
+# The kernels' loops over values that depend on the case (the residual, the activation).
+_LOOPS = (_ncl_normalize, _ncl_grad_sums, _ncl_grad_apply, _mc_normalize, _mc_grad_sums, _mc_grad_apply)
+
+
+@functools.cache
+def compiled(name: str, parallel: bool, has_res: bool, kind: int):
+    """The kernel `name` for one case: a copy of its function whose loops are the case's
+    (`_case_loop`), under its own name (numba keys its on-disk cache by name and line, not by
+    what a global is bound to, nor by `parallel`: under a shared name one case would load
+    another's machine code). Without threads (prange runs as range) for small inputs, where
     a parallel region costs more than it saves and, on a loaded machine, waits for a
-    descheduled thread (milliseconds)."""
-    if numba is None:
-        return kernel
-    fn = kernel.py_func
-    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
-    # numba's on-disk cache is keyed by qualified name and line, not by `parallel`: under the
-    # same name the parallel dispatcher would load the serial machine code (and run on one
-    # thread) whenever the serial one was compiled first.
-    copy.__qualname__ = fn.__qualname__ + "_serial"
-    return _jit()(copy)
+    descheduled thread (milliseconds). Compiles on its first call."""
+    fn = _TEMPLATES[name]
+    loops = {loop.__name__: _case_loop(loop, has_res, kind) for loop in _LOOPS}
+    copy = types.FunctionType(fn.__code__, dict(fn.__globals__, **loops), fn.__name__, fn.__defaults__, fn.__closure__)
+    threads = "parallel" if parallel else "serial"
+    copy.__qualname__ = f"{fn.__qualname__}_{threads}_{'residual' if has_res else 'plain'}_{_KIND_NAMES[kind]}"
+    return _jit(parallel=parallel)(copy)
 
 
-#: (parallel, serial) versions of each kernel; `kernel` picks one by size.
-KERNELS = {k.__name__: (k, serial(k)) for k in (ncl_forward, mc_forward, ncl_backward, mc_backward)}
-
-
-def kernel(name: str, size: int):
-    """The parallel kernel from PARALLEL_NUMEL elements on, the serial one below."""
-    return KERNELS[name][size < PARALLEL_NUMEL]
+def kernel(name: str, size: int, has_res: bool, code: int):
+    """The compiled kernel for a call: threads from PARALLEL_NUMEL elements on, none below;
+    the case of `has_res` and the activation `code`."""
+    return compiled(name, size >= PARALLEL_NUMEL, has_res, min(code, SMOOTH))
