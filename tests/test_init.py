@@ -1,15 +1,16 @@
 """`import batchnorm`: the layer, functional and tools load with torch, numpy and numba alone,
-none of the `experiments` extra (which only the command line and the experiments need)."""
+none of the `experiments` extra (which only the command line and the experiments need), and
+not torch's compiler either (torch._dynamo takes 2 s to import; only compiling needs it)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-EXTRA = ("rich", "typer", "click", "sklearn", "mnist1d", "matplotlib", "jinja2")
+EXTRA = ("rich", "typer", "click", "sklearn", "mnist1d", "matplotlib", "jinja2", "torch._dynamo")
 
 
-def test_import_batchnorm_loads_nothing_of_the_experiments_extra():
+def test_import_batchnorm_loads_neither_the_experiments_extra_nor_the_compiler():
     code = (
         "import sys, batchnorm; "
         f"print(' '.join(sorted(n for n in {EXTRA!r} if n in sys.modules)))"

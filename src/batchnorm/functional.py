@@ -141,7 +141,9 @@ def batch_norm(
     return y
 
 
-@torch.compiler.disable
+# torch.compiler.disable imports torch._dynamo (2 s, half of `import batchnorm`) when the
+# decorator runs; torch's own lazy form of it imports dynamo at the first call instead.
+@torch._disable_dynamo
 def _outside_the_graph(x, running_mean, running_var, weight, bias, momentum, eps, activation, residual,
                        backend, num_batches_tracked, guard, sync, mask, virtual_batch_size, renorm,
                        unbiased_running_var):  # fmt: skip
