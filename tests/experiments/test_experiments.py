@@ -363,3 +363,22 @@ def test_cnn_wallclock_warm_up_compiles_on_copies_and_leaves_the_models_alone():
     for arm, model in models.items():
         assert all(torch.equal(v, before[arm][k]) for k, v in model.state_dict().items())
         assert all(p.grad is None for p in model.parameters())
+
+
+
+def test_compile_ahead_fills_numba_cache_with_the_kernels_cnn_wallclock_runs(tmp_path, monkeypatch):
+    """The background process (one per experiment that has `compile_kernels`) leaves on disk
+    the kernels the run's layers call: the parallel (N, C, L) forward and backward of BN +
+    ReLU and of BN + add + ReLU (a cold cache of its own here: the process compiles them)."""
+    from batchnorm.experiments import commands, config_for
+
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    plan = [(name, config_for(name, quick=True)) for name in ("speed", "cnn-wallclock")]
+    started = commands.compile_ahead(plan)
+    assert list(started) == ["cnn-wallclock"]
+    started["cnn-wallclock"].join(timeout=600)
+    assert started["cnn-wallclock"].exitcode == 0
+    cached = {path.name.split("-")[0] for path in tmp_path.rglob("*.nbi")}
+    for name in ("ncl_forward", "ncl_backward"):
+        for case in ("plain_relu", "residual_relu"):
+            assert f"numba_kernels.{name}_parallel_{case}" in cached, sorted(cached)

@@ -132,6 +132,19 @@ def warm_up(models: dict, data: common.Data, batch_size: int) -> None:
         torch.nn.functional.cross_entropy(twin(x), y).backward()
 
 
+def compile_kernels(config: dict) -> None:
+    """One forward + backward of our arm's network, on a random batch of the run's shape, on
+    one thread: numba compiles the kernels this experiment runs (seconds each on a cold
+    cache) into its on-disk cache. The command line runs it in a process of its own from the
+    start of a plan in which other experiments come first (`commands.compile_ahead`), on the
+    core their single-threaded training leaves idle; `warm_up` then loads the kernels."""
+    if config["device"] != "cpu" or "numba" not in backends.available():
+        return
+    torch.set_num_threads(1)
+    model = convnets.resnet((8, 8), 10, channels=config["channels"], blocks=config["blocks"], batchnorm=True)
+    model(torch.randn(config["batch_size"], 8 * 8)).sum().backward()  # digits come flattened
+
+
 def layer_times(config: dict) -> dict:
     """Forward + backward milliseconds of the network's batch-norm part alone, ours against
     torch's, on the shape the layers see in training ((batch, channels, 8, 8)), timed by
