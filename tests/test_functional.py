@@ -7,6 +7,7 @@ import torch
 
 import batchnorm as bn
 from batchnorm import backends
+from batchnorm import functional as F
 from batchnorm.functional import batch_norm
 
 
@@ -270,3 +271,30 @@ def test_threads_sharing_a_layer_never_see_a_non_finite_running_value(size):
     watcher.join()
     assert not seen_non_finite
     assert m.nonfinite_skips == 30
+
+
+def test_plan_names_the_path_of_each_kind_of_call():
+    x, rm, rv = torch.randn(8, 3), torch.zeros(3), torch.ones(3)
+    mask = torch.ones(8, dtype=torch.bool)
+    sync = object()  # plan only asks whether there is one
+
+    def plan(x=x, training=True, **extras):
+        return F.plan(F.Call(x, rm, rv, None, None, training, 0.1, 1e-5, **extras))
+
+    assert plan() is F.Path.OP
+    assert plan(activation="relu", residual=x) is F.Path.OP
+    assert plan(unbiased_running_var=False) is F.Path.OP  # the op layer stores either variance
+    assert plan(training=False, mask=mask, virtual_batch_size=2, sync=sync) is F.Path.OP  # evaluation
+    assert plan(virtual_batch_size=2) is F.Path.KERNELS
+    assert plan(renorm=bn.Renorm()) is F.Path.KERNELS
+    assert plan(sync=sync) is F.Path.KERNELS
+    assert plan(mask=mask) is F.Path.TORCH_OPS
+    assert plan(x=x[:0]) is F.Path.EMPTY
+    assert plan(x=x[:0], sync=sync) is F.Path.KERNELS  # an empty part still joins the reductions
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def traced(x):
+        return (x, plan(x=x, virtual_batch_size=2) is F.Path.TORCH_OPS,
+                plan(x=x, sync=sync) is F.Path.SYNC_OUTSIDE_GRAPH, plan(x=x) is F.Path.OP)
+
+    assert traced(x)[1:] == (True, True, True)

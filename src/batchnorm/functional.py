@@ -1,14 +1,25 @@
 """`batch_norm`: the one entry point every module calls.
 
-It validates the input, picks a backend (`backends.resolve`), computes the statistics,
-normalizes, and updates the running statistics (`stats.update_running`, with the
-non-finite guard). Policy lives here (ghost batches, masks, batch renormalization,
-synchronization across processes); the backends only compute.
+It validates the input, bundles the call (`Call`), names the path that computes it
+(`plan`, a `Path`) and runs that path:
+
+- `Path.EMPTY`: an empty batch, an empty output, nothing updated;
+- `Path.OP`: plain batch norm (with the fused activation and residual) and every
+  evaluation, through the op layer (ops.py), which picks the kernels by mode and backend;
+- `Path.KERNELS`: ghost batches, batch renormalization and synchronization across
+  processes, in eager mode: the backend's kernel contract under `BatchNormFunction`;
+- `Path.TORCH_OPS`: masks, and those same extras while a graph is traced: differentiable
+  torch ops;
+- `Path.SYNC_OUTSIDE_GRAPH`: SyncBatchNorm while a graph is traced: eagerly, outside it.
+
+The last three update the running statistics here, with `stats.update_running` (the op
+layer does it for `Path.OP`). Policy lives here; the backends only compute.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import enum
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -98,64 +109,131 @@ def batch_norm(
         variants.chunks(max(x.shape[0], 1), virtual_batch_size, 1)  # validates k
     if sync is not None and (mask is not None or virtual_batch_size is not None):
         raise ValueError("masks and ghost batches are not supported together with SyncBatchNorm")
-    use_batch_stats = training or running_mean is None
-    if x.numel() == 0 and not (use_batch_stats and sync is not None):
-        return _empty(x, weight, bias, activation, residual)
-    plain = sync is None and mask is None and virtual_batch_size is None and renorm is None
-    if plain or not use_batch_stats:
-        # the extras are training-only: evaluation is plain batch norm with the running statistics
-        if use_batch_stats:
-            validation.validate_training_batch(x)
-        y, accepted = ops.batch_norm(
-            x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-            use_batch_stats, momentum, eps, activation, backend, unbiased_running_var,
-        )  # fmt: skip
-        if accepted is not None:
-            (guard or _DEFAULT_GUARD).record(accepted)
-        return y
-
-    if sync is not None and torch.compiler.is_compiling():
-        return _outside_the_graph(
-            x, running_mean, running_var, weight, bias, momentum, eps, activation, residual, backend,
-            num_batches_tracked, guard, sync, mask, virtual_batch_size, renorm, unbiased_running_var,
-        )  # fmt: skip
-    # Policy paths (ghost batches, masks, renorm, sync) run the kernel contract; while a graph
-    # is traced they run differentiable torch ops instead (`_normalize_masked`).
-    be = backends.resolve(backend, x).backend
-    limits = None
-    if renorm is not None:
-        if running_mean is None or running_var is None:
-            raise ValueError("batch renormalization needs running statistics: track_running_stats=True")
-        limits = renorm.limits(0 if num_batches_tracked is None else num_batches_tracked)
-    y, batch = _normalize_chunks(
-        x, weight, bias, eps, activation, residual, be, sync, mask, virtual_batch_size,
-        limits, running_mean, running_var,
+    call = Call(
+        x, running_mean, running_var, weight, bias, training or running_mean is None, momentum, eps,
+        activation, residual, backend, num_batches_tracked, guard or _DEFAULT_GUARD, sync, mask,
+        virtual_batch_size, renorm, unbiased_running_var,
     )  # fmt: skip
-    if running_mean is not None and running_var is not None:
+    path = plan(call)
+    if path is Path.OP:
+        return _op(call)
+    if path is Path.KERNELS:
+        return _policy(call, _normalize_one)
+    if path is Path.TORCH_OPS:
+        return _policy(call, _normalize_masked)
+    if path is Path.SYNC_OUTSIDE_GRAPH:
+        return _outside_the_graph(call)
+    return _empty(call)
+
+
+class Path(enum.Enum):
+    """The code that computes a call (the module docstring says what each one runs)."""
+
+    EMPTY = "empty"
+    OP = "op"
+    KERNELS = "kernels"
+    TORCH_OPS = "torch-ops"
+    SYNC_OUTSIDE_GRAPH = "sync-outside-graph"
+
+
+class Call(NamedTuple):
+    """One call of `batch_norm`, validated: torch's arguments (`batch_stats`: whether the
+    batch's statistics normalize, torch's rule), the extras, and what a module plugs in."""
+
+    x: Tensor
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+    batch_stats: bool
+    momentum: float | None
+    eps: float
+    activation: str | None = None
+    residual: Tensor | None = None
+    backend: str | None = "auto"
+    num_batches_tracked: Tensor | None = None
+    guard: NonFiniteGuard = _DEFAULT_GUARD
+    sync: Synchronizer | None = None
+    mask: Tensor | None = None
+    virtual_batch_size: int | None = None
+    renorm: Renorm | None = None
+    unbiased_running_var: bool = True
+
+
+def plan(call: Call) -> Path:
+    """Which path computes `call`: by its extras, whether batch statistics normalize (the
+    extras are training-only: evaluation is plain batch norm with the running statistics)
+    and whether a graph is being traced."""
+    if call.x.numel() == 0 and not (call.batch_stats and call.sync is not None):
+        return Path.EMPTY  # SyncBatchNorm's empty part still joins the other processes' reductions
+    policy = call.sync is not None or call.mask is not None or call.virtual_batch_size is not None
+    if not call.batch_stats or not (policy or call.renorm is not None):
+        return Path.OP
+    if torch.compiler.is_compiling():
+        return Path.SYNC_OUTSIDE_GRAPH if call.sync is not None else Path.TORCH_OPS
+    return Path.TORCH_OPS if call.mask is not None else Path.KERNELS
+
+
+def _op(call: Call) -> Tensor:
+    """`Path.OP`: the op layer, which also folds the batch into the running statistics."""
+    if call.batch_stats:
+        validation.validate_training_batch(call.x)
+    y, accepted = ops.batch_norm(
+        call.x, call.weight, call.bias, call.residual, call.running_mean, call.running_var,
+        call.num_batches_tracked, call.batch_stats, call.momentum, call.eps, call.activation, call.backend,
+        call.unbiased_running_var,
+    )  # fmt: skip
+    if accepted is not None:
+        call.guard.record(accepted)
+    return y
+
+
+def _policy(call: Call, normalize) -> Tensor:
+    """`Path.KERNELS` and `Path.TORCH_OPS`: each ghost chunk (the whole batch when there are
+    none) normalized by `normalize` (`_normalize_one` or `_normalize_masked`) with its own
+    statistics, then the whole batch's statistics (Chan-merged) folded into the running ones."""
+    x = call.x
+    be = backends.resolve(call.backend, x).backend  # one backend for every chunk
+    limits = None
+    if call.renorm is not None:
+        if call.running_mean is None or call.running_var is None:
+            raise ValueError("batch renormalization needs running statistics: track_running_stats=True")
+        limits = call.renorm.limits(0 if call.num_batches_tracked is None else call.num_batches_tracked)
+    values_per_example = layout.values_per_channel(x[:1]) if x.shape[0] else 1
+    bounds = (
+        [(0, x.shape[0])]
+        if call.virtual_batch_size is None
+        else variants.chunks(x.shape[0], call.virtual_batch_size, values_per_example)
+    )
+    outputs, parts = [], []
+    for start, length in bounds:
+        part = call._replace(
+            x=x.narrow(0, start, length),
+            residual=None if call.residual is None else call.residual.narrow(0, start, length),
+            mask=None if call.mask is None else call.mask.narrow(0, start, length),
+        )
+        y, batch = normalize(part, limits, be)
+        outputs.append(y)
+        parts.append(batch)
+    y, batch = (outputs[0], parts[0]) if len(parts) == 1 else (torch.cat(outputs, 0), merge_all(parts))
+    if call.running_mean is not None and call.running_var is not None:
         with torch.no_grad():
-            stored_var = batch.unbiased_var if unbiased_running_var else batch.var
+            stored_var = batch.unbiased_var if call.unbiased_running_var else batch.var
             accepted = update_running(
-                running_mean, running_var, batch.mean, stored_var, momentum, num_batches_tracked
+                call.running_mean, call.running_var, batch.mean, stored_var, call.momentum, call.num_batches_tracked
             )
-        (guard or _DEFAULT_GUARD).record(accepted)
+        call.guard.record(accepted)
     return y
 
 
 # torch.compiler.disable imports torch._dynamo (2 s, half of `import batchnorm`) when the
 # decorator runs; torch's own lazy form of it imports dynamo at the first call instead.
 @torch._disable_dynamo
-def _outside_the_graph(x, running_mean, running_var, weight, bias, momentum, eps, activation, residual,
-                       backend, num_batches_tracked, guard, sync, mask, virtual_batch_size, renorm,
-                       unbiased_running_var):  # fmt: skip
-    """SyncBatchNorm in a compiled model runs eagerly, a graph break per layer (so
-    fullgraph=True refuses it): its two reductions are collectives between the forward's
-    statistics and the backward's sums, which a traced graph would drop."""
-    return batch_norm(
-        x, running_mean, running_var, weight, bias, True, momentum, eps, activation=activation,
-        residual=residual, backend=backend, num_batches_tracked=num_batches_tracked, guard=guard,
-        sync=sync, mask=mask, virtual_batch_size=virtual_batch_size, renorm=renorm,
-        unbiased_running_var=unbiased_running_var,
-    )  # fmt: skip
+def _outside_the_graph(call: Call) -> Tensor:
+    """`Path.SYNC_OUTSIDE_GRAPH`: SyncBatchNorm in a compiled model runs eagerly, a graph
+    break per layer (so fullgraph=True refuses it): its two reductions are collectives
+    between the forward's statistics and the backward's sums, which a traced graph would drop."""
+    return _policy(call, _normalize_one)
 
 
 def _scale_shift(weight, bias, invstd, correction=None) -> tuple[Tensor, Tensor]:
@@ -168,36 +246,11 @@ def _scale_shift(weight, bias, invstd, correction=None) -> tuple[Tensor, Tensor]
     return scale, shift + (d if weight is None else weight.to(d.dtype) * d)
 
 
-def _normalize_chunks(
-    x, weight, bias, eps, activation, residual, be, sync, mask, virtual_batch_size, limits,
-    running_mean, running_var,
-) -> tuple[Tensor, Stats]:  # fmt: skip
-    """Normalize each ghost chunk (the whole batch when there are none) with its own
-    statistics; return y and the statistics of the whole batch (Chan-merged)."""
-    values_per_example = layout.values_per_channel(x[:1]) if x.shape[0] else 1
-    bounds = (
-        [(0, x.shape[0])]
-        if virtual_batch_size is None
-        else variants.chunks(x.shape[0], virtual_batch_size, values_per_example)
-    )
-    outputs, parts = [], []
-    for start, length in bounds:
-        xs = x.narrow(0, start, length)
-        rs = None if residual is None else residual.narrow(0, start, length)
-        if mask is None and not torch.compiler.is_compiling():
-            y, batch = _normalize_one(xs, weight, bias, eps, activation, rs, be, sync, limits, running_mean, running_var)
-        else:  # torch ops autograd differentiates: what a traced graph can hold
-            ms = None if mask is None else mask.narrow(0, start, length)
-            y, batch = _normalize_masked(xs, ms, weight, bias, eps, activation, rs, limits, running_mean, running_var)
-        outputs.append(y)
-        parts.append(batch)
-    if len(parts) == 1:
-        return outputs[0], parts[0]
-    return torch.cat(outputs, 0), merge_all(parts)
-
-
-def _normalize_one(x, weight, bias, eps, activation, residual, be, sync, limits, running_mean, running_var):
-    """One batch (or ghost chunk) through the backend's kernels and BatchNormFunction."""
+def _normalize_one(call: Call, limits, be) -> tuple[Tensor, Stats]:
+    """`Path.KERNELS`: one batch (or ghost chunk) through the kernel contract of the backend
+    `be` under BatchNormFunction; returns y and the batch's statistics (global with `sync`);
+    `limits`: batch renormalization's (r_max, d_max) or None."""
+    x, sync = call.x, call.sync
     if sync is None:
         validation.validate_training_batch(x)
     with torch.no_grad():
@@ -206,32 +259,34 @@ def _normalize_one(x, weight, bias, eps, activation, residual, be, sync, limits,
             batch = sync.reduce_stats(batch)
             # Every process holds the same global count, so all raise together.
             validation.validate_global_count(int(batch.count[0]) if batch.count.numel() else 0, x.shape)
-        invstd = torch.rsqrt(batch.var + eps)
+        invstd = torch.rsqrt(batch.var + call.eps)
         correction = None
         if limits is not None:
-            correction = variants.renorm_correction(batch, running_mean, running_var, eps, *limits)
-    scale, shift = _scale_shift(weight, bias, invstd, correction)
+            correction = variants.renorm_correction(batch, call.running_mean, call.running_var, call.eps, *limits)
+    scale, shift = _scale_shift(call.weight, call.bias, invstd, correction)
     grad_reducer = None if sync is None else sync.reduce_grads
     y = BatchNormFunction.apply(
-        x, scale, shift, residual, batch.mean, invstd, batch.count, be, activation, True, grad_reducer
+        x, scale, shift, call.residual, batch.mean, invstd, batch.count, be, call.activation, True, grad_reducer
     )
     return y, batch
 
 
-def _normalize_masked(x, mask, weight, bias, eps, activation, residual, limits, running_mean, running_var):
-    """Masked batch norm in torch ops (no backend has a masked kernel): autograd differentiates
-    the statistics, which see only the valid positions (all of them when mask is None)."""
+def _normalize_masked(call: Call, limits, _be) -> tuple[Tensor, Stats]:
+    """`Path.TORCH_OPS`: `_normalize_one` in torch ops, whatever the backend (no backend has a
+    masked kernel; mask None: every position is valid); autograd differentiates the
+    statistics, which see only the valid positions."""
+    x, mask, weight = call.x, call.mask, call.weight
     batch = variants.masked_stats(x, mask)
     if not torch.compiler.is_compiling():  # a graph cannot raise on a value it computes
         validation.validate_training_batch_count(int(batch.count[0]) if batch.count.numel() else 0, x.shape, masked=True)
     correction = None
     if limits is not None:
         detached = Stats(*(t.detach() for t in batch))
-        correction = ops.renorm_correction(detached, running_mean, running_var, eps, *limits)
-    shift = _scale_shift(weight, bias, torch.ones_like(batch.mean), correction)[1]
+        correction = ops.renorm_correction(detached, call.running_mean, call.running_var, call.eps, *limits)
+    shift = _scale_shift(weight, call.bias, torch.ones_like(batch.mean), correction)[1]
     y = variants.masked_normalize(
-        x, mask, batch, eps, lambda invstd: _scale_shift(weight, None, invstd, correction)[0],
-        shift, activation, residual,
+        x, mask, batch, call.eps, lambda invstd: _scale_shift(weight, None, invstd, correction)[0],
+        shift, call.activation, call.residual,
     )  # fmt: skip
     return y, Stats(*(t.detach() for t in batch))
 
@@ -244,10 +299,11 @@ def _local_stats(x: Tensor, be) -> Stats:
     return Stats(*be.stats(layout.canonical(x).data))
 
 
-def _empty(x, weight, bias, activation, residual) -> Tensor:
-    """An empty batch: an empty output still connected to the graph, and nothing updated."""
+def _empty(call: Call) -> Tensor:
+    """`Path.EMPTY`: an empty output still connected to the graph, and nothing updated."""
+    x, weight, bias = call.x, call.weight, call.bias
     shape = (1, -1) + (1,) * (x.dim() - 2)
     y = x if weight is None else x * weight.view(shape)
     y = y if bias is None else y + bias.view(shape)
-    y = y if residual is None else y + residual
-    return activations.forward(y, activation).to(x.dtype)
+    y = y if call.residual is None else y + call.residual
+    return activations.forward(y, call.activation).to(x.dtype)

@@ -175,7 +175,7 @@ class NonFiniteGuard:
                 f"{self.name}: a batch gave a non-finite mean or variance; the running "
                 "statistics were left unchanged (further skips are counted, not warned)",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,  # _add, record, the path (functional.py), batch_norm, its caller
             )
             self._warned = True
         self._count += skipped
