@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import batchnorm as bn
-from batchnorm import backends
+from batchnorm import activations, backends
 from batchnorm import functional as F
 from batchnorm.functional import batch_norm
 
@@ -298,3 +298,27 @@ def test_plan_names_the_path_of_each_kind_of_call():
                 plan(x=x, sync=sync) is F.Path.SYNC_OUTSIDE_GRAPH, plan(x=x) is F.Path.OP)
 
     assert traced(x)[1:] == (True, True, True)
+
+
+@pytest.mark.skipif("numba" not in backends.available(), reason="numba is not installed")
+@pytest.mark.parametrize("activation", ["leaky_relu", "sigmoid", "tanh", "silu", "gelu"])
+def test_an_activation_numba_does_not_fuse_is_torch_op_after_its_kernel(activation):
+    """numba fuses identity and ReLU only (a smooth activation costs a scalar libm call per
+    value there, several times torch's vectorized op): the others are torch's op applied to
+    the kernel's output, gradients included."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 50, generator=gen, requires_grad=True)
+    res = torch.randn(4, 3, 50, generator=gen)
+    split = torch.randn(4, 3, 50, generator=gen)
+
+    def run(fused):
+        xs = x.detach().clone().requires_grad_()
+        if fused:
+            y = batch_norm(xs, None, None, training=True, activation=activation, residual=res, backend="numba")
+        else:
+            y = activations.forward(batch_norm(xs, None, None, training=True, residual=res, backend="numba"), activation)
+        y.backward(split)
+        return y, xs.grad
+
+    for ours, composed in zip(run(True), run(False)):
+        assert torch.equal(ours, composed)

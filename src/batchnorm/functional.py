@@ -114,6 +114,14 @@ def batch_norm(
         activation, residual, backend, num_batches_tracked, guard or _DEFAULT_GUARD, sync, mask,
         virtual_batch_size, renorm, unbiased_running_var,
     )  # fmt: skip
+    if activation is not None and activation not in backends.resolve(backend, x).backend.fused_activations:
+        # this backend's fused form of the activation is slower than torch's own op after it
+        return activations.forward(_run(call._replace(activation=None)), activation)
+    return _run(call)
+
+
+def _run(call: Call) -> Tensor:
+    """Compute `call` on the path `plan` names."""
     path = plan(call)
     if path is Path.OP:
         return _op(call)

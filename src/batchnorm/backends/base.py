@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import activations
 from ..channel_params import acc_dtype, affine
 
 
@@ -46,6 +47,10 @@ class Backend:
     #: argument), under the same rule as `stats.update_running`; otherwise the op layer
     #: applies `update_running` to what `forward` returns.
     folds_running: bool = False
+    #: The activations worth fusing into this backend's kernels. Every backend computes all
+    #: of them (the contract), but where a fused one is slower than torch's own vectorized
+    #: op, functional.py runs the kernel without it and applies torch's op after.
+    fused_activations: tuple[str | None, ...] = activations.NAMES
 
     def unavailable(self) -> str | None:
         """Why this backend cannot run on this machine at all, or None when it can."""

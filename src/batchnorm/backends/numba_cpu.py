@@ -169,6 +169,10 @@ class NumbaBackend(Backend):
 
     name = "numba"
     folds_running = True
+    # The smooth activations cost a scalar libm call per value here (numba has no vector
+    # math library on this build): fused, BN + GELU forward + backward on (64, 32, 16, 16)
+    # took 23 ms, 5.5x torch's 4.2; our identity kernel then torch's activation is faster.
+    fused_activations = (None, "relu")
 
     def unavailable(self) -> str | None:
         return kernels.MISSING
