@@ -13,7 +13,9 @@ It validates the input, bundles the call (`Call`), names the path that computes 
 - `Path.SYNC_OUTSIDE_GRAPH`: SyncBatchNorm while a graph is traced: eagerly, outside it.
 
 The last three update the running statistics here, with `stats.update_running` (the op
-layer does it for `Path.OP`). Policy lives here; the backends only compute.
+layer does it for `Path.OP`). An activation the backend does not fuse
+(`Backend.fused_activations`) is applied after the path, as torch's own op. Policy lives
+here; the backends only compute.
 """
 
 from __future__ import annotations
