@@ -9,6 +9,7 @@ import batchnorm as bn
 from batchnorm import activations, backends
 from batchnorm import functional as F
 from batchnorm.functional import batch_norm
+from batchnorm.stats import NonFiniteGuard
 
 
 def test_wrong_channel_count():
@@ -322,3 +323,20 @@ def test_an_activation_numba_does_not_fuse_is_torch_op_after_its_kernel(activati
 
     for ours, composed in zip(run(True), run(False)):
         assert torch.equal(ours, composed)
+
+
+def test_the_guards_warning_names_the_callers_line():
+    """The first skipped update warns at the user's line, whichever path and however deep in
+    this package and torch's module machinery the guard was reached."""
+    x = torch.randn(8, 3)
+    x[0, 0] = float("inf")
+    calls = {
+        "plain": lambda: batch_norm(x, torch.zeros(3), torch.ones(3), training=True, guard=NonFiniteGuard()),
+        "ghost": lambda: batch_norm(x, torch.zeros(3), torch.ones(3), training=True, virtual_batch_size=4,
+                                    guard=NonFiniteGuard()),  # fmt: skip
+        "module": lambda: bn.BatchNorm1d(3)(x),
+    }
+    for name, call in calls.items():
+        with pytest.warns(RuntimeWarning, match="non-finite") as caught:
+            call()
+        assert caught[0].filename == __file__, (name, caught[0].filename)

@@ -19,6 +19,8 @@ batch; the stored variance is unbiased):
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -133,6 +135,20 @@ def _blend_tensor(old: Tensor, new: Tensor, factor, wide: torch.dtype) -> Tensor
     return torch.where(torch.isfinite(o), o + factor * (n - o), n).to(old.dtype)
 
 
+# Where the guard's warning does not point: this package's frames and torch's (a module's
+# call machinery), so that it names the line of the user's code that made the call.
+_LIBRARY_DIRS = tuple(os.path.dirname(f) + os.sep for f in (__file__, torch.__file__))
+
+
+def _first_frame_outside(prefixes: tuple[str, ...]) -> int:
+    """warnings.warn's `stacklevel` (1: the function calling warn, which calls this) of the
+    first frame up the stack whose file is not under one of `prefixes`."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(prefixes):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class NonFiniteGuard:
     """Counts running-statistic updates skipped because a batch statistic was not finite.
 
@@ -175,7 +191,7 @@ class NonFiniteGuard:
                 f"{self.name}: a batch gave a non-finite mean or variance; the running "
                 "statistics were left unchanged (further skips are counted, not warned)",
                 RuntimeWarning,
-                stacklevel=5,  # _add, record, the path (functional.py), batch_norm, its caller
+                stacklevel=_first_frame_outside(_LIBRARY_DIRS),
             )
             self._warned = True
         self._count += skipped
