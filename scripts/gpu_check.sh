@@ -10,7 +10,9 @@
 #      against torch eager on every row (what the rule reads, so it runs first)
 #      -> docs/bench/kernels-cuda-triton.json, docs/benchmarks-cuda.md
 #   3. the full-size tests (ResNet-50 rows at batch 256 and MLP rows, both views, bf16 and
-#      fp32, contract and whole op, against the float64 reference)
+#      fp32, contract and whole op, against the float64 reference), and the traceable ops
+#      (tests/test_triton_ops.py: opcheck, compiled with Inductor and with CUDA graphs
+#      against eager over training steps)
 #      -> docs/bench/triton-tests-cuda.txt (and .xml)
 #   4. `batchnorm bench train --device cuda`, when that command exists
 #      -> docs/bench/train-cuda.txt
@@ -74,7 +76,7 @@ fi
 step bench 240 "$PY" -m batchnorm.cli bench kernels --device cuda --backend triton --dtype float32 \
     --dtype bfloat16 --no-compile --out docs/bench --markdown docs/benchmarks-cuda.md
 
-step tests 180 "$PY" -m pytest tests/backends/test_triton_gpu.py -k full_size -q -p no:cacheprovider \
+step tests 180 "$PY" -m pytest tests/backends/test_triton_gpu.py tests/test_triton_ops.py -k "full_size or test_triton_ops" -q -p no:cacheprovider \
     --junitxml=docs/bench/triton-tests-cuda.xml
 grep -v -i warn "$LOG" | sed -n '/^== tests (/,/^== tests:/p' > docs/bench/triton-tests-cuda.txt
 

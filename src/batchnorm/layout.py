@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 
@@ -59,13 +60,16 @@ def restore(data: Tensor, like: Tensor, kind: str) -> Tensor:
     The result shares `data`'s memory but is a tensor of its own, not an autograd view of
     `data`: outputs of autograd Functions and custom ops are restored here, and autograd
     refuses in-place ops (`y += r`, `relu_()`, the ResNet block's) on a view made inside a
-    Function."""
+    Function. While torch traces (a triton_op's body) there is no autograd view to escape, and
+    a storage swap cannot be traced: the view itself is returned."""
     if like.dim() == 2 or kind == "ncl":
         shaped = data.view(like.shape)
     else:
         n, c = like.shape[0], like.shape[1]
         spatial = like.shape[2:]
         shaped = data.view(n, *spatial, c).permute(0, like.dim() - 1, *range(1, like.dim() - 1))
+    if torch.compiler.is_compiling():
+        return shaped
     own = data.new_empty(0)
     return own.set_(data.untyped_storage(), shaped.storage_offset(), shaped.shape, shaped.stride())
 

@@ -17,8 +17,11 @@ size and layout):
   `batchnorm::batch_norm` and `batchnorm::batch_norm_backward` (torch.library), which call
   the very same backend functions, so Inductor sees one opaque op with a fake (meta)
   implementation and a registered autograd formula; `aten` stays torch's decomposable
-  batch norm, which Inductor generates code for. The running update is `update_running`'s
-  tensor ops there, traced into the graph, with no host synchronization.
+  batch norm, which Inductor generates code for. On a CUDA machine the triton backend's
+  kernels are traced instead (triton_ops.py: the same functions as `torch.library.triton_op`s,
+  whose graphs hold the kernels themselves; `TRITON_OPS` says whether they are registered).
+  The running update is `update_running`'s tensor ops there, traced into the graph, with no
+  host synchronization.
 - exported in evaluation: torch's batch norm and the extras in standard aten ops, so an
   exported program runs where this package is not installed.
 
@@ -33,6 +36,7 @@ paths run the same kernels and the same rule; the tests hold them equal.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -113,7 +117,7 @@ def batch_norm(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
         y, params, accepted = _BatchNormFunction.apply(*args)
     else:  # nothing to differentiate: a Function would only cost time
-        y, params, accepted = _forward_kernels(*args)
+        y, params, accepted = forward_kernels(*args)
     if fold is not None:
         if accepted and num_batches_tracked is not None:
             num_batches_tracked.add_(1)
@@ -135,9 +139,9 @@ def _traced(x, weight, bias, residual, running_mean, running_var, num_batches_tr
         )  # fmt: skip
         stored = None if not updating else (var if unbiased else var * _bias_correction(x))
     else:
-        y, params = torch.ops.batchnorm.batch_norm(
-            x, weight, bias, residual, running_mean, running_var, eps, activation, training, be.name
-        )
+        traced_triton = be.name == "triton" and TRITON_OPS
+        op = torch.ops.batchnorm.triton_batch_norm if traced_triton else torch.ops.batchnorm.batch_norm
+        y, params = op(x, weight, bias, residual, running_mean, running_var, eps, activation, training, be.name)
         mean, stored = params[CENTER], (_stored_var(params[VAR], x, unbiased) if updating else None)
     if not updating:
         return y, None
@@ -197,7 +201,7 @@ def _batch_scratch(x: Tensor, running_mean: Tensor, running_var: Tensor) -> tupl
 
 
 # The kernels, as both paths call them -----------------------------------------------------
-def _forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend, fold=None):
+def forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend, fold=None):
     """The backend's whole-op forward on x's canonical view: (y like x, params (6, C), accepted)."""
     view = layout.canonical(x)
     res = None if residual is None else layout.canonical(residual, view.kind).data
@@ -207,7 +211,7 @@ def _forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, 
     return layout.restore(y, x, view.kind), params, accepted
 
 
-def _backward_kernels(dy, x, weight, bias, residual, params, training, activation, backend, needs):
+def backward_kernels(dy, x, weight, bias, residual, params, training, activation, backend, needs):
     """The backend's whole-op backward: (dx, dweight, dbias, dresidual), None where not needed."""
     view = layout.canonical(x)
     kind = view.kind
@@ -241,11 +245,11 @@ def _gradients(ctx, dy, kernels):
 
 
 class _BatchNormFunction(torch.autograd.Function):
-    """The eager path's autograd node: (y, params, accepted) from `_forward_kernels`."""
+    """The eager path's autograd node: (y, params, accepted) from `forward_kernels`."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend, fold):
-        y, params, accepted = _forward_kernels(
+        y, params, accepted = forward_kernels(
             x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend, fold
         )
         _save(ctx, x, weight, bias, residual, running_mean, running_var, params, eps, activation, training, backend)
@@ -254,7 +258,7 @@ class _BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dparams, _daccepted):
-        grads = _gradients(ctx, dy, _backward_kernels)
+        grads = _gradients(ctx, dy, backward_kernels)
         return (*grads, None, None, None, None, None, None, None)
 
 
@@ -282,7 +286,7 @@ def _batch_norm_op(
 ) -> tuple[Tensor, Tensor]:
     """(y, params): the backend's whole-op forward; the running statistics are only read
     (in evaluation): the update is traced apart, so that this op is functional."""
-    y, params, _ = _forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend)
+    y, params, _ = forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend)
     return y, params
 
 
@@ -306,7 +310,7 @@ def _batch_norm_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dresidual): the backend's whole-op backward; a gradient that
     `needs` does not ask for is an empty tensor (an op returns tensors, never None)."""
-    grads = _backward_kernels(dy, x, weight, bias, residual, params, training, activation, backend, needs)
+    grads = backward_kernels(dy, x, weight, bias, residual, params, training, activation, backend, needs)
     inputs = (dy, x, weight, bias, residual, params)
     return tuple(_own(g, inputs) if g is not None else x.new_empty(0) for g in grads)
 
@@ -328,23 +332,29 @@ def _own(t: Tensor, inputs) -> Tensor:
     return t
 
 
-def _op_backward_kernels(dy, x, weight, bias, residual, params, training, activation, backend, needs):
-    grads = torch.ops.batchnorm.batch_norm_backward(
-        dy, x, weight, bias, residual, params, training, activation, backend, list(needs)
-    )
-    return tuple(g if need else None for g, need in zip(grads, needs))
-
-
-def _setup_context(ctx, inputs, output):
+def setup_context(ctx, inputs, output):
+    """The autograd context of a forward op (this module's or triton_ops.py's)."""
     x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend = inputs
     _save(ctx, x, weight, bias, residual, running_mean, running_var, output[1], eps, activation, training, backend)
 
 
-def _op_backward(ctx, dy, _dparams):
-    return (*_gradients(ctx, dy, _op_backward_kernels), None, None, None, None, None, None)
+def backward_formula(backward_op):
+    """The autograd formula of a forward op whose backward is `backward_op` (an op with
+    batchnorm::batch_norm_backward's schema): the four input gradients, None for the rest."""
+
+    def kernels(dy, x, weight, bias, residual, params, training, activation, backend, needs):
+        grads = backward_op(dy, x, weight, bias, residual, params, training, activation, backend, list(needs))
+        return tuple(g if need else None for g, need in zip(grads, needs))
+
+    def backward(ctx, dy, _dparams):
+        return (*_gradients(ctx, dy, kernels), None, None, None, None, None, None)
+
+    return backward
 
 
-_batch_norm_op.register_autograd(_op_backward, setup_context=_setup_context)
+_batch_norm_op.register_autograd(
+    backward_formula(torch.ops.batchnorm.batch_norm_backward), setup_context=setup_context
+)
 
 
 # Batch renormalization's correction, for compiled graphs ---------------------------------
@@ -373,3 +383,32 @@ def _renorm_correction_op(
 @_renorm_correction_op.register_fake
 def _renorm_correction_fake(mean, var, running_mean, running_var, eps, r_max, d_max):
     return torch.empty_like(mean), torch.empty_like(mean)
+
+
+# The triton backend's traceable ops ------------------------------------------------------
+def _triton_ops_wanted() -> bool:
+    """Whether compiled graphs can run triton's kernels traced (triton_ops.py): a CUDA device,
+    triton installed, and Triton not interpreting (an interpreted kernel cannot be traced)."""
+    from .backends import triton_gpu
+
+    if not torch.cuda.is_available() or triton_gpu.interpreting():
+        return False
+    return triton_gpu.TritonBackend().unavailable() is None
+
+
+def _register_triton_ops() -> bool:
+    """Import triton_ops.py (which registers the ops; it imports this module, so it comes last)
+    where `_triton_ops_wanted`. A torch or triton that refuses them costs speed, not the
+    package: compiled graphs keep the opaque op, and a warning says why."""
+    if not _triton_ops_wanted():
+        return False
+    try:
+        from . import triton_ops  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - any failure to register leaves the opaque op working
+        warnings.warn(f"batchnorm: the triton backend's traceable ops are not registered ({error!r}); "
+                      "compiled graphs call its kernels through the opaque batchnorm::batch_norm", stacklevel=2)  # fmt: skip
+        return False
+    return True
+
+
+TRITON_OPS = _register_triton_ops()

@@ -43,7 +43,7 @@ def whole_op(x, weight, bias, running_mean, running_var, eps, activation, residu
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
         y, params, _ = ops._BatchNormFunction.apply(*args)
     else:
-        y, params, _ = ops._forward_kernels(*args)
+        y, params, _ = ops.forward_kernels(*args)
     return (y, params[CENTER], params[INVSTD]) if training else (y, None, None)
 
 

@@ -13,6 +13,11 @@ contiguous. Each contract function is one or two kernel launches:
 an optional `tiling=` and `out=` (the tests pass small tilings to exercise every mask and
 merge, and NaN-filled outputs to catch unwritten elements).
 
+A pointer argument a launch does not use (no residual, no weight, no update) is given a
+tensor that launch only reads, never one it writes: a compiled graph (triton_ops.py) runs
+each kernel on copies of the tensors it writes, and an output passed twice would reach the
+kernel as two different tensors.
+
 The whole op (`forward`, `backward`, which `TritonBackend.forward`/`.backward` hand to the op
 layer, ops.py) runs with no torch op between its launches:
 
@@ -39,6 +44,7 @@ it then; tests/conftest.py sets it).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
@@ -151,10 +157,43 @@ def grid_of(g: Geometry, tiling: Tiling) -> Grid:
 
 
 @functools.cache
-def _kernels():
+def _kernel_module():
     from . import triton_kernels
 
     return triton_kernels
+
+
+# Set while a triton_op's body runs (`traceable_launches`): launches then go through
+# torch.library.wrap_triton, which torch traces into the graph as the kernel itself. Outside
+# it they are Triton's own launches: wrap_triton's dispatch in eager mode costs more than a
+# small layer's kernel.
+_TRACEABLE = contextvars.ContextVar("batchnorm_traceable_triton_launches", default=False)
+
+
+class _TraceableKernels:
+    """The kernels module with each kernel wrapped by torch.library.wrap_triton."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        return torch.library.wrap_triton(getattr(self._module, name))
+
+
+def _kernels():
+    """The kernels, as `traceable_launches` asks: plain, or wrapped for torch's tracing."""
+    return _TraceableKernels(_kernel_module()) if _TRACEABLE.get() else _kernel_module()
+
+
+@contextlib.contextmanager
+def traceable_launches():
+    """Within it, every launch goes through `torch.library.wrap_triton` (triton_ops.py's
+    bodies: traced by torch.compile and torch.export, run directly in eager mode)."""
+    token = _TRACEABLE.set(True)
+    try:
+        yield
+    finally:
+        _TRACEABLE.reset(token)
 
 
 @functools.cache
@@ -257,7 +296,7 @@ def _launch_backward_apply(
 ) -> None:
     _kernels().backward_apply_kernel[(grid.channel_blocks, grid.programs)](
         dy, x, x if residual is None else residual, mean, invstd, scale, shift, mean_d, mean_d_xhat,
-        dx, dx if dres is None else dres,
+        dx, x if dres is None else dres,
         g.c, g.l, grid.lb, grid.t, g.s_n, g.s_c, g.s_l, tiling.tiles,
         **_flags(activation, residual), BLOCK_C=tiling.block_c, BLOCK_L=tiling.block_l,
     )
@@ -320,7 +359,7 @@ def backward_reduce(
     with _on_device(x):
         ws = _launch_grad_partials(dy, x, residual, mean, invstd, scale, shift, activation, g, tiling, grid)
         _kernels().merge_sums_kernel[_merge_grid(g.c)](
-            ws, sums, sums, sums, sums, sums, g.c, grid.programs, 0,
+            ws, sums, ws, ws, ws, ws, g.c, grid.programs, 0,
             FINALIZE=False, TRAIN=False, HAS_DW=False, HAS_DB=False,
             BLOCK_C=MERGE_BLOCK[0], BLOCK_P=MERGE_BLOCK[1],
         )
@@ -407,7 +446,8 @@ class Gradients(NamedTuple):
 
 
 def _params(weight, bias, running_mean, running_var, dummy: Tensor) -> list[Tensor]:
-    """weight, bias, running_mean, running_var as kernel pointers (`dummy` for None, never read)."""
+    """weight, bias, running_mean, running_var as kernel pointers (`dummy`, never accessed,
+    for None)."""
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (it is updated in place); pass {name}.contiguous()")
@@ -445,10 +485,10 @@ def forward(
     y = torch.empty_like(x)
     vectors = [torch.empty(g.c, dtype=acc, device=x.device) for _ in range(4)]
     mean = vectors[0]
-    w, b, rm, rv = _params(weight, bias, running_mean, running_var, mean)
+    w, b, rm, rv = _params(weight, bias, running_mean, running_var, x)
     scalars = (*_split(eps), *_split(0.0 if factor is None else factor))
     params = dict(HAS_W=weight is not None, HAS_B=bias is not None, UPDATE=factor is not None)
-    cand = mean if factor is None else torch.empty((2, g.c), dtype=acc, device=x.device)
+    cand = x if factor is None else torch.empty((2, g.c), dtype=acc, device=x.device)
     block_c = single_read_block(g, single_read, _sms(x)) if training else None
     k = _kernels()
     with _on_device(x):
@@ -463,7 +503,7 @@ def forward(
             partials = _launch_stats_partials(x, g, tiling, grid, (None, None, None))
             stats_out = [torch.empty_like(mean) for _ in range(2)]
         else:
-            partials, stats_out = (mean, mean, mean), (mean, mean)
+            partials, stats_out = (x, x, x), (x, x)
         k.merge_stats_kernel[_merge_grid(g.c)](
             *partials, stats_out[0], mean, stats_out[1], w, b, rm, rv, cand, *vectors[1:],
             g.c, grid.programs if training else 0, *scalars,
@@ -478,7 +518,7 @@ def _commit(cand: Tensor, running_mean: Tensor, running_var: Tensor, num_batches
     """Launch the guarded running update (commit_running_kernel); the 0-d bool decision."""
     accepted = torch.empty((), dtype=torch.uint8, device=cand.device)
     _kernels().commit_running_kernel[(1,)](
-        cand, running_mean, running_var, accepted if num_batches_tracked is None else num_batches_tracked,
+        cand, running_mean, running_var, cand if num_batches_tracked is None else num_batches_tracked,
         accepted, cand.shape[1], HAS_NBT=num_batches_tracked is not None, BLOCK_C=COMMIT_BLOCK,
     )
     return accepted.view(torch.bool)
@@ -509,7 +549,7 @@ def backward(
             dres = None if residual is None else torch.empty_like(residual)
             k.single_read_backward_kernel[(-(-g.c // block_c),)](
                 dy, x, x if residual is None else residual, mean, invstd, scale, shift,
-                dx, dx if dres is None else dres, mean if dw is None else dw, mean if db is None else db,
+                dx, x if dres is None else dres, mean if dw is None else dw, mean if db is None else db,
                 g.c, g.l, g.n * g.l, g.s_n, g.s_c, g.s_l, TRAIN=training, HAS_DW=dw is not None,
                 HAS_DB=db is not None, **_flags(activation, residual),
                 **_single_read_sizes(g, block_c),
@@ -520,7 +560,7 @@ def backward(
             sums = torch.empty((2, g.c), dtype=mean.dtype, device=x.device)
             mean_d, mean_d_xhat = torch.empty_like(mean), torch.empty_like(mean)
             k.merge_sums_kernel[_merge_grid(g.c)](
-                ws, sums, sums if dw is None else dw, sums if db is None else db, mean_d, mean_d_xhat,
+                ws, sums, ws if dw is None else dw, ws if db is None else db, mean_d, mean_d_xhat,
                 g.c, grid.programs, g.n * g.l, FINALIZE=True, TRAIN=training, HAS_DW=dw is not None,
                 HAS_DB=db is not None, BLOCK_C=MERGE_BLOCK[0], BLOCK_P=MERGE_BLOCK[1],
             )
