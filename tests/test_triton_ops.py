@@ -140,11 +140,57 @@ def _compile_session():
         torch.compiler._is_compiling_flag = before
 
 
-def _trace_report() -> dict:
-    """Each TRACED case traced as torch.compile does, with fake tensors: graphs and outputs."""
-    import triton
+def _trace(case, mode: "FakeTensorMode", symbolic_batch: bool) -> dict:
+    """One TRACED case traced as torch.compile does, on fake tensors of `mode`; with
+    `symbolic_batch`, x's and the residual's batch size is a symbol, as with dynamic=True."""
+    from torch._dynamo.source import ConstantSource
     from torch._functorch.aot_autograd import aot_function
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
+
+    name, shape, channels_last, training, activation, residual, affine = case
+
+    def fake(t, source):
+        if t is None:
+            return None
+        if not symbolic_batch:
+            return mode.from_tensor(t)
+        batch = DimDynamic.DYNAMIC if t.dim() == len(shape) else DimDynamic.STATIC  # x, residual
+        dims = [batch] + [DimDynamic.STATIC] * (t.dim() - 1)
+        context = StatelessSymbolicContext(dynamic_sizes=dims)
+        return mode.from_tensor(t, source=ConstantSource(source), symbolic_context=context)
+
+    real, _ = _inputs(shape, channels_last, activation, residual, affine)
+    args = [fake(t, source) for t, source in zip(real, ("x", "w", "b", "res", "rm", "rv"))]
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm)
+        return gm
+
+    def call(x, w, b, res, rm, rv):
+        return torch.ops.batchnorm.triton_batch_norm(x, w, b, res, rm, rv, EPS, activation, training, "triton")
+
+    with mode, _compile_session():
+        leaves = [t for t in args if t is not None and t.requires_grad]
+        y, params = aot_function(call, fw_compiler=keep, bw_compiler=keep, dynamic=symbolic_batch)(*args)
+        grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+    if symbolic_batch:
+        return {"guards": [str(g.expr) for g in mode.shape_env.guards]}
+    return {
+        "forward": _graph_report(graphs[0]),
+        "backward": _graph_report(graphs[1]),
+        "y_stride": list(y.stride()),
+        "expected_y_stride": list(layout.empty_output(args[0]).stride()),
+        "grad_strides": [list(g.stride()) for g in grads],
+        "expected_grad_strides": [list(t.stride()) for t in leaves],
+    }
+
+
+def _trace_report() -> dict:
+    """Each TRACED case traced with static sizes, and with a symbolic batch size."""
+    import triton
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
     from triton.backends.compiler import GPUTarget
 
     class Sm90:
@@ -157,28 +203,9 @@ def _trace_report() -> dict:
     from batchnorm import triton_ops  # noqa: F401  (registers the ops)
 
     report = {}
-    for name, shape, channels_last, training, activation, residual, affine in TRACED:
-        graphs = []
-
-        def keep(gm, _inputs):
-            graphs.append(gm)
-            return gm
-
-        def call(x, w, b, res, rm, rv):
-            return torch.ops.batchnorm.triton_batch_norm(x, w, b, res, rm, rv, EPS, activation, training, "triton")
-
-        with FakeTensorMode(), _compile_session():
-            (x, w, b, res, rm, rv), leaves = _inputs(shape, channels_last, activation, residual, affine)
-            y, params = aot_function(call, fw_compiler=keep, bw_compiler=keep)(x, w, b, res, rm, rv)
-            grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
-        report[name] = {
-            "forward": _graph_report(graphs[0]),
-            "backward": _graph_report(graphs[1]),
-            "y_stride": list(y.stride()),
-            "expected_y_stride": list(layout.empty_output(x).stride()),
-            "grad_strides": [list(g.stride()) for g in grads],
-            "expected_grad_strides": [list(t.stride()) for t in leaves],
-        }
+    for case in TRACED:
+        report[case[0]] = _trace(case, FakeTensorMode(), symbolic_batch=False)
+        report[case[0]].update(_trace(case, FakeTensorMode(shape_env=ShapeEnv()), symbolic_batch=True))
     return report
 
 
@@ -202,6 +229,14 @@ def test_compiled_graphs_hold_the_kernels_themselves(traced, case):
         ops_ = report[graph]["ops"]
         assert not [op for op in ops_ if "batchnorm" in op or "batch_norm" in op], ops_
         assert report[graph]["written_twice"] == []
+
+
+@pytest.mark.parametrize("case", [c[0] for c in TRACED])
+def test_a_new_batch_size_in_the_same_range_reuses_the_graph(traced, case):
+    """With a symbolic batch size, the host-side sizing (tiles, grids, the single-read choice)
+    records range guards only: no guard pins the batch size to one value."""
+    guards = traced[case]["guards"]
+    assert not [g for g in guards if g.startswith(("Eq(", "Ne(")) or "==" in g], guards
 
 
 @pytest.mark.parametrize("case", [c[0] for c in TRACED])
@@ -263,6 +298,27 @@ def test_compiled_equals_eager_on_a_gpu(mode, channels_last):
     for e_step, c_step in zip(eager, compiled):
         for e, c in zip(e_step, c_step):
             torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+
+
+@cuda
+def test_dynamic_batch_sizes_in_one_range_share_a_graph_on_a_gpu():
+    """dynamic=True: batch sizes whose N L rounds up to the same power of two (the single-read
+    block) run one graph, and give eager's results."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager = bn.BatchNorm2d(32, activation="relu", backend="triton").cuda()
+    compiled_module = bn.BatchNorm2d(32, activation="relu", backend="triton").cuda()
+    compiled = torch.compile(compiled_module, dynamic=True, fullgraph=True)
+    g = torch.Generator().manual_seed(5)
+    for n in (16, 20, 24):  # N L = 2304, 2880, 3456: all round up to 4096
+        x = torch.randn(n, 32, 12, 12, generator=g).cuda()
+        for module in (eager, compiled):
+            y = module(x.clone().requires_grad_())
+            y.sum().backward()
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+    for got, want in zip(compiled_module.state_dict().values(), eager.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
 
 
 if __name__ == "__main__":  # the traced half of the tests, in a process of its own

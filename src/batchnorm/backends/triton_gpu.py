@@ -132,21 +132,32 @@ def tiling_for(g: Geometry, programs: int) -> Tiling:
     that axis is not a multiple of 16 long), spread over ~`programs`."""
     aligned = (g.l if g.s_l == 1 else g.c) % 16 == 0
     tile = TILE_ELEMENTS if aligned else min(TILE_ELEMENTS, UNALIGNED_TILE_ELEMENTS)
+    # min(next_pow2(n), cap) as next_pow2(min(n, cap)) (equal for a power-of-two cap): a
+    # symbolic n is then only compared with the cap, not rounded up however large it is
     if g.s_l == 1:
-        block_l = min(_next_pow2(g.l), 1024)
-        block_c = max(1, min(_next_pow2(g.c), tile // block_l))
+        block_l = _next_pow2(min(g.l, 1024))
+        block_c = _next_pow2(min(g.c, max(1, tile // block_l)))
     else:
-        block_c = min(_next_pow2(g.c), 256)
-        block_l = max(1, min(_next_pow2(g.l), tile // block_c))
+        block_c = _next_pow2(min(g.c, 256))
+        block_l = _next_pow2(min(g.l, max(1, tile // block_c)))
     channel_blocks = -(-g.c // block_c)
     total = g.n * -(-g.l // block_l)
     per_block = max(1, programs // channel_blocks)
     return Tiling(block_c, block_l, -(-total // per_block))
 
 
-def _next_pow2(n: int) -> int:
-    """The smallest power of two >= n (Triton block sizes must be powers of two)."""
-    return 1 << max(0, (n - 1).bit_length())
+def _next_pow2(n) -> int:
+    """The smallest power of two >= n (Triton block sizes must be powers of two).
+
+    n may be a symbolic size (torch.compile with dynamic shapes): comparing it with powers
+    of two records range guards (2^(k-1) < n <= 2^k), which a new batch size in the same
+    range passes, where int(n) would specialize the graph to one size."""
+    if isinstance(n, int):
+        return 1 << max(0, (n - 1).bit_length())
+    p = 1
+    while p < n:
+        p *= 2
+    return p
 
 
 def grid_of(g: Geometry, tiling: Tiling) -> Grid:
@@ -397,6 +408,8 @@ def single_read_block(g: Geometry, limit: int | None = None, programs: int = 1) 
     shape and the SM count only: deterministic.
     """
     limit = SINGLE_READ_ELEMENTS if limit is None else limit
+    if g.n * g.l > limit:  # decided before rounding up: a symbolic N L is then only compared
+        return None
     rows = _next_pow2(g.n * g.l)
     if limit < rows:
         return None
