@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The triton backend measured on a CUDA machine, in one call of under ~8 minutes (H200,
+# The triton backend measured on a CUDA machine, in one call of under ~9 minutes (H200,
 # torch 2.11, triton 3.6, Python 3.12; nothing installed), from the repository root:
 #
 #   0. the machine: GPU, SMs, driver, CUDA, torch, triton  -> docs/bench/gpu-machine.json
@@ -10,17 +10,18 @@
 #      against torch eager on every row (what the rule reads, so it runs first)
 #      -> docs/bench/kernels-cuda-triton.json, docs/benchmarks-cuda.md
 #   3. the full-size tests (ResNet-50 rows at batch 256 and MLP rows, both views, bf16 and
-#      fp32, contract and whole op, against the float64 reference), and the traceable ops
-#      (tests/test_triton_ops.py: opcheck, compiled with Inductor and with CUDA graphs
-#      against eager over training steps)
+#      fp32, contract and whole op, against the float64 reference)
 #      -> docs/bench/triton-tests-cuda.txt (and .xml)
+#   3b. the traceable ops (tests/test_triton_ops.py): opcheck, compiled with Inductor, with
+#      CUDA graphs and with dynamic shapes against eager over training steps
+#      -> docs/bench/triton-ops-cuda.txt (and .xml)
 #   4. `batchnorm bench train --device cuda`, when that command exists
 #      -> docs/bench/train-cuda.txt
 #   5. head to head on a few rows: the tiles and single-read sizes in use against the
 #      earlier, lower-occupancy ones -> docs/bench/triton-designs-cuda.txt
 #   6. the dispatch rule regenerated from the recorded runs -> src/batchnorm/backends/gpu_rule.json
 #
-# Each step has a time cap inside one overall deadline (GPU_CHECK_SECONDS, default 450), and a
+# Each step has a time cap inside one overall deadline (GPU_CHECK_SECONDS, default 540), and a
 # step that fails or runs out of time does not stop the others. With $OUT set, everything also
 # goes to $OUT/gpu-check.tgz (repository-relative paths: `tar xzf` at the repository root puts
 # the files in place) and the console to $OUT/gpu-check.log. Exit status: nonzero when a step
@@ -31,7 +32,7 @@ export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET  # compiled kernels, not the CPU interpreter
 PY="${PYTHON:-python3}"
 # The last 30 s of the deadline are kept for the rule and the copies to $OUT.
-DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-450} - 30 ))
+DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-540} - 30 ))
 mkdir -p docs/bench
 LOG=docs/bench/gpu-check.log
 : > "$LOG"
@@ -76,9 +77,12 @@ fi
 step bench 240 "$PY" -m batchnorm.cli bench kernels --device cuda --backend triton --dtype float32 \
     --dtype bfloat16 --no-compile --out docs/bench --markdown docs/benchmarks-cuda.md
 
-step tests 180 "$PY" -m pytest tests/backends/test_triton_gpu.py tests/test_triton_ops.py -k "full_size or test_triton_ops" -q -p no:cacheprovider \
+step tests 180 "$PY" -m pytest tests/backends/test_triton_gpu.py -k full_size -q -p no:cacheprovider \
     --junitxml=docs/bench/triton-tests-cuda.xml
 grep -v -i warn "$LOG" | sed -n '/^== tests (/,/^== tests:/p' > docs/bench/triton-tests-cuda.txt
+
+step ops 150 "$PY" -m pytest tests/test_triton_ops.py -q -p no:cacheprovider --junitxml=docs/bench/triton-ops-cuda.xml
+grep -v -i warn "$LOG" | sed -n '/^== ops (/,/^== ops:/p' > docs/bench/triton-ops-cuda.txt
 
 if "$PY" -m batchnorm.cli bench train --help > /dev/null 2>&1; then
     step train 90 bash -c "$PY -m batchnorm.cli bench train --device cuda 2>&1 | tee docs/bench/train-cuda.txt"
@@ -144,6 +148,7 @@ if [[ -n "${OUT:-}" ]]; then
     cp "$LOG" "$OUT/gpu-check.log"
     tar czf "$OUT/gpu-check.tgz" --ignore-failed-read docs/bench/gpu-machine.json docs/bench/triton-compile-cuda.json \
         docs/bench/triton-compile-cuda.txt docs/bench/triton-tests-cuda.txt docs/bench/triton-tests-cuda.xml \
+        docs/bench/triton-ops-cuda.txt docs/bench/triton-ops-cuda.xml \
         docs/bench/kernels-cuda-triton.json docs/benchmarks-cuda.md docs/bench/train-cuda.txt \
         docs/bench/triton-designs-cuda.txt docs/bench/gpu-check.log src/batchnorm/backends/gpu_rule.json 2>/dev/null
     echo "wrote $OUT/gpu-check.tgz and $OUT/gpu-check.log"
