@@ -29,6 +29,7 @@ from torch import Tensor
 from . import activations, backends, layout, validation, variants
 from . import ops
 from .autograd import BatchNormFunction
+from .backends.base import Backend
 from .channel_params import acc_dtype, affine
 from .stats import NonFiniteGuard, Stats, merge_all, update_running
 from .variants import Renorm
@@ -111,12 +112,13 @@ def batch_norm(
         variants.chunks(max(x.shape[0], 1), virtual_batch_size, 1)  # validates k
     if sync is not None and (mask is not None or virtual_batch_size is not None):
         raise ValueError("masks and ghost batches are not supported together with SyncBatchNorm")
+    be = backends.resolve(backend, x).backend  # once: every path and chunk of this call runs it
     call = Call(
         x, running_mean, running_var, weight, bias, training or running_mean is None, momentum, eps,
-        activation, residual, backend, num_batches_tracked, guard or _DEFAULT_GUARD, sync, mask,
+        activation, residual, be, num_batches_tracked, guard or _DEFAULT_GUARD, sync, mask,
         virtual_batch_size, renorm, unbiased_running_var,
     )  # fmt: skip
-    if activation is not None and activation not in backends.resolve(backend, x).backend.fused_activations:
+    if activation is not None and activation not in be.fused_activations:
         # this backend's fused form of the activation is slower than torch's own op after it
         return activations.forward(_run(call._replace(activation=None)), activation)
     return _run(call)
@@ -160,7 +162,7 @@ class Call(NamedTuple):
     eps: float
     activation: str | None = None
     residual: Tensor | None = None
-    backend: str | None = "auto"
+    backend: Backend | str | None = "auto"  # batch_norm stores the Backend it resolved for x
     num_batches_tracked: Tensor | None = None
     guard: NonFiniteGuard = _DEFAULT_GUARD
     sync: Synchronizer | None = None
@@ -203,7 +205,7 @@ def _policy(call: Call, normalize) -> Tensor:
     none) normalized by `normalize` (`_normalize_one` or `_normalize_masked`) with its own
     statistics, then the whole batch's statistics (Chan-merged) folded into the running ones."""
     x = call.x
-    be = backends.resolve(call.backend, x).backend  # one backend for every chunk
+    be = backends.backend_for(call.backend, x)
     limits = None
     if call.renorm is not None:
         if call.running_mean is None or call.running_var is None:

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from . import backends, layout, variants
 from .backends.aten import AtenBackend, differentiable_grads, native_batch_norm
-from .backends.base import CENTER, N_PARAMS, VAR
+from .backends.base import CENTER, N_PARAMS, VAR, Backend
 from .channel_params import acc_dtype
 from .stats import Stats, momentum_factor, update_running
 
@@ -78,7 +78,7 @@ def batch_norm(
     momentum: float | None,
     eps: float,
     activation: str | None,
-    backend: str | None,
+    backend: str | Backend | None,
     unbiased: bool = True,
 ) -> tuple[Tensor, bool | Tensor | None]:
     """y = g(gamma (x - mu) / sqrt(var + eps) + beta + residual) and whether the running
@@ -90,7 +90,7 @@ def batch_norm(
     average over num_batches_tracked, which counts kept updates). Evaluation normalizes with
     the running statistics. Inputs are checked by the caller (functional.py).
     """
-    be = backends.resolve(backend, x).backend
+    be = backends.backend_for(backend, x)
     updating = training and running_mean is not None and running_var is not None
     if torch.compiler.is_compiling():
         return _traced(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,

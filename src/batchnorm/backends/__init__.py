@@ -77,6 +77,12 @@ def resolve(name: str | None, x: Tensor) -> Choice:
     return Choice(fallback, "auto")
 
 
+def backend_for(spec: str | Backend | None, x: Tensor) -> Backend:
+    """The backend that runs x: `spec` itself when the caller has resolved it already (a
+    Backend), else `resolve(spec, x)`'s choice."""
+    return spec if isinstance(spec, Backend) else resolve(spec, x).backend
+
+
 register(ReferenceBackend())
 register(AtenBackend(), auto_priority=100)
 register(NumbaBackend(), auto_priority=10)
