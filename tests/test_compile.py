@@ -107,6 +107,45 @@ def test_residual_and_mask_compile_without_breaks():
         _assert_same_state(compiled, eager)
 
 
+# (layer, input shape, dtype, memory format, backend, extras): every module class, every
+# float dtype (numba takes fp32/fp64; the half types run aten), both formats, fused extras.
+LAYERS = [
+    ("BatchNorm1d", (8, 5), torch.float32, None, "numba", {"activation": "relu"}),
+    ("BatchNorm1d", (8, 5, 7), torch.float64, None, "numba", {"unbiased_running_var": False}),
+    ("BatchNorm2d", (4, 5, 6, 6), torch.bfloat16, None, "auto", {"activation": "relu"}),
+    ("BatchNorm2d", (4, 5, 6, 6), torch.float16, torch.channels_last, "aten", {}),
+    ("BatchNorm2d", (4, 5, 6, 6), torch.float64, torch.channels_last, "numba", {"activation": "relu"}),
+    ("BatchNorm3d", (2, 5, 3, 4, 4), torch.float32, None, "numba", {"momentum": None}),
+    ("BatchNorm3d", (2, 5, 3, 4, 4), torch.float32, torch.channels_last_3d, "numba", {"activation": "silu"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, shape, dtype, fmt, backend, extra", LAYERS, ids=lambda v: str(v))
+def test_every_layer_dtype_and_format_compiles_without_breaks_and_equals_eager(name, shape, dtype, fmt, backend, extra):
+    """Two training steps (output, input and parameter gradients, running statistics) and an
+    evaluation step; a half-precision input keeps fp32 parameters, as torch's autocast does."""
+    g = torch.Generator().manual_seed(len(shape))
+    eager = getattr(bn, name)(shape[1], backend=backend, **extra)
+    with torch.no_grad():
+        eager.weight.copy_(torch.rand(shape[1], generator=g) + 0.5)
+        eager.bias.copy_(torch.randn(shape[1], generator=g))
+    if dtype == torch.float64:
+        eager.double()
+    compiled = getattr(bn, name)(shape[1], backend=backend, **extra).to(eager.weight.dtype)
+    compiled.load_state_dict(eager.state_dict())
+    fn = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    tol = 2e-5 if dtype in (torch.float32, torch.float64) else 1e-2
+    for _ in range(2):
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1).to(dtype)
+        x = x if fmt is None else x.contiguous(memory_format=fmt)
+        for got, want in zip(_step(fn, x), _step(eager, x)):
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        _assert_same_state(compiled, eager)
+    eager.eval(), compiled.eval()
+    torch.testing.assert_close(fn(x), eager(x), rtol=tol, atol=tol)
+    assert torch._dynamo.explain(compiled)(x).graph_break_count == 0
+
+
 def test_no_graph_breaks_in_a_converted_cnn():
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
