@@ -29,6 +29,9 @@ from .backends.triton_gpu import traceable_launches
 from .ops import backward_formula, backward_kernels, forward_kernels, setup_context
 
 
+# The two signatures are batchnorm::batch_norm's and batchnorm::batch_norm_backward's (both ops
+# share one autograd formula), written out: torch 2.13's triton_op infers the schema from the
+# annotations and ignores a `schema=` string.
 @torch.library.triton_op("batchnorm::triton_batch_norm", mutates_args=())
 def triton_batch_norm(
     x: Tensor,
