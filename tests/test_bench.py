@@ -38,9 +38,12 @@ def test_quick_bench_writes_json_and_markdown(tmp_path):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
         assert math.isclose(row["ratio"], row["torch_ms"] / row["ours_ms"], rel_tol=1e-9)
     assert data["machine"]["cores"] >= 1 and data["crossover"]["points"]
+    cl_points = data["crossover_channels_last"]["points"]
+    assert len(cl_points) == len(data["crossover"]["points"]) and all(p["ratio"] > 0 for p in cl_points)
     text = md.read_text()
     assert text.startswith("# Kernel benchmarks")
     assert "## Crossover" in text and "## Notes" in text and "(performance.md)" in text
+    assert f"CROSSOVER_NUMEL_CHANNELS_LAST` = {1 << 20}" in text
     table = [ln for ln in text.splitlines() if ln.startswith("| ") and ln[2].isdigit() and "x" in ln.split("|")[1]]
     assert len(table) == expected
     header = next(ln for ln in text.splitlines() if ln.startswith("| shape"))

@@ -202,15 +202,16 @@ def _fmt(x):
     return torch.channels_last if x.dim() == 4 and not x.is_contiguous() else torch.contiguous_format
 
 
-def crossover(device: str, repeats: int, sizes=CROSSOVER_SIZES) -> dict:
-    """numba vs aten, fp32 (N, 64, L) forward+backward with ReLU: the ratio per size and the
-    smallest size from which numba is never slower."""
+def crossover(device: str, repeats: int, sizes=CROSSOVER_SIZES, channels_last: bool = False) -> dict:
+    """numba vs aten, fp32 forward+backward with ReLU on (N, 64, L) (channels_last: (N, 64, 8,
+    8) in channels-last memory): the ratio per size and the smallest size from which numba
+    is never slower."""
     points = []
     for numel in sizes:
-        x, dy = _sweep_input(numel, device)
+        x, dy = _sweep_input(numel, device, channels_last)
         fns = {}
         for name in ("aten", "numba"):
-            m = BatchNorm1d(64, activation="relu", backend=name, device=device)
+            m = (BatchNorm2d if channels_last else BatchNorm1d)(64, activation="relu", backend=name, device=device)
             fns[name] = _runner(m, "train_fb", x, None, dy, True, "relu")
         t = {k: v[1] for k, v in time_medians(fns, repeats, device).items()}  # best of: less noisy
         points.append(dict(numel=x.numel(), aten_ms=t["aten"] * 1e3, numba_ms=t["numba"] * 1e3,
@@ -218,10 +219,38 @@ def crossover(device: str, repeats: int, sizes=CROSSOVER_SIZES) -> dict:
     return dict(points=points, crossover_numel=_never_slower_from(points))
 
 
-def _sweep_input(numel: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, dy) of a size sweep: fp32 (N, 64, L <= 64) with about `numel` elements, x a leaf."""
-    shape = (max(1, numel // (64 * 64)), 64, min(64, max(1, numel // 64)))
-    return torch.randn(shape, device=device, requires_grad=True), torch.randn(shape, device=device)
+def _sweep_input(numel: int, device: str, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, dy) of a size sweep with about `numel` elements, x a leaf: fp32 (N, 64, L <= 64),
+    or (N, 64, 8, 8) channels-last."""
+    if channels_last:
+        shape, fmt = (max(1, numel // (64 * 64)), 64, 8, 8), torch.channels_last
+    else:
+        shape, fmt = (max(1, numel // (64 * 64)), 64, min(64, max(1, numel // 64))), torch.contiguous_format
+    x, dy = (torch.randn(shape, device=device).contiguous(memory_format=fmt) for _ in range(2))
+    return x.requires_grad_(), dy
+
+
+def _crossover_table(points: list[dict]) -> list[str]:
+    return [
+        "| elements | aten ms | numba ms | aten / numba |",
+        "|---:|---:|---:|---:|",
+        *(f"| {p['numel']} | {p['aten_ms']:.3f} | {p['numba_ms']:.3f} | {p['ratio']:.2f} |" for p in points),
+    ]
+
+
+def _channels_last_crossover(result: dict) -> list[str]:
+    """The channels-last sweep's paragraph and table (absent from runs that predate it)."""
+    cross = result.get("crossover_channels_last")
+    if not cross or not cross["points"]:
+        return []
+    return [
+        f"Channels-last input, (N, 64, 8, 8) in channels-last memory, same measure: **{cross['crossover_numel']}**. "
+        "`auto` uses `batchnorm.backends.numba_cpu.CROSSOVER_NUMEL_CHANNELS_LAST` = "
+        f"{result['crossover_setting_channels_last']} there.",
+        "",
+        *_crossover_table(cross["points"]),
+        "",
+    ]
 
 
 def _never_slower_from(points: list[dict]) -> int | None:
@@ -408,10 +437,9 @@ def render(result: dict, notes: str = "") -> str:
         "`auto` uses `batchnorm.backends.numba_cpu.CROSSOVER_NUMEL` = "
         f"{result['crossover_setting']}.",
         "",
-        "| elements | aten ms | numba ms | aten / numba |",
-        "|---:|---:|---:|---:|",
-        *(f"| {p['numel']} | {p['aten_ms']:.3f} | {p['numba_ms']:.3f} | {p['ratio']:.2f} |" for p in cross["points"]),
+        *_crossover_table(cross["points"]),
         "",
+        *_channels_last_crossover(result),
         "## Rows",
         "",
         head,
@@ -456,10 +484,13 @@ def run(
                         rows.append(bench_row(shape, fmt, mode, variant, device, repeats, with_compile, dtype, backend))
                         bar.advance(task)
     sizes = CROSSOVER_SIZES[:3] if quick else CROSSOVER_SIZES
-    cross = crossover(device, repeats, sizes) if device == "cpu" else dict(points=[], crossover_numel=None)
+    none = dict(points=[], crossover_numel=None)
+    cross = crossover(device, repeats, sizes) if device == "cpu" else none
+    cross_cl = crossover(device, repeats, sizes, channels_last=True) if device == "cpu" else none
     return dict(
         machine=machine_info(device), repeats=repeats, quick=quick, backend_requested=backend, rows=rows,
         summary=summarize(rows), crossover=cross, crossover_setting=numba_cpu.CROSSOVER_NUMEL,
+        crossover_channels_last=cross_cl, crossover_setting_channels_last=numba_cpu.CROSSOVER_NUMEL_CHANNELS_LAST,
         load_before=load_before, load_after=os.getloadavg() if hasattr(os, "getloadavg") else None,
     )  # fmt: skip
 

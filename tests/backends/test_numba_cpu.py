@@ -391,8 +391,13 @@ def test_auto_picks_numba_above_the_crossover_and_aten_elsewhere():
     big = torch.randn(8, 16, numba_cpu.CROSSOVER_NUMEL // 64)
     assert backends.resolve("auto", big).backend.name == "numba"
     assert backends.resolve("auto", big.double()).backend.name == "numba"
-    cl = torch.randn(8, 16, 16, 16).contiguous(memory_format=torch.channels_last)
-    assert backends.resolve("auto", cl).backend.name == ("numba" if cl.numel() >= numba_cpu.CROSSOVER_NUMEL else "aten")
+    # channels-last input has a crossover of its own, higher: torch's kernel is faster there
+    assert numba_cpu.CROSSOVER_NUMEL < numba_cpu.CROSSOVER_NUMEL_CHANNELS_LAST
+    for numel, want in ((numba_cpu.CROSSOVER_NUMEL, "aten"), (numba_cpu.CROSSOVER_NUMEL_CHANNELS_LAST, "numba")):
+        cl = torch.empty(numel // 1024, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+        assert backends.resolve("auto", cl).backend.name == want
+        assert backends.resolve("auto", cl.contiguous()).backend.name == "numba"
+    assert backends.resolve("auto", torch.empty(numba_cpu.CROSSOVER_NUMEL // 64, 64)).backend.name == "numba"  # 2-D
     small = torch.randn(4, 3, 5)
     assert backends.resolve("auto", small).backend.name == "aten"
     for other in (big.bfloat16(), big[:, :, ::2], big[:0]):

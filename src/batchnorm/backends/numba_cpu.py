@@ -36,6 +36,12 @@ _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torc
 #: 64k elements (our ~0.08 ms of fixed cost per call), 1.00 at 128k, 1.16 at 256k and
 #: 1.8-3.1 above; `auto` takes numba from 256k elements.
 CROSSOVER_NUMEL = 1 << 18
+#: The same for channels-last input with spatial dimensions ((N, C, *S) viewed as (M, C)),
+#: where torch's own kernel is faster than on contiguous input and ours, with rows of C
+#: values, slower: on (N, C, H, W) fp32 BN + ReLU forward + backward, aten / numba was
+#: 0.74-0.96 at 256k-512k elements (C 16-512, with and without a residual) and 1.03-1.24 from
+#: 1M; 2-D (N, C) input is not affected (1.05-1.17 at 256k-512k) and keeps CROSSOVER_NUMEL.
+CROSSOVER_NUMEL_CHANNELS_LAST = 1 << 20
 
 
 class ChannelParams(NamedTuple):
@@ -191,7 +197,8 @@ class NumbaBackend(Backend):
         return None
 
     def preferred(self, x: Tensor) -> bool:
-        return x.numel() >= CROSSOVER_NUMEL
+        channels_last = x.dim() > 2 and not x.is_contiguous()  # unsupported() rules out other strides
+        return x.numel() >= (CROSSOVER_NUMEL_CHANNELS_LAST if channels_last else CROSSOVER_NUMEL)
 
     def takes_plain_evaluation(self, x: Tensor) -> bool:
         """Plain evaluation is one affine pass with nothing to fuse: below _HUGE_BYTES torch's
