@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from batchnorm import bench, bench_train, models
+from batchnorm.backends import numba_cpu
 from batchnorm.cli import app
 
 
@@ -43,7 +44,7 @@ def test_quick_bench_writes_json_and_markdown(tmp_path):
     text = md.read_text()
     assert text.startswith("# Kernel benchmarks")
     assert "## Crossover" in text and "## Notes" in text and "(performance.md)" in text
-    assert f"CROSSOVER_NUMEL_CHANNELS_LAST` = {1 << 20}" in text
+    assert f"CROSSOVER_NUMEL_CHANNELS_LAST` = {numba_cpu.CROSSOVER_NUMEL_CHANNELS_LAST}" in text
     table = [ln for ln in text.splitlines() if ln.startswith("| ") and ln[2].isdigit() and "x" in ln.split("|")[1]]
     assert len(table) == expected
     header = next(ln for ln in text.splitlines() if ln.startswith("| shape"))

@@ -49,7 +49,9 @@ RESNET50_SHAPES = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), 
 QUICK_SHAPES = [(64, 100), (4, 8, 6, 6)]
 MODES = ("eval", "train", "train_fb")
 VARIANTS = {"plain": (None, False), "relu": ("relu", False), "residual+relu": ("relu", True)}
-CROSSOVER_SIZES = [2**k for k in range(12, 25, 2)]  # elements, (N, 64, L <= 64) fp32
+# Elements of the crossover sweeps ((N, 64, L <= 64) and channels-last (N, 64, 8, 8), fp32):
+# every factor of 2 around the crossovers (2^18 contiguous, 2^21 channels-last), 4 elsewhere.
+CROSSOVER_SIZES = [2**k for k in (12, 14, 16, 17, 18, 19, 20, 21, 22, 24)]
 
 
 def grid(device: str, quick: bool) -> list[tuple[tuple[int, ...], str]]:

@@ -38,10 +38,11 @@ _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torc
 CROSSOVER_NUMEL = 1 << 18
 #: The same for channels-last input with spatial dimensions ((N, C, *S) viewed as (M, C)),
 #: where torch's own kernel is faster than on contiguous input and ours, with rows of C
-#: values, slower: on (N, C, H, W) fp32 BN + ReLU forward + backward, aten / numba was
-#: 0.74-0.96 at 256k-512k elements (C 16-512, with and without a residual) and 1.03-1.24 from
-#: 1M; 2-D (N, C) input is not affected (1.05-1.17 at 256k-512k) and keeps CROSSOVER_NUMEL.
-CROSSOVER_NUMEL_CHANNELS_LAST = 1 << 20
+#: values, slower: on the channels-last (N, 64, 8, 8) sweep aten / numba was 0.75-0.92 from
+#: 256k to 1M elements, 1.00 at 2M and 1.73 at 4M; on other (N, C, H, W) shapes (C 16-512,
+#: with and without a residual) 0.74-0.96 at 256k-512k and 0.97-1.24 at 1M, 1.03-1.24 from
+#: 1.6M. 2-D (N, C) input is not affected (1.05-1.17 at 256k-512k): CROSSOVER_NUMEL.
+CROSSOVER_NUMEL_CHANNELS_LAST = 1 << 21
 
 
 class ChannelParams(NamedTuple):
