@@ -146,6 +146,22 @@ def test_every_layer_dtype_and_format_compiles_without_breaks_and_equals_eager(n
     assert torch._dynamo.explain(compiled)(x).graph_break_count == 0
 
 
+def test_a_compiled_channels_last_layer_takes_our_op_from_the_contiguous_crossover():
+    """Eager channels-last input below CROSSOVER_NUMEL_CHANNELS_LAST runs torch's kernel; a
+    compiled graph would run Inductor's code instead, slower than our op: it takes the op."""
+    x = torch.randn(numba_cpu.CROSSOVER_NUMEL // (64 * 16 * 16), 64, 16, 16).contiguous(memory_format=torch.channels_last)
+    assert numba_cpu.CROSSOVER_NUMEL <= x.numel() < numba_cpu.CROSSOVER_NUMEL_CHANNELS_LAST
+    assert bn.backends.resolve("auto", x).backend.name == "aten"
+    graphs = []
+
+    def capture(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(bn.BatchNorm2d(64, activation="relu"), backend=capture, fullgraph=True)(x)
+    assert "batchnorm.batch_norm" in str(graphs[0].graph)
+
+
 def test_no_graph_breaks_in_a_converted_cnn():
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
