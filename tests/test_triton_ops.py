@@ -278,10 +278,12 @@ def _cuda_steps(mode: str | None, channels_last: bool, steps: int = 3):
     for module, call in ((eager, eager), (compiled_module, compiled)):
         per_step = []
         for x, r in zip(xs, rs):
+            torch.compiler.cudagraph_mark_step_begin()  # a new training step (CUDA graphs' trees)
             x = x.clone().requires_grad_()
             y = call(x, residual=r)
             y.backward(torch.ones_like(y))
-            per_step.append([y.detach().clone(), x.grad, module.weight.grad.clone(), module.bias.grad.clone(),
+            # clones: under CUDA graphs a replay overwrites the previous outputs in place
+            per_step.append([y.detach().clone(), x.grad.clone(), module.weight.grad.clone(), module.bias.grad.clone(),
                              module.running_mean.clone(), module.running_var.clone(),
                              module.num_batches_tracked.clone()])  # fmt: skip
             module.zero_grad()
