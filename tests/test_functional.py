@@ -340,3 +340,19 @@ def test_the_guards_warning_names_the_callers_line():
         with pytest.warns(RuntimeWarning, match="non-finite") as caught:
             call()
         assert caught[0].filename == __file__, (name, caught[0].filename)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba", "aten"])
+@pytest.mark.parametrize("extra", [{"virtual_batch_size": 2}, {"renorm": bn.Renorm(r_max=2.0, d_max=1.0)}])
+def test_the_residual_alone_can_need_a_gradient_on_every_path(backend, extra):
+    """Frozen statistics-free input (x without grad, no affine parameters): only the residual
+    asks for a gradient, and gets the one it gets when x asks too."""
+    g = torch.Generator().manual_seed(11)
+    x, r, dy = (torch.randn(4, 3, 5, 5, generator=g) for _ in range(3))
+    grads = []
+    for x_needs in (True, False):
+        layer = bn.BatchNorm2d(3, affine=False, activation="relu", backend=backend, **extra)
+        xi, ri = x.clone().requires_grad_(x_needs), r.clone().requires_grad_()
+        layer(xi, residual=ri).backward(dy)
+        grads.append(ri.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)

@@ -67,22 +67,12 @@ class BatchNormFunction(torch.autograd.Function):
         dyv = layout.canonical(dy, kind).data
         rv = None if residual is None else layout.canonical(residual, kind).data
         need_x, need_scale, need_shift, need_r = ctx.needs_input_grad[:4]
-
-        sums = None
-        if (ctx.batch_stats and need_x) or need_scale or need_shift:
-            sums = torch.stack(backend.backward_reduce(dyv, xv, mean, invstd, scale, shift, activation, rv))
-        dx = dres = None
-        if need_x or need_r:
-            if ctx.batch_stats:
-                total = sums if ctx.grad_reducer is None else ctx.grad_reducer(sums)
-                mean_d, mean_d_xhat = total / count
-            else:
-                mean_d = mean_d_xhat = torch.zeros_like(mean)
-            dxv, dresv = backend.backward_apply(
-                dyv, xv, mean, invstd, scale, shift, mean_d, mean_d_xhat, activation, rv
-            )
-            dx = layout.restore(dxv, x, kind) if need_x else None
-            dres = layout.restore(dresv, residual, kind) if need_r else None
+        sums, dxv, dresv = backend.contract_gradients(
+            dyv, xv, mean, invstd, scale, shift, activation, rv, batch_stats=ctx.batch_stats,
+            need_sums=need_scale or need_shift, need_input=need_x or need_r, count=count, reduce=ctx.grad_reducer,
+        )  # fmt: skip
+        dx = layout.restore(dxv, x, kind) if need_x else None
+        dres = layout.restore(dresv, residual, kind) if need_r else None
         dscale = sums[1] / invstd if need_scale else None
         dshift = sums[0] if need_shift else None
         return dx, dscale, dshift, dres, None, None, None, None, None, None, None

@@ -109,23 +109,40 @@ class Backend:
         """The gradients of `forward`: (dx, dweight, dbias, dresidual), each None unless
         `needs` (four bools, in that order) asks for it. dx = scale (d - mean_d - xhat
         mean_d_xhat), the mean terms in training only; dweight = sum d xhat, dbias = sum d.
-        Here: the two contract functions; fused backends override it."""
+        Here: `contract_gradients`; fused backends override it."""
         need_x, need_w, need_b, need_r = needs
         mean, scale, shift, invstd = params[CENTER], params[SCALE], params[SHIFT], params[INVSTD]
-        sum_d = sum_dxh = None
-        if (training and (need_x or need_r)) or need_w or need_b:
-            sum_d, sum_dxh = self.backward_reduce(dy, x, mean, invstd, scale, shift, activation, residual)
-        dx = dres = None
-        if need_x or need_r:
-            if training:
-                n = x.numel() // x.shape[1]
-                mean_d, mean_dxh = sum_d / n, sum_dxh / n
+        sums, dx, dres = self.contract_gradients(
+            dy, x, mean, invstd, scale, shift, activation, residual, batch_stats=training,
+            need_sums=need_w or need_b, need_input=need_x or need_r, count=x.numel() // x.shape[1],
+        )  # fmt: skip
+        dweight = sums[1].to(weight_dtype) if need_w else None
+        dbias = sums[0].to(bias_dtype) if need_b else None
+        return (dx if need_x else None), dweight, dbias, (dres if need_r else None)
+
+    def contract_gradients(
+        self, dy, x, mean, invstd, scale, shift, activation, residual, *, batch_stats, need_sums, need_input,
+        count, reduce=None,
+    ):  # fmt: skip
+        """The backward of `apply` through the contract: (sums, dx, dresidual).
+
+        sums = (sum d, sum d xhat), two (C,) tensors, computed when `need_sums` (the
+        parameters' gradients) or when the input gradients need the batch's mean terms
+        (`batch_stats`); dx = scale (d - mean_d - xhat mean_d_xhat) and dresidual = d when
+        `need_input`, with (mean_d, mean_d_xhat) = sums / count (a number or (C,): values per
+        channel behind the statistics), after `reduce` (SyncBatchNorm's all_reduce of the
+        sums stacked (2, C)), and zero when the statistics are constants (evaluation)."""
+        sums = dx = dres = None
+        if need_sums or (batch_stats and need_input):
+            sums = self.backward_reduce(dy, x, mean, invstd, scale, shift, activation, residual)
+        if need_input:
+            if batch_stats:
+                stacked = torch.stack(sums)
+                mean_d, mean_dxh = (stacked if reduce is None else reduce(stacked)) / count
             else:
                 mean_d = mean_dxh = torch.zeros_like(mean)
             dx, dres = self.backward_apply(dy, x, mean, invstd, scale, shift, mean_d, mean_dxh, activation, residual)
-        dweight = sum_dxh.to(weight_dtype) if need_w else None
-        dbias = sum_d.to(bias_dtype) if need_b else None
-        return (dx if need_x else None), dweight, dbias, (dres if need_r else None)
+        return sums, dx, dres
 
     def __repr__(self) -> str:
         return f"<batchnorm backend {self.name!r}>"
