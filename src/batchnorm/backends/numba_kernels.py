@@ -53,6 +53,7 @@ import types
 import numpy as np
 
 from .. import activations, stats
+from . import numba_cache
 
 try:
     import numba
@@ -84,11 +85,9 @@ def _jit(parallel: bool = False, inline: bool = False):
     way at every call: with a block partition fixed by the shape, results stay deterministic."""
     if numba is None:
         return lambda fn: fn
-    if inline:
-        return numba.njit(inline="always", fastmath=_FASTMATH, error_model="numpy", cache=True)
-    return numba.njit(
-        parallel=parallel, fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True
-    )
+    if inline:  # compiled into each caller, never on its own: nothing to cache
+        return numba_cache.jit(cache=False, inline="always", fastmath=_FASTMATH, error_model="numpy")
+    return numba_cache.jit(parallel=parallel, fastmath=_FASTMATH, error_model="numpy", nogil=True)
 
 
 _prange = range if numba is None else numba.prange
@@ -164,7 +163,10 @@ def _case_loop(loop, has_res: bool, kind: int):
     machine code holds that case's loop only; the smooth kinds keep `code` a run-time value.
     A function of its own, not inlined: the serial and the parallel kernel of a case share
     one compilation, and numba's parallel passes, slow on large loop bodies, see only a call.
-    Not cached on disk itself: a kernel's cached machine code includes it."""
+    Not cached on disk itself: a kernel's cached machine code includes it, under this
+    case's own name (numba_cache.unique_name: under a name shared by the cases, two
+    processes could give two cases one symbol, and a third that loads both kernels from
+    the cache would run one kernel with the other's loop)."""
     if kind == SMOOTH:
 
         def case(args, _has_res, code):
@@ -175,7 +177,8 @@ def _case_loop(loop, has_res: bool, kind: int):
         def case(args, _has_res, _code):
             return loop(args, has_res, kind)
 
-    return numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True)(case)
+    name = f"{loop.__name__}_{'residual' if has_res else 'plain'}_{_KIND_NAMES[kind]}"
+    return numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True)(numba_cache.unique_name(case, name))
 
 
 # Statistics ---------------------------------------------------------------------------
@@ -207,7 +210,7 @@ def _set_params(c, mean, m2c, count, eps, gamma, beta, center, scale, shift, inv
 # the tensor ops of stats.update_running, and the two must give the same bits. fastmath=False
 # is spelled out: numba compiles a callee that leaves it unset with its caller's flags, and
 # the kernels that call this one contract multiply-adds.
-_blend = stats.blend if numba is None else numba.njit(fastmath=False, error_model="numpy", cache=True)(stats.blend)
+_blend = stats.blend if numba is None else numba_cache.jit(stats.blend, fastmath=False, error_model="numpy")
 
 
 @_jit(inline=True)
@@ -586,8 +589,8 @@ def compiled(name: str, parallel: bool, has_res: bool, kind: int):
     loops = {loop.__name__: _case_loop(loop, has_res, kind) for loop in _LOOPS}
     copy = types.FunctionType(fn.__code__, dict(fn.__globals__, **loops), fn.__name__, fn.__defaults__, fn.__closure__)
     threads = "parallel" if parallel else "serial"
-    copy.__qualname__ = f"{fn.__qualname__}_{threads}_{'residual' if has_res else 'plain'}_{_KIND_NAMES[kind]}"
-    return _jit(parallel=parallel)(copy)
+    name = f"{fn.__qualname__}_{threads}_{'residual' if has_res else 'plain'}_{_KIND_NAMES[kind]}"
+    return _jit(parallel=parallel)(numba_cache.unique_name(copy, name))
 
 
 def kernel(name: str, size: int, has_res: bool, code: int):
