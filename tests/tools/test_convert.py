@@ -11,6 +11,7 @@ import batchnorm as bn
 from batchnorm.tools import convert, revert
 
 from .models import Block, FrozenBatchNorm2d, ResNet, randomize
+from .thirdparty import need
 
 
 def _mixed() -> nn.Module:
@@ -120,6 +121,27 @@ def test_unknown_subclass_and_lazy_layers_are_skipped():
     _, changes = convert(model)
     assert type(model[0]) is Mine and type(model[1]) is nn.LazyBatchNorm2d
     assert [p for p, _ in changes.skipped] == ["0", "1"]
+
+
+def test_timm_norm_act_layers_become_ours_with_the_activation_or_are_left_with_a_reason():
+    need("timm")
+    from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d
+
+    model = randomize(nn.Sequential(
+        BatchNormAct2d(4, act_layer=nn.SiLU),
+        BatchNormAct2d(4, act_layer=nn.Hardswish),
+        FrozenBatchNormAct2d(4, act_layer=nn.ReLU),
+        BatchNormAct2d(4, apply_act=False),
+    ), seed=4)  # fmt: skip
+    ref = copy.deepcopy(model)
+    _, changes = convert(model)
+    assert [p for p, _ in changes.changed] == ["0", "2", "3"]
+    assert changes.skipped == [("1", "BatchNormAct2d applies act = Hardswish after normalizing, which our "
+                                     "layers cannot fuse; left as it is")]  # fmt: skip
+    assert [type(m) for m in model] == [bn.BatchNorm2d, BatchNormAct2d, bn.BatchNorm2d, bn.BatchNorm2d]
+    assert [model[i].activation for i in (0, 2, 3)] == ["silu", "relu", None]
+    assert not model[2].training and not model[2].weight.requires_grad  # frozen, as timm's was
+    _compare(model, ref, torch.randn(3, 4, 5, 5))
 
 
 def test_no_batchnorm_is_an_error():

@@ -12,6 +12,7 @@ import batchnorm as bn
 from batchnorm.tools import Activation, ChannelAffine, convert, fold
 
 from .models import FrozenBatchNorm2d, ResNet, randomize
+from .thirdparty import need
 
 _LAYERS = {
     "linear": (nn.Linear, bn.BatchNorm1d, 0),
@@ -189,3 +190,58 @@ def test_linear_then_batch_norm_2d_is_refused_without_an_example():
     assert changes.skipped == [("1", "BatchNorm2d normalizes dim 1 of 4-D or 5-D input, not the features of "
                                      "Linear 0 (the last dim); folding would scale the wrong axis: not folded")]
     torch.testing.assert_close(model(x), expected)
+
+
+class _Doubled(nn.BatchNorm2d):
+    """A batch norm whose own forward does more than batch norm."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _FrozenThenClamp(FrozenBatchNorm2d):
+    """A frozen-style module with a child its forward applies."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.clamp = nn.Hardtanh(-0.1, 0.1)
+
+    def forward(self, x):
+        return self.clamp(super().forward(x))
+
+
+def test_a_batch_norm_whose_forward_does_more_is_left_alone():
+    model = randomize(nn.Sequential(nn.Conv2d(2, 3, 1), _Doubled(3), nn.Conv2d(3, 3, 1), _FrozenThenClamp(3))).eval()
+    x = torch.randn(2, 2, 4, 4)
+    expected = model(x)
+    _, changes = fold(model)
+    assert type(model[1]) is _Doubled and type(model[3]) is _FrozenThenClamp and not changes.changed
+    assert [path for path, _ in changes.skipped] == ["1", "3"]
+    assert all("overrides the forward of batch norm" in why for _, why in changes.skipped)
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_timm_norm_act_layers_fold_keeping_their_drop_and_activation():
+    need("timm")
+    from timm.layers import BatchNormAct2d, DropBlock2d, FrozenBatchNormAct2d
+
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3),
+        BatchNormAct2d(4, act_layer=nn.SiLU),
+        nn.Conv2d(4, 4, 1),
+        BatchNormAct2d(4, act_layer=nn.Hardswish, drop_layer=lambda: DropBlock2d(0.5, 3)),
+        FrozenBatchNormAct2d(4, act_layer=nn.ReLU),
+    )
+    model = randomize(model, seed=2).eval()
+    acts = [model[i].act for i in (1, 3, 4)]
+    x = torch.randn(2, 2, 6, 6)
+    expected = model(x)
+    _, changes = fold(model)
+    assert changes.changed == [
+        ("1", "folded into 0 (drop, act kept)"),
+        ("3", "folded into 2 (drop, act kept)"),
+        ("4", "nothing to fold into: now a per-channel ChannelAffine"),
+    ]
+    assert [model[i].act for i in (1, 3, 4)] == acts
+    assert not any(isinstance(m, _BatchNorm) for m in model.modules())
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)

@@ -14,6 +14,12 @@ Batch-norm layers are recognized as:
   typing (torchvision is not a dependency): a module whose buffers include `weight`,
   `bias`, `running_mean` and `running_var`, with no parameters and no `momentum`
   attribute. Their output is `(x - running_mean) / sqrt(running_var + eps) * weight + bias`.
+
+A tool that replaces a batch-norm layer's computation (fold, convert) must know all of its
+forward. `rest_of_forward` says what that forward does after normalizing: nothing for
+torch's, ours and frozen-style modules; `drop` then `act` for timm's norm + activation
+layers (BatchNormAct2d, SyncBatchNormAct, FrozenBatchNormAct2d); unknown (None) for any
+other class that overrides the forward, which those tools then leave alone.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import backends, layout
-from ..extras import nonfinite_skips_kept
+from ..extras import BatchNormExtras, nonfinite_skips_kept
 from ..stats import Stats
 from ..variants import masked_stats, validate_mask
 
@@ -79,6 +86,28 @@ def is_frozen_style(module: nn.Module) -> bool:
         and next(module.parameters(recurse=False), None) is None
         and not hasattr(module, "momentum")
     )
+
+
+# The forwards that are batch norm and nothing else (subclasses inheriting them included).
+_PLAIN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, BatchNormExtras.forward)
+# timm's norm + activation layers: batch norm, then their `drop` and `act` children.
+_TIMM_NORM_ACT = ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d")
+
+
+def rest_of_forward(module: nn.Module) -> tuple[str, ...] | None:
+    """The names of the children a batch-norm layer's forward applies, in order, to the
+    normalized tensor: () when it is batch norm alone, ("drop", "act") for timm's norm +
+    activation layers, None when the forward is not known (a class overriding it)."""
+    forward = type(module).forward
+    # A frozen-style module's forward is the formula above when it has no children
+    # (torchvision's and detectron2's FrozenBatchNorm2d have none).
+    if forward in _PLAIN_FORWARDS or (is_frozen_style(module) and next(module.children(), None) is None):
+        return ()
+    # timm is imported wherever a model holds its layers; it is not a dependency of ours.
+    norm_act = sys.modules.get("timm.layers.norm_act")
+    if norm_act is not None and any(forward is getattr(norm_act, name).forward for name in _TIMM_NORM_ACT):
+        return tuple(name for name in ("drop", "act") if name in module._modules)  # SyncBatchNormAct may lack them
+    return None
 
 
 def is_batchnorm(module: nn.Module) -> bool:

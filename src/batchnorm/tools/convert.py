@@ -9,6 +9,10 @@ What maps, module by module (every other batch-norm subclass is left alone and r
                                       knowing the process group, so it is skipped otherwise)
     FrozenBatchNorm2d-style       ->  batchnorm.BatchNorm2d, frozen (`freeze`); revert gives
                                       a frozen torch.nn.BatchNorm2d
+    timm's BatchNormAct2d,        ->  the same, with the activation fused (`activation=`),
+    SyncBatchNormAct,                 when its `drop` is an identity and its `act` one our
+    FrozenBatchNormAct2d              layers fuse (or an identity); revert keeps them, since
+                                      torch's layers have no activation
 
 The new layer takes over the old one's parameter and buffer tensors themselves (an
 optimizer holding them keeps working), its eps, momentum, affine, track_running_stats,
@@ -32,8 +36,8 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from .. import nn as ours
 from ..extras import BatchNormExtras, changed_extras
-from ._common import Changes, is_frozen_style, prepare, replace, require_batchnorm
-from ._patterns import activation_name, consumer_of, is_add, module_calls, pairs, sole_user, trace
+from ._common import Changes, is_frozen_style, prepare, replace, require_batchnorm, rest_of_forward
+from ._patterns import Consumer, activation_name, consumer_of, is_add, module_calls, pairs, sole_user, trace
 from .freeze import frozen_state, pin_eval
 
 _TO_OURS: dict[type, type] = {
@@ -78,9 +82,11 @@ def _rebuild(old: nn.Module, cls: type, **extra) -> nn.Module:
     return new
 
 
-def _from_frozen_style(old: nn.Module) -> nn.Module:
+def _from_frozen_style(old: nn.Module, activation: str | None = None) -> nn.Module:
     """A frozen BatchNorm2d of ours equal to a FrozenBatchNorm2d-style module in every mode."""
-    new = ours.BatchNorm2d(old.running_mean.numel(), eps=old.eps, device=old.weight.device, dtype=old.weight.dtype)
+    new = ours.BatchNorm2d(
+        old.running_mean.numel(), eps=old.eps, device=old.weight.device, dtype=old.weight.dtype, activation=activation
+    )
     new.weight = nn.Parameter(old.weight, requires_grad=False)
     new.bias = nn.Parameter(old.bias, requires_grad=False)
     new.running_mean = old.running_mean
@@ -94,20 +100,41 @@ def _to_ours(m: nn.Module) -> tuple[nn.Module | None, str | None]:
     """(our layer, None), or (None, why not; None when there is nothing to do)."""
     if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
         return None, "uninitialized lazy layer: run one forward first so num_features is known"
-    if type(m) in _TO_OURS:
-        return _rebuild(m, _TO_OURS[type(m)]), None
-    if type(m) is nn.SyncBatchNorm:
+    rest = rest_of_forward(m)
+    activation, why = _activation_of_rest(m, rest or ())
+    if why is not None:
+        return None, why
+    if type(m) in _TO_OURS or (rest and isinstance(m, tuple(_TO_OURS))):
+        cls = next(cls for torch_cls, cls in _TO_OURS.items() if isinstance(m, torch_cls))
+        return _rebuild(m, cls, activation=activation), None
+    if type(m) is nn.SyncBatchNorm or (rest and isinstance(m, nn.SyncBatchNorm)):
         sync = _our_sync_batchnorm()
         if sync is None:
             return None, "torch.nn.SyncBatchNorm: batchnorm.distributed is not available"
-        return _rebuild(m, sync, process_group=m.process_group), None
-    if is_frozen_style(m):
+        return _rebuild(m, sync, process_group=m.process_group, activation=activation), None
+    if is_frozen_style(m) and rest is not None:
         if not hasattr(m, "eps"):
             return None, f"{type(m).__name__} looks like FrozenBatchNorm2d but has no eps attribute"
-        return _from_frozen_style(m), None
+        return _from_frozen_style(m, activation), None
     if type(m) in _TO_TORCH or type(m) is _our_sync_batchnorm():
         return None, None
     return None, f"{type(m).__name__} is not one of torch's batch-norm classes; its behaviour may differ"
+
+
+def _activation_of_rest(m: nn.Module, rest: tuple[str, ...]) -> tuple[str | None, str | None]:
+    """(the activation our layer takes for the children `rest` of `m`'s forward applies
+    after normalizing, None), or (None, why our layer cannot compute them)."""
+    found = None
+    for name in rest:
+        child = m.get_submodule(name)
+        if isinstance(child, nn.Identity):
+            continue
+        act = activation_name(Consumer(child, (), {}, name, None))
+        if name != "act" or act is None:
+            return None, (f"{type(m).__name__} applies {name} = {type(child).__name__} after normalizing, "
+                          "which our layers cannot fuse; left as it is")  # fmt: skip
+        found = act
+    return found, None
 
 
 def _to_torch(m: nn.Module) -> tuple[nn.Module | None, str | None]:

@@ -15,11 +15,14 @@ arithmetic runs in float64 and is written back in the layer's dtype.
 The batch norm is then replaced in its parent by `Activation(bn.activation)` (identity
 when it fused none; it still takes the `residual=` our layers accept). A batch norm with
 nothing to fold into (no Linear/Conv producing its input alone) becomes a
-`ChannelAffine(s, t, activation)`. A layer in training mode is an error (its output
-depends on the batch).
+`ChannelAffine(s, t, activation)`. Either keeps the modules the layer's own forward
+applies after normalizing, under their names (timm's BatchNormAct2d: `drop`, then `act`).
+A layer in training mode is an error (its output depends on the batch).
 
 Folding is refused (the batch norm left alone, the reason recorded) where it would change
 what the model computes:
+- a class whose forward is not known to be batch norm (alone or followed by known
+  children): folding would drop the rest of it;
 - a channel-count mismatch;
 - a producer whose weight or bias is also another module's (tied parameters): scaling it
   would change that module too;
@@ -37,7 +40,7 @@ from torch import Tensor, nn
 
 from .. import activations, validation
 from ..channel_params import affine
-from ._common import Changes, is_batchnorm, is_frozen_style, prepare, replace, require_batchnorm
+from ._common import Changes, is_batchnorm, is_frozen_style, prepare, replace, require_batchnorm, rest_of_forward
 from ._patterns import pairs
 
 _FOLDABLE = (
@@ -46,16 +49,22 @@ _FOLDABLE = (
 
 
 class Activation(nn.Module):
-    """y = g(x + residual): what remains of a folded batch norm (g = identity for None).
+    """y = then(g(x + residual)): what remains of a folded batch norm (g = identity for None).
 
     `ndim`: the number of input dimensions the fold was right for (2 after a Linear whose
     input rank fold could not see); other input is a ValueError. None: any.
+    `then`: {name: module} applied in order after g, kept as children under those names
+    (the rest of the folded layer's forward, e.g. timm's `drop` and `act`).
     """
 
-    def __init__(self, activation: str | None = None, *, ndim: int | None = None) -> None:
+    def __init__(
+        self, activation: str | None = None, *, ndim: int | None = None, then: dict[str, nn.Module] | None = None
+    ) -> None:
         super().__init__()
         self.activation = validation.validate_activation(activation)
         self.ndim = ndim
+        for name, module in (then or {}).items():
+            self.add_module(name, module)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if self.ndim is not None and x.dim() != self.ndim:
@@ -66,7 +75,10 @@ class Activation(nn.Module):
                 "unfolded model with fold(model, example_input=x) so fold sees the shapes"
             )
         validation.validate_residual(x, residual)
-        return activations.forward(x if residual is None else x + residual, self.activation)
+        y = activations.forward(x if residual is None else x + residual, self.activation)
+        for module in self.children():
+            y = module(y)
+        return y
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}" + ("" if self.ndim is None else f", ndim={self.ndim}")
@@ -75,8 +87,10 @@ class Activation(nn.Module):
 class ChannelAffine(Activation):
     """y = g(scale * x + shift + residual), scale and shift (C,) over dimension 1 of (N, C, *)."""
 
-    def __init__(self, scale: Tensor, shift: Tensor, activation: str | None = None) -> None:
-        super().__init__(activation)
+    def __init__(
+        self, scale: Tensor, shift: Tensor, activation: str | None = None, *, then: dict[str, nn.Module] | None = None
+    ) -> None:
+        super().__init__(activation, then=then)
         self.register_buffer("scale", scale)
         self.register_buffer("shift", shift)
 
@@ -114,12 +128,18 @@ def fold(model: nn.Module, *, inplace: bool = True, example_input=None) -> tuple
         if getattr(bn, "running_mean", None) is None:
             changes.skip(path, "no running statistics (track_running_stats=False): it normalizes with batch statistics")
             continue
+        rest = rest_of_forward(bn)
+        if rest is None:
+            changes.skip(path, f"{type(bn).__name__} overrides the forward of batch norm; folding would "
+                               "drop whatever else its forward does: not folded")  # fmt: skip
+            continue
+        then = {name: bn.get_submodule(name) for name in rest}
         scale, shift = _as_affine(bn)
         activation = getattr(bn, "activation", None)
         source = producer_of.get(path)
         if source is None:
             dtype = bn.running_mean.dtype
-            model = replace(model, path, ChannelAffine(scale.to(dtype), shift.to(dtype), activation))
+            model = replace(model, path, ChannelAffine(scale.to(dtype), shift.to(dtype), activation, then=then))
             changes.change(path, "nothing to fold into: now a per-channel ChannelAffine")
             continue
         layer = model.get_submodule(source)
@@ -130,8 +150,9 @@ def fold(model: nn.Module, *, inplace: bool = True, example_input=None) -> tuple
         _fold_into(layer, scale, shift)
         # A Linear's features are channels only for 2-D output: unseen, that is checked per call.
         unseen_linear = isinstance(layer, nn.Linear) and path not in shapes
-        model = replace(model, path, Activation(activation, ndim=2 if unseen_linear else None))
-        changes.change(path, f"folded into {source}" + (f" (activation {activation} kept)" if activation else ""))
+        model = replace(model, path, Activation(activation, ndim=2 if unseen_linear else None, then=then))
+        kept = ([f"activation {activation}"] if activation else []) + list(rest)
+        changes.change(path, f"folded into {source}" + (f" ({', '.join(kept)} kept)" if kept else ""))
     return model, changes
 
 
