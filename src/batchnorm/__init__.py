@@ -18,6 +18,7 @@ from .nn import (
 )
 from .tools import (
     Changes,
+    accumulate,
     adapt,
     check,
     convert,
@@ -46,6 +47,7 @@ __all__ = [
     "Changes",
     "Renorm",
     "SyncBatchNorm",
+    "accumulate",
     "adapt",
     "backends",
     "check",

@@ -10,6 +10,7 @@ lists what was changed and what was skipped, per module path.
 """
 
 from ._common import Changes
+from .accumulate import accumulate
 from .convert import convert, revert
 from .fold import Activation, ChannelAffine, fold
 from .freeze import freeze, frozen_stats, stats_restore, stats_snapshot, unfreeze
@@ -25,6 +26,7 @@ __all__ = [
     "CheckReport",
     "Finding",
     "Monitor",
+    "accumulate",
     "adapt",
     "check",
     "convert",
