@@ -59,7 +59,7 @@ step() {
 
 step machine 60 "$PY" -c '
 import json, torch
-from batchnorm.bench import gpu_info
+from batchnorm_lab.timing import gpu_info
 info = gpu_info()
 info["torch"] = torch.__version__
 json.dump(info, open("docs/bench/gpu-machine.json", "w"), indent=1)
@@ -67,14 +67,14 @@ print(info)'
 
 ARCH=$("$PY" -c 'import torch; a, b = torch.cuda.get_device_capability(); print(10 * a + b)' 2>/dev/null)
 if [[ "$ARCH" == 80 || "$ARCH" == 90 ]]; then
-    step compile 120 "$PY" -m batchnorm.backends.triton_compile --arch "$ARCH" --jobs "$(nproc)" \
+    step compile 120 "$PY" -m batchnorm_lab.triton_compile --arch "$ARCH" --jobs "$(nproc)" \
         --json docs/bench/triton-compile-cuda.json
     grep -v -i warn "$LOG" | sed -n '/^| arch/,/specializations compiled/p' > docs/bench/triton-compile-cuda.txt
 else
     echo "== compile: sm_$ARCH is not one triton_compile knows (80, 90): skipped" | tee -a "$LOG"
 fi
 
-step bench 240 "$PY" -m batchnorm.cli bench kernels --device cuda --backend triton --dtype float32 \
+step bench 240 "$PY" -m batchnorm_lab.cli bench kernels --device cuda --backend triton --dtype float32 \
     --dtype bfloat16 --no-compile --out docs/bench --markdown docs/benchmarks-cuda.md
 
 step tests 180 "$PY" -m pytest tests/backends/test_triton_gpu.py -k full_size -q -p no:cacheprovider \
@@ -84,8 +84,8 @@ grep -v -i warn "$LOG" | sed -n '/^== tests (/,/^== tests:/p' > docs/bench/trito
 step ops 150 "$PY" -m pytest tests/test_triton_ops.py -q -p no:cacheprovider --junitxml=docs/bench/triton-ops-cuda.xml
 grep -v -i warn "$LOG" | sed -n '/^== ops (/,/^== ops:/p' > docs/bench/triton-ops-cuda.txt
 
-if "$PY" -m batchnorm.cli bench train --help > /dev/null 2>&1; then
-    step train 90 bash -c "$PY -m batchnorm.cli bench train --device cuda 2>&1 | tee docs/bench/train-cuda.txt"
+if "$PY" -m batchnorm_lab.cli bench train --help > /dev/null 2>&1; then
+    step train 90 bash -c "$PY -m batchnorm_lab.cli bench train --device cuda 2>&1 | tee docs/bench/train-cuda.txt"
 else
     echo "== train: no 'bench train' command yet: skipped" | tee -a "$LOG"
 fi
@@ -140,7 +140,7 @@ for shape in ROWS:
 PY
 
 DEADLINE=$(( DEADLINE + 30 ))
-step rule 25 "$PY" -m batchnorm.cli bench gpu-rule
+step rule 25 "$PY" -m batchnorm_lab.cli bench gpu-rule
 
 echo "failed steps: ${FAILED[*]:-none}" | tee -a "$LOG"
 if [[ -n "${OUT:-}" ]]; then

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 import batchnorm as bn
 from batchnorm import activations
 from batchnorm.distributed import SyncBatchNorm, no_buffer_broadcast
-from batchnorm.train import free_port
+from batchnorm_lab.train import free_port
 
 WORLD = 4
 GLOO_TIMEOUT_S = 60  # generous: the machine is shared, and idle ranks wait at a barrier

@@ -7,11 +7,9 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from batchnorm import backends
 from batchnorm.backends import gpu_rule
-from batchnorm.cli import app
 
 H200, A100 = "NVIDIA H200", "NVIDIA A100-SXM4-80GB"
 
@@ -124,12 +122,3 @@ def test_auto_keeps_cpu_and_unrecorded_inputs_off_triton():
     x = torch.randn(4, 3, 5, 5)
     assert backends.get("triton").preferred(x) is False
     assert gpu_rule.prefers_triton(x) is False
-
-
-def test_gpu_rule_command(tmp_path):
-    pattern = write_runs(tmp_path, [run(H200, [row((256, 512), ratio=1.4)])])
-    out = tmp_path / "rule.json"
-    result = CliRunner().invoke(app, ["bench", "gpu-rule", "--runs", pattern, "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    assert "NVIDIA H200: triton for 1 of 1 shape classes: mc/float32/64K+" in result.output
-    assert json.loads(out.read_text())["devices"][H200]["triton"] == ["mc/float32/64K+"]

@@ -13,8 +13,8 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from batchnorm import data
-from batchnorm.cli import data_batches
+from batchnorm_lab import data
+from batchnorm_lab.cli import data_batches
 from batchnorm.tools.health import CheckReport, check
 
 FACTORY = '''

@@ -1,5 +1,5 @@
 """`check`: a health check of every batch-norm layer of a model (`batchnorm check` runs it
-from the command line, cli.py).
+from the command line, batchnorm_lab/cli.py).
 
     report = bn.check(model, batches)         # a few batches of the data it will see
     print(report.ok); rich.print(report); report.to_json("check.json")

@@ -40,7 +40,8 @@ Cost: between recorded steps only the model's pre-hook runs (the layers are hook
 recorded forwards alone); a recorded forward copies u and the running statistics, and the
 statistics are computed later for many records at once, on u's device, when the copies
 reach FLUSH_BYTES or the history is read, with one transfer to the host per field.
-`batchnorm bench monitor` (bench.monitor_overhead) measures the cost on the experiments' MLP.
+`batchnorm bench monitor` (batchnorm_lab.bench.monitor_overhead) measures the cost on the
+experiments' MLP.
 """
 
 from __future__ import annotations

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from batchnorm.__main__ import NEEDS_EXTRA
+from batchnorm_lab.__main__ import NEEDS_EXTRA
 
 # Runs the console script's main() with `module` made unimportable (None in sys.modules).
-SCRIPT = "import sys; sys.modules[{module!r}] = None; sys.argv = ['batchnorm', 'list']; from batchnorm.__main__ import main; main()"
+SCRIPT = "import sys; sys.modules[{module!r}] = None; sys.argv = ['batchnorm', 'list']; from batchnorm_lab.__main__ import main; main()"
 
 
 @pytest.mark.parametrize("module", ["typer", "rich"])

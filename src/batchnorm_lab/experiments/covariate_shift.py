@@ -47,7 +47,7 @@ def shifted(x: np.ndarray, kind: str, amount: float, mean: float, std: float, se
 
 
 def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
-    from ..tools import adapt, stats_restore
+    from batchnorm.tools import adapt, stats_restore
 
     raw = datasets.load(config["dataset"])
     scaler = datasets.fit_scaler(raw.x_train)

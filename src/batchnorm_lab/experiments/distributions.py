@@ -36,7 +36,7 @@ LAST_HIDDEN = "5"  # in common.mlp(depth=3): the last BatchNorm1d(activation=sig
 
 
 def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
-    from ..tools.monitor import monitor
+    from batchnorm.tools.monitor import monitor
 
     data = common.load_data(config)
     progress(total=len(ARMS) * len(config["seeds"]) * config["steps"])

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from batchnorm import data as datasets
-from batchnorm import experiments
-from batchnorm.experiments import (
+from batchnorm_lab import data as datasets
+from batchnorm_lab import experiments
+from batchnorm_lab.experiments import (
     batch_size,
     common,
     convnets,
@@ -353,7 +353,7 @@ def test_reusing_training_gives_what_training_gives():
 
 
 def test_cnn_wallclock_warm_up_compiles_on_copies_and_leaves_the_models_alone():
-    from batchnorm.experiments import cnn_wallclock, common, convnets
+    from batchnorm_lab.experiments import cnn_wallclock, common, convnets
 
     data = common.load_data({**cnn_wallclock.QUICK, "dataset": "digits", "device": "cpu"}, per_feature=False)
     models = {arm: convnets.resnet(data.sample_shape, data.n_classes, channels=4, blocks=1, batchnorm=True, layer=arm)
@@ -363,22 +363,3 @@ def test_cnn_wallclock_warm_up_compiles_on_copies_and_leaves_the_models_alone():
     for arm, model in models.items():
         assert all(torch.equal(v, before[arm][k]) for k, v in model.state_dict().items())
         assert all(p.grad is None for p in model.parameters())
-
-
-
-def test_compile_ahead_fills_numba_cache_with_the_kernels_cnn_wallclock_runs(tmp_path, monkeypatch):
-    """The background process (one per experiment that has `compile_kernels`) leaves on disk
-    the kernels the run's layers call: the parallel (N, C, L) forward and backward of BN +
-    ReLU and of BN + add + ReLU (a cold cache of its own here: the process compiles them)."""
-    from batchnorm.experiments import commands, config_for
-
-    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
-    plan = [(name, config_for(name, quick=True)) for name in ("speed", "cnn-wallclock")]
-    started = commands.compile_ahead(plan)
-    assert list(started) == ["cnn-wallclock"]
-    started["cnn-wallclock"].join(timeout=600)
-    assert started["cnn-wallclock"].exitcode == 0
-    cached = {path.name.split("-")[0] for path in tmp_path.rglob("*.nbi")}
-    for name in ("ncl_forward", "ncl_backward"):
-        for case in ("plain_relu", "residual_relu"):
-            assert f"numba_kernels.{name}_parallel_{case}" in cached, sorted(cached)

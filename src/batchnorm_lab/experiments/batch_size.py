@@ -59,7 +59,7 @@ def bn_options(options: dict, steps: int, config: dict) -> dict:
     """The keyword options of bn.BatchNorm1d for one arm; a fresh Renorm for each model."""
     if not options.get("renorm"):
         return options
-    from .. import Renorm  # batch renormalization (Ioffe 2017)
+    from batchnorm import Renorm  # batch renormalization (Ioffe 2017)
 
     return {"renorm": Renorm(r_max=config["r_max"], d_max=config["d_max"],
                              warmup_steps=int(config["warmup_fraction"] * steps),

@@ -8,8 +8,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from batchnorm.cli import app
-from batchnorm.train import build_model, load_digits, torchrun_env
+from batchnorm_lab.cli import app
+from batchnorm_lab.train import build_model, load_digits, torchrun_env
 
 ARGS = ["train", "--steps", "12", "--batch-size", "64", "--seed", "1"]
 

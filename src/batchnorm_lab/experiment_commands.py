@@ -22,7 +22,7 @@ def demo_command(
     device: Device = "cpu",
 ) -> None:
     """Every experiment in a quick configuration, on digits and MNIST-1D (about 1.5 minutes on 2 cores)."""
-    from . import EXPERIMENTS, config_for
+    from .experiments import EXPERIMENTS, config_for
 
     out = out or Path("results") / f"demo-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     plan = [(name, config_for(name, quick=True, device=_device(device))) for name in EXPERIMENTS]
@@ -41,7 +41,7 @@ def run_command(
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch and numba threads [default: the experiment's, 1]")] = None,
 ) -> None:
     """Run one experiment (or all) at full size; save results, plots and the report."""
-    from . import EXPERIMENTS, config_for
+    from .experiments import EXPERIMENTS, config_for
 
     names = list(EXPERIMENTS) if name == "all" else [name]
     overrides = dict(dataset=dataset, steps=steps, seeds=list(range(seeds)) if seeds else None, device=_device(device),
@@ -49,7 +49,7 @@ def run_command(
     try:
         plan = [(n, config_for(n, quick=quick, **overrides)) for n in names]
         if dataset is not None:
-            from .. import data
+            from . import data
 
             data.load(dataset)  # fail now, with the loader's message, not inside the first experiment
     except (ValueError, TypeError) as error:
@@ -67,7 +67,7 @@ def list_command() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from . import EXPERIMENTS
+    from .experiments import EXPERIMENTS
 
     size = lambda c: f"{len(c['seeds'])} x {c['steps']}"  # noqa: E731
     header = ("experiment", "full: seeds x steps", "demo: seeds x steps", "claim")
@@ -91,10 +91,11 @@ def report_command(
     folder: Annotated[Path, typer.Argument(help="a results folder written by demo or run")],
 ) -> None:
     """Rebuild report.html and summary.md from the results saved in FOLDER."""
-    from ..report import render
+    from .experiments import load_results
+    from .report import render
 
     try:
-        html, markdown = render(folder)
+        html, markdown = render(folder, load_results(folder))
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
     typer.echo(f"report: {html}\nsummary: {markdown}")
@@ -118,8 +119,8 @@ def _run_plan(plan: list[tuple[str, dict]], out: Path, *, resume: bool, title: s
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from ..report import render
-    from . import finished, run_into
+    from .report import render
+    from .experiments import finished, load_results, run_into
 
     console = Console()
     console.print(f"[bold]{title}[/]: {len(plan)} experiment(s) into {out}")
@@ -154,7 +155,7 @@ def _run_plan(plan: list[tuple[str, dict]], out: Path, *, resume: bool, title: s
     for line in other_init_notes(rows):
         console.print(line, highlight=False)
     if rows:
-        html, markdown = render(out, title=title)
+        html, markdown = render(out, load_results(out), title=title)
         console.print(f"claims, criteria, numbers and plots: {html}\nsummary: {markdown}")
     if failed:
         raise typer.Exit(code=1)
@@ -166,7 +167,7 @@ def compile_ahead(plan: list[tuple[str, dict]]) -> dict[str, multiprocessing.Pro
     it run (single-threaded: the second core is idle), so that its first steps load them
     instead of compiling (cnn-wallclock: about 25 s on a cold cache). Join one before its
     experiment starts; if it failed, the experiment compiles for itself."""
-    from . import EXPERIMENTS
+    from .experiments import EXPERIMENTS
 
     spawn = multiprocessing.get_context("spawn")  # a clean process: no forked torch threads
     started = {}

@@ -1,4 +1,4 @@
-"""`batchnorm` and `python -m batchnorm`: the command line (cli.py).
+"""`batchnorm` and `python -m batchnorm_lab`: the command line (cli.py).
 
 The library needs torch, numpy and numba only; the command line also needs the
 `experiments` extra (typer and rich, and for the experiments and reports scikit-learn,

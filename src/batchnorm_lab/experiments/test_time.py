@@ -63,7 +63,7 @@ def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
 
 def recalibrated_accuracy(model, data: common.Data, batch_size: int) -> float:
     """Test accuracy of a copy of `model` with precise population statistics."""
-    from ..tools import recalibrate
+    from batchnorm.tools import recalibrate
 
     batches = [data.x[i : i + batch_size] for i in range(0, len(data.x), batch_size)]
     calibrated, _ = recalibrate(model, batches, inplace=False, progress=False)
@@ -78,7 +78,7 @@ def per_batch_accuracy(model, data: common.Data, batch_size: int, seed: int) -> 
     size has one value per channel, where batch statistics are undefined (the last,
     incomplete batch is dropped for the same reason).
     """
-    from ..tools import frozen_stats
+    from batchnorm.tools import frozen_stats
 
     if batch_size < 2:
         return None

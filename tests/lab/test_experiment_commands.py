@@ -1,16 +1,19 @@
-"""The experiment commands through the CLI: list, run (and --resume), report, and bad input."""
+"""The experiment commands through the CLI: list, run (and --resume), report, and bad input;
+and the numba kernels they compile ahead."""
 
 import json
 
 from typer.testing import CliRunner
 
-from batchnorm.cli import app
+from batchnorm_lab.cli import app
+from batchnorm_lab.experiment_commands import compile_ahead
+from batchnorm_lab.experiments import config_for
 
 runner = CliRunner()
 
 
 def test_list_names_every_experiment():
-    from batchnorm.experiments import EXPERIMENTS
+    from batchnorm_lab.experiments import EXPERIMENTS
 
     result = runner.invoke(app, ["list"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
@@ -19,7 +22,7 @@ def test_list_names_every_experiment():
 
 
 def test_list_keeps_whole_names_at_80_columns_in_a_pipe():
-    from batchnorm.experiments import EXPERIMENTS
+    from batchnorm_lab.experiments import EXPERIMENTS
 
     result = runner.invoke(app, ["list"], env={"COLUMNS": "80"})
     assert result.exit_code == 0
@@ -32,8 +35,8 @@ def test_list_keeps_whole_names_at_80_columns_in_a_pipe():
 def test_summary_table_fits_80_columns():
     from rich.console import Console
 
-    from batchnorm.experiments import EXPERIMENTS
-    from batchnorm.experiments.commands import other_init_notes, summary_table
+    from batchnorm_lab.experiments import EXPERIMENTS
+    from batchnorm_lab.experiment_commands import other_init_notes, summary_table
 
     records = [{"experiment": name, "held": i % 2 == 0, "headline": "4.1x time, BN part 1.5x", "seconds": 12.3,
                 "claim": "a long claim " * 20, "result": "a long result " * 20}
@@ -78,3 +81,19 @@ def test_bad_input_is_refused(tmp_path):
         result = runner.invoke(app, args, env={"COLUMNS": "200"})
         assert result.exit_code != 0, args
         assert message in result.output, (args, result.output)
+
+
+def test_compile_ahead_fills_numba_cache_with_the_kernels_cnn_wallclock_runs(tmp_path, monkeypatch):
+    """The background process (one per experiment that has `compile_kernels`) leaves on disk
+    the kernels the run's layers call: the parallel (N, C, L) forward and backward of BN +
+    ReLU and of BN + add + ReLU (a cold cache of its own here: the process compiles them)."""
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    plan = [(name, config_for(name, quick=True)) for name in ("speed", "cnn-wallclock")]
+    started = compile_ahead(plan)
+    assert list(started) == ["cnn-wallclock"]
+    started["cnn-wallclock"].join(timeout=600)
+    assert started["cnn-wallclock"].exitcode == 0
+    cached = {path.name.split("-")[0] for path in tmp_path.rglob("*.nbi")}
+    for name in ("ncl_forward", "ncl_backward"):
+        for case in ("plain_relu", "residual_relu"):
+            assert f"numba_kernels.{name}_parallel_{case}" in cached, sorted(cached)

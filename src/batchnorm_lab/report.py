@@ -1,7 +1,7 @@
 """The report of a results folder: one self-contained HTML page and a Markdown summary.
 
-`render(folder)` reads every experiment record saved there (`NAME.json`, written by
-`batchnorm.experiments.run_into`), and writes:
+`render(folder, records)` takes the experiment records saved there (`NAME.json`, written by
+`batchnorm_lab.experiments.run_into`, loaded by `experiments.load_results`), and writes:
 
 - `report.html`: a summary table (claim, result, held), then one section per experiment
   with its setup, the criteria and the numbers they were judged on, the plots embedded as
@@ -9,7 +9,7 @@
   the CSS reflows for a phone and a laptop;
 - `summary.md`: the same in Markdown, the plots linked beside it.
 
-Both come from the jinja2 templates in `batchnorm/templates/`.
+Both come from the jinja2 templates in `batchnorm_lab/templates/`.
 """
 
 from __future__ import annotations
@@ -21,17 +21,17 @@ from pathlib import Path
 
 import jinja2
 
-from .experiments import load_results, write_atomic
+from .files import write_atomic
 
 TEMPLATES = Path(__file__).with_name("templates")
 
 
-def render(folder: str | Path, title: str | None = None) -> tuple[Path, Path]:
-    """Write folder/report.html and folder/summary.md from the records there; their paths."""
+def render(folder: str | Path, records: list[dict], title: str | None = None) -> tuple[Path, Path]:
+    """Write folder/report.html and folder/summary.md from `records`, the ones saved there
+    (plots are read beside them); their paths."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"no results folder at {folder}: run `batchnorm demo` or `batchnorm run NAME --out DIR` first")
-    records = load_results(folder)
     if not records:
         raise ValueError(f"{folder} holds no experiment results (NAME.json files); nothing to report")
     for record in records:

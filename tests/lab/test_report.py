@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from batchnorm import experiments, report
+from batchnorm_lab import experiments, report
 
 # The smallest valid PNG: a 1x1 transparent pixel.
 PNG = base64.b64decode(
@@ -37,7 +37,7 @@ def test_report_renders_self_contained(tmp_path):
     _save(tmp_path, "speed", held=True)
     _save(tmp_path, "noise", held=False, plots=("noise-accuracy.png",), claim="noise < none & more")
     (tmp_path / "speed-accuracy.png").write_bytes(PNG)  # noise's plot is missing on purpose
-    html_path, md_path = report.render(tmp_path, title="unit test")
+    html_path, md_path = report.render(tmp_path, experiments.load_results(tmp_path), title="unit test")
     html = html_path.read_text()
     assert html.startswith("<!doctype html>") and 'name="viewport"' in html and "@media" in html
     assert f"data:image/png;base64,{base64.b64encode(PNG).decode()}" in html
@@ -54,9 +54,9 @@ def test_report_renders_self_contained(tmp_path):
 
 def test_report_errors(tmp_path):
     with pytest.raises(ValueError, match="no results folder"):
-        report.render(tmp_path / "absent")
+        report.render(tmp_path / "absent", [])
     with pytest.raises(ValueError, match="holds no experiment results"):
-        report.render(tmp_path)
+        report.render(tmp_path, [])
 
 
 def test_compact_rounds_nested():

@@ -26,55 +26,26 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 import typer
 
-from . import backends
-from .nn import BatchNorm1d, BatchNorm2d
-from .tools.monitor import EVERY as MONITOR_EVERY
-from .tools.monitor import monitor
+from batchnorm import backends
+from batchnorm.nn import BatchNorm1d, BatchNorm2d
+from batchnorm.tools.monitor import EVERY as MONITOR_EVERY
+from batchnorm.tools.monitor import monitor
+
+from .bench_grid import MODES, VARIANTS, grid
+from .timing import bench_row, machine_info, minimal_bytes, runner, time_medians
 
 bench_app = typer.Typer(help="Benchmarks against torch: kernels, whole training steps.", no_args_is_help=True)
 
-MLP_SHAPES = [(64, 100), (256, 512), (4096, 1024)]
-CNN_SHAPES = [(64, 64, 56, 56), (32, 256, 14, 14), (128, 512, 7, 7), (8, 32, 112, 112)]
-#: ResNet-50 at batch 256: the input of each distinct batch-norm shape.
-RESNET50_SHAPES = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), (256, 1024, 14, 14), (256, 2048, 7, 7)]
-QUICK_SHAPES = [(64, 100), (4, 8, 6, 6)]
-MODES = ("eval", "train", "train_fb")
-VARIANTS = {"plain": (None, False), "relu": ("relu", False), "residual+relu": ("relu", True)}
 # Elements of the crossover sweeps ((N, 64, L <= 64) and channels-last (N, 64, 8, 8), fp32):
 # every factor of 2 around the crossovers (2^18 contiguous, 2^21 channels-last), 4 elsewhere.
 CROSSOVER_SIZES = [2**k for k in (12, 14, 16, 17, 18, 19, 20, 21, 22, 24)]
-
-
-def grid(device: str, quick: bool) -> list[tuple[tuple[int, ...], str]]:
-    """(shape, memory format) pairs: MLP rows are 2-D, CNN rows both formats; CUDA adds ResNet-50."""
-    if quick:
-        return [(s, "contiguous") for s in QUICK_SHAPES] + [(QUICK_SHAPES[1], "channels_last")]
-    cnn = CNN_SHAPES + (RESNET50_SHAPES if device == "cuda" else [])
-    return [(s, "contiguous") for s in MLP_SHAPES] + [
-        (s, fmt) for s in cnn for fmt in ("contiguous", "channels_last")
-    ]
-
-
-def minimal_bytes(numel: int, itemsize: int, mode: str, residual: bool) -> int:
-    """The least traffic the op needs: forward reads x (and residual) and writes y; backward
-    reads x and dy (and writes dresidual) and writes dx. Statistics reuse the cached x."""
-    fwd = 2 + residual
-    bwd = 3 + residual
-    return numel * itemsize * (fwd + (bwd if mode == "train_fb" else 0))
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def kernel_passes(fmt: str, variant: str) -> int:
@@ -101,109 +72,6 @@ def copy_rate_ratio(row: dict) -> float:
     return row["torch_ms"] / passes_ms
 
 
-def time_medians(fns: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, tuple[float, float]]:
-    """(median, min) seconds of each callable, run interleaved (one of each per round) after a
-    warm-up. On a shared machine the minimum is the less noisy of the two."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
-
-
-def _modules(c: int, dim: int, activation: str | None, device: str, backend: str = "auto"):
-    """torch's module and ours (`backend`, "auto" by default) for a (N, C) / (N, C, L) or
-    (N, C, H, W) input; both with fp32 parameters (torch's mixed case for half inputs)."""
-    torch_cls = torch.nn.BatchNorm1d if dim <= 3 else torch.nn.BatchNorm2d
-    ours_cls = BatchNorm1d if dim <= 3 else BatchNorm2d
-    return (
-        torch_cls(c, device=device),
-        ours_cls(c, activation=activation, backend=backend, device=device),
-    )
-
-
-def _runner(module, mode, x, r, dy, fused: bool, activation):
-    """A callable running `module` once in `mode`; `fused`: ours (activation inside)."""
-    module.train(mode != "eval")
-    leaves = [x] + list(module.parameters()) + ([r] if r is not None else [])
-
-    def forward():
-        if fused:
-            return module(x, residual=r)
-        y = module(x)
-        y = y + r if r is not None else y
-        return torch.relu(y) if activation == "relu" else y
-
-    if mode != "train_fb":
-        def run():
-            with torch.no_grad():
-                forward()
-        return run
-
-    def run_fb():
-        torch.autograd.grad(forward(), leaves, dy)
-
-    return run_fb
-
-
-def bench_row(shape, fmt, mode, variant, device, repeats, with_compile, dtype=torch.float32, backend="auto") -> dict:
-    """One row: x (and residual, dy) of `shape` in `dtype` and memory format `fmt`, ours run
-    with `backend`."""
-    activation, has_res = VARIANTS[variant]
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(shape, device=device, generator=gen).to(dtype)
-    if fmt == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    r = torch.randn(x.shape, device=device, generator=gen).to(dtype, memory_format=_fmt(x)) if has_res else None
-    dy = torch.randn(x.shape, device=device, generator=gen).to(dtype, memory_format=_fmt(x))
-    if mode == "train_fb":
-        x.requires_grad_()
-        if r is not None:
-            r.requires_grad_()
-    ref, ours = _modules(shape[1], len(shape), activation, device, backend)
-    fns = {
-        "torch": _runner(ref, mode, x, r, dy, False, activation),
-        "ours": _runner(ours, mode, x, r, dy, True, activation),
-        # the copy is timed in the same rounds as torch and ours, so it sees the same load
-        "copy": _copy_into(x.detach()),
-    }
-    if with_compile:
-        fns["compile"] = _runner(torch.compile(ref), mode, x, r, dy, False, activation)
-    t = time_medians(fns, repeats, device)
-    chosen = backends.resolve(ours.backend, x.detach()).backend.name
-    nbytes = minimal_bytes(x.numel(), x.element_size(), mode, has_res)
-    (t_torch, min_torch), (t_ours, min_ours) = t["torch"], t["ours"]
-    row = dict(
-        shape=list(shape), format=fmt, dtype=str(dtype).removeprefix("torch."), mode=mode, variant=variant, backend=chosen,
-        torch_ms=t_torch * 1e3, ours_ms=t_ours * 1e3, ratio=t_torch / t_ours,
-        torch_min_ms=min_torch * 1e3, ours_min_ms=min_ours * 1e3, ratio_min=min_torch / min_ours,
-        minimal_bytes=nbytes, ours_gbps=nbytes / t_ours / 1e9, ours_gbps_min=nbytes / min_ours / 1e9,
-    )  # fmt: skip
-    copy_bytes = 2 * x.numel() * x.element_size()  # read + write
-    row.update(copy_gbps=copy_bytes / t["copy"][0] / 1e9, copy_gbps_best=copy_bytes / t["copy"][1] / 1e9)
-    row.update(copy_fraction=row["ours_gbps"] / row["copy_gbps"],
-               copy_fraction_best=row["ours_gbps_min"] / row["copy_gbps_best"])  # fmt: skip
-    if with_compile:
-        row.update(compile_ms=t["compile"][0] * 1e3, ratio_compile=t["compile"][0] / t_ours)
-    return row
-
-
-def _copy_into(x):
-    """A callable copying x into a tensor allocated once (and touched) beforehand."""
-    out = torch.empty_like(x).copy_(x)
-    return lambda: out.copy_(x)
-
-
-def _fmt(x):
-    return torch.channels_last if x.dim() == 4 and not x.is_contiguous() else torch.contiguous_format
-
-
 def crossover(device: str, repeats: int, sizes=CROSSOVER_SIZES, channels_last: bool = False) -> dict:
     """numba vs aten, fp32 forward+backward with ReLU on (N, 64, L) (channels_last: (N, 64, 8,
     8) in channels-last memory): the ratio per size and the smallest size from which numba
@@ -214,7 +82,7 @@ def crossover(device: str, repeats: int, sizes=CROSSOVER_SIZES, channels_last: b
         fns = {}
         for name in ("aten", "numba"):
             m = (BatchNorm2d if channels_last else BatchNorm1d)(64, activation="relu", backend=name, device=device)
-            fns[name] = _runner(m, "train_fb", x, None, dy, True, "relu")
+            fns[name] = runner(m, "train_fb", x, None, dy, True, "relu")
         t = {k: v[1] for k, v in time_medians(fns, repeats, device).items()}  # best of: less noisy
         points.append(dict(numel=x.numel(), aten_ms=t["aten"] * 1e3, numba_ms=t["numba"] * 1e3,
                            ratio=t["aten"] / t["numba"]))  # fmt: skip
@@ -278,10 +146,10 @@ def compile_crossover(device: str, repeats: int, sizes=CROSSOVER_SIZES) -> dict:
             torch._dynamo.reset()
             if name == "torch":  # the ReLU inside the compiled region, as in a compiled model
                 m = torch.nn.Sequential(torch.nn.BatchNorm1d(64, device=device), torch.nn.ReLU())
-                fns[name] = _runner(torch.compile(m), "train_fb", x, None, dy, False, None)
+                fns[name] = runner(torch.compile(m), "train_fb", x, None, dy, False, None)
             else:
                 m = BatchNorm1d(64, activation="relu", backend="aten" if name == "inductor" else fast, device=device)
-                fns[name] = _runner(torch.compile(m), "train_fb", x, None, dy, True, "relu")
+                fns[name] = runner(torch.compile(m), "train_fb", x, None, dy, True, "relu")
             fns[name]()  # compile now, outside the timed rounds
         t = {k: v[1] for k, v in time_medians(fns, repeats, device).items()}  # best of: less noisy
         points.append(dict(numel=x.numel(), inductor_ms=t["inductor"] * 1e3, op_ms=t["op"] * 1e3,
@@ -292,12 +160,12 @@ def compile_crossover(device: str, repeats: int, sizes=CROSSOVER_SIZES) -> dict:
 
 def render_compile_crossover(result: dict) -> str:
     """docs/bench-compile.md from `compile_crossover`'s result."""
-    from .backends import numba_cpu
+    from batchnorm.backends import numba_cpu
 
     lines = [
         "# Under torch.compile: our kernel as an op, or Inductor's code",
         "",
-        "Generated by `batchnorm bench compile` (src/batchnorm/bench.py); do not edit by hand. fp32",
+        "Generated by `batchnorm bench compile` (src/batchnorm_lab/bench.py); do not edit by hand. fp32",
         "(N, 64, L) BN + ReLU forward + backward, best of the interleaved runs: our layer compiled with",
         f"`{result['backend']}` (the custom op `batchnorm::batch_norm`, opaque to Inductor), with `aten`",
         "(Inductor generates code from torch's batch norm), and torch's `BatchNorm1d` + `ReLU` compiled together.",
@@ -314,51 +182,6 @@ def render_compile_crossover(result: dict) -> str:
         f"{numba_cpu.CROSSOVER_NUMEL} elements on the CPU (the eager crossover), Inductor's code below.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def machine_info(device: str) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = dict(
-        cpu=cpu, cores=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads(),
-        python=platform.python_version(), device=device,
-        load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
-    )  # fmt: skip
-    try:
-        import numba
-
-        info.update(numba=numba.__version__, numba_threads=numba.get_num_threads())
-    except ImportError:
-        pass
-    info["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    if device == "cuda":
-        info.update(gpu_info())
-    return info
-
-
-def gpu_info() -> dict:
-    """The GPU and the software that ran on it: name, SMs, driver, CUDA, triton."""
-    import subprocess
-
-    p = torch.cuda.get_device_properties(torch.cuda.current_device())
-    info = dict(gpu=p.name, sms=p.multi_processor_count, capability=f"{p.major}.{p.minor}", cuda=torch.version.cuda)
-    try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)  # fmt: skip
-        info["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        info["driver"] = None
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    return info
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -398,7 +221,7 @@ def render(result: dict, notes: str = "") -> str:
     lines = [
         "# Kernel benchmarks",
         "",
-        "Generated by `batchnorm bench kernels` (src/batchnorm/bench.py); do not edit by hand.",
+        "Generated by `batchnorm bench kernels` (src/batchnorm_lab/bench.py); do not edit by hand.",
         f"Ratio = torch eager time / ours (`{result.get('backend_requested', 'auto')}`), medians of {result['repeats']} interleaved runs in one "
         "process; GB/s at the op's minimal traffic (forward: read x, write y; backward: read x and dy, "
         "write dx; + residual), against a copy of the same tensor into a preallocated one, timed in the same run.",
@@ -470,7 +293,7 @@ def run(
     the JSON take. `with_compile` (default: on CUDA) adds torch.compile's times."""
     from rich.progress import Progress
 
-    from .backends import numba_cpu
+    from batchnorm.backends import numba_cpu
 
     pairs = grid(device, quick)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -510,7 +333,7 @@ def monitor_overhead(
     - 1, so that drifts in the machine's load cancel in each pair. Returns
     {"sigmoid" | "batchnorm": {"step_s", "monitored_step_s" (medians), "overhead"}}.
     """
-    from .experiments.common import mlp
+    from .models import mlp
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, 64, generator=generator)
@@ -629,7 +452,7 @@ def gpu_compile_command(
     """Compile every Triton kernel specialization the backend launches for the benchmark's
     rows, for sm_80 / sm_90, without a GPU; print registers, spills, shared memory and
     theoretical occupancy per kernel. Exits 1 on a compile error or a spill."""
-    from .backends import triton_compile
+    from . import triton_compile
 
     argv = [f"--arch={a}" for a in arch] + (["--quick"] if quick else []) + (["--strict"] if strict else [])
     argv += [f"--jobs={jobs}"] + ([f"--json={json_out}"] if json_out is not None else [])
@@ -643,7 +466,7 @@ def gpu_rule_command(
 ) -> None:
     """Regenerate the CUDA dispatch rule (which shape classes `auto` sends to triton on each
     recorded GPU) from `bench kernels --device cuda --backend triton` runs."""
-    from .backends import gpu_rule
+    from batchnorm.backends import gpu_rule
 
     rule = gpu_rule.regenerate(runs, out if out is not None else gpu_rule.RULE_PATH)
     for gpu, d in rule["devices"].items():

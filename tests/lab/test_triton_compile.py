@@ -1,4 +1,4 @@
-"""The compile check of the triton backend's kernels, without a GPU (batchnorm.backends.triton_compile).
+"""The compile check of the triton backend's kernels, without a GPU (batchnorm_lab.triton_compile).
 
 The occupancy arithmetic and the cuobjdump parser are tested on their own; the launches are
 recorded from the real launch code on meta tensors; `test_kernels_compile_for_sm80_and_sm90`
@@ -21,8 +21,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from batchnorm.backends import triton_compile as tc  # noqa: E402
 from batchnorm.backends import triton_gpu as tg  # noqa: E402
+from batchnorm_lab import triton_compile as tc  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -128,7 +128,7 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path, triton_dir):
     all compile, none spills, the streaming kernels reach MIN_OCCUPANCY on sm_90. With
     BATCHNORM_OTHER_TRITON set, also with that Triton."""
     out = tmp_path / "compile.json"
-    cmd = [sys.executable, "-m", "batchnorm.backends.triton_compile", "--quick", "--strict", "--jobs", "2",
+    cmd = [sys.executable, "-m", "batchnorm_lab.triton_compile", "--quick", "--strict", "--jobs", "2",
            "--json", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, env=_compile_env(tmp_path, triton_dir), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -152,7 +152,7 @@ def test_gpu_compile_command(monkeypatch):
     """`batchnorm bench gpu-compile` hands its options to triton_compile.main and exits with its status."""
     from typer.testing import CliRunner
 
-    from batchnorm.cli import app
+    from batchnorm_lab.cli import app
 
     seen = []
     monkeypatch.setattr(tc, "main", lambda argv: seen.append(argv) or 1)

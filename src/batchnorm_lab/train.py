@@ -6,8 +6,8 @@ from a shared seed) and each of the P processes takes its contiguous slice of it
 differ by at most one). Launch it any of three ways:
 
     batchnorm train --nproc 2 --sync-bn                     # spawns 2 processes (gloo)
-    torchrun --nproc_per_node 2 -m batchnorm.train --sync-bn
-    python -m batchnorm.train                               # one process
+    torchrun --nproc_per_node 2 -m batchnorm_lab.train --sync-bn
+    python -m batchnorm_lab.train                               # one process
 
 Each process's loss is its sum of cross-entropies times P / batch_size, so that DDP's
 average of the gradients is the gradient of the mean loss over the global batch: with
@@ -41,8 +41,8 @@ import typer
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from .distributed import SyncBatchNorm, no_buffer_broadcast
-from .nn import BatchNorm1d, BatchNorm2d
+from batchnorm.distributed import SyncBatchNorm, no_buffer_broadcast
+from batchnorm.nn import BatchNorm1d, BatchNorm2d
 
 GLOO_TIMEOUT = datetime.timedelta(seconds=60)
 WARMUP_STEPS = 5  # left out of the step-time median (first-call handshakes, allocator)

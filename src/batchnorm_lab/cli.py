@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from .bench import bench_app
 from .bench_train import train_bench_command
-from .experiments.commands import demo_command, list_command, report_command, run_command
-from .tools import health
+from .experiment_commands import demo_command, list_command, report_command, run_command
+from batchnorm.tools import health
 from .train import train_command
 
 app = typer.Typer(
@@ -95,7 +95,7 @@ def build(target: str) -> nn.Module:
 
 
 def data_batches(spec: str, batch_size: int, count: int) -> list[Tensor]:
-    """`count` batches of the standardized test split of dataset `spec` (batchnorm.data)."""
+    """`count` batches of the standardized test split of dataset `spec` (batchnorm_lab.data)."""
     from . import data as datasets  # scikit-learn loads only when data is asked for
 
     ds = datasets.standardize(datasets.load(spec))
@@ -115,7 +115,7 @@ def _cannot_load(error: Exception) -> str:
 def check_command(
     target: str = typer.Argument(..., help="package.module:factory, a function returning the model"),
     weights: Path = typer.Option(None, "--weights", help="a state dict saved with torch.save"),
-    data: str = typer.Option("digits", "--data", help="dataset whose test split is used (batchnorm.data)"),
+    data: str = typer.Option("digits", "--data", help="dataset whose test split is used (batchnorm_lab.data)"),
     batch_size: int = typer.Option(60, "--batch-size", min=1, help="examples per batch"),
     batches: int = typer.Option(4, "--batches", min=1, help="how many batches to run"),
     json_path: Path = typer.Option(None, "--json", help="also write the report here as JSON"),
@@ -160,7 +160,7 @@ def backends_command() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from . import backends
+    from batchnorm import backends
 
     table = Table("backend", "available here", title="batch-norm backends")
     for name in backends.names():
@@ -169,5 +169,5 @@ def backends_command() -> None:
     Console().print(table)
 
 
-if __name__ == "__main__":  # python -m batchnorm.cli (scripts/gpu_check.sh)
+if __name__ == "__main__":  # python -m batchnorm_lab.cli (scripts/gpu_check.sh)
     app()

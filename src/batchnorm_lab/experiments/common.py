@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import data as datasets
-from ..nn import BatchNorm1d
+from ..models import ACTIVATIONS, INITS, initialize, mlp  # noqa: F401 (the experiments' networks)
 
 
 class Progress(Protocol):
@@ -72,20 +72,6 @@ def load_data(config: dict, *, standardized: bool = True, per_feature: bool = Tr
     return Data(ds, config["device"])
 
 
-ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
-
-# How a network's Linear and Conv weights start. A network without batch norm depends on
-# it: with torch's default, uniform(-b, b) with b = 1/sqrt(fan_in) (variance 1/(3 fan_in)),
-# each ReLU layer shrinks the signal and a deep network barely trains at small rates. A
-# practitioner uses He (Kaiming) for ReLU, variance 2/fan_in, and Xavier (Glorot) for
-# sigmoid and tanh, variance gain^2 * 2/(fan_in + fan_out). A network with batch norm keeps
-# torch's default: batch norm undoes the scale of the weights before it.
-INITS = {
-    "practitioner": "He (Kaiming) normal for ReLU networks, Xavier (Glorot) uniform for sigmoid and tanh, zero biases",
-    "torch": "PyTorch's default: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))",
-}
-
-
 # The sentence every SETUP with a network without batch norm ends with (formatted with the config).
 INIT_SETUP = (" Networks without batch norm start from the '{inits[0]}' initialization, those with batch "
               "norm from torch's default (initializations run: {inits}; the first is judged, any other is "
@@ -101,63 +87,6 @@ def baseline_init(config: dict) -> str:
 def init_for(config: dict, batchnorm: bool) -> str:
     """The init of one arm: the baseline's (`baseline_init`) without batch norm, torch's with it."""
     return "torch" if batchnorm else baseline_init(config)
-
-
-def initialize(model: nn.Module, activation: str, init: str) -> nn.Module:
-    """Re-initialize `model`'s hidden Linear/Conv layers by `init` (a key of INITS), in place.
-
-    The last Linear layer (the classifier, no activation after it) keeps torch's default,
-    as does every layer when `init` is "torch". Returns the model.
-    """
-    if init not in INITS:
-        raise ValueError(f"unknown initialization {init!r}: use one of {', '.join(INITS)}")
-    if init == "torch":
-        return model
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    for layer in layers[:-1]:
-        if activation == "relu":
-            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-        else:
-            nn.init.xavier_uniform_(layer.weight, gain=nn.init.calculate_gain(activation))
-        if layer.bias is not None:
-            nn.init.zeros_(layer.bias)
-    return model
-
-
-def mlp(
-    n_features: int,
-    n_classes: int,
-    *,
-    width: int,
-    depth: int,
-    activation: str,
-    batchnorm: bool,
-    init: str = "torch",
-    after_norm: Callable[[int], nn.Module] | None = None,
-    **bn_options,
-) -> nn.Sequential:
-    """`depth` hidden layers of `width` units, then a linear classifier: (n, n_features) ->
-    (n, n_classes) logits.
-
-    Without batch norm a hidden layer is `g(W x + b)`; with it, `g(BN(W x))` (the bias is
-    dropped: BN's beta replaces it), the activation fused into `bn.BatchNorm1d`. When
-    `after_norm(width)` is given, it builds a module put between BN and `g` (the noise
-    experiment), and `g` is a separate module. `bn_options` go to every BatchNorm1d. The
-    weights start by `init` (see `initialize`).
-    """
-    layers: list[nn.Module] = []
-    features = n_features
-    for _ in range(depth):
-        layers.append(nn.Linear(features, width, bias=not batchnorm))
-        if batchnorm and after_norm is None:
-            layers.append(BatchNorm1d(width, activation=activation, **bn_options))
-        elif batchnorm:
-            layers += [BatchNorm1d(width, **bn_options), after_norm(width), ACTIVATIONS[activation]()]
-        else:
-            layers.append(ACTIVATIONS[activation]())
-        features = width
-    layers.append(nn.Linear(features, n_classes))
-    return initialize(nn.Sequential(*layers), activation, init)
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator):

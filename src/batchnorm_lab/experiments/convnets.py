@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..nn import BatchNorm1d, BatchNorm2d
-from .common import initialize
+from batchnorm.nn import BatchNorm1d, BatchNorm2d
+
+from ..models import initialize
 
 # The MNIST-1D authors' CNN (Greydanus 2020, the mnist1d repository's ConvBase): three
 # convolutions of (kernel, stride, padding), then a linear classifier on the flattened maps.
@@ -90,7 +91,7 @@ def resnet(sample_shape: tuple[int, int], n_classes: int, *, channels: int, bloc
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, n_classes))
     initialize(model, "relu", init)
     if batchnorm and layer == "ours":
-        from ..tools import convert
+        from batchnorm.tools import convert
 
         model, _ = convert(model, fuse=True)
     return model

@@ -1,11 +1,11 @@
 """Compile every Triton kernel specialization the backend launches, for a GPU that is not here.
 
-`batchnorm bench gpu-compile --arch 90` and tests/backends/test_triton_compile.py run it on a
+`batchnorm bench gpu-compile --arch 90` and tests/lab/test_triton_compile.py run it on a
 machine without a GPU. Three steps:
 
 1. `launches(arch)`: the kernel launches of the whole op (`triton_gpu.forward` and
    `backward`, the path `auto` takes for plain batch norm) for every row of the benchmark
-   grid (`bench.grid("cuda")`: MLP, CNN and ResNet-50 rows at batch 256, both memory formats),
+   grid (`bench_grid.grid("cuda")`: MLP, CNN and ResNet-50 rows at batch 256, both memory formats),
    in fp32 and bf16, plain / ReLU / add + ReLU, training with the running update, forward +
    backward, and evaluation. The launch code runs for real on `meta` tensors (shapes and
    dtypes, no memory) with the kernels module replaced by a recorder and the SM count of
@@ -40,7 +40,9 @@ from typing import Any, Iterator, NamedTuple
 
 import torch
 
-from .. import layout
+from batchnorm import layout
+
+from . import bench_grid
 
 
 class SM(NamedTuple):
@@ -161,15 +163,13 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _rows(quick: bool = False) -> Iterator[tuple[tuple[int, ...], str]]:
-    from .. import bench
-
-    yield from bench.grid("cuda", quick)
+    yield from bench_grid.grid("cuda", quick)
 
 
 def launches(arch: int, rows=None) -> list[Launch]:
     """The distinct kernel launches of the whole op over the benchmark grid (see the module
     docstring), sized for the reference GPU of sm_`arch` (`SM.sms`)."""
-    from . import triton_gpu as tg
+    from batchnorm.backends import triton_gpu as tg
 
     rows = list(_rows()) if rows is None else rows
     recorder = _Recorder()
@@ -189,9 +189,7 @@ def launches(arch: int, rows=None) -> list[Launch]:
 
 
 def _variants() -> dict:
-    from .. import bench
-
-    return bench.VARIANTS
+    return bench_grid.VARIANTS
 
 
 def _run_whole_op(tg, shape, fmt, dtype, activation, has_res, mode) -> str:
@@ -270,7 +268,7 @@ def compile_launch(launch: Launch, arch: int):
     from triton.compiler import ASTSource
     from triton.runtime.jit import MockTensor, create_function_from_signature
 
-    from . import triton_kernels
+    from batchnorm.backends import triton_kernels
 
     fn = getattr(triton_kernels, launch.kernel)
     target, backend = _backend(arch)
@@ -444,7 +442,7 @@ def summary(results: list[Result]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m batchnorm.backends.triton_compile [--arch 90 ...] [--quick] [--json PATH]`:
+    """`python -m batchnorm_lab.triton_compile [--arch 90 ...] [--quick] [--json PATH]`:
     exit 1 on a compile error or a spill (and, with --strict, on a streaming kernel under
     MIN_OCCUPANCY on sm_90)."""
     import argparse
@@ -476,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interpreting() -> bool:
-    from .triton_gpu import interpreting
+    from batchnorm.backends.triton_gpu import interpreting
 
     return interpreting()
 
@@ -485,9 +483,9 @@ def _rerun_compiled(argv: list[str]) -> int:
     """Run this module in a fresh interpreter without TRITON_INTERPRET (Triton decided at
     import whether kernels are interpreted)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    return subprocess.run([sys.executable, "-m", "batchnorm.backends.triton_compile", *argv], env=env).returncode
+    return subprocess.run([sys.executable, "-m", "batchnorm_lab.triton_compile", *argv], env=env).returncode
 
 
 if __name__ == "__main__":

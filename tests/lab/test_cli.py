@@ -18,7 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 import batchnorm as bn
-from batchnorm.cli import app, data_batches
+from batchnorm_lab.cli import app, data_batches
 
 FACTORY = "cli_factory_mlp"
 

@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from batchnorm import data
+from batchnorm_lab import data
 
 
 def test_digits_split_shapes_and_types():

@@ -45,6 +45,7 @@ from . import (
     speed,
     test_time,
 )
+from ..files import write_atomic
 from . import common
 from .common import Progress, no_progress
 
@@ -164,13 +165,6 @@ def save_plots(module, record: dict, out: Path) -> list[str]:
     return names
 
 
-def write_atomic(path: Path, content: bytes) -> None:
-    """Write `content` to a temporary file beside `path`, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(content)
-    os.replace(tmp, path)
-
-
 def finished(out: Path, name: str, config: dict | None = None) -> dict | None:
     """The saved record of `name` in `out`, if one is there (and ran with `config`, if given)."""
     path = Path(out) / f"{name}.json"
@@ -189,7 +183,7 @@ def load_results(out: Path) -> list[dict]:
 
 def environment(device: str) -> dict:
     """The versions and the machine a result came from."""
-    from .. import __version__
+    from batchnorm import __version__
 
     env = {
         "batchnorm": __version__,

@@ -13,9 +13,9 @@ import math
 import torch
 from typer.testing import CliRunner
 
-from batchnorm import bench, bench_train, models
 from batchnorm.backends import numba_cpu
-from batchnorm.cli import app
+from batchnorm_lab import bench, bench_grid, bench_train, models, timing
+from batchnorm_lab.cli import app
 
 
 def test_quick_bench_writes_json_and_markdown(tmp_path):
@@ -30,10 +30,10 @@ def test_quick_bench_writes_json_and_markdown(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "json" / "kernels-cpu-quick.json").read_text())
     rows = data["rows"]
-    expected = len(bench.grid("cpu", quick=True)) * len(bench.MODES) * len(bench.VARIANTS)
+    expected = len(bench_grid.grid("cpu", quick=True)) * len(bench_grid.MODES) * len(bench_grid.VARIANTS)
     assert len(rows) == expected
     for row in rows:
-        assert row["mode"] in bench.MODES and row["variant"] in bench.VARIANTS
+        assert row["mode"] in bench_grid.MODES and row["variant"] in bench_grid.VARIANTS
         assert row["backend"] in ("aten", "numba")
         for key in ("torch_ms", "ours_ms", "ratio", "ratio_min", "ours_gbps", "copy_gbps", "copy_fraction"):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
@@ -51,20 +51,12 @@ def test_quick_bench_writes_json_and_markdown(tmp_path):
     assert all(ln.count("|") == header.count("|") for ln in table)
 
 
-def test_minimal_traffic_model():
-    # forward: read x, write y; backward: read x, dy, write dx; a residual adds a read
-    # forward and a dresidual write backward.
-    assert bench.minimal_bytes(10, 4, "eval", False) == 80
-    assert bench.minimal_bytes(10, 4, "train", True) == 120
-    assert bench.minimal_bytes(10, 4, "train_fb", False) == 200
-    assert bench.minimal_bytes(10, 4, "train_fb", True) == 280
-
 
 def test_summary_targets_from_rows():
     def row(shape, variant, ratio, mode="train_fb"):
         return dict(shape=shape, variant=variant, ratio=ratio, mode=mode, copy_fraction=ratio / 10,
                     ratio_min=2 * ratio, copy_fraction_best=ratio / 5, format="contiguous", torch_ms=ratio,
-                    copy_gbps=1.0, minimal_bytes=bench.minimal_bytes(math.prod(shape), 4, mode, False))  # fmt: skip
+                    copy_gbps=1.0, minimal_bytes=timing.minimal_bytes(math.prod(shape), 4, mode, False))  # fmt: skip
 
     rows = [row([2, 3, 4, 4], "relu", 4.0), row([2, 3, 4, 4], "plain", 1.0), row([8, 3], "relu", 2.0),
             row([2, 3, 4, 4], "plain", 0.5, mode="eval")]  # fmt: skip
@@ -83,7 +75,7 @@ def test_summary_targets_from_rows():
 def test_copy_rate_ratio_counts_the_kernels_passes():
     # 1 MB tensor, copy at 2 GB/s (read + write): a pass takes 0.5 ms; torch takes 10 ms
     def row(fmt, variant):
-        nbytes = bench.minimal_bytes(250_000, 4, "train_fb", bench.VARIANTS[variant][1])
+        nbytes = timing.minimal_bytes(250_000, 4, "train_fb", bench_grid.VARIANTS[variant][1])
         return dict(shape=[10, 25, 10, 100], format=fmt, mode="train_fb", variant=variant,
                     minimal_bytes=nbytes, copy_gbps=2.0, torch_ms=10.0)  # fmt: skip
 
@@ -92,11 +84,6 @@ def test_copy_rate_ratio_counts_the_kernels_passes():
     assert math.isclose(bench.copy_rate_ratio(row("channels_last", "relu")), 10.0 / (8 * 0.5))
     assert math.isclose(bench.copy_rate_ratio(row("channels_last", "residual+relu")), 10.0 / (12 * 0.5))
 
-
-def test_grid_depends_on_device():
-    cpu, cuda = bench.grid("cpu", False), bench.grid("cuda", False)
-    assert len(cpu) == len(bench.MLP_SHAPES) + 2 * len(bench.CNN_SHAPES)
-    assert set(cpu) < set(cuda) and any(s in bench.RESNET50_SHAPES for s, _ in cuda)
 
 
 def test_monitor_overhead_reports_both_models():
@@ -219,7 +206,7 @@ def test_train_grid_and_models():
 
 
 def test_compile_crossover_renders_each_point_and_the_rule():
-    from batchnorm.bench import render_compile_crossover
+    from batchnorm_lab.bench import render_compile_crossover
 
     result = dict(
         machine={"device": "cpu"}, backend="numba", op_wins_from_numel=65536,
@@ -230,3 +217,17 @@ def test_compile_crossover_renders_each_point_and_the_rule():
     assert "| 4096 | 0.100 | 0.200 | 0.100 | 0.50 | 0.50 |" in text
     assert "| 65536 | 3.000 | 1.000 | 2.500 | 3.00 | 2.50 |" in text
     assert "never slower from 65536 elements on" in text
+
+
+def test_gpu_rule_command_writes_the_rule_from_recorded_runs(tmp_path):
+    machine = dict(device="cuda", torch="2.11.0", date="2026-01-01T00:00:00Z", gpu="NVIDIA H200", driver="570.1",
+                   cuda="12.8", triton="3.6.0")  # fmt: skip
+    row = dict(shape=[256, 512], format="contiguous", dtype="float32", mode="train_fb", variant="plain",
+               backend="triton", ratio=1.4)  # fmt: skip
+    recorded = dict(machine=machine, repeats=7, quick=False, backend_requested="triton", rows=[row])
+    (tmp_path / "kernels-cuda-0.json").write_text(json.dumps(recorded))
+    out = tmp_path / "rule.json"
+    result = CliRunner().invoke(app, ["bench", "gpu-rule", "--runs", str(tmp_path / "kernels-cuda*.json"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "NVIDIA H200: triton for 1 of 1 shape classes: mc/float32/64K+" in result.output
+    assert json.loads(out.read_text())["devices"]["NVIDIA H200"]["triton"] == ["mc/float32/64K+"]

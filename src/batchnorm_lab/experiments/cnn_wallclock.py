@@ -19,7 +19,8 @@ import time
 import numpy as np
 import torch
 
-from .. import backends
+from batchnorm import backends
+
 from . import common, convnets
 
 NAME = "cnn-wallclock"
@@ -148,10 +149,10 @@ def compile_kernels(config: dict) -> None:
 def layer_times(config: dict) -> dict:
     """Forward + backward milliseconds of the network's batch-norm part alone, ours against
     torch's, on the shape the layers see in training ((batch, channels, 8, 8)), timed by
-    the kernel benchmark (`bench.bench_row`, interleaved, medians): per kind of layer ("relu":
+    the kernel benchmark (`timing.bench_row`, interleaved, medians): per kind of layer ("relu":
     BN + ReLU; "residual+relu": BN + add + ReLU), and "per_step" summed over the network's
     layers (the stem and each block's first: BN + ReLU; each block's second: BN + add + ReLU)."""
-    from ..bench import bench_row
+    from ..timing import bench_row
 
     shape = (config["batch_size"], config["channels"], 8, 8)
     count = {"relu": 1 + config["blocks"], "residual+relu": config["blocks"]}
