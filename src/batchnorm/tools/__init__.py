@@ -17,6 +17,7 @@ from .freeze import freeze, frozen_stats, stats_restore, stats_snapshot, unfreez
 from .health import CheckReport, Finding, check
 from .insert import insert
 from .monitor import Monitor, monitor
+from .rank_stats import merge_rank_stats
 from .recalibrate import adapt, recalibrate
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "freeze",
     "frozen_stats",
     "insert",
+    "merge_rank_stats",
     "monitor",
     "recalibrate",
     "revert",
