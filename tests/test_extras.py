@@ -66,3 +66,39 @@ def test_nonfinite_skips_kept_inside():
     assert layer.nonfinite_skips == 0
     with pytest.warns(RuntimeWarning, match="non-finite"):  # still warns once: the state was restored
         layer(torch.full((4, 2), float("nan")))
+
+
+class _Residual(torch.nn.Module):
+    """Our layers called as torch.fx meets them: plain, with a fused activation, with a
+    residual and with a mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        self.bn1 = bn.BatchNorm2d(4, activation="relu")
+        self.bn2 = bn.BatchNorm2d(4, virtual_batch_size=2)
+        self.bn3 = bn.BatchNorm2d(4)
+
+    def forward(self, x, mask):
+        y = self.bn1(self.conv(x))
+        return self.bn3(self.bn2(y, y), mask=mask)
+
+
+def test_torch_fx_traces_our_layers_as_calls_of_them_that_follow_the_mode():
+    torch.manual_seed(0)
+    model = _Residual()
+    gm = torch.fx.symbolic_trace(model)
+    calls = [(n.target, n.args[1:], n.kwargs) for n in gm.graph.nodes if n.op == "call_module" and n.target != "conv"]
+    assert [c[0] for c in calls] == ["bn1", "bn2", "bn3"]
+    assert not calls[0][1] and len(calls[1][1]) == 1 and list(calls[2][2]) == ["mask"]
+    x, mask = torch.randn(4, 3, 5, 5), torch.rand(4, 5, 5) > 0.3
+    for training in (True, False, True):  # the graph's layers follow .train() / .eval()
+        model.train(training), gm.train(training)
+        torch.testing.assert_close(gm(x, mask), model(x, mask), rtol=0, atol=0)
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(gm.get_buffer(name), buffer, rtol=0, atol=0)
+
+
+def test_torch_fx_on_a_layer_alone_says_to_trace_a_model():
+    with pytest.raises(TypeError, match="trace a model that holds it"):
+        torch.fx.symbolic_trace(bn.BatchNorm2d(3))

@@ -27,7 +27,7 @@ import inspect
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from . import functional as F
 from . import validation
@@ -125,6 +125,8 @@ class BatchNormExtras:
     def forward(self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """g(gamma * (x - mu) / sqrt(var + eps) + beta + residual); shapes as torch's module,
         mask (N, *spatial) bool."""
+        if isinstance(input, fx.Proxy):
+            return _traced_call(self, input, residual, mask)
         validation.validate_input(input, None if self.num_features == 0 else self.num_features)
         self._check_input_dim(input)
         weight, bias, running_mean, running_var, num_batches_tracked = _tensors(self)
@@ -170,6 +172,23 @@ class BatchNormExtras:
         if not self.unbiased_running_var:
             text += ", unbiased_running_var=False"
         return text
+
+
+def _traced_call(module: nn.Module, input: fx.Proxy, residual, mask) -> fx.Proxy:
+    """Under torch.fx symbolic tracing (symbolic_trace, quantization's prepare_fx,
+    torchvision's create_feature_extractor): the layer as one call of the module, the node
+    fx records for torch's own layers, which it keeps as leaves. Tracing through our forward
+    would fail on the Proxy, and would freeze `self.training` and the extras into the graph;
+    the module called when the graph runs follows `.train()` / `.eval()` and keeps all of it."""
+    tracer = input.tracer
+    path = tracer.path_of_module(module)
+    if not path:
+        raise TypeError(
+            f"torch.fx cannot trace a {type(module).__name__} on its own: trace a model that holds it "
+            "(its call is then one node of the graph)"
+        )
+    args = (input,) if residual is None else (input, residual)
+    return tracer.create_proxy("call_module", path, args, {} if mask is None else {"mask": mask})
 
 
 def _tensors(module) -> tuple[Tensor | None, ...]:

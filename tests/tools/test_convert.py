@@ -283,3 +283,33 @@ def test_torchvision_style_blocks_train_like_torch_on_the_fast_path(fuse, wrap):
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
     for (name, a), b in zip(ours.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("qat", [False, True])
+def test_torch_ao_fuse_modules_fuses_our_plain_layers_as_torchs(qat):
+    conv = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), bn.BatchNorm2d(4), nn.ReLU())).train(qat)
+    linear = randomize(nn.Sequential(nn.Linear(3, 4), bn.BatchNorm1d(4))).train(qat)
+    fuse = torch.ao.quantization.fuse_modules_qat if qat else torch.ao.quantization.fuse_modules
+    for model, names, x in ((conv, ["0", "1", "2"], torch.randn(5, 3, 4, 4)), (linear, ["0", "1"], torch.randn(5, 3))):
+        fused = fuse(model, [names])
+        assert all(isinstance(fused[int(name)], nn.Identity) for name in names[1:])
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_ao_fuse_modules_refuses_a_layer_with_extras():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bn.BatchNorm2d(4, activation="silu")).eval()
+    with pytest.raises(NotImplementedError, match="uses activation='silu', which torch's BatchNorm2d cannot express"):
+        torch.ao.quantization.fuse_modules(model, [["0", "1"]])
+
+
+def test_torch_ao_prepare_fx_takes_a_model_with_our_layers():
+    model = randomize(ResNet()).eval()
+    convert(model, fuse=True)
+    x = torch.randn(2, 3, 8, 8)
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    with pytest.warns(DeprecationWarning):  # torch.ao.quantization's notice
+        prepared = prepare_fx(model, get_default_qconfig_mapping(), (x,))
+    torch.testing.assert_close(prepared(x), model(x))

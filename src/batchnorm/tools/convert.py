@@ -31,6 +31,7 @@ the same submodules and state_dict keys (recorded in `changes`).
 from __future__ import annotations
 
 from torch import fx, nn
+from torch.ao.quantization import fuser_method_mappings
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
@@ -262,3 +263,34 @@ def _residual(node: fx.Node) -> tuple[fx.Node | None, fx.Node]:
     if b is node and not inplace and isinstance(a, fx.Node) and a.op != "get_attr":
         return a, add
     return None, node
+
+
+def _torch_ao_fusers() -> dict[tuple[type, ...], object]:
+    """torch.ao.quantization's fusers (conv + bn (+ relu), linear + bn, bn + relu, ...) for
+    module lists holding our BatchNorm1d/2d/3d where it has torch's: `fuse_modules` looks
+    fusers up by exact module type, and its fused modules check them too. Each hands
+    torch's fuser torch's layer made from ours (the same tensors, so quantization-aware
+    training trains them); a layer using an extra torch's cannot express (a fused
+    activation, ghost batches, ...) raises instead of being fused as if it did not."""
+
+    def as_torchs(fuser):
+        def fuse(is_qat, *modules):
+            plain = []
+            for m in modules:
+                torchs, why = _to_torch(m) if type(m) in _TO_TORCH else (m, None)
+                if torchs is None:
+                    raise NotImplementedError(f"torch.ao cannot fuse this {type(m).__name__}: it {why}")
+                plain.append(torchs)
+            return fuser(is_qat, *plain)
+
+        return fuse
+
+    return {
+        tuple(_TO_OURS.get(t, t) for t in types): as_torchs(fuser)
+        for types, fuser in fuser_method_mappings._DEFAULT_OP_LIST_TO_FUSER_METHOD.items()
+        if any(t in _TO_OURS for t in types)
+    }
+
+
+# torch.ao.quantization.fuse_modules(model, [["conv", "bn", "relu"]]) then fuses ours too.
+fuser_method_mappings._DEFAULT_OP_LIST_TO_FUSER_METHOD.update(_torch_ao_fusers())
