@@ -1,5 +1,6 @@
 """insert: batch norm between every Linear/Conv and the activation it feeds."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -85,3 +86,38 @@ def test_dtype_and_device_follow_the_layer():
     insert(model)
     norm = model[0][1]
     assert norm.running_mean.dtype == torch.float64 and not norm.training
+
+
+def test_after_the_activation_keeps_the_bias_and_normalizes_the_activation_output():
+    torch.manual_seed(0)
+    model = mlp(features=8, hidden=16, classes=3)
+    before = insert(model, inplace=False)[0]
+    _, changes = insert(model, position="after")
+    assert changes.changed == [
+        ("1", "now nn.Sequential(ReLU, BatchNorm1d(16))"),
+        ("3", "now nn.Sequential(Tanh, BatchNorm1d(16))"),
+    ]
+    assert model[0].bias is not None and before[0][0].bias is None
+    x = torch.randn(64, 8)
+    a = model[1][1](torch.relu(model[0](x)))  # BN(relu(W x + b)): zero mean, unit variance per unit
+    torch.testing.assert_close(a.mean(0), torch.zeros(16), atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.var(0, correction=0), torch.ones(16), atol=1e-3, rtol=0)
+    expected = model[4](model[3][1](torch.tanh(model[2](a))))
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_after_a_functional_activation_is_skipped_and_a_bad_position_refused():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return F.relu(self.fc(x))
+
+    model = Net()
+    _, changes = insert(model, position="after")
+    assert not changes.changed and isinstance(model.fc, nn.Linear)
+    assert changes.skipped[0][0] == "fc" and "function call (relu)" in changes.skipped[0][1]
+    with pytest.raises(ValueError, match="position must be"):
+        insert(model, position="middle")
