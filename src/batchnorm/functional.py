@@ -106,6 +106,7 @@ def batch_norm(
     validation.validate_activation(activation)
     validation.validate_momentum(momentum)
     validation.validate_eps(eps)
+    weight, bias = (t if t is None or t.dim() == 1 else t.reshape(-1) for t in (weight, bias))  # (C, 1) as torch
     if mask is not None:
         variants.validate_mask(x, mask)
     if virtual_batch_size is not None:
@@ -314,6 +315,8 @@ def _local_stats(x: Tensor, be) -> Stats:
 def _empty(call: Call) -> Tensor:
     """`Path.EMPTY`: an empty output still connected to the graph, and nothing updated."""
     x, weight, bias = call.x, call.weight, call.bias
+    if x.dim() < 2:  # torch's empty 1-D batch: no channel dimension, so nothing to scale
+        weight = bias = None
     shape = (1, -1) + (1,) * (x.dim() - 2)
     y = x if weight is None else x * weight.view(shape)
     y = y if bias is None else y + bias.view(shape)

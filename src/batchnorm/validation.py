@@ -1,5 +1,10 @@
 """Input validation: every bad input gets a ValueError or TypeError that names the problem
-and says what to do, before any kernel runs."""
+and says what to do, before any kernel runs.
+
+Where torch's own layer raises a RuntimeError for the same input (a per-channel tensor of the
+wrong size, shape, device or dtype; non-float input), ours raises `InputError` or
+`InputTypeError`: a ValueError or TypeError that is also a RuntimeError, so that code written
+for torch (`except RuntimeError`) and code written for us both catch it."""
 
 from __future__ import annotations
 
@@ -10,6 +15,14 @@ from . import activations
 
 _HALF = (torch.float16, torch.bfloat16)
 
+
+class InputError(ValueError, RuntimeError):
+    """Bad input that torch's layer rejects with a RuntimeError: catchable as either."""
+
+
+class InputTypeError(TypeError, RuntimeError):
+    """An input of the wrong dtype, which torch's layer rejects with a RuntimeError."""
+
 _SMALL_BATCH_HINT = (
     "batch norm needs at least two values per channel to estimate a variance in training. "
     "Use drop_last=True in the DataLoader (a last batch of one example), call model.eval() "
@@ -18,14 +31,15 @@ _SMALL_BATCH_HINT = (
 
 
 def validate_input(x: object, num_features: int | None = None) -> Tensor:
-    """A floating-point tensor of shape (N, C, *spatial), C = num_features if given."""
+    """A floating-point tensor of shape (N, C, *spatial), C = num_features if given; as for
+    torch's function, an empty 1-D tensor is accepted too (an empty batch)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"batch norm expects a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(
+        raise InputTypeError(
             f"batch norm needs floating-point input, got {x.dtype}; convert it first, e.g. x.float()"
         )
-    if x.dim() < 2:
+    if x.dim() < 2 and not (x.dim() == 1 and x.numel() == 0):
         raise ValueError(
             f"batch norm expects input of shape (N, C, ...) with at least 2 dimensions, got shape "
             f"{tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)"
@@ -50,24 +64,36 @@ def validate_ndim(x: Tensor, allowed: tuple[int, ...], layer: str) -> None:
         )
 
 
+def channels(x: Tensor) -> int:
+    """C: dimension 1 of (N, C, *spatial) input; 0 for the empty 1-D input torch accepts."""
+    return x.shape[1] if x.dim() > 1 else 0
+
+
 def validate_per_channel(x: Tensor, **tensors: Tensor | None) -> None:
-    """Each given (C,) tensor has C elements, a floating dtype usable with x, and x's device."""
-    c, dtype, device = x.shape[1], x.dtype, x.device
+    """Each given per-channel tensor has C elements, a floating dtype usable with x, and x's
+    device. The running statistics must be 1-D (C,), as torch's kernels require; a weight or
+    bias of C elements in another shape (torch's layer takes (C, 1)) is read as (C,)."""
+    c, dtype, device = channels(x), x.dtype, x.device
     for name, t in tensors.items():
         if t is None:
             continue
         if t.numel() != c:
-            raise ValueError(f"{name} has {t.numel()} elements but the input has {c} channels")
+            raise InputError(f"{name} has {t.numel()} elements but the input has {c} channels")
+        if name.startswith("running") and t.dim() != 1:
+            raise InputError(
+                f"{name} has shape {tuple(t.shape)}; running statistics must be 1-D with one value per "
+                f"channel ({c},), as torch's layer requires; reshape the buffer with .view(-1)"
+            )
         if t.device != device:
-            raise ValueError(
+            raise InputError(
                 f"{name} is on {t.device} but the input is on {device}; move the module "
                 f"with .to({str(device)!r}) or the input with .to({str(t.device)!r})"
             )
         if t.dtype is dtype or (t.dtype is torch.float32 and dtype in _HALF):  # decided at once
             continue
         if not t.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {t.dtype}")
-        raise TypeError(
+            raise InputTypeError(f"{name} must be floating point, got {t.dtype}")
+        raise InputTypeError(
             f"{name} is {t.dtype} but the input is {dtype}; parameters and buffers must "
             "match the input's dtype (convert the module with .to(x.dtype) or the input with "
             f".to({t.dtype})), or be float32 for float16/bfloat16 input"
@@ -128,8 +154,10 @@ def validate_eps(eps: float) -> None:
 
 
 def validate_momentum(momentum: float | None) -> None:
-    if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum}")
+    """A real number or None (cumulative average). As torch, any value is taken: the running
+    update `old + momentum (batch - old)` is defined for all of them (torch's tests use -1.2)."""
+    if momentum is not None and not isinstance(momentum, (int, float)):
+        raise TypeError(f"momentum must be a number or None (cumulative average), got {momentum!r}")
 
 
 def validate_activation(name: str | None) -> str | None:

@@ -57,11 +57,14 @@ def differentiable_grads(needs, dy, x, weight, bias, residual, running_mean, run
 
 def _native(x, weight, bias, running_mean, running_var, training, factor, eps):
     if x.dtype in (torch.float16, torch.bfloat16):
-        # torch keeps fp32 statistics for half input only on its mixed-dtype path, which
-        # it takes when the parameters are fp32: give it fp32 identity parameters.
+        # torch keeps fp32 statistics for half input only on its mixed-dtype path, which it
+        # takes when every per-channel tensor is fp32: give it fp32 identity parameters, and
+        # fp32 copies of a half module's parameters and buffers (the casts are differentiable,
+        # so the gradients reach the half parameters; the running update rounds into them).
         c = x.shape[1]
-        weight = torch.ones(c, device=x.device) if weight is None else weight
-        bias = torch.zeros(c, device=x.device) if bias is None else bias
+        weight = torch.ones(c, device=x.device) if weight is None else weight.float()
+        bias = torch.zeros(c, device=x.device) if bias is None else bias.float()
+        running_mean, running_var = (None if t is None else t.float() for t in (running_mean, running_var))
     return torch.native_batch_norm(x, weight, bias, running_mean, running_var, training, factor, eps)
 
 
