@@ -234,6 +234,37 @@ def test_fuse_untraceable_model_uses_sequential_order():
     _compare(fused, ref, torch.randn(6, 3))
 
 
+class _TrainingBranches(nn.Module):
+    """GoogLeNet's shape: an auxiliary head only in training, and an activation applied in
+    one mode only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.act = nn.ReLU()
+        self.block = Block(8, 8)
+        self.aux = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = self.block(self.act(y) if self.training else y)
+        pooled = y.mean((2, 3))
+        if self.training:
+            return pooled, self.aux(pooled)
+        return pooled
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["converted in eval", "converted in train"])
+def test_fuse_keeps_what_the_model_does_in_each_mode_whatever_mode_it_was_converted_in(training):
+    model = randomize(_TrainingBranches(), seed=6).train(training)
+    ref = copy.deepcopy(model)
+    fused, changes = convert(model, fuse=True)
+    assert type(fused) is _TrainingBranches and isinstance(fused.block, fx.GraphModule)
+    assert fused.block.bn2.activation == "relu" and fused.stem[1].activation is None
+    assert ("block", "Block became a torch.fx.GraphModule (graph rewritten to fuse)") in changes.changed
+    _compare(fused, ref, torch.randn(3, 3, 6, 6))
+
+
 def test_revert_keeps_layers_torch_cannot_express():
     model = nn.Sequential(bn.BatchNorm1d(3, virtual_batch_size=4), bn.BatchNorm1d(3, unbiased_running_var=False))
     _, changes = revert(model)

@@ -6,6 +6,11 @@ fails (data-dependent control flow, say), by walking every `nn.Sequential` in or
 child i feeds child i + 1. Batch-norm layers (ours included) are kept as leaves of the
 trace, so their own forward is never traced.
 
+A trace runs the forward in one mode and records the branch `self.training` takes there.
+A tool whose result must hold in both modes (convert's fusion) asks for pairs found in
+both (`both_modes=True`): a model whose graph differs between them falls back to the
+`nn.Sequential` order, which does not depend on the mode.
+
 Activations are recognized as modules (`nn.ReLU()`), functions (`F.relu(x)`,
 `torch.relu(x)`) or tensor methods (`x.relu()`); `activation_name` says which of the
 activations our layers can fuse it is, if any.
@@ -58,6 +63,28 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str | None]:
     return fx.GraphModule(model, graph), None
 
 
+def trace_in_both_modes(model: nn.Module) -> tuple[fx.GraphModule | None, str | None]:
+    """(graph module, None) when tracing the model in training and in evaluation mode
+    records the same graph (the one returned, with every module's mode as before), else
+    (None, why)."""
+    modes = {m: m.training for m in model.modules()}
+    codes = []
+    try:
+        for training in (not model.training, model.training):  # the model's own mode last
+            model.train(training)
+            gm, why = trace(model)
+            if gm is None:
+                return None, why
+            codes.append(gm.code)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if codes[0] != codes[1]:
+        return None, "torch.fx records a different graph in training and in evaluation mode (a self.training branch)"
+    gm.training = model.training
+    return gm, None
+
+
 def module_calls(graph: fx.Graph) -> Counter:
     """How many times each module path is called in the graph."""
     return Counter(n.target for n in graph.nodes if n.op == "call_module")
@@ -84,9 +111,10 @@ def consumer_of(node: fx.Node, gm: fx.GraphModule, calls: Counter | None = None)
     return None
 
 
-def pairs(model: nn.Module) -> tuple[list[Pair], str | None]:
-    """Every (producer, consumer) pair of the model, and a note when tracing failed."""
-    gm, why = trace(model)
+def pairs(model: nn.Module, *, both_modes: bool = False) -> tuple[list[Pair], str | None]:
+    """Every (producer, consumer) pair of the model, and a note when tracing failed.
+    both_modes: only pairs that hold in training and in evaluation mode."""
+    gm, why = trace_in_both_modes(model) if both_modes else trace(model)
     if gm is None:
         return _sequential_pairs(model), why + "; used the order of nn.Sequential containers"
     calls = module_calls(gm.graph)

@@ -24,8 +24,11 @@ activation (relu, leaky_relu(0.01), sigmoid, tanh, silu, exact gelu) takes it as
 `bn(x, residual=shortcut)` with the activation fused. An activation module used only
 there is replaced by nn.Identity in place (the model keeps its class); an activation
 written as a function, a shared activation module, or a residual add can only be fused by
-rewriting the traced graph, and the model returned is then a `torch.fx.GraphModule` with
-the same submodules and state_dict keys (recorded in `changes`).
+rewriting the traced graph, and the module rewritten becomes a `torch.fx.GraphModule` with
+the same submodules and state_dict keys (recorded in `changes`). Only patterns found in
+both modes are fused, and only a module whose traced graph is the same in both is
+rewritten: a trace records the branch `self.training` takes (torchvision's GoogLeNet's
+auxiliary heads), so that model keeps its class and its blocks are rewritten instead.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from .. import nn as ours
 from ..extras import BatchNormExtras, changed_extras
 from ._common import Changes, is_frozen_style, prepare, replace, require_batchnorm, rest_of_forward
-from ._patterns import Consumer, activation_name, consumer_of, is_add, module_calls, pairs, sole_user, trace
+from ._patterns import Consumer, activation_name, consumer_of, is_add, module_calls, pairs, sole_user, trace_in_both_modes
 from .freeze import frozen_state, pin_eval
 
 _TO_OURS: dict[type, type] = {
@@ -196,7 +199,7 @@ def _fusable(m: nn.Module) -> bool:
 
 def _fuse_modules(model: nn.Module, changes: Changes) -> nn.Module:
     """BN -> activation module used only there: the BN takes the activation, the module becomes Identity."""
-    found, why = pairs(model)
+    found, why = pairs(model, both_modes=True)
     for pair in found:
         bn, act = model.get_submodule(pair.producer), pair.consumer
         name = activation_name(act)
@@ -210,11 +213,25 @@ def _fuse_modules(model: nn.Module, changes: Changes) -> nn.Module:
     return model
 
 
-def _fuse_graph(model: nn.Module, changes: Changes) -> nn.Module:
-    """act(bn(x)) with a functional or shared activation, and act(bn(x) + shortcut), by graph rewrite."""
-    gm, _ = trace(model)
+def _fuse_graph(model: nn.Module, changes: Changes, path: str = "", module: nn.Module | None = None) -> nn.Module:
+    """act(bn(x)) with a functional or shared activation, and act(bn(x) + shortcut), by
+    rewriting the graph of `module` (at `path`; the model by default) when it traces to the
+    same graph in both modes, else of each child in turn. Returns the model."""
+    module = model if module is None else module
+    gm, _ = trace_in_both_modes(module)
     if gm is None:
+        for name, child in list(module.named_children()):
+            model = _fuse_graph(model, changes, f"{path}.{name}" if path else name, child)
         return model
+    if not _rewrite(gm, path, changes):
+        return model  # the trace went through every descendant: nothing to fuse anywhere in it
+    changes.change(path, f"{type(module).__name__} became a torch.fx.GraphModule (graph rewritten to fuse)")
+    return replace(model, path, gm)
+
+
+def _rewrite(gm: fx.GraphModule, path: str, changes: Changes) -> bool:
+    """Fuse every act(bn(x)) and act(bn(x) + shortcut) in the graph of `gm`, the module at
+    `path`; whether any was."""
     calls = module_calls(gm.graph)
     rewritten = False
     for node in list(gm.graph.nodes):
@@ -237,14 +254,11 @@ def _fuse_graph(model: nn.Module, changes: Changes) -> nn.Module:
         bn.activation = name
         rewritten = True
         what = f"fused the activation {name}" + ("" if shortcut is None else f" and the residual add of {shortcut.name}")
-        changes.change(node.target, what)
-    if not rewritten:
-        return model
-    gm.graph.lint()
-    gm.recompile()
-    gm.training = model.training
-    changes.change("", f"{type(model).__name__} became a torch.fx.GraphModule (graph rewritten to fuse)")
-    return gm
+        changes.change(f"{path}.{node.target}" if path else node.target, what)
+    if rewritten:
+        gm.graph.lint()
+        gm.recompile()
+    return rewritten
 
 
 def _residual(node: fx.Node) -> tuple[fx.Node | None, fx.Node]:
