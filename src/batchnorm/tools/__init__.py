@@ -19,6 +19,7 @@ from .insert import insert
 from .monitor import Monitor, monitor
 from .rank_stats import merge_rank_stats
 from .recalibrate import adapt, recalibrate
+from .replace_norm import replace_norm
 
 __all__ = [
     "Activation",
@@ -38,6 +39,7 @@ __all__ = [
     "merge_rank_stats",
     "monitor",
     "recalibrate",
+    "replace_norm",
     "revert",
     "stats_restore",
     "stats_snapshot",

@@ -264,8 +264,9 @@ def _data_findings(model, layers, inputs, shift_tol, var_tol, gap_tol, min_value
                 "training unstable and the running statistics unreliable",
                 {"values_per_channel": smallest, "min_values": min_values},
                 "use larger batches, SyncBatchNorm across devices (batchnorm.distributed), "
-                "batch renormalization (batchnorm.Renorm), or frozen statistics "
-                "(batchnorm.tools.freeze) when fine-tuning; "
+                "batch renormalization (batchnorm.Renorm), frozen statistics "
+                "(batchnorm.tools.freeze) when fine-tuning, or a normalization that does not "
+                "depend on the batch (batchnorm.replace_norm(model, 'group')); "
                 "ghost batches only help with batches that are too large",
             ))  # fmt: skip
         if m.running_mean is not None:
