@@ -35,6 +35,7 @@ from .tools import (
     stats_snapshot,
     unfreeze,
 )
+from .sequence import SequenceBatchNorm
 from .variants import Renorm
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "LazyBatchNorm3d",
     "Changes",
     "Renorm",
+    "SequenceBatchNorm",
     "SyncBatchNorm",
     "accumulate",
     "adapt",

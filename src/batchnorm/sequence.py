@@ -1,0 +1,58 @@
+"""`SequenceBatchNorm`: batch norm over the last dimension of (N, L, C) input (or any (*, C)).
+
+Transformers and tabular models keep features last, (N, L, C), where torch's BatchNorm1d
+wants (N, C, L): the user transposes twice, or, when L happens to equal C, gets a layer
+that silently normalizes the positions. This module normalizes the last dimension:
+
+    rows = x.reshape(N L, C)                              (a view: no copy for contiguous x)
+    y    = g(gamma (rows - mu) / sqrt(var + eps) + beta + residual)    mu, var over the N L rows
+    y.reshape(N, L, C)
+
+The (N L, C) rows are the layout our kernels read channels-last, the (M, C) view, so it runs
+at that path's speed with no transpose anywhere. The work is done by a `BatchNorm1d` of ours
+held as `self.norm` (every argument and extra of `bn.BatchNorm1d` is passed to it), so that
+the model tools (recalibrate, accumulate, check, freeze, replace_norm, SyncBatchNorm.convert,
+revert) see an ordinary batch norm over (M, C) rows; state-dict keys gain `norm.`.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from . import validation
+from .nn import BatchNorm1d
+
+
+class SequenceBatchNorm(nn.Module):
+    """Batch norm over the last dimension: input (N, L, C) or any (*, C) with C = num_features.
+
+    forward(x, residual=None, mask=None): residual of x's shape; mask (N, L) bool, x's
+    shape without the last dimension, True at the positions whose values enter the
+    statistics (padding tokens False). Output: x's shape.
+    """
+
+    def __init__(self, num_features: int, *args, **kwargs) -> None:
+        super().__init__()
+        self.num_features = num_features  # also when a tool replaces `norm` (replace_norm)
+        self.norm = BatchNorm1d(num_features, *args, **kwargs)
+
+    def forward(self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        validation.validate_input(input)
+        c = self.num_features
+        if input.shape[-1] != c:
+            raise ValueError(
+                f"expected {c} features in the last dimension, got input of shape {tuple(input.shape)}; "
+                "SequenceBatchNorm normalizes the last dimension (N, L, C); for (N, C, L) use BatchNorm1d"
+            )
+        validation.validate_residual(input, residual)
+        if mask is not None and (not isinstance(mask, Tensor) or mask.shape != input.shape[:-1]):
+            shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"mask must have the input's shape without the last dimension, "
+                             f"{tuple(input.shape[:-1])}, got {shape}")  # fmt: skip
+        rows = input.reshape(-1, c)
+        out = self.norm(
+            rows,
+            None if residual is None else residual.reshape(-1, c),
+            None if mask is None else mask.reshape(-1),
+        )
+        return out.reshape(input.shape)
