@@ -265,6 +265,30 @@ def test_fuse_keeps_what_the_model_does_in_each_mode_whatever_mode_it_was_conver
     _compare(fused, ref, torch.randn(3, 3, 6, 6))
 
 
+def test_fuse_where_fx_cannot_trace_finds_the_activations_in_forwards_of_the_example():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn, self.act = nn.Linear(3, 4), nn.BatchNorm1d(4), nn.SiLU()
+            self.bn2, self.act2 = nn.BatchNorm1d(4), nn.ReLU()
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: fx cannot trace it
+                x = -x
+            y = self.act(self.bn(self.fc(x)))
+            z = self.bn2(y)
+            return self.act2(z) + z  # bn2's output is read twice: not fusable
+
+    model = randomize(Net())
+    ref = copy.deepcopy(model)
+    x = torch.randn(6, 3)
+    fused, changes = convert(model, fuse=True, example_input=x)
+    assert fused.bn.activation == "silu" and isinstance(fused.act, nn.Identity)
+    assert fused.bn2.activation is None and isinstance(fused.act2, nn.ReLU)
+    assert torch.equal(fused.bn.running_mean, ref.bn.running_mean)  # the forwards left no trace
+    _compare(fused, ref, x)
+
+
 def test_revert_keeps_layers_torch_cannot_express():
     model = nn.Sequential(bn.BatchNorm1d(3, virtual_batch_size=4), bn.BatchNorm1d(3, unbiased_running_var=False))
     _, changes = revert(model)

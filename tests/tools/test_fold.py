@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -245,3 +246,58 @@ def test_timm_norm_act_layers_fold_keeping_their_drop_and_activation():
     assert [model[i].act for i in (1, 3, 4)] == acts
     assert not any(isinstance(m, _BatchNorm) for m in model.modules())
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+class _Untraceable(nn.Module):
+    """Data-dependent control flow (fx cannot trace it), a conv whose output batch norm
+    alone reads, and one whose output is read outside its batch norm too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        y = self.bn1(self.conv1(x))
+        z = self.conv2(y)
+        return self.bn2(z) + z.mean()
+
+
+def test_where_fx_cannot_trace_a_forward_of_the_example_finds_what_to_fold():
+    model = randomize(_Untraceable(), seed=7).eval()
+    x = torch.randn(2, 3, 5, 5)
+    expected = model(x)
+    _, changes = fold(model, example_input=x)
+    assert ("bn1", "folded into conv1") in changes.changed
+    assert ("bn2", "nothing to fold into: now a per-channel ChannelAffine") in changes.changed  # z is read twice
+    assert any(path == "" and "found the pairs in a forward of example_input" in why for path, why in changes.skipped)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class _SubConv(nn.Conv3d):
+    """torchvision's Conv3DSimple: a Conv3d subclass computing a Conv3d."""
+
+    @staticmethod
+    def stride_of() -> int:
+        return 1
+
+
+class _StandardizedConv(nn.Conv2d):
+    """A weight-standardized conv (timm's StdConv2d): scaling its weight changes nothing."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_subclasses_of_conv_fold_unless_they_override_the_forward():
+    model = nn.Sequential(_SubConv(2, 3, 1), nn.BatchNorm3d(3), nn.Flatten(1, 2), _StandardizedConv(6, 4, 1), nn.BatchNorm2d(4))
+    model = randomize(model, seed=8).eval()
+    x = torch.randn(2, 2, 2, 3, 3)
+    expected = model(x)
+    _, changes = fold(model)
+    assert changes.changed == [("1", "folded into 0"), ("4", "nothing to fold into: now a per-channel ChannelAffine")]
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)

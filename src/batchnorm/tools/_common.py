@@ -166,6 +166,18 @@ def import_extra(name: str, what: str) -> Any:
         raise ImportError(f"{what} needs {name.partition('.')[0]}: pip install 'batchnorm[experiments]'") from error
 
 
+def run_example(model: nn.Module, example_input: Any, tool: str) -> Any:
+    """`model(*example_input)` for a tuple, else `model(example_input)`; a failure is a
+    ValueError naming `tool` and what to pass."""
+    try:
+        return model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+    except Exception as error:
+        raise ValueError(
+            f"{tool}: the model failed on example_input ({type(error).__name__}: {error}); pass an "
+            "input the model takes (a tensor, or a tuple of its forward arguments)"
+        ) from error
+
+
 @contextlib.contextmanager
 def leaves_no_trace(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> Iterator[None]:
     """Inside, passes over `model` that must leave it as it was (check, recalibrate): on exit

@@ -11,6 +11,17 @@ A tool whose result must hold in both modes (convert's fusion) asks for pairs fo
 both (`both_modes=True`): a model whose graph differs between them falls back to the
 `nn.Sequential` order, which does not depend on the mode.
 
+Where fx cannot trace (transformers' models, data-dependent control flow) and the tool
+was given an example input, the pairs come from one forward of it instead
+(`observed_pairs`): module hooks see which module's output tensor is the first argument
+of which module call, and a torch-function mode sees every torch operation reading that
+tensor, so a pair is kept only when every read happens inside the consumer's call.
+
+Linear and Conv/ConvTranspose layers (`LAYERS`) are leaves of the trace too, subclasses
+included (torchvision's Conv3DSimple), when their forward is the base class's: one that
+overrides it (a weight-standardized conv) computes something else, so no tool may treat
+it as the plain layer.
+
 Activations are recognized as modules (`nn.ReLU()`), functions (`F.relu(x)`,
 `torch.relu(x)`) or tensor methods (`x.relu()`); `activation_name` says which of the
 activations our layers can fuse it is, if any.
@@ -18,17 +29,30 @@ activations our layers can fuse it is, if any.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
-from collections import Counter
+from collections import Counter, defaultdict
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import Tensor, fx, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree
 
 from .. import activations
-from ._common import is_batchnorm
+from ._common import batchnorm_layers, is_batchnorm, leaves_no_trace, run_example
+from .freeze import frozen_stats
+
+LAYERS = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)  # fmt: skip
+
+
+def is_plain_layer(m: nn.Module) -> bool:
+    """A Linear / Conv / ConvTranspose, or a subclass computing the same (the base forward)."""
+    return any(isinstance(m, base) and type(m).forward is base.forward for base in LAYERS)
 
 
 class Consumer(NamedTuple):
@@ -51,7 +75,7 @@ class _Tracer(fx.Tracer):
     """torch's default tracer, with every batch-norm layer kept as a leaf."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_batchnorm(m) or super().is_leaf_module(m, qualname)
+        return is_batchnorm(m) or is_plain_layer(m) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str | None]:
@@ -111,10 +135,21 @@ def consumer_of(node: fx.Node, gm: fx.GraphModule, calls: Counter | None = None)
     return None
 
 
-def pairs(model: nn.Module, *, both_modes: bool = False) -> tuple[list[Pair], str | None]:
+def pairs(model: nn.Module, *, both_modes: bool = False, example_input=None) -> tuple[list[Pair], str | None]:
     """Every (producer, consumer) pair of the model, and a note when tracing failed.
-    both_modes: only pairs that hold in training and in evaluation mode."""
+
+    both_modes: only pairs that hold in training and in evaluation mode.
+    example_input: what to run the model on when fx cannot trace it (`observed_pairs`);
+        without it, the order of nn.Sequential containers is used.
+    """
     gm, why = trace_in_both_modes(model) if both_modes else trace(model)
+    if gm is None and example_input is not None:
+        modes = (not model.training, model.training) if both_modes else (model.training,)
+        runs = [observed_pairs(model, example_input, training) for training in modes]
+        both = set.intersection(*({(p.producer, p.consumer.path) for p in run} for run in runs))
+        return [p for p in runs[-1] if (p.producer, p.consumer.path) in both], (
+            why + "; found the pairs in a forward of example_input"
+        )
     if gm is None:
         return _sequential_pairs(model), why + "; used the order of nn.Sequential containers"
     calls = module_calls(gm.graph)
@@ -127,6 +162,87 @@ def pairs(model: nn.Module, *, both_modes: bool = False) -> tuple[list[Pair], st
             after = consumer_of(consumer.node, gm, calls)
             found.append(Pair(node.target, consumer, after))
     return found, None
+
+
+class _Reads(TorchFunctionMode):
+    """Records, per tensor, the modules being called (paths, outermost first) at each torch
+    operation that reads it. Only the operations the forward calls itself are seen: those
+    inside one run with the mode off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.reads: dict[int, list[tuple[str, ...]]] = defaultdict(list)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        for leaf in _pytree.tree_leaves((args, kwargs or {})):
+            if isinstance(leaf, Tensor):
+                self.reads[id(leaf)].append(tuple(self.stack))
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def observed_pairs(model: nn.Module, example_input, training: bool) -> list[Pair]:
+    """The pairs one forward of `example_input` in the given mode shows, running statistics
+    and modes left as they were: a module called once whose output tensor is the first
+    argument of a module called once (the innermost, when containers pass it down) that
+    is the only reader of the tensor: every torch operation reading it runs inside that
+    call."""
+    reads = _Reads()
+    calls: Counter = Counter()
+    outputs: dict[str, Tensor] = {}
+    takers: dict[int, list[tuple[str, tuple[str, ...]]]] = defaultdict(list)
+    seen: list[Tensor] = []  # kept alive, so no id is reused during the forward
+
+    def before(path):
+        def hook(module, args):
+            calls[path] += 1
+            if args and isinstance(args[0], Tensor):
+                takers[id(args[0])].append((path, tuple(reads.stack)))
+                seen.append(args[0])
+            reads.stack.append(path)
+
+        return hook
+
+    def after(path):
+        def hook(module, args, output):
+            reads.stack.pop()
+            if isinstance(output, Tensor) and path not in outputs:
+                outputs[path] = output
+                seen.append(output)
+
+        return hook
+
+    named = [(path, m) for path, m in model.named_modules() if path]
+    handles = [m.register_forward_pre_hook(before(path)) for path, m in named]
+    handles += [m.register_forward_hook(after(path), always_call=True) for path, m in named]
+    layers = batchnorm_layers(model)
+    try:
+        with leaves_no_trace(model, layers), frozen_stats(model) if layers else contextlib.nullcontext(), reads:
+            model.train(training)
+            run_example(model, example_input, "finding which layer feeds which")
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def consumer_of_output(path: str) -> Consumer | None:
+        tensor = outputs.get(path)
+        if calls[path] != 1 or tensor is None or not takers.get(id(tensor)):
+            return None
+        taker, stack = max(takers[id(tensor)], key=lambda t: len(t[1]))  # the innermost call
+        outer = [p for p, _ in takers[id(tensor)] if p != taker]
+        if calls[taker] != 1 or taker == path or any(p not in stack for p in outer):
+            return None
+        if any(taker not in s for s in reads.reads[id(tensor)]):
+            return None  # read outside the consumer's call too
+        return Consumer(model.get_submodule(taker), (), {}, taker, None)
+
+    found = []
+    for path in outputs:
+        consumer = consumer_of_output(path)
+        if consumer is not None:
+            found.append(Pair(path, consumer, consumer_of_output(consumer.path)))
+    return found
 
 
 def _sequential_pairs(model: nn.Module) -> list[Pair]:

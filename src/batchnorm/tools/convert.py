@@ -170,15 +170,20 @@ def _swap_all(model: nn.Module, how, tool: str, inplace: bool) -> tuple[nn.Modul
     return model, changes
 
 
-def convert(model: nn.Module, *, fuse: bool = False, inplace: bool = True) -> tuple[nn.Module, Changes]:
+def convert(
+    model: nn.Module, *, fuse: bool = False, inplace: bool = True, example_input=None
+) -> tuple[nn.Module, Changes]:
     """torch's batch-norm layers to ours (see the module docstring). Returns (model, changes).
 
     fuse: also fuse the activation (and the residual add) that follows a layer of ours.
+    example_input: with fuse, a tensor (or tuple of forward arguments) to find which
+        activation module follows which layer from forwards of it (in both modes, without
+        gradients, statistics untouched) when torch.fx cannot trace the model.
     Evaluation outputs are the same before and after, to floating-point rounding.
     """
     model, changes = _swap_all(model, _to_ours, "convert", inplace)
     if fuse:
-        model = _fuse_modules(model, changes)
+        model = _fuse_modules(model, changes, example_input)
         model = _fuse_graph(model, changes)
     return model, changes
 
@@ -197,9 +202,9 @@ def _fusable(m: nn.Module) -> bool:
     return isinstance(m, BatchNormExtras) and isinstance(m, _BatchNorm) and m.activation is None
 
 
-def _fuse_modules(model: nn.Module, changes: Changes) -> nn.Module:
+def _fuse_modules(model: nn.Module, changes: Changes, example_input) -> nn.Module:
     """BN -> activation module used only there: the BN takes the activation, the module becomes Identity."""
-    found, why = pairs(model, both_modes=True)
+    found, why = pairs(model, both_modes=True, example_input=example_input)
     for pair in found:
         bn, act = model.get_submodule(pair.producer), pair.consumer
         name = activation_name(act)

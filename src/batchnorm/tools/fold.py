@@ -40,13 +40,10 @@ from torch import Tensor, nn
 
 from .. import activations, validation
 from ..channel_params import affine
-from ._common import Changes, is_batchnorm, is_frozen_style, prepare, replace, require_batchnorm, rest_of_forward
-from ._patterns import pairs
-
-_FOLDABLE = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+from ._common import (
+    Changes, is_batchnorm, is_frozen_style, prepare, replace, require_batchnorm, rest_of_forward, run_example,
 )  # fmt: skip
-
+from ._patterns import is_plain_layer, pairs
 
 class Activation(nn.Module):
     """y = then(g(x + residual)): what remains of a folded batch norm (g = identity for None).
@@ -109,8 +106,9 @@ def fold(model: nn.Module, *, inplace: bool = True, example_input=None) -> tuple
     Outputs match the unfolded model in evaluation mode to floating-point rounding; where a
     fold would not (see the module docstring) the batch norm is left alone and the reason
     recorded in `changes.skipped`. `example_input`: a tensor (or tuple of forward arguments)
-    the model is run on once, without gradients, so fold sees the rank of each batch norm's
-    input; it decides whether a Linear's output features are the batch norm's channels.
+    the model is run on, without gradients, so fold sees the rank of each batch norm's
+    input (it decides whether a Linear's output features are the batch norm's channels)
+    and, where torch.fx cannot trace the model, which layer feeds which batch norm.
     """
     model = prepare(model, inplace)
     layers = require_batchnorm(model, "fold")
@@ -121,7 +119,7 @@ def fold(model: nn.Module, *, inplace: bool = True, example_input=None) -> tuple
             "is in training mode (it would normalize with each batch's own statistics); call model.eval() first"
         )
     changes = Changes()
-    producer_of = _producers(model, changes)
+    producer_of = _producers(model, changes, example_input)
     shapes = {} if example_input is None else _input_shapes(model, layers, example_input)
     owners = _parameter_owners(model)
     for path, bn in layers:
@@ -156,18 +154,18 @@ def fold(model: nn.Module, *, inplace: bool = True, example_input=None) -> tuple
     return model, changes
 
 
-def _producers(model: nn.Module, changes: Changes) -> dict[str, str]:
+def _producers(model: nn.Module, changes: Changes, example_input) -> dict[str, str]:
     """{batch norm path: path of the Linear/Conv whose output alone it takes}; a note in
-    `changes` when tracing failed and the Sequential order was used instead."""
-    found, why = pairs(model)
+    `changes` when tracing failed and a forward of `example_input` or the Sequential order
+    was used instead."""
+    found, why = pairs(model, example_input=example_input)
     if why is not None:
         changes.skip("", why)
     return {
         p.consumer.path: p.producer
         for p in found
-        if p.consumer.path is not None and is_batchnorm(p.consumer.op)
-        and isinstance(model.get_submodule(p.producer), _FOLDABLE)
-    }  # fmt: skip
+        if p.consumer.path is not None and is_batchnorm(p.consumer.op) and is_plain_layer(model.get_submodule(p.producer))
+    }
 
 
 @torch.no_grad()
@@ -185,12 +183,7 @@ def _input_shapes(model: nn.Module, layers: list, example_input) -> dict[str, tu
 
     handles = [m.register_forward_pre_hook(recorder(path)) for path, m in layers]
     try:
-        model(*example_input) if isinstance(example_input, tuple) else model(example_input)
-    except Exception as error:
-        raise ValueError(
-            f"fold: the model failed on example_input ({type(error).__name__}: {error}); pass an "
-            "input the model takes (a tensor, or a tuple of its forward arguments)"
-        ) from error
+        run_example(model, example_input, "fold")
     finally:
         for handle in handles:
             handle.remove()
