@@ -18,6 +18,7 @@ from torch import nn
 import batchnorm as bn
 from batchnorm.tools import accumulate, recalibrate
 
+from . import processes
 from .models import ResNet
 
 
@@ -39,7 +40,8 @@ def _inputs_per_layer(model: nn.Module, micro: list[torch.Tensor]) -> dict[str, 
     for path, m in _layers(probe):
         m.register_forward_pre_hook(lambda mod, args, p=path: seen[p].append(args[0].detach()))
     _micro_step(probe, micro)
-    return {p: torch.cat([z.transpose(0, 1).reshape(z.shape[1], -1) for z in zs], 1).T.double() for p, zs in seen.items()}
+    rows = {p: [z.transpose(0, 1).reshape(z.shape[1], -1) for z in zs] for p, zs in seen.items()}
+    return {p: torch.cat(r, 1).T.double() for p, r in rows.items()}
 
 
 @pytest.mark.parametrize("ours", [False, True])
@@ -115,7 +117,8 @@ def test_a_non_finite_micro_batch_is_left_out():
         kept = torch.cat([micro[0], micro[2]]).double()
         torch.testing.assert_close(layer.running_mean, (0.1 * kept.mean(0)).float())
         torch.testing.assert_close(layer.running_var, (0.9 + 0.1 * kept.var(0)).float())
-        assert changes.changed == [("", "one update from 2 micro-batches (16 values per channel); 1 left out (non-finite values)")]
+        what = "one update from 2 micro-batches (16 values per channel); 1 left out (non-finite values)"
+        assert changes.changed == [("", what)]
         assert int(layer.num_batches_tracked) == 1
 
 
@@ -131,6 +134,36 @@ def test_an_exception_or_evaluation_mode_updates_nothing():
     assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
     assert changes.skipped == [("", "not run in training mode inside the block; running statistics unchanged")]
     assert layer._forward_pre_hooks == {}
+
+
+def _synchronized_step(rank: int, world: int) -> dict:
+    """In each of 2 processes: 3 micro-batches of uneven sizes through SyncBatchNorm layers,
+    without and with accumulate."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    model = bn.SyncBatchNorm.convert(net)
+    g = torch.Generator().manual_seed(rank)
+    micro = [torch.randn(n, 3, 6, 6, generator=g) + 2 * rank for n in ((2, 3, 4), (5, 2, 3))[rank]]
+    plain = copy.deepcopy(model)
+    _micro_step(plain, micro)
+    with accumulate(model) as changes:
+        _micro_step(model, micro)
+    return {"micro": micro, "conv": model[0], "state": model.state_dict(), "plain": plain.state_dict(),
+            "changes": changes.changed}  # fmt: skip
+
+
+def test_synchronized_layers_update_once_from_every_process(tmp_path):
+    results = processes.run(_synchronized_step, 2, tmp_path)
+    conv = results[0]["conv"]
+    with torch.no_grad():
+        z = torch.cat([conv(x) for r in results for x in r["micro"]]).double()
+    var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=1)
+    for r in results:
+        torch.testing.assert_close(r["state"]["1.running_mean"], (0.1 * mean).float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["state"]["1.running_var"], (0.9 + 0.1 * var).float(), rtol=1e-5, atol=1e-6)
+        assert all(torch.equal(v, results[0]["state"][k]) for k, v in r["state"].items())
+        assert int(r["state"]["4.num_batches_tracked"]) == 1 and int(r["plain"]["4.num_batches_tracked"]) == 3
+    assert results[0]["changes"][0] == ("1", "one update from 3 micro-batches (304 values per channel)")
 
 
 # --- the experiment: test accuracy with small micro-batches ---------------------------------
@@ -157,7 +190,7 @@ def _cnn() -> nn.Sequential:
     )  # fmt: skip
 
 
-def accuracy_experiment(micro: int = 2, k: int = 8, steps: int = 300, seed: int = 0, lr: float = 0.05) -> dict[str, float]:
+def accuracy_experiment(micro: int = 2, k: int = 8, steps: int = 300, seed: int = 0, lr: float = 0.05) -> dict:
     """Train the CNN on digits with k micro-batches of `micro` examples per SGD step, the
     running statistics updated per micro-batch (torch's way) or once per step (accumulate),
     same seed, same data order. Returns, per way, the test accuracy in evaluation mode and

@@ -166,7 +166,8 @@ def test_small_batch_with_suggestions(trained):
     small = [f for f in report.findings if f.kind == "small_batch"]
     assert {f.layer for f in small} == {"1", "3"} and small[0].severity == "warning"
     assert small[0].evidence["values_per_channel"] == 8
-    assert all(word in small[0].advice for word in ("SyncBatchNorm", "renormalization", "frozen", "ghost", "replace_norm(model, 'group')"))
+    words = ("SyncBatchNorm", "renormalization", "frozen", "ghost", "replace_norm(model, 'group')")
+    assert all(word in small[0].advice for word in words)
 
 
 def test_bias_before_batchnorm_is_reported_as_wasted_parameters(batches):

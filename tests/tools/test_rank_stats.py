@@ -6,24 +6,17 @@ computed here in float64 from each process's statistics before.
 
 from __future__ import annotations
 
-import datetime
-import socket
-import time
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import batchnorm as bn
 from batchnorm.tools import merge_rank_stats
 
+from . import processes
 from .models import ResNet
 
 WORLD = 3
 SHARDS = (3, 5, 8)  # batches of 8 per process: uneven shards
-DEADLINE_S = 120
 
 
 def _model() -> torch.nn.Module:
@@ -51,10 +44,7 @@ def _stats(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
 
 
-def _entry(rank: int, port: int, outdir: str) -> None:
-    torch.set_num_threads(1)
-    timeout = datetime.timedelta(seconds=60)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timeout)
+def _entry(rank: int, world: int) -> dict:
     model = _model()
     seen = _local_epoch(model, rank)
     before = _stats(model)
@@ -64,7 +54,7 @@ def _entry(rank: int, port: int, outdir: str) -> None:
     if rank == 2:  # a diverged process: its statistics of the stem are not finite
         model.stem[1].running_var[0] = float("nan")
     guarded, guarded_changes = merge_rank_stats(bn.convert(model)[0], count=seen)
-    result = {
+    return {
         "before": before,
         "merged": _stats(merged),
         "equal": _stats(equal),
@@ -73,28 +63,11 @@ def _entry(rank: int, port: int, outdir: str) -> None:
         "changes": changes.changed,
         "guarded_changes": guarded_changes.changed,
     }
-    torch.save(result, Path(outdir) / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
-    outdir = tmp_path_factory.mktemp("rank_stats")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(_entry, args=(port, str(outdir)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the processes were still running after {DEADLINE_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return processes.run(_entry, WORLD, tmp_path_factory.mktemp("rank_stats"))
 
 
 def _expected(before: list[dict], layer: str, weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:

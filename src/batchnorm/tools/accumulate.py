@@ -23,21 +23,27 @@ A micro-batch whose input to a layer holds a NaN or an infinity is left out of t
 merge (the layer's own guard counts and warns about it as it always does); a layer that
 saw no finite micro-batch is not updated. A block left by an exception updates nothing.
 Works on torch's layers and ours; frozen layers, layers in evaluation mode and layers
-without running statistics are left alone.
+without running statistics are left alone. A SyncBatchNorm layer, whose every update is
+from the statistics of all processes, gets the merge over its processes of their merged
+micro-batches (one all_gather per process group for the whole model, on exit): every
+process must leave the block together, as it runs the layer's forwards together.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..stats import Stats, merge_all, update_running
+from ..distributed import SyncBatchNorm, active_group
+from ..stats import Stats, merge_all, merge_stacked, update_running
 from ._common import Changes, input_stats_hook, require_batchnorm
 from .freeze import frozen_stats, is_frozen
+from .rank_stats import gather
 
 
 @contextlib.contextmanager
@@ -63,8 +69,10 @@ def accumulate(model: nn.Module) -> Iterator[Changes]:
     finally:
         for hook in hooks:
             hook.remove()
+    local = {path: _merge_finite(seen[path]) for path, _ in layers}
+    _merge_across_processes(layers, local)
     for path, m in layers:
-        _update_once(m, path, seen[path], changes)
+        _update_once(m, path, local[path], changes)
 
 
 def _training_inputs(into: list[Stats]):
@@ -79,21 +87,64 @@ def _training_inputs(into: list[Stats]):
     return hook
 
 
-@torch.no_grad()
-def _update_once(m: _BatchNorm, path: str, micro: list[Stats], changes: Changes) -> None:
-    """Fold the merge of the finite micro-batch statistics into the running statistics."""
+class _Merged(NamedTuple):
+    stats: Stats | None  # the merge of the kept micro-batches (None: none kept)
+    kept: int
+    seen: int
+
+
+def _merge_finite(micro: list[Stats]) -> _Merged:
+    """The merge of the micro-batches whose statistics are finite (they are left out else,
+    as the layer's own guard leaves such a batch out)."""
     finite = [s for s in micro if bool(torch.isfinite(s.mean).all() and torch.isfinite(s.m2).all())]
-    if not finite:
-        why = "not run in training mode inside the block" if not micro else "every micro-batch had non-finite values"
+    return _Merged(merge_all(finite) if finite else None, len(finite), len(micro))
+
+
+def _merge_across_processes(layers, local: dict[str, _Merged]) -> None:
+    """Replace the statistics of every synchronized layer (a SyncBatchNorm in a group of two
+    processes or more) by their merge over the processes: one all_gather per group of the
+    flat (count, mean, m2) of all its layers (zeros for a layer with nothing kept), merged in
+    process order, so every process gets the same statistics."""
+    groups: list[tuple[object, list]] = []
+    for path, m in layers:
+        group = active_group(m.process_group) if isinstance(m, (SyncBatchNorm, nn.SyncBatchNorm)) else None
+        if group is None:
+            continue
+        for known, members in groups:
+            if known is group:
+                members.append((path, m))
+                break
+        else:
+            groups.append((group, [(path, m)]))
+    for group, members in groups:
+        device = members[0][1].running_mean.device
+        parts = []
+        for path, m in members:
+            zeros = torch.zeros(m.num_features, dtype=torch.float64, device=device)
+            parts += local[path].stats or Stats(zeros, zeros, zeros)
+        every, offset = gather(torch.cat([p.to(device, torch.float64) for p in parts]), group), 0
+        for path, m in members:
+            c = m.num_features
+            count, mean, m2 = (every[:, offset + k * c : offset + (k + 1) * c] for k in range(3))
+            offset += 3 * c
+            merged = merge_stacked(count, mean, m2) if count.sum() > 0 else None
+            local[path] = local[path]._replace(stats=merged)
+
+
+@torch.no_grad()
+def _update_once(m: _BatchNorm, path: str, local: _Merged, changes: Changes) -> None:
+    """Fold the merged micro-batch statistics into the running statistics."""
+    if local.stats is None:
+        why = "every micro-batch had non-finite values" if local.seen else "not run in training mode inside the block"
         changes.skip(path, why + "; running statistics unchanged")
         return
-    merged = merge_all(finite)
+    merged = local.stats
     var = merged.unbiased_var if getattr(m, "unbiased_running_var", True) else merged.var
     accepted = update_running(m.running_mean, m.running_var, merged.mean, var, m.momentum, m.num_batches_tracked)
     if not bool(accepted):
         changes.skip(path, "the merged statistics overflow the buffers' dtype; running statistics unchanged")
         return
-    what = f"one update from {len(finite)} micro-batches ({int(merged.count[0])} values per channel)"
-    if len(finite) < len(micro):
-        what += f"; {len(micro) - len(finite)} left out (non-finite values)"
+    what = f"one update from {local.kept} micro-batches ({int(merged.count[0])} values per channel)"
+    if local.kept < local.seen:
+        what += f"; {local.seen - local.kept} left out (non-finite values)"
     changes.change(path, what)

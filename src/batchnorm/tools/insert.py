@@ -7,10 +7,12 @@ Before the activation (the paper's place, the default) the bias b goes: in train
 subtracts the batch mean, so b would cancel exactly, and beta takes its place. After the
 activation the bias stays (g does not pass a constant shift through), and the batch norm
 normalizes what the next layer receives; which works better is an empirical question, and
-this lets a user (or an experiment) compare the two on the same model. The layer is matched to the producer: BatchNorm1d after Linear and
-Conv1d, BatchNorm2d after Conv2d, BatchNorm3d after Conv3d (ours, `batchnorm.nn`).
-A Linear is assumed to see (N, features) input; for (N, L, features) input BatchNorm1d
-would take L as the channels, and the first forward then fails with a channel-count error.
+this lets a user (or an experiment) compare the two on the same model.
+
+The layer is matched to the producer: BatchNorm1d after Linear and Conv1d, BatchNorm2d
+after Conv2d, BatchNorm3d after Conv3d (ours, `batchnorm.nn`). A Linear is assumed to see
+(N, features) input; for (N, L, features) input BatchNorm1d would take L as the channels,
+and the first forward then fails with a channel-count error.
 
 Where: a producer module called once whose output goes only to an activation (module,
 function or tensor method; see `_patterns`), found by torch.fx tracing, else by

@@ -84,11 +84,16 @@ def _flat(layers, weight: float) -> Tensor:
     return torch.cat(parts)
 
 
+def gather(row: Tensor, group) -> Tensor:
+    """Every process's `row` (a 1-D tensor of the same size everywhere), stacked in process
+    order: (processes, len(row)), the same on every process. One all_gather."""
+    rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, row, group=group)
+    return torch.stack(rows)
+
+
 def _merge(layers, weight: float, pg, changes: Changes) -> None:
-    row = _flat(layers, weight)
-    rows = [torch.empty_like(row) for _ in range(dist.get_world_size(pg))]
-    dist.all_gather(rows, row, group=pg)
-    every = torch.stack(rows)  # (processes, 1 + sum (2 C + 1))
+    every = gather(_flat(layers, weight), pg)  # (processes, 1 + sum (2 C + 1))
     weights, offset = every[:, 0], 1
     if not weights.sum() > 0:
         raise ValueError(f"merge_rank_stats: every process passed count=0 ({weights.tolist()}); nothing to merge")
