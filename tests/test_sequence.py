@@ -122,3 +122,24 @@ def test_tools_see_an_ordinary_batch_norm_over_rows():
     x = torch.randn(2, 5, 6)
     h = F.layer_norm(x, (6,), model.norm.norm.weight, model.norm.norm.bias)
     torch.testing.assert_close(per_token(x), x + model.fc2(F.gelu(model.fc1(h))))
+
+
+def test_a_model_holding_it_traces_folds_reverts_compiles_and_exports():
+    torch.manual_seed(5)
+    model = Block(8, bn.SequenceBatchNorm(8))
+    for _ in range(2):
+        model(torch.randn(4, 6, 8))
+    model.eval()
+    x = torch.randn(2, 6, 8)
+    expected = model(x)
+    folded, changes = bn.fold(copy.deepcopy(model))
+    assert changes.skipped == []  # traced by torch.fx (the shape checks are one recorded call)
+    torch.testing.assert_close(folded(x), expected)
+    reverted, _ = bn.revert(copy.deepcopy(model))
+    assert type(reverted.norm.norm) is nn.BatchNorm1d
+    torch.testing.assert_close(reverted(x), expected)
+    program = torch.export.export(model, (x,))
+    torch.testing.assert_close(program.module()(x), expected)
+    eager, compiled = copy.deepcopy(model).train(), torch.compile(copy.deepcopy(model).train(), fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager(x))
+    torch.testing.assert_close(compiled.norm.norm.running_var, eager.norm.norm.running_var)

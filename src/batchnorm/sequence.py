@@ -17,6 +17,7 @@ revert) see an ordinary batch norm over (M, C) rows; state-dict keys gain `norm.
 
 from __future__ import annotations
 
+import torch.fx
 from torch import Tensor, nn
 
 from . import validation
@@ -37,22 +38,33 @@ class SequenceBatchNorm(nn.Module):
         self.norm = BatchNorm1d(num_features, *args, **kwargs)
 
     def forward(self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        validation.validate_input(input)
         c = self.num_features
-        if input.shape[-1] != c:
-            raise ValueError(
-                f"expected {c} features in the last dimension, got input of shape {tuple(input.shape)}; "
-                "SequenceBatchNorm normalizes the last dimension (N, L, C); for (N, C, L) use BatchNorm1d"
-            )
-        validation.validate_residual(input, residual)
-        if mask is not None and (not isinstance(mask, Tensor) or mask.shape != input.shape[:-1]):
-            shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-            raise ValueError(f"mask must have the input's shape without the last dimension, "
-                             f"{tuple(input.shape[:-1])}, got {shape}")  # fmt: skip
-        rows = input.reshape(-1, c)
-        out = self.norm(
-            rows,
-            None if residual is None else residual.reshape(-1, c),
-            None if mask is None else mask.reshape(-1),
+        _check(input, residual, mask, c)
+        # Only the arguments given are passed on, so that whatever a tool puts in `norm`'s
+        # place (torch's BatchNorm1d, a folded ChannelAffine, a GroupNorm) takes the call.
+        given = {}
+        if residual is not None:
+            given["residual"] = residual.reshape(-1, c)
+        if mask is not None:
+            given["mask"] = mask.reshape(-1)
+        return self.norm(input.reshape(-1, c), **given).reshape(input.shape)
+
+
+def _check(input: Tensor, residual: Tensor | None, mask: Tensor | None, c: int) -> None:
+    """The input is (*, C), the residual its shape, the mask its shape without C."""
+    validation.validate_input(input)
+    if input.shape[-1] != c:
+        raise ValueError(
+            f"expected {c} features in the last dimension, got input of shape {tuple(input.shape)}; "
+            "SequenceBatchNorm normalizes the last dimension (N, L, C); for (N, C, L) use BatchNorm1d"
         )
-        return out.reshape(input.shape)
+    validation.validate_residual(input, residual)
+    if mask is not None and (not isinstance(mask, Tensor) or mask.shape != input.shape[:-1]):
+        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask must have the input's shape without the last dimension, "
+                         f"{tuple(input.shape[:-1])}, got {shape}")  # fmt: skip
+
+
+# torch.fx records a call to `_check` instead of tracing into it (its checks branch on
+# shapes, which a trace cannot), so that the model tools can trace a model holding this layer.
+torch.fx.wrap("_check")
