@@ -1,6 +1,8 @@
 """Operations on whole models: fit batch norm in (`insert`, `convert`/`revert`), serve it
-(`fold`), fix it (`freeze`/`unfreeze`, `frozen_stats`, `stats_snapshot`/`stats_restore`)
-and re-estimate its statistics (`recalibrate`, `adapt`); and look inside it: `monitor`
+(`fold`), fix it (`freeze`/`unfreeze`, `frozen_stats`, `stats_snapshot`/`stats_restore`),
+replace it (`replace_norm`: GroupNorm for small batches), re-estimate its statistics
+(`recalibrate`, `adapt`), update them once per optimizer step (`accumulate`) or merge them
+across processes (`merge_rank_stats`); and look inside it: `monitor`
 (what reaches each nonlinearity during training) and `check` (a batch-norm health check, health.py,
 returning a `CheckReport`, not `(model, changes)`).
 
