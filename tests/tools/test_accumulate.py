@@ -136,6 +136,21 @@ def test_an_exception_or_evaluation_mode_updates_nothing():
     assert layer._forward_pre_hooks == {}
 
 
+def test_a_compiled_model_gets_the_same_updates():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bn.BatchNorm2d(4))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model)
+    for step in range(2):
+        micro = list(torch.randn(16, 3, 8, 8).chunk(4))
+        for m in (compiled, eager):
+            with accumulate(m):
+                _micro_step(m, micro)
+    for (k, a), b in zip(model.state_dict().items(), eager.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    assert int(model[1].num_batches_tracked) == 2
+
+
 def _synchronized_step(rank: int, world: int) -> dict:
     """In each of 2 processes: 3 micro-batches of uneven sizes through SyncBatchNorm layers,
     without and with accumulate."""
