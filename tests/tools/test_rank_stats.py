@@ -49,6 +49,7 @@ def _entry(rank: int, world: int) -> dict:
     seen = _local_epoch(model, rank)
     before = _stats(model)
     merged, changes = merge_rank_stats(model, count=seen, inplace=False)
+    restored, _ = bn.stats_restore(merged, changes.previous, inplace=False)
     equal, _ = merge_rank_stats(model, inplace=False)
     broadcast, _ = merge_rank_stats(model, source=0, inplace=False)
     if rank == 2:  # a diverged process: its statistics of the stem are not finite
@@ -57,6 +58,7 @@ def _entry(rank: int, world: int) -> dict:
     return {
         "before": before,
         "merged": _stats(merged),
+        "restored": _stats(restored),
         "equal": _stats(equal),
         "broadcast": _stats(broadcast),
         "guarded": _stats(guarded),
@@ -99,6 +101,11 @@ def test_every_process_gets_the_count_weighted_merge(results):
     averaged = torch.stack([b["stem.1.running_var"] for b in before]).mean(0)
     assert (results[0]["equal"]["stem.1.running_var"] / averaged - 1).abs().max() > 0.2
     assert results[0]["changes"][0] == ("stem.1", "merged over 3 processes (weights 24, 40, 64)")
+
+
+def test_the_statistics_before_are_kept_for_stats_restore(results):
+    for r in results:
+        assert all(torch.equal(v, r["before"][k]) for k, v in r["restored"].items())
 
 
 def test_broadcast_gives_process_zeros_statistics(results):

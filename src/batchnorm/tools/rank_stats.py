@@ -31,7 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..distributed import active_group
 from ..stats import merge_stacked
 from ._common import Changes, prepare, require_batchnorm
-from .freeze import is_frozen
+from .freeze import is_frozen, stats_snapshot
 
 
 def merge_rank_stats(
@@ -47,13 +47,15 @@ def merge_rank_stats(
 
     count: how many examples this process's statistics describe (e.g. its shard's size);
         None weighs every process the same. Ignored with `source`.
-    Returns (model, changes). Frozen layers and layers without running statistics are
-    skipped; without a process group of two processes or more nothing changes.
+    Returns (model, changes); `changes.previous` holds this process's statistics before
+    (`stats_restore(model, changes.previous)` switches back). Frozen layers and layers
+    without running statistics are skipped; without a process group of two processes or
+    more nothing changes.
     """
     if count is not None and not (isinstance(count, (int, float)) and count >= 0 and count != float("inf")):
         raise ValueError(f"count must be a finite number >= 0 (the examples this process saw), got {count!r}")
     model = prepare(model, inplace)
-    changes = Changes()
+    changes = Changes(previous=stats_snapshot(model))
     layers = []
     for path, m in require_batchnorm(model, "merge_rank_stats"):
         if is_frozen(m):
