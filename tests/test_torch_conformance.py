@@ -231,3 +231,49 @@ def test_the_empty_one_dimensional_batch_is_empty_like_torchs(training):
     rm, rv = torch.zeros(0), torch.ones(0)
     y = bn.functional.batch_norm(x, rm, rv, training=training)
     assert y.shape == (0,) and y.shape == torch.nn.functional.batch_norm(x, rm, rv, training=training).shape
+
+
+def _batch_norm_ops(fn, *args):
+    """The aten batch-norm ops (with overload) a call dispatches to, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "batch_norm" in func.name():
+                self.ops.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        fn(*args)
+    return record.ops
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("track_running_stats", [True, False])
+def test_the_aten_backend_runs_the_op_torchs_module_runs(training, track_running_stats):
+    """torch's module calls torch.batch_norm, which on CUDA picks cuDNN; the aten backend must
+    go the same way (native_batch_norm would skip cuDNN). The op each dispatches to is
+    recorded on the CPU, where the same composite decides."""
+    theirs = torch.nn.BatchNorm2d(4, track_running_stats=track_running_stats).train(training)
+    ours = bn.BatchNorm2d(4, track_running_stats=track_running_stats, backend="aten").train(training)
+    x = torch.randn(2, 4, 3, 3)
+    assert _batch_norm_ops(ours, x) == _batch_norm_ops(theirs, x)  # the same kernel
+    # and through the composite that chooses it: torch's functional calls torch.batch_norm
+    from torch.overrides import TorchFunctionMode
+
+    class Record(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.calls.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        ours(x)
+    assert "batch_norm" in record.calls and "native_batch_norm" not in record.calls, record.calls

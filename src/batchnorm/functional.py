@@ -26,7 +26,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from . import activations, backends, layout, validation, variants
+from . import activations, backends, layout, modes, validation, variants
 from . import ops
 from .autograd import BatchNormFunction
 from .backends.base import Backend
@@ -114,10 +114,12 @@ def batch_norm(
     if sync is not None and (mask is not None or virtual_batch_size is not None):
         raise ValueError("masks and ghost batches are not supported together with SyncBatchNorm")
     be = backends.resolve(backend, x).backend  # once: every path and chunk of this call runs it
+    batch_stats = training or running_mean is None
     call = Call(
-        x, running_mean, running_var, weight, bias, training or running_mean is None, momentum, eps,
+        x, running_mean, running_var, weight, bias, batch_stats, momentum, eps,
         activation, residual, be, num_batches_tracked, guard or _DEFAULT_GUARD, sync, mask,
         virtual_batch_size, renorm, unbiased_running_var,
+        update=batch_stats and running_mean is not None and running_var is not None and not modes.recomputing(),
     )  # fmt: skip
     if activation is not None and activation not in be.fused_activations:
         # this backend's fused form of the activation is slower than torch's own op after it
@@ -171,6 +173,10 @@ class Call(NamedTuple):
     virtual_batch_size: int | None = None
     renorm: Renorm | None = None
     unbiased_running_var: bool = True
+    # whether this call folds its batch into the running statistics: in training, with both
+    # buffers given, and not when activation checkpointing recomputes a forward in backward
+    # (the batch was counted when the forward first ran)
+    update: bool = False
 
 
 def plan(call: Call) -> Path:
@@ -182,7 +188,7 @@ def plan(call: Call) -> Path:
     policy = call.sync is not None or call.mask is not None or call.virtual_batch_size is not None
     if not call.batch_stats or not (policy or call.renorm is not None):
         return Path.OP
-    if torch.compiler.is_compiling():
+    if modes.traced():
         return Path.SYNC_OUTSIDE_GRAPH if call.sync is not None else Path.TORCH_OPS
     return Path.TORCH_OPS if call.mask is not None else Path.KERNELS
 
@@ -192,7 +198,8 @@ def _op(call: Call) -> Tensor:
     if call.batch_stats:
         validation.validate_training_batch(call.x)
     y, accepted = ops.batch_norm(
-        call.x, call.weight, call.bias, call.residual, call.running_mean, call.running_var,
+        call.x, call.weight, call.bias, call.residual,
+        *((call.running_mean, call.running_var) if call.update or not call.batch_stats else (None, None)),
         call.num_batches_tracked, call.batch_stats, call.momentum, call.eps, call.activation, call.backend,
         call.unbiased_running_var,
     )  # fmt: skip
@@ -229,7 +236,7 @@ def _policy(call: Call, normalize) -> Tensor:
         outputs.append(y)
         parts.append(batch)
     y, batch = (outputs[0], parts[0]) if len(parts) == 1 else (torch.cat(outputs, 0), merge_all(parts))
-    if call.running_mean is not None and call.running_var is not None:
+    if call.update:
         with torch.no_grad():
             stored_var = batch.unbiased_var if call.unbiased_running_var else batch.var
             accepted = update_running(
@@ -279,7 +286,8 @@ def _normalize_one(call: Call, limits, be) -> tuple[Tensor, Stats]:
     scale, shift = _scale_shift(call.weight, call.bias, invstd, correction)
     grad_reducer = None if sync is None else sync.reduce_grads
     y = BatchNormFunction.apply(
-        x, scale, shift, call.residual, batch.mean, invstd, batch.count, be, call.activation, True, grad_reducer
+        x, scale, shift, call.residual, batch.mean, invstd, call.eps, batch.count, be, call.activation, True,
+        grad_reducer,
     )
     return y, batch
 
@@ -290,7 +298,7 @@ def _normalize_masked(call: Call, limits, _be) -> tuple[Tensor, Stats]:
     statistics, which see only the valid positions."""
     x, mask, weight = call.x, call.mask, call.weight
     batch = variants.masked_stats(x, mask)
-    if not torch.compiler.is_compiling():  # a graph cannot raise on a value it computes
+    if not modes.traced():  # a graph cannot raise on a value it computes
         validation.validate_training_batch_count(int(batch.count[0]) if batch.count.numel() else 0, x.shape, masked=True)
     correction = None
     if limits is not None:

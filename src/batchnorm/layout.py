@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import modes
+
 
 class View(NamedTuple):
     """A canonical view and how to go back to the input's shape."""
@@ -68,7 +70,7 @@ def restore(data: Tensor, like: Tensor, kind: str) -> Tensor:
         n, c = like.shape[0], like.shape[1]
         spatial = like.shape[2:]
         shaped = data.view(n, *spatial, c).permute(0, like.dim() - 1, *range(1, like.dim() - 1))
-    if torch.compiler.is_compiling():
+    if modes.compiling():
         return shaped
     own = data.new_empty(0)
     return own.set_(data.untyped_storage(), shaped.storage_offset(), shaped.shape, shaped.stride())

@@ -8,12 +8,12 @@ training call folds its batch into the running statistics.
 What runs, by mode and backend (`backends.resolve` picks the backend from x's device, dtype,
 size and layout):
 
-- eager, `aten`: torch's own kernel and autograd (`aten.native_batch_norm`), the extras in
+- eager, `aten`: torch's own kernel and autograd (`torch.batch_norm`, as torch's module), the extras in
   torch ops; the batch's statistics come back from it and are folded in by the rule.
 - eager, a fused backend (numba, triton): `_BatchNormFunction`, an autograd Function over the
   backend's whole-op `forward`/`backward` (base.py); a backend that `folds_running` (numba)
   folds the batch in inside its kernel. Under no_grad the kernels run without the Function.
-- compiled or exported (`torch.compiler.is_compiling()`): the custom operators
+- compiled or exported (`modes.compiling()`): the custom operators
   `batchnorm::batch_norm` and `batchnorm::batch_norm_backward` (torch.library), which call
   the very same backend functions, so Inductor sees one opaque op with a fake (meta)
   implementation and a registered autograd formula; `aten` stays torch's decomposable
@@ -22,8 +22,10 @@ size and layout):
   whose graphs hold the kernels themselves; `TRITON_OPS` says whether they are registered).
   The running update is `update_running`'s tensor ops there, traced into the graph, with no
   host synchronization.
-- exported in evaluation: torch's batch norm and the extras in standard aten ops, so an
-  exported program runs where this package is not installed.
+- exported in evaluation, and under torch.func transforms (`modes.transformed()`: grad,
+  vmap, jvp), at every size: torch's batch norm and the extras in standard aten ops, so an
+  exported program runs where this package is not installed and the transforms see ops
+  they know how to differentiate and batch.
 
 The rule of the running update is `stats.update_running` (the numba kernels and
 `numba_kernels.fold_running` apply the same per-channel `stats.blend` and the same test); it
@@ -43,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import backends, layout, variants
+from . import backends, layout, modes, variants
 from .backends.aten import AtenBackend, differentiable_grads, native_batch_norm
 from .backends.base import CENTER, N_PARAMS, VAR, Backend
 from .channel_params import acc_dtype
@@ -92,7 +94,7 @@ def batch_norm(
     """
     be = backends.backend_for(backend, x)
     updating = training and running_mean is not None and running_var is not None
-    if torch.compiler.is_compiling():
+    if modes.traced():
         return _traced(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
                        training, momentum, eps, activation, be, unbiased, updating)  # fmt: skip
     plain_evaluation = not training and activation is None and residual is None
@@ -132,10 +134,10 @@ def batch_norm(
 def _traced(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
             training, momentum, eps, activation, be, unbiased, updating):  # fmt: skip
     """`batch_norm` while torch.compile or torch.export traces it: only ops a graph can hold."""
-    if isinstance(be, AtenBackend) or (not training and torch.compiler.is_exporting()):
+    if isinstance(be, AtenBackend) or modes.transformed() or (not training and modes.exporting()):
         y, mean, var = native_batch_norm(
             x, weight, bias, None if training else running_mean, None if training else running_var,
-            eps, activation, residual, training,
+            eps, activation, residual, training, want_stats=updating,
         )  # fmt: skip
         stored = None if not updating else (var if unbiased else var * _bias_correction(x))
     else:
@@ -364,7 +366,7 @@ def renorm_correction(batch: Stats, running_mean, running_var, eps, r_max, d_max
     the same forward then updates in place; as plain tensor ops, AOTAutograd's partitioner
     may recompute them in the backward from the buffers, already updated, and the gradients
     come out wrong. An opaque op's outputs are saved for the backward, never recomputed."""
-    if not torch.compiler.is_compiling():
+    if not modes.compiling():
         return variants.renorm_correction(batch, running_mean, running_var, eps, r_max, d_max)
     acc = batch.mean.dtype
     limits = [torch.as_tensor(v, dtype=acc, device=batch.mean.device) for v in (r_max, d_max)]

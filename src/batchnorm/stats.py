@@ -28,6 +28,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import modes
+
 
 class Stats(NamedTuple):
     """Per-channel count, mean and sum of squared deviations, each (C,)."""
@@ -170,7 +172,7 @@ class NonFiniteGuard:
         """Count one update: `accepted` as `update_running` returns it (or a bool). A CPU
         tensor is read at once in eager mode; on an accelerator, and inside a compiled
         graph, it is kept on its device until `count` is read."""
-        if isinstance(accepted, bool) or (accepted.device.type == "cpu" and not torch.compiler.is_compiling()):
+        if isinstance(accepted, bool) or (accepted.device.type == "cpu" and not modes.traced()):
             if not accepted:
                 self._add(1)
             return

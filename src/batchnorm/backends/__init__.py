@@ -4,7 +4,9 @@
 input: an explicit name (or the environment variable BATCHNORM_BACKEND) forces it, and
 when the forced backend cannot take the input it falls back to `aten` (the dispatcher says
 so with `reason`); "auto" asks the registered backends in priority order and takes the
-first that is available, supports the input and prefers it.
+first that is available, supports the input and prefers it, except while torch.export
+traces: then "auto" is `aten` (torch's standard ops, so that the program runs without this
+package and no size decision pins a dynamic dimension).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+from .. import modes
 from .aten import AtenBackend
 from .base import Backend
 from .numba_cpu import NumbaBackend  # imports without numba; unavailable() then says why
@@ -70,6 +73,10 @@ def resolve(name: str | None, x: Tensor) -> Choice:
         if why_not is None:
             return Choice(backend, "forced")
         return Choice(fallback, f"{requested} cannot run this input ({why_not}); fell back to aten")
+    if modes.exporting():
+        # An exported program is meant to run where this package is not installed, and a
+        # choice by size would pin a dynamic batch dimension to one side of a crossover.
+        return Choice(fallback, "export: torch's standard ops")
     for backend in _AUTO_ORDER:
         # preferred() first: it is the cheap question, and usually the deciding one
         if backend.preferred(x) and backend.unavailable() is None and backend.unsupported(x) is None:

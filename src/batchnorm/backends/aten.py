@@ -24,7 +24,10 @@ class AtenBackend(ReferenceBackend):
         return True
 
 
-def native_batch_norm(x, weight, bias, running_mean, running_var, eps, activation, residual, training, batch_stats=None):
+def native_batch_norm(
+    x, weight, bias, running_mean, running_var, eps, activation, residual, training, batch_stats=None, *,
+    want_stats=True,
+):  # fmt: skip
     """torch's own batch norm on the N-D input, with torch's autograd (double backward
     included), then the extras: (y, mean, unbiased_var).
 
@@ -33,14 +36,17 @@ def native_batch_norm(x, weight, bias, running_mean, running_var, eps, activatio
     writes them, with momentum 1, into the two zeroed rows of `batch_stats` (2, C), which
     the caller may hand in (allocated here otherwise), so that the op layer can fold them
     in under the guard's rule; the module's buffers are never handed to torch's kernel.
-    Evaluation normalizes with running_mean and running_var and returns (y, None, None)."""
-    if not training:
-        y = _native(x, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
+    Without `want_stats` there is no running update to feed: torch's kernel gets no rows to
+    write (under torch.func's vmap, rows it would write in place must be batched too), and
+    (y, None, None) comes back, as in evaluation, which normalizes with running_mean and
+    running_var."""
+    if not training or not want_stats:
+        y = _native(x, weight, bias, running_mean, running_var, training, 0.0, eps)
         return _finish(y, activation, residual), None, None
     if batch_stats is None:
         batch_stats = torch.zeros(2, x.shape[1], dtype=acc_dtype(x.dtype), device=x.device)
     mean, var = batch_stats
-    y = _native(x, weight, bias, mean, var, True, 1.0, eps)[0]
+    y = _native(x, weight, bias, mean, var, True, 1.0, eps)
     return _finish(y, activation, residual), mean, var
 
 
@@ -65,7 +71,9 @@ def _native(x, weight, bias, running_mean, running_var, training, factor, eps):
         weight = torch.ones(c, device=x.device) if weight is None else weight.float()
         bias = torch.zeros(c, device=x.device) if bias is None else bias.float()
         running_mean, running_var = (None if t is None else t.float() for t in (running_mean, running_var))
-    return torch.native_batch_norm(x, weight, bias, running_mean, running_var, training, factor, eps)
+    # torch.batch_norm, as torch.nn.BatchNorm* calls it: on CUDA it picks cuDNN where cuDNN
+    # applies (native_batch_norm never does), so the default path is exactly torch's there.
+    return torch.batch_norm(x, weight, bias, running_mean, running_var, training, factor, eps, torch.backends.cudnn.enabled)
 
 
 def _finish(y: Tensor, activation: str | None, residual: Tensor | None) -> Tensor:

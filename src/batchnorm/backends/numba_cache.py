@@ -82,6 +82,11 @@ if caching is not None:
                 self.ensure_cache_path()
             except OSError:
                 return None
+            _warn_once(
+                "fallback",
+                f"numba cannot write its cache next to batchnorm's sources or in the user's cache "
+                f"folder; the kernels are cached in {fallback_dir()} (set NUMBA_CACHE_DIR to choose)",
+            )
             return self
 
     class _Impl(caching.CompileResultCacheImpl):

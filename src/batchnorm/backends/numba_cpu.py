@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import activations, layout
+from .. import activations, layout, modes
 from ..channel_params import acc_dtype
 from . import numba_kernels as kernels
 from .base import CENTER, INVSTD, N_PARAMS, SCALE, SHIFT, VAR, XHAT_SHIFT, Backend
@@ -126,8 +126,8 @@ def _mc_scratch(xv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _ncl_lanes(xv: np.ndarray) -> np.ndarray:
-    """(C, 2, L) lane scratch for the (N, C, L) statistics on rows shorter than LANES (the
-    kernel zeroes what it uses), (C, 2, 0) for longer rows."""
+    """(C, 2, L) float64 lane scratch for the (N, C, L) statistics on rows shorter than LANES
+    (the kernel zeroes what it uses), (C, 2, 0) for longer rows."""
     _, channels, length = xv.shape
     return np.empty((channels, 2, length if length < kernels.LANES else 0), xv.dtype)
 
@@ -202,7 +202,7 @@ class NumbaBackend(Backend):
         # Inductor's is 3-6x slower than our op on channels-last input as on contiguous input
         # (BN + ReLU forward + backward, (64, 32, 16, 16) to (64, 16, 32, 32)): there the
         # contiguous crossover holds for both.
-        channels_last = x.dim() > 2 and not x.is_contiguous() and not torch.compiler.is_compiling()
+        channels_last = x.dim() > 2 and not x.is_contiguous() and not modes.compiling()
         return x.numel() >= (CROSSOVER_NUMEL_CHANNELS_LAST if channels_last else CROSSOVER_NUMEL)
 
     def takes_plain_evaluation(self, x: Tensor) -> bool:

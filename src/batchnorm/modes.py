@@ -1,0 +1,48 @@
+"""Under what a call runs: eager, or traced/transformed by torch. Asked here, in one place.
+
+The fast kernels read tensor memory directly (numpy views, raw pointers), and the eager
+autograd Functions keep Python state: neither can run on the tensors torch passes while it
+traces or transforms a function. `traced()` is true for all of those:
+
+- torch.compile and torch.export (Dynamo traces with fake tensors);
+- torch.func transforms (grad, vmap, jvp, jacrev, functional_call inside them), whose
+  tensors are wrappers without storage.
+
+A traced call takes only ops a graph can hold (ops.py says which), so that every feature
+works the same at every input size.
+
+`recomputing()` tells a forward that activation checkpointing (torch.utils.checkpoint, either
+mode) runs again during backward, which must not fold its batch into the running statistics
+a second time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def compiling() -> bool:
+    """torch.compile or torch.export is tracing this call."""
+    return torch.compiler.is_compiling()
+
+
+def exporting() -> bool:
+    """torch.export is tracing this call (its graphs should run where batchnorm is not installed)."""
+    return torch.compiler.is_exporting()
+
+
+def transformed() -> bool:
+    """A torch.func transform (grad, vmap, jvp, ...) is active around this call."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def traced() -> bool:
+    """Any of the above: only graph-safe torch ops may run."""
+    return compiling() or transformed()
+
+
+def recomputing() -> bool:
+    """An eager forward running inside a backward pass: activation checkpointing recomputing
+    it (reentrant or not). Never true while traced (a compiled graph recomputes nothing
+    through this package's Python)."""
+    return not traced() and torch._C._current_graph_task_id() != -1

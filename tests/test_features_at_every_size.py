@@ -1,0 +1,194 @@
+"""Every public feature at a small size (torch's kernel under `auto`) and at a fast-path size
+(the numba kernels): a feature that works at one size and fails at the other is two paths
+that disagree. Each is compared with torch's own layer where torch has the feature.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch.func import functional_call, grad, jvp, vmap
+
+import batchnorm as bn
+from batchnorm.backends import numba_cpu
+
+SIZES = {"small": (8, 4, 4, 4), "fast": (64, 16, 16, 16)}
+assert 64 * 16 * 16 * 16 >= numba_cpu.CROSSOVER_NUMEL
+
+
+@pytest.fixture(params=list(SIZES))
+def shape(request):
+    return SIZES[request.param]
+
+
+def _pair(shape, **kwargs):
+    torch.manual_seed(0)
+    theirs = torch.nn.BatchNorm2d(shape[1], **kwargs)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.normal_()
+    ours = bn.BatchNorm2d(shape[1], **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def _close(a, b):
+    """Equal to fp32 rounding: sums over a fast-path batch (262k values) round differently in
+    the two implementations, so the absolute tolerance follows the tensor's largest value."""
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(b.abs().max())))
+
+
+def test_func_grad_with_buffers_passed_in(shape):
+    ours, theirs = _pair(shape)
+    x = torch.randn(shape)
+    results = []
+    for m in (ours, theirs):
+        params, buffers = dict(m.named_parameters()), dict(m.named_buffers())
+        g = grad(lambda p, b, x: functional_call(m, (p, b), (x,)).square().mean())(params, buffers, x)
+        results.append((g["weight"], g["bias"], m.running_mean.clone(), m.num_batches_tracked.clone()))
+    for a, b in zip(*results):
+        _close(a, b)
+
+
+def test_func_jvp_and_vmap_without_running_statistics(shape):
+    ours, theirs = _pair(shape, track_running_stats=False)
+    x, t = torch.randn(shape), torch.randn(shape)
+    _close(jvp(ours, (x,), (t,))[1], jvp(theirs, (x,), (t,))[1])
+    stacked = torch.stack([x, 2 * x + 1])
+    _close(vmap(ours)(stacked), vmap(theirs)(stacked))
+
+
+def test_func_vmap_in_evaluation(shape):
+    ours, theirs = _pair(shape)
+    ours.eval()
+    theirs.eval()
+    stacked = torch.randn(3, *shape)
+    _close(vmap(ours)(stacked), vmap(theirs)(stacked))
+
+
+def test_export_with_a_dynamic_batch_runs_without_batchnorm(shape):
+    ours, theirs = _pair(shape)
+    ours.eval()
+    theirs.eval()
+    batch = torch.export.Dim("batch", min=2, max=4096)
+    program = torch.export.export(ours, (torch.randn(shape),), dynamic_shapes={"input": {0: batch}})
+    assert "batchnorm" not in program.graph_module.code
+    for n in (3, shape[0] * 2):
+        x = torch.randn(n, *shape[1:])
+        _close(program.module()(x), theirs(x))
+
+
+def test_export_without_running_statistics_holds_standard_ops_only(shape):
+    ours, theirs = _pair(shape, track_running_stats=False)
+    program = torch.export.export(ours.eval(), (torch.randn(shape),))
+    assert "batchnorm" not in program.graph_module.code
+    x = torch.randn(shape)
+    _close(program.module()(x), theirs.eval()(x))
+
+
+def test_compile_without_graph_breaks(shape):
+    ours, theirs = _pair(shape)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    x = torch.randn(shape, requires_grad=True)
+    xt = x.detach().clone().requires_grad_()
+    probe = torch.randn(shape)  # not y itself: d(sum y^2)/dx cancels to rounding noise
+    y, yt = compiled(x), theirs(xt)
+    _close(y, yt)
+    (y * probe).sum().backward()
+    (yt * probe).sum().backward()
+    _close(x.grad, xt.grad)
+    _close(ours.running_var, theirs.running_var)
+
+
+def _penalty(layer, x):
+    """A gradient penalty: |d(sum y^3)/dx|^2 differentiated again, w.r.t. x and the weight."""
+    y = layer(x).pow(3).sum()
+    (gx,) = torch.autograd.grad(y, x, create_graph=True)
+    return torch.autograd.grad(gx.square().sum(), (x, layer.weight), allow_unused=True)
+
+
+@pytest.mark.parametrize("kind", ["plain", "ghost", "renorm"])
+def test_double_backward_gives_second_order_gradients(shape, kind):
+    """Ghost batches are torch's layer on each chunk; batch renormalization at r = 1, d = 0
+    (fresh running statistics equal to the batch's are not needed: limits 1 and 0 clamp
+    r, d to those) is plain batch norm."""
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 2 + 1
+    extras = {"plain": {}, "ghost": {"virtual_batch_size": shape[0] // 2},
+              "renorm": {"renorm": bn.Renorm(r_max=1.0, d_max=0.0)}}[kind]  # fmt: skip
+    ours = bn.BatchNorm2d(shape[1], **extras)
+    theirs = torch.nn.BatchNorm2d(shape[1])
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+    ours.load_state_dict(theirs.state_dict())
+
+    def torch_layer(z):
+        if kind != "ghost":
+            return theirs(z)
+        return torch.cat([theirs(part) for part in z.chunk(2)])
+
+    torch_layer.weight = theirs.weight
+    got = _penalty(ours, x.clone().requires_grad_())
+    want = _penalty(torch_layer, x.clone().requires_grad_())
+    for a, b in zip(got, want):
+        assert a is not None, "a second-order gradient was silently lost"
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_double_backward_through_sync_batch_norm_raises():
+    from batchnorm import functional as F
+
+    class LocalSync:  # one process: the reductions are the identity
+        def reduce_stats(self, local):
+            return local
+
+        def reduce_grads(self, sums):
+            return sums
+
+    x = torch.randn(8, 4, requires_grad=True)
+    y = F.batch_norm(x, None, None, training=True, sync=LocalSync(), backend="reference").pow(3).sum()
+    with pytest.raises(RuntimeError, match="SyncBatchNorm"):
+        torch.autograd.grad(y, x, create_graph=True)
+    assert torch.autograd.grad(y, x)[0].shape == x.shape  # first order still works
+
+
+def test_in_place_ops_hooks_and_pickling(shape):
+    ours = bn.BatchNorm2d(shape[1])
+    seen = []
+    hook = ours.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    x = torch.randn(shape, requires_grad=True)
+    y = ours(x)
+    y.relu_()  # in place on our output, as torchvision's blocks do
+    y.sum().backward()
+    assert seen == [torch.Size(shape)] and x.grad is not None
+    hook.remove()  # a lambda cannot be pickled
+    restored = pickle.loads(pickle.dumps(ours))
+    copied = copy.deepcopy(ours)
+    ours.eval()
+    for other in (restored, copied):
+        other.eval()
+        _close(other(x.detach()), ours(x.detach()))
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_activation_checkpointing_counts_the_batch_once(shape, reentrant):
+    """torch.utils.checkpoint recomputes the forward in backward; torch's layer then folds the
+    batch in twice (a known torch bug); ours once: the same running statistics, gradients and
+    count as without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    plain, _ = _pair(shape)
+    checkpointed, theirs = _pair(shape)
+    x = torch.randn(shape)
+    xs = [x.clone().requires_grad_() for _ in range(3)]
+    plain(xs[0]).square().sum().backward()
+    checkpoint(checkpointed, xs[1], use_reentrant=reentrant).square().sum().backward()
+    checkpoint(theirs, xs[2], use_reentrant=reentrant).square().sum().backward()
+    assert theirs.num_batches_tracked.item() == 2  # torch's: the recomputation counted too
+    assert checkpointed.num_batches_tracked.item() == plain.num_batches_tracked.item() == 1
+    torch.testing.assert_close(checkpointed.running_mean, plain.running_mean)
+    torch.testing.assert_close(checkpointed.running_var, plain.running_var)
+    torch.testing.assert_close(xs[1].grad, xs[0].grad)

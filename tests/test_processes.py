@@ -1,0 +1,84 @@
+"""The layer in the processes users run it in: DataLoader workers forked from a process whose
+kernels ran threads, and installs where nothing next to the package (nor HOME) is writable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import batchnorm as bn
+from batchnorm.backends import numba_kernels
+
+pytestmark = pytest.mark.skipif(numba_kernels.MISSING is not None, reason="numba is not importable")
+
+
+class _Normalized(torch.utils.data.Dataset):
+    """Each item runs the layer in the worker, at a size whose kernel runs threads."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        torch.manual_seed(i)
+        with torch.no_grad():
+            return self.layer(torch.randn(16, 16, 16, 16)).std()
+
+
+def test_forked_dataloader_workers_run_the_layer_after_the_parent_trained():
+    layer = bn.BatchNorm2d(16, backend="numba")
+    x = torch.randn(16, 16, 16, 16, requires_grad=True)
+    assert x.numel() >= numba_kernels.PARALLEL_NUMEL  # the parent starts OpenMP threads
+    layer(x).sum().backward()
+    loader = torch.utils.data.DataLoader(
+        _Normalized(layer), num_workers=2, batch_size=2, multiprocessing_context="fork"
+    )
+    in_workers = torch.cat(list(loader))
+    in_parent = torch.stack([_Normalized(layer)[i] for i in range(4)])
+    assert torch.equal(in_workers, in_parent)  # serial kernels in the children: the same bits
+
+
+# A process in which no folder can be written except, when ALLOW is set, the folders under it:
+# numba checks a cache folder by creating a temporary file there.
+_READ_ONLY = textwrap.dedent(
+    """
+    import os, tempfile, warnings
+    allowed, real = os.environ.get("ALLOW"), tempfile.TemporaryFile
+    def read_only(*args, dir=None, **kwargs):
+        if allowed and dir and os.path.realpath(dir).startswith(os.path.realpath(allowed)):
+            return real(*args, dir=dir, **kwargs)
+        raise PermissionError(13, "Read-only file system", dir)
+    tempfile.TemporaryFile = read_only
+    warnings.simplefilter("always")
+    import torch, batchnorm as bn
+    x = torch.randn(8, 4, 5)
+    for backend in ("aten", "numba"):
+        y = bn.functional.batch_norm(x, None, None, training=True, backend=backend)
+        assert torch.allclose(y, torch.nn.functional.batch_norm(x, None, None, training=True), atol=1e-5)
+    print("ran")
+    """
+)
+
+
+@pytest.mark.parametrize("temp_writable", [True, False], ids=["temp-dir-writable", "nothing-writable"])
+def test_a_read_only_install_imports_and_runs(tmp_path, temp_writable):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(HOME=str(tmp_path / "home"), TMPDIR=str(temp))
+    if temp_writable:
+        env["ALLOW"] = str(temp)
+    done = subprocess.run([sys.executable, "-c", _READ_ONLY], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "ran" in done.stdout, done.stderr[-3000:]
+    if temp_writable:
+        assert done.stderr.count("the kernels are cached in") == 1, done.stderr[-3000:]
+        assert any(temp.glob("batchnorm-numba-cache-*/**/*.nbi"))
+    else:
+        assert done.stderr.count("no writable folder for numba's cache") == 1, done.stderr[-3000:]
