@@ -105,18 +105,12 @@ def _merge_across_processes(layers, local: dict[str, _Merged]) -> None:
     processes or more) by their merge over the processes: one all_gather per group of the
     flat (count, mean, m2) of all its layers (zeros for a layer with nothing kept), merged in
     process order, so every process gets the same statistics."""
-    groups: list[tuple[object, list]] = []
+    groups: dict[int, tuple[object, list]] = {}  # by id: in the layers' order, the same everywhere
     for path, m in layers:
         group = active_group(m.process_group) if isinstance(m, (SyncBatchNorm, nn.SyncBatchNorm)) else None
-        if group is None:
-            continue
-        for known, members in groups:
-            if known is group:
-                members.append((path, m))
-                break
-        else:
-            groups.append((group, [(path, m)]))
-    for group, members in groups:
+        if group is not None:
+            groups.setdefault(id(group), (group, []))[1].append((path, m))
+    for group, members in groups.values():
         device = members[0][1].running_mean.device
         parts = []
         for path, m in members:
