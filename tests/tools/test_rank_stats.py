@@ -52,6 +52,11 @@ def _entry(rank: int, world: int) -> dict:
     restored, _ = bn.stats_restore(merged, changes.previous, inplace=False)
     equal, _ = merge_rank_stats(model, inplace=False)
     broadcast, _ = merge_rank_stats(model, source=0, inplace=False)
+    try:
+        merge_rank_stats(model, count=0, inplace=False)
+        nothing = None
+    except ValueError as error:  # on every process alike: the decision reads the gathered counts
+        nothing = str(error)
     if rank == 2:  # a diverged process: its statistics of the stem are not finite
         model.stem[1].running_var[0] = float("nan")
     guarded, guarded_changes = merge_rank_stats(bn.convert(model)[0], count=seen)
@@ -63,6 +68,7 @@ def _entry(rank: int, world: int) -> dict:
         "broadcast": _stats(broadcast),
         "guarded": _stats(guarded),
         "changes": changes.changed,
+        "nothing": nothing,
         "guarded_changes": guarded_changes.changed,
     }
 
@@ -101,6 +107,11 @@ def test_every_process_gets_the_count_weighted_merge(results):
     averaged = torch.stack([b["stem.1.running_var"] for b in before]).mean(0)
     assert (results[0]["equal"]["stem.1.running_var"] / averaged - 1).abs().max() > 0.2
     assert results[0]["changes"][0] == ("stem.1", "merged over 3 processes (weights 24, 40, 64)")
+
+
+def test_counts_of_zero_everywhere_are_refused_on_every_process(results):
+    for r in results:
+        assert r["nothing"] == "merge_rank_stats: every process passed count=0 ([0.0, 0.0, 0.0]); nothing to merge"
 
 
 def test_the_statistics_before_are_kept_for_stats_restore(results):
