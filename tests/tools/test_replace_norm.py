@@ -80,3 +80,13 @@ def test_frozen_freezes_and_frozen_layers_are_skipped():
     assert not changes.changed and {p for p, _ in changes.skipped} == {"1", "2"}
     with pytest.raises(ValueError, match="kind must be"):
         replace_norm(model, "instance")
+
+
+def test_sync_and_lazy_layers_and_bad_groups():
+    model = nn.Sequential(bn.SyncBatchNorm(8), nn.LazyBatchNorm2d(), nn.BatchNorm2d(48))
+    _, changes = replace_norm(model, "group")
+    assert type(model[0]) is GroupNormAct and model[0].num_groups == 8
+    assert type(model[2]) is nn.GroupNorm and model[2].num_groups == 24  # 48 channels: 24 divides, 32 does not
+    assert changes.skipped == [("1", "an uninitialized Lazy module: run one forward first")]
+    with pytest.raises(ValueError, match="groups must be"):
+        replace_norm(model, "group", groups=0)
