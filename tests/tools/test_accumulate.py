@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import batchnorm as bn
 from batchnorm.tools import accumulate, recalibrate
@@ -120,6 +121,19 @@ def test_a_non_finite_micro_batch_is_left_out():
         what = "one update from 2 micro-batches (16 values per channel); 1 left out (non-finite values)"
         assert changes.changed == [("", what)]
         assert int(layer.num_batches_tracked) == 1
+
+
+def test_activation_checkpointing_merges_the_recomputed_forward_again():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    micro = [torch.randn(8, 3) for _ in range(2)]
+    with accumulate(model) as changes:
+        for x in micro:
+            checkpoint(model, x, use_reentrant=False).sum().backward()
+    assert changes.changed == [("1", "one update from 4 micro-batches (32 values per channel)")]
+    with torch.no_grad():
+        z = torch.cat([model[0](x) for x in micro]).double()
+    torch.testing.assert_close(model[1].running_mean, (0.1 * z.mean(0)).float())  # the same mean
 
 
 def test_an_exception_or_evaluation_mode_updates_nothing():
