@@ -113,7 +113,7 @@ def batch_norm(
         variants.chunks(max(x.shape[0], 1), virtual_batch_size, 1)  # validates k
     if sync is not None and (mask is not None or virtual_batch_size is not None):
         raise ValueError("masks and ghost batches are not supported together with SyncBatchNorm")
-    be = backends.resolve(backend, x).backend  # once: every path and chunk of this call runs it
+    be = backends.resolve(backend, x, activation, residual is not None).backend  # once: every path and chunk runs it
     batch_stats = training or running_mean is None
     call = Call(
         x, running_mean, running_var, weight, bias, batch_stats, momentum, eps,

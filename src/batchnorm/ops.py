@@ -55,6 +55,7 @@ try:
     from .backends.numba_kernels import fold_running as _fold_running_cpu
 except ImportError:  # pragma: no cover - numba is a dependency; the torch rule serves without it
     _fold_running_cpu = None
+from .backends import numba_warmup
 
 
 class Fold(NamedTuple):
@@ -168,7 +169,7 @@ def _stored_var(var: Tensor, x: Tensor, unbiased: bool) -> Tensor:
 def _commit(running_mean, running_var, num_batches_tracked, mean, var, momentum) -> bool | Tensor:
     """The rule (`update_running`) in eager mode: for fp32/fp64 buffers on the CPU one numba
     call on numpy views (a few microseconds where the tensor ops cost tens), else tensor ops."""
-    if _fold_running_cpu is not None and _numpy_viewable(running_mean, running_var, mean, var):
+    if _numpy_viewable(running_mean, running_var, mean, var) and _numba_rule_ready(mean.dtype, running_mean):
         return _fold_cpu(running_mean, running_var, num_batches_tracked, mean.numpy(), var.numpy(), momentum)
     return update_running(running_mean, running_var, mean, var, momentum, num_batches_tracked)
 
@@ -190,13 +191,29 @@ def _numpy_viewable(*tensors: Tensor) -> bool:
     )
 
 
+def _numba_rule_ready(stats_dtype: torch.dtype, running: Tensor) -> bool:
+    """Whether the rule's numba form is compiled for these dtypes (numba_warmup.py: it compiles
+    in the background meanwhile, and the tensor ops of update_running serve)."""
+    if _fold_running_cpu is None:
+        return False
+    key = ("fold_running", stats_dtype, running.dtype)
+
+    def compile_rule():
+        a, b = (np.float64 if t == torch.float64 else np.float32 for t in (stats_dtype, running.dtype))
+        _fold_running_cpu(np.zeros(1, a), np.ones(1, a), 0.1, np.zeros(1, b), np.ones(1, b))
+
+    return numba_warmup.ready(key, compile_rule)
+
+
 def _batch_scratch(x: Tensor, running_mean: Tensor, running_var: Tensor) -> tuple[Tensor | None, np.ndarray | None]:
     """The (2, C) rows torch's kernel writes the batch's (mean, unbiased var) into. When the
     rule can run in numba (CPU, numpy-viewable buffers) they are allocated by numpy and
     shared with torch, so that the fold reads them without a conversion (a fresh tensor's
     `.numpy()` costs microseconds, as much as the fold itself); (None, None) otherwise, and
     native_batch_norm allocates them."""
-    if _fold_running_cpu is None or not (x.is_cpu and _numpy_viewable(running_mean, running_var)):
+    if not (x.is_cpu and _numpy_viewable(running_mean, running_var)):
+        return None, None
+    if not _numba_rule_ready(acc_dtype(x.dtype), running_mean):
         return None, None
     arrays = np.zeros((2, x.shape[1]), dtype=np.float64 if x.dtype == torch.float64 else np.float32)
     return torch.from_numpy(arrays), arrays

@@ -63,8 +63,9 @@ class Choice(NamedTuple):
     reason: str  # why this one: "forced", "auto", or the fallback's cause
 
 
-def resolve(name: str | None, x: Tensor) -> Choice:
-    """The backend that will run `x` for a request of `name` ("auto", a name, or None = env)."""
+def resolve(name: str | None, x: Tensor, activation: str | None = None, has_residual: bool = False) -> Choice:
+    """The backend that will run `x` for a request of `name` ("auto", a name, or None = env),
+    with that activation and residual: "auto" skips a backend not `ready` for the call yet."""
     requested = name or os.environ.get(ENV_VAR) or "auto"
     fallback = _REGISTRY["aten"]
     if requested != "auto":
@@ -79,7 +80,12 @@ def resolve(name: str | None, x: Tensor) -> Choice:
         return Choice(fallback, "export: torch's standard ops")
     for backend in _AUTO_ORDER:
         # preferred() first: it is the cheap question, and usually the deciding one
-        if backend.preferred(x) and backend.unavailable() is None and backend.unsupported(x) is None:
+        if (
+            backend.preferred(x)
+            and backend.unavailable() is None
+            and backend.unsupported(x) is None
+            and backend.ready(x, activation, has_residual)
+        ):
             return Choice(backend, "auto")
     return Choice(fallback, "auto")
 

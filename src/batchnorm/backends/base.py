@@ -64,6 +64,11 @@ class Backend:
         """Whether `auto` should choose this backend for `x` (e.g. above a measured size)."""
         return False
 
+    def ready(self, x: Tensor, activation: str | None, has_residual: bool) -> bool:
+        """Whether this backend can run such a call now without waiting (a compiler's first
+        use); `auto` takes another backend meanwhile. May start that work in the background."""
+        return True
+
     def takes_plain_evaluation(self, x: Tensor) -> bool:
         """Whether evaluation with nothing fused (no activation, no residual), one affine pass,
         should run here rather than in torch's kernel (cheaper to call) for input x."""

@@ -22,6 +22,7 @@ from torch import Tensor
 from .. import activations, layout, modes
 from ..channel_params import acc_dtype
 from . import numba_kernels as kernels
+from . import numba_warmup
 from .base import CENTER, INVSTD, N_PARAMS, SCALE, SHIFT, VAR, XHAT_SHIFT, Backend
 from .output_pool import OutputPool
 
@@ -145,18 +146,22 @@ def _forward(xv, rv, *, activation, train, write, gamma, beta, eps, channel: Cha
     has_res, code = rv is not None, _ACT_CODE[activation]
     args = (xv, xv if rv is None else rv, has_res, code, train, write, gamma, beta, eps,
             *channel, m2, y, update, factor, unbiased, running_mean, running_var)  # fmt: skip
+    size = xv.size if size is None else size
     if xv.ndim == 3:
-        run = kernels.kernel("ncl_forward", xv.size, has_res, code)
+        run = kernels.kernel("ncl_forward", size, has_res, code)
         finite = run(*args, _ncl_lanes(xv), np.empty((2, xv.shape[1])))
     else:
-        finite = kernels.kernel("mc_forward", xv.size, has_res, code)(*args, *_mc_scratch(xv))
+        finite = kernels.kernel("mc_forward", size, has_res, code)(*args, *_mc_scratch(xv))
     return (y if write else None), m2, finite
 
 
-def _backward(dyv, xv, rv, *, activation, channel: ChannelParams, reduce, write, batch_stats, mean_d, mean_dxh):
+def _backward(
+    dyv, xv, rv, *, activation, channel: ChannelParams, reduce, write, batch_stats, mean_d, mean_dxh, size=None
+):  # fmt: skip
     """Run the backward kernel: `reduce` the sums (sum_d, sum_dxh), and with `batch_stats`
     write their means into mean_d and mean_dxh; `write` dx (and dres with a residual) from
-    mean_d and mean_dxh. Returns (sum_d, sum_dxh, dx or None, dres or None) as numpy."""
+    mean_d and mean_dxh; `size` as for `_forward`. Returns (sum_d, sum_dxh, dx or None,
+    dres or None) as numpy."""
     channels = xv.shape[1]
     sum_d, sum_dxh = np.zeros((2, channels), xv.dtype)
     dx = _empty_like(xv) if write else xv  # never written when not `write`
@@ -164,11 +169,39 @@ def _backward(dyv, xv, rv, *, activation, channel: ChannelParams, reduce, write,
     has_res, code = rv is not None, _ACT_CODE[activation]
     args = (dyv, xv, xv if rv is None else rv, has_res, code, *channel,
             reduce, write, batch_stats, sum_d, sum_dxh, mean_d, mean_dxh, dx, dres)  # fmt: skip
+    size = xv.size if size is None else size
     if xv.ndim == 3:
-        kernels.kernel("ncl_backward", xv.size, has_res, code)(*args, np.empty((2, channels)))
+        kernels.kernel("ncl_backward", size, has_res, code)(*args, np.empty((2, channels)))
     else:
-        kernels.kernel("mc_backward", xv.size, has_res, code)(*args, *_mc_scratch(xv))
+        kernels.kernel("mc_backward", size, has_res, code)(*args, *_mc_scratch(xv))
     return sum_d, sum_dxh, (dx if write else None), (dres if write and rv is not None else None)
+
+
+class Case(NamedTuple):
+    """What selects one compiled variant of the kernels (numba_kernels.py): the dtype, the
+    canonical view's rank (3: (N, C, L), 2: (M, C)), threads or not, residual or not, and the
+    activation's code."""
+
+    dtype: torch.dtype
+    ndim: int
+    threads: bool
+    has_res: bool
+    code: int
+
+
+def _compile_case(case: Case) -> None:
+    """Compile (or load from numba's cache) a case's forward and backward kernels by running
+    them on a tiny input of its dtype and rank (numba compiles for argument types, not sizes)."""
+    dtype = np.float64 if case.dtype == torch.float64 else np.float32
+    xv = np.ones((2, 3, 4) if case.ndim == 3 else (4, 3), dtype)
+    rv = xv.copy() if case.has_res else None
+    ones, size = np.ones(3, dtype), kernels.PARALLEL_NUMEL if case.threads else 0
+    channel = ChannelParams.empty(3, xv.dtype)
+    activation = activations.NAMES[case.code]
+    _forward(xv, rv, activation=activation, train=True, write=True, gamma=ones, beta=ones, eps=1e-5,
+             channel=channel, size=size)  # fmt: skip
+    _backward(xv, xv, rv, activation=activation, channel=channel, reduce=True, write=True, batch_stats=True,
+              mean_d=ones.copy(), mean_dxh=ones.copy(), size=size)  # fmt: skip
 
 
 class NumbaBackend(Backend):
@@ -204,6 +237,16 @@ class NumbaBackend(Backend):
         # contiguous crossover holds for both.
         channels_last = x.dim() > 2 and not x.is_contiguous() and not modes.compiling()
         return x.numel() >= (CROSSOVER_NUMEL_CHANNELS_LAST if channels_last else CROSSOVER_NUMEL)
+
+    def ready(self, x: Tensor, activation: str | None, has_residual: bool) -> bool:
+        """Whether this call's kernels are compiled (numba_warmup.py: until then `auto` runs
+        torch's kernel and they compile in the background). A traced call compiles in the op."""
+        if modes.traced():
+            return True
+        code = _ACT_CODE[activation if activation in self.fused_activations else None]
+        ndim = 3 if layout.kind_of(x) == "ncl" else 2
+        case = Case(x.dtype, ndim, kernels.threaded(x.numel()), has_residual, code)
+        return numba_warmup.ready(case, lambda: _compile_case(case))
 
     def takes_plain_evaluation(self, x: Tensor) -> bool:
         """Plain evaluation is one affine pass with nothing to fuse: below _HUGE_BYTES torch's

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import types
 
 import numpy as np
@@ -593,7 +594,28 @@ def compiled(name: str, parallel: bool, has_res: bool, kind: int):
     return _jit(parallel=parallel)(numba_cache.unique_name(copy, name))
 
 
+# A process forked from one whose kernels ran threads (DataLoader workers, fork-based
+# multiprocessing) must not start a parallel region: GNU OpenMP, numba's threading layer here,
+# aborts the child ("fork() called from a process already using GNU OpenMP"). Forked children
+# run the serial kernels, which give the same bits.
+_forked = False
+
+
+def _mark_forked() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
+
+
+def threaded(size: int) -> bool:
+    """Whether a call on `size` elements runs the threaded kernel: from PARALLEL_NUMEL
+    elements on, and never in a forked child."""
+    return size >= PARALLEL_NUMEL and not _forked
+
+
 def kernel(name: str, size: int, has_res: bool, code: int):
-    """The compiled kernel for a call: threads from PARALLEL_NUMEL elements on, none below;
-    the case of `has_res` and the activation `code`."""
-    return compiled(name, size >= PARALLEL_NUMEL, has_res, min(code, SMOOTH))
+    """The compiled kernel for a call on `size` elements (`threaded` or not), the case of
+    `has_res` and the activation `code`."""
+    return compiled(name, threaded(size), has_res, min(code, SMOOTH))
