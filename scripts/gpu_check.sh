@@ -19,6 +19,8 @@
 #      -> docs/bench/train-cuda.txt
 #   5. head to head on a few rows: the tiles and single-read sizes in use against the
 #      earlier, lower-occupancy ones -> docs/bench/triton-designs-cuda.txt
+#   5b. the default CUDA path (backend "aten") against torch.nn.BatchNorm2d: times, and
+#      whether both launch the same kernels (cuDNN)  -> docs/bench/aten-vs-torch-cuda.txt
 #   6. the dispatch rule regenerated from the recorded runs -> src/batchnorm/backends/gpu_rule.json
 #
 # Each step has a time cap inside one overall deadline (GPU_CHECK_SECONDS, default 540), and a
@@ -139,6 +141,31 @@ for shape in ROWS:
         say(f"{shape} {str(dtype)[6:]}: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
 PY
 
+# The default CUDA path (aten) must run torch's own kernels (cuDNN where it applies): our layer
+# with backend="aten" against torch.nn.BatchNorm2d, forward + backward, and the kernels each
+# launches, by name (torch.profiler), so that a difference shows which kernel differs.
+step aten 40 "$PY" - <<'PY'
+import torch, triton.testing
+import batchnorm as bn
+
+out = open("docs/bench/aten-vs-torch-cuda.txt", "w")
+for shape, dtype in [((64, 256, 56, 56), torch.float32), ((64, 256, 56, 56), torch.bfloat16), ((256, 2048, 7, 7), torch.bfloat16)]:
+    x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+    times, kernels = {}, {}
+    for name, layer in (("torch", torch.nn.BatchNorm2d(shape[1])), ("ours aten", bn.BatchNorm2d(shape[1], backend="aten"))):
+        layer = layer.cuda().to(dtype)
+        step = lambda: layer(x).backward(torch.ones_like(x))
+        times[name] = triton.testing.do_bench(step, warmup=5, rep=40) * 1e3
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        kernels[name] = sorted({e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})
+    line = f"{shape} {str(dtype)[6:]}: " + ", ".join(f"{k} {v:.1f} us" for k, v in times.items())
+    line += f"; same kernels: {kernels['torch'] == kernels['ours aten']}"
+    print(line)
+    out.write(line + "\n" + "\n".join(f"  {k}: {v}" for k, v in kernels.items()) + "\n")
+PY
+
 DEADLINE=$(( DEADLINE + 30 ))
 step rule 25 "$PY" -m batchnorm_lab.cli bench gpu-rule
 
@@ -148,7 +175,7 @@ if [[ -n "${OUT:-}" ]]; then
     cp "$LOG" "$OUT/gpu-check.log"
     tar czf "$OUT/gpu-check.tgz" --ignore-failed-read docs/bench/gpu-machine.json docs/bench/triton-compile-cuda.json \
         docs/bench/triton-compile-cuda.txt docs/bench/triton-tests-cuda.txt docs/bench/triton-tests-cuda.xml \
-        docs/bench/triton-ops-cuda.txt docs/bench/triton-ops-cuda.xml \
+        docs/bench/triton-ops-cuda.txt docs/bench/triton-ops-cuda.xml docs/bench/aten-vs-torch-cuda.txt \
         docs/bench/kernels-cuda-triton.json docs/benchmarks-cuda.md docs/bench/train-cuda.txt \
         docs/bench/triton-designs-cuda.txt docs/bench/gpu-check.log src/batchnorm/backends/gpu_rule.json 2>/dev/null
     echo "wrote $OUT/gpu-check.tgz and $OUT/gpu-check.log"
