@@ -21,7 +21,7 @@ def demo_command(
     out: Annotated[Optional[Path], typer.Option(help="results folder [default: results/demo-<timestamp>]")] = None,
     device: Device = "cpu",
 ) -> None:
-    """Every experiment in a quick configuration, on digits and MNIST-1D (about 1.5 minutes on 2 cores)."""
+    """Every experiment in a quick configuration, on digits and MNIST-1D (under 2 minutes on 2 cores)."""
     from .experiments import EXPERIMENTS, config_for
 
     out = out or Path("results") / f"demo-{datetime.datetime.now():%Y%m%d-%H%M%S}"
@@ -152,7 +152,7 @@ def _run_plan(plan: list[tuple[str, dict]], out: Path, *, resume: bool, title: s
                 console.print(traceback.format_exc(), markup=False, highlight=False)
                 failed.append(name)
     console.print(summary_table(rows, failed))
-    for line in other_init_notes(rows):
+    for line in why_lines(rows) + other_init_notes(rows):
         console.print(line, highlight=False)
     if rows:
         html, markdown = render(out, load_results(out), title=title)
@@ -190,12 +190,37 @@ def summary_table(records: list[dict], failed: list[str] = ()):
     table.add_column("key number", ratio=1)
     table.add_column("time", justify="right", no_wrap=True)
     for record in records:
-        verdict = "[green]held[/]" if record["held"] else "[red]not held[/]"
-        table.add_row(record["experiment"], verdict, record.get("headline") or record["result"],
+        table.add_row(record["experiment"], VERDICT_CELLS[_verdict(record)], record.get("headline") or record["result"],
                       f"{record['seconds']:.0f} s")
     for name in failed:
         table.add_row(name, "[red]failed[/]", "see the error above", "")
     return table
+
+
+# A verdict in a word or two, for the terminal; in the table, coloured.
+SHORT = {"held": "held", "did not hold": "not held", "inconclusive at this length": "inconclusive"}
+VERDICT_CELLS = {verdict: f"[{colour}]{SHORT[verdict]}[/]"
+                 for verdict, colour in zip(SHORT, ("green", "red", "yellow"))}
+
+
+def _verdict(judged: dict) -> str:
+    """A record's verdict, or a check's status (what was saved before there were three
+    values has only `held`)."""
+    return judged.get("verdict") or judged.get("status") or ("held" if judged["held"] else "did not hold")
+
+
+def why_lines(records: list[dict]) -> list[str]:
+    """Why each claim that did not hold did not (one line per failed check: the check and
+    its numbers), and how to settle one that is inconclusive at this length (run it fully)."""
+    lines = []
+    for record in records:
+        name = record["experiment"]
+        if _verdict(record) == "did not hold":
+            lines += [f"{name} - {c['name']}: {c['why']}" if c.get("why") else f"{name} - {c['name']}"
+                      for c in record["checks"] if _verdict(c) == "did not hold"]
+        elif _verdict(record).startswith("inconclusive"):
+            lines.append(f"{name} inconclusive, run fully: batchnorm run {name}")
+    return lines
 
 
 def other_init_notes(records: list[dict]) -> list[str]:
@@ -204,7 +229,7 @@ def other_init_notes(records: list[dict]) -> list[str]:
     notes = []
     for record in records:
         for init, other in record.get("other_inits", {}).items():
-            if other["held"] != record["held"]:
-                notes.append(f"{record['experiment']}: {'held' if other['held'] else 'not held'} with the "
-                             f"'{init}' initialization of the networks without batch norm ({other['headline']})")
+            if _verdict(other) != _verdict(record):
+                notes.append(f"{record['experiment']}: {SHORT[_verdict(other)]} with the '{init}' initialization of "
+                             f"the networks without batch norm ({other['headline']})")
     return notes

@@ -36,10 +36,13 @@ def render(folder: str | Path, records: list[dict], title: str | None = None) ->
         raise ValueError(f"{folder} holds no experiment results (NAME.json files); nothing to report")
     for record in records:
         record["images"] = [_embed(folder / name) for name in record.get("plots", [])]
+        for judged in (record, *record.get("other_inits", {}).values()):
+            _with_verdicts(judged)
     context = {
         "title": title or folder.name,
         "records": records,
-        "held_count": sum(bool(r["held"]) for r in records),
+        "held_count": sum(r["verdict"] == "held" for r in records),
+        "inconclusive_count": sum(r["verdict"].startswith("inconclusive") for r in records),
         "generated": datetime.datetime.now().isoformat(timespec="seconds"),
         "source": str(folder),
     }
@@ -50,12 +53,29 @@ def render(folder: str | Path, records: list[dict], title: str | None = None) ->
         keep_trailing_newline=True,
     )
     env.filters["compact"] = compact
+    env.filters["badge"] = lambda verdict: BADGES.get(verdict, "not")
+    env.filters["answer"] = lambda status: ANSWERS.get(status, status)
     env.filters["cell"] = lambda text: str(text).replace("|", "\\|").replace("\n", " ")
     html = folder / "report.html"
     markdown = folder / "summary.md"
     write_atomic(html, env.get_template("report.html.j2").render(context).encode())
     write_atomic(markdown, env.get_template("summary.md.j2").render(context).encode())
     return html, markdown
+
+
+# The CSS class of a verdict's (or a check's status's) badge.
+BADGES = {"held": "held", "did not hold": "not", "inconclusive at this length": "unsure"}
+# A check's status, as the answer to its question.
+ANSWERS = {"held": "yes", "did not hold": "no", "inconclusive at this length": "inconclusive"}
+
+
+def _with_verdicts(record: dict) -> None:
+    """Give a record saved before verdicts had three values (held, did not hold, inconclusive)
+    its `verdict` and each check its `status` and `why`, from `held`."""
+    record.setdefault("verdict", "held" if record["held"] else "did not hold")
+    for check in record.get("checks") or []:
+        check.setdefault("status", "held" if check["held"] else "did not hold")
+        check.setdefault("why", "")
 
 
 def _embed(path: Path) -> dict:

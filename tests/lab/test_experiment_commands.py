@@ -55,6 +55,38 @@ def test_summary_table_fits_80_columns():
                                          "the networks without batch norm (lr 3 vs None)"]
 
 
+
+def test_why_lines_name_each_failed_check_and_how_to_settle_an_inconclusive_claim():
+    from rich.console import Console
+
+    from batchnorm_lab.experiment_commands import summary_table, why_lines
+
+    def check(name, status, why):
+        return {"name": name, "held": status == "held", "status": status, "why": why}
+
+    records = [
+        {"experiment": "cnn-depth", "verdict": "did not hold", "held": False, "headline": "x", "seconds": 1,
+         "checks": [check("trains with batch norm", "did not hold", "train 78.2%, needs >= 90.0%"),
+                    check("trains poorly without", "held", "-65.4 pts without BN")]},
+        {"experiment": "batch-size", "verdict": "inconclusive at this length", "held": False, "headline": "x",
+         "seconds": 1, "checks": [check("tiny batches hurt", "held", "36.0% vs best 97.7%"),
+                                  check("ghost batches help large batches", "inconclusive at this length", "a")]},
+        {"experiment": "speed", "verdict": "held", "held": True, "headline": "x", "seconds": 1,
+         "checks": [check("fewer steps to the target", "held", "50 vs 350")]},
+        # saved before verdicts had three values: only `held`
+        {"experiment": "noise", "held": False, "headline": "x", "seconds": 1,
+         "checks": [{"name": "noisy batch norm beats no batch norm", "held": False}]},
+    ]
+    assert why_lines(records) == [
+        "cnn-depth - trains with batch norm: train 78.2%, needs >= 90.0%",
+        "batch-size inconclusive, run fully: batchnorm run batch-size",
+        "noise - noisy batch norm beats no batch norm",
+    ]
+    console = Console(width=80, record=True, color_system=None)
+    console.print(summary_table(records))
+    rows = {line.split()[1]: line for line in console.export_text().splitlines() if line.startswith("│ ")}
+    assert "not held" in rows["cnn-depth"] and "inconclusive" in rows["batch-size"] and "held" in rows["speed"]
+
 def test_run_resume_and_report(tmp_path):
     args = ["run", "covariate-shift", "--quick", "--steps", "5", "--seeds", "1", "--out", str(tmp_path)]
     result = runner.invoke(app, args, env={"COLUMNS": "200"})

@@ -6,6 +6,10 @@ Every experiment module has `NAME`, `CLAIM`, `SETUP` (a format string over its c
 the outcome in a sentence; `headline`: its key number in a few words, for the terminal)
 and `plot(record) -> {key: matplotlib Figure}`.
 
+The verdict is `common.judge` of the checks under the config: a config may name checks it is
+too short to power (`unpowered`, the demo's quick ones), which are then "inconclusive at
+this length" rather than held or not (`verdict` in the record; `held` when it is "held").
+
 An experiment with networks without batch norm has `inits` in its config (keys of
 `common.INITS`): it initializes those networks by the first, and `run_into` reruns it with
 each other one and saves that outcome (without plots) under `other_inits`, beside the
@@ -33,6 +37,7 @@ import torch
 
 from . import (
     batch_size,
+    bn_position,
     cnn_depth,
     cnn_learning_rate,
     cnn_speed,
@@ -42,6 +47,7 @@ from . import (
     input_normalization,
     learning_rate,
     noise,
+    small_batch_norms,
     speed,
     test_time,
 )
@@ -52,7 +58,8 @@ from .common import Progress, no_progress
 EXPERIMENTS = {
     m.NAME: m
     for m in (speed, distributions, learning_rate, noise, batch_size, test_time, covariate_shift,
-              input_normalization, cnn_speed, cnn_learning_rate, cnn_depth, cnn_wallclock)
+              input_normalization, cnn_speed, cnn_learning_rate, cnn_depth, bn_position, small_batch_norms,
+              cnn_wallclock)
 }
 # threads: torch's and numba's threads while an experiment runs. These networks are tiny,
 # and several threads on busy cores spin against each other (measured on 2 loaded cores:
@@ -96,21 +103,26 @@ def run_into(name: str, config: dict, out: Path, progress: Progress = no_progres
     with threads(config["threads"]), common.reusing_training() if others_to_run else contextlib.nullcontext():
         outcome = module.run(config, progress)
         others = {init: module.run({**config, "inits": [init]}, progress) for init in others_to_run}
+    verdict = common.judge(outcome["checks"], config)
     record = {
         "experiment": name,
         "claim": module.CLAIM,
         "setup": module.SETUP.format(**config),
         "config": config,
         **outcome,
+        "verdict": verdict,
+        "held": verdict == common.HELD,
         "started": started.isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - clock, 2),
         "environment": environment(config["device"]),
     }
     record.setdefault("headline", outcome["result"])
     if others:
-        record["other_inits"] = {
-            init: {key: other.get(key) for key in ("held", "result", "headline", "checks", "numbers")}
-            for init, other in others.items()}
+        record["other_inits"] = {}
+        for init, other in others.items():
+            other_verdict = common.judge(other["checks"], config)
+            record["other_inits"][init] = {"verdict": other_verdict, "held": other_verdict == common.HELD,
+                                           **{key: other.get(key) for key in ("result", "headline", "checks", "numbers")}}
     record["plots"] = save_plots(module, record, out)
     write_atomic(out / f"{name}.json", json.dumps(record, indent=1, allow_nan=False).encode())
     return record

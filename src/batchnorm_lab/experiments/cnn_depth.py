@@ -29,7 +29,11 @@ SETUP = (
 FULL = {"seeds": [0, 1, 2], "steps": 400, "depths": [4, 10, 20], "channels": 16, "batch_size": 32,
         "momentum": 0.9, "lrs": [0.01, 0.03, 0.1], "trains_bar": 0.9, "gap": 0.1,
         "inits": ["practitioner", "torch"]}
-QUICK = {**FULL, "seeds": [0], "steps": 150, "depths": [12], "lrs": [0.03], "inits": ["practitioner"]}
+# The quick run shows the gap, not the bar: 150 steps leave even the network with batch norm
+# short of 90% training accuracy at depth 12 (78% in the demo), and at the full length one
+# seed of three stays short at depth 20 (86%), so one seed cannot judge the bar.
+QUICK = {**FULL, "seeds": [0], "steps": 150, "depths": [12], "lrs": [0.03], "inits": ["practitioner"],
+         "unpowered": ["trains with batch norm"]}
 ARMS = {"batch norm": True, "no batch norm": False}
 
 
@@ -62,12 +66,15 @@ def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
             "trains with batch norm",
             f"at depth {depth}, the network with batch norm reaches a mean final training accuracy of at least "
             f"{common.pct(config['trains_bar'])} (at its best rate)",
-            bn_acc >= config["trains_bar"], train_acc=bn_acc, best_lr=deepest["batch norm"]["best_lr"]),
+            bn_acc >= config["trains_bar"], why=f"train {common.pct(bn_acc)}, needs >= {common.pct(config['trains_bar'])}",
+            train_acc=bn_acc, best_lr=deepest["batch norm"]["best_lr"]),
         common.record_verdict(
             "trains poorly without",
             f"at depth {depth}, the network without batch norm ends at least {common.pct(config['gap'])} below it "
             "in mean final training accuracy (each at its best rate)",
-            plain_acc <= bn_acc - config["gap"], train_acc={"batch norm": bn_acc, "no batch norm": plain_acc},
+            plain_acc <= bn_acc - config["gap"],
+            why=f"{common.points(plain_acc - bn_acc)} without BN, needs <= {common.points(-config['gap'])}",
+            train_acc={"batch norm": bn_acc, "no batch norm": plain_acc},
             best_lr={arm: row["best_lr"] for arm, row in deepest.items()}),
     ]
     result = "; ".join(

@@ -25,19 +25,19 @@ SETUP = (
     "linear classifier) with and without BatchNorm1d + ReLU after each convolution, mini-batches of "
     "{batch_size}, SGD lr {lr} momentum {momentum}, {steps} steps, test accuracy every {eval_every} "
     "steps. Target: {target_fraction} x the better model's final mean test accuracy. Yardstick: the "
-    "authors' {yardstick} for this CNN (MLP 68%, logistic regression 32%); judged: {judge_yardstick} "
-    "(the batch-norm CNN's mean final test accuracy >= the yardstick)." + common.INIT_SETUP
+    "authors' {yardstick} for this CNN (MLP 68%, logistic regression 32%), reached when the batch-norm "
+    "CNN's mean final test accuracy is at least it." + common.INIT_SETUP
 )
 # lr: the best rate for the network *without* batch norm (He init) in a pilot of 2,000 steps,
 # seed 0, fixed before the full run, so that the baseline trains at its own best rate: final
 # test accuracy 87.2%, 90.2%, 92.6%, 39.6% at 0.01, 0.03, 0.1, 0.3 (with batch norm 93.4%,
 # 94.8%, 94.0%, 94.2%).
 FULL = {"dataset": "mnist1d", "seeds": [0, 1, 2], "steps": 6000, "channels": 25, "batch_size": 100, "lr": 0.1,
-        "momentum": 0.9, "eval_every": 100, "target_fraction": 0.95, "yardstick": 0.94, "judge_yardstick": True,
+        "momentum": 0.9, "eval_every": 100, "target_fraction": 0.95, "yardstick": 0.94,
         "inits": ["practitioner", "torch"]}
-# Too short to reach the yardstick: the demo shows it without judging it.
-QUICK = {**FULL, "seeds": [0], "steps": 500, "eval_every": 50, "judge_yardstick": False,
-         "inits": ["practitioner"]}
+# Too short to reach the yardstick (500 of 6,000 steps): the demo shows it without judging it.
+QUICK = {**FULL, "seeds": [0], "steps": 500, "eval_every": 50, "inits": ["practitioner"],
+         "unpowered": ["reaches the published CNN accuracy"]}
 ARMS = {"batch norm": True, "no batch norm": False}
 # The MNIST-1D authors' test accuracies (their README), shown beside ours.
 PUBLISHED = {"logistic regression": 0.32, "MLP": 0.68, "CNN": 0.94}
@@ -60,15 +60,14 @@ def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
     final = outcome["numbers"]["final_test_acc"]["batch norm"]["mean"]
     yardstick = config["yardstick"]
     outcome["numbers"]["published"] = PUBLISHED
-    if config["judge_yardstick"]:
-        outcome["checks"].append(common.record_verdict(
-            "reaches the published CNN accuracy",
-            f"the CNN with batch norm ends at a mean test accuracy (over seeds) of at least {common.pct(yardstick)}, "
-            "what the MNIST-1D authors report for this CNN",
-            final >= yardstick, final_test_acc=final, yardstick=yardstick))
-        outcome["held"] = common.verdict(outcome["checks"])
-    outcome["result"] += (f"; with BN {common.pct(final)} against the authors' {common.pct(yardstick)} for this "
-                          f"CNN{'' if config['judge_yardstick'] else ' (not judged at this length)'}")
+    outcome["checks"].append(common.record_verdict(
+        "reaches the published CNN accuracy",
+        f"the CNN with batch norm ends at a mean test accuracy (over seeds) of at least {common.pct(yardstick)}, "
+        "what the MNIST-1D authors report for this CNN",
+        final >= yardstick, why=f"{common.pct(final)}, needs >= {common.pct(yardstick)}",
+        final_test_acc=final, yardstick=yardstick))
+    outcome["held"] = common.verdict(outcome["checks"])
+    outcome["result"] += f"; with BN {common.pct(final)} against the authors' {common.pct(yardstick)} for this CNN"
     return outcome
 
 

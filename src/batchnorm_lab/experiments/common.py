@@ -268,15 +268,49 @@ def summary(values: list[float]) -> dict:
     return {"mean": float(array.mean()), "std": float(array.std()), "values": [float(v) for v in values]}
 
 
-def record_verdict(name: str, criterion: str, held: bool, **numbers) -> dict:
+def record_verdict(name: str, criterion: str, held: bool, *, why: str, **numbers) -> dict:
     """The record of one verdict on a claim: what was compared (`criterion`, in words),
-    whether it held, on which numbers. An experiment's records go under its "checks" key."""
-    return {"name": name, "criterion": criterion, "held": bool(held), "numbers": numbers}
+    whether it held, on which numbers, and `why`: the numbers compared in a few words, so
+    that a check that did not hold says by how much (the demo prints it on one line, after
+    the experiment's and the check's names). An experiment's records go under its "checks" key."""
+    return {"name": name, "criterion": criterion, "held": bool(held), "why": why, "numbers": numbers}
 
 
 def verdict(checks: list[dict]) -> bool:
     """Whether a claim held: every one of its verdict records did."""
     return all(c["held"] for c in checks)
+
+
+# A claim's verdict, and each check's. A configuration can be too short or have too few seeds
+# to tell an effect from the noise (the demo's quick ones, for some checks); it names those
+# checks in advance, under "unpowered", and they are "inconclusive at this length" whatever
+# their numbers say, instead of a "held" or "did not hold" that the full run may contradict.
+HELD, NOT_HELD, INCONCLUSIVE = "held", "did not hold", "inconclusive at this length"
+
+
+def judge(checks: list[dict], config: dict) -> str:
+    """The claim's verdict from its checks under `config`, and each check's `status` (set on
+    it): a check named in `config["unpowered"]` is INCONCLUSIVE, the others HELD or
+    NOT_HELD. The claim did not hold when a powered check did not; else it is inconclusive
+    when a check is; else it held."""
+    unpowered = set(config.get("unpowered", ()))
+    unknown = unpowered - {c["name"] for c in checks}
+    if unknown:
+        raise ValueError(f"config names unpowered checks the experiment does not have: {sorted(unknown)}")
+    for check in checks:
+        check["status"] = INCONCLUSIVE if check["name"] in unpowered else HELD if check["held"] else NOT_HELD
+    statuses = {c["status"] for c in checks}
+    return NOT_HELD if NOT_HELD in statuses else INCONCLUSIVE if INCONCLUSIVE in statuses else HELD
+
+
+def points(difference: float) -> str:
+    """A difference of two accuracies in percentage points, signed: "+1.2 pts", "-0.4 pts"."""
+    return f"{100 * difference:+.1f} pts"
+
+
+def fmt_rate(rate: float | None) -> str:
+    """A learning rate, or "none" when no rate of the sweep qualified."""
+    return "none" if rate is None else f"{rate:g}"
 
 
 def pct(x: float) -> str:

@@ -43,10 +43,47 @@ def plain_cnn(sample_shape: tuple[int, int], n_classes: int, *, channels: int, d
     `channels`, the first from 1 channel, each followed by ReLU or by
     `bn.BatchNorm2d(activation="relu")`; then global average pooling and a linear classifier.
     No shortcut: the depth experiment's plain network."""
+    return normed_cnn(sample_shape, n_classes, channels=channels, depth=depth, norm="batch" if batchnorm else "none",
+                      init=init)
+
+
+NORMS = ("none", "batch", "group", "layer")
+POSITIONS = ("before", "after")
+
+
+def normed_cnn(sample_shape: tuple[int, int], n_classes: int, *, channels: int, depth: int, norm: str,
+               position: str = "before", groups: int = 4, init: str = "torch", **bn_options) -> nn.Sequential:
+    """`plain_cnn` with any normalization (NORMS) after each convolution, before the ReLU or
+    after it (POSITIONS).
+
+    - "batch": our `bn.BatchNorm2d` (`bn_options` go to it, e.g. `renorm=`); before the
+      ReLU it fuses the ReLU, after it the layer normalizes the ReLU's output;
+    - "group": torch's GroupNorm of `groups` groups (Wu & He 2018); "layer": GroupNorm of one
+      group, the layer norm of a convolutional layer (over C, H, W per example, as Wu & He
+      compare it); both per example, so independent of the batch;
+    - "none": ReLU only, the convolution with a bias.
+
+    Before the ReLU the convolution has no bias (the normalization's shift replaces it);
+    after it, the ReLU is not shift-invariant, so the convolution keeps its bias."""
+    if norm not in NORMS or position not in POSITIONS:
+        raise ValueError(f"norm must be one of {NORMS} and position one of {POSITIONS}, got {norm!r}, {position!r}")
+
+    def normalization(fused_relu: bool) -> nn.Module:
+        if norm == "batch":
+            return BatchNorm2d(channels, activation="relu" if fused_relu else None, **bn_options)
+        layer = nn.GroupNorm(groups if norm == "group" else 1, channels)
+        return nn.Sequential(layer, nn.ReLU()) if fused_relu else layer
+
     layers: list[nn.Module] = [nn.Unflatten(1, (1, *sample_shape))]
     for i in range(depth):
-        layers.append(nn.Conv2d(1 if i == 0 else channels, channels, 3, padding=1, bias=not batchnorm))
-        layers.append(BatchNorm2d(channels, activation="relu") if batchnorm else nn.ReLU())
+        before = norm != "none" and position == "before"
+        layers.append(nn.Conv2d(1 if i == 0 else channels, channels, 3, padding=1, bias=not before))
+        if norm == "none":
+            layers.append(nn.ReLU())
+        elif before:
+            layers.append(normalization(fused_relu=True))
+        else:
+            layers += [nn.ReLU(), normalization(fused_relu=False)]
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, n_classes)]
     return initialize(nn.Sequential(*layers), "relu", init)
 

@@ -81,7 +81,8 @@ def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
         "adapted statistics beat source statistics",
         "averaged over the three shifts, test accuracy with adapted statistics (bn.adapt) is higher than "
         "with the source statistics",
-        mean_gain > 0, gain_per_shift=gain, mean_gain=mean_gain)]
+        mean_gain > 0, why=f"mean {common.points(mean_gain)}", gain_per_shift=gain,
+        mean_gain=mean_gain)]
     result = "; ".join(f"{kind}: source {common.pct(table['source'][kind]['mean'])} -> adapted "
                        f"{common.pct(table['adapted'][kind]['mean'])}" for kind in SHIFTS)
     return {"numbers": {"test_acc": table, "gain": gain}, "checks": checks, "held": mean_gain > 0, "result": result,

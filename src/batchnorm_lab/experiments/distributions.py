@@ -59,6 +59,7 @@ def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
     held = instability["batch norm"]["mean"] < instability["no batch norm"]["mean"]
     checks = [common.record_verdict(
         "stabler with batch norm", "mean instability over units and seeds is lower with batch norm", held,
+        why=f"{instability['batch norm']['mean']:.3f} with BN vs {instability['no batch norm']['mean']:.3f} without",
         instability={arm: s["mean"] for arm, s in instability.items()})]
     result = (f"instability {instability['batch norm']['mean']:.3f} with BN vs "
               f"{instability['no batch norm']['mean']:.3f} without")

@@ -66,12 +66,15 @@ def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
             "standardized inputs train better",
             "without batch norm, at each input scaling's best learning rate, the mean test accuracy over "
             "the run is higher on standardized inputs",
-            effect["no batch norm"] > 0, gain_from_standardizing=effect["no batch norm"], best_lr=best_lr),
+            effect["no batch norm"] > 0, why=f"{common.points(effect['no batch norm'])}, needs > 0",
+            gain_from_standardizing=effect["no batch norm"], best_lr=best_lr),
         common.record_verdict(
-            "batch norm makes the input scale matter less",
+            "scale matters less with BN",
             "at each arm's best learning rate, the gain (or loss) from standardizing is smaller in size "
             "with batch norm than without",
-            abs(effect["batch norm"]) < abs(effect["no batch norm"]), gain_from_standardizing=effect),
+            abs(effect["batch norm"]) < abs(effect["no batch norm"]),
+            why=f"{common.points(effect['batch norm'])} with BN vs {common.points(effect['no batch norm'])}",
+            gain_from_standardizing=effect),
     ]
     result = ("at each arm's best rate, mean test accuracy over the run: " +
               ", ".join(f"{arm} {common.pct(area[arm])} (lr {best_lr[arm]:g})" for arm in ARMS))

@@ -68,11 +68,14 @@ def compare(points: dict, good_fraction: float) -> dict:
         "larger rates train",
         f"the largest learning rate that trains (no divergence, mean accuracy >= {common.pct(bar)}) "
         "is larger with batch norm",
-        held, bar=bar, largest_rate_that_trains=largest)]
-    result = f"largest rate that trains: {largest['batch norm']} with BN vs {largest['no batch norm']} without"
+        held, why=f"lr {common.fmt_rate(largest['batch norm'])} with BN vs "
+                  f"{common.fmt_rate(largest['no batch norm'])} without",
+        bar=bar, largest_rate_that_trains=largest)]
+    result = (f"largest rate that trains: {common.fmt_rate(largest['batch norm'])} with BN vs "
+              f"{common.fmt_rate(largest['no batch norm'])} without")
     return {"numbers": {"sweep": points, "bar": bar, "largest_rate_that_trains": largest},
             "checks": checks, "held": held, "result": result,
-            "headline": f"lr {largest['batch norm']} vs {largest['no batch norm']}"}
+            "headline": f"lr {common.fmt_rate(largest['batch norm'])} vs {common.fmt_rate(largest['no batch norm'])}"}
 
 
 def plot(result: dict, title: str = "Learning-rate sweep (x: a seed diverged)") -> dict:

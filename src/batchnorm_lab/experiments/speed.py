@@ -54,7 +54,9 @@ def compare(curves: dict[str, list[dict]], target_fraction: float) -> dict:
         "fewer steps to the target",
         f"median over seeds of the steps to reach {common.pct(target)} test accuracy is smaller "
         "with batch norm (a run that never reaches it counts as never)",
-        faster, target=target, steps_to_target=reached, median_steps=median)]
+        faster, why=f"{common.fmt_steps(median['batch norm'])} steps with BN vs "
+                    f"{common.fmt_steps(median['no batch norm'])} without",
+        target=target, steps_to_target=reached, median_steps=median)]
     result = (
         f"to {common.pct(target)}: {common.fmt_steps(median['batch norm'])} steps with BN vs "
         f"{common.fmt_steps(median['no batch norm'])} without; final {common.pct(final['batch norm']['mean'])} vs "

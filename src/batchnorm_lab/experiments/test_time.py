@@ -106,15 +106,18 @@ def _verdict(config, lengths, ewma, precise, per_batch) -> dict:
         common.record_verdict(
             "precise statistics never worse", f"at every momentum and training length, precise statistics "
             f"are at most {common.pct(TOLERANCE)} below the EWMA ones",
-            min(deficit) >= -TOLERANCE, worst=min(deficit)),
+            min(deficit) >= -TOLERANCE, why=f"worst {common.points(min(deficit))}, needs >= "
+                                            f"{common.points(-TOLERANCE)}", worst=min(deficit)),
         common.record_verdict(
             "EWMA statistics can be off", f"in some setting the EWMA statistics are at least "
             f"{common.pct(TOLERANCE)} below precise statistics",
-            max(deficit) >= TOLERANCE, largest_loss=max(deficit)),
+            max(deficit) >= TOLERANCE, why=f"largest {common.points(max(deficit))}, needs >= "
+                                           f"{common.points(TOLERANCE)}", largest_loss=max(deficit)),
         common.record_verdict(
             "small test batches hurt", f"per-batch statistics at test batch size {small} are at least "
             f"{common.pct(TOLERANCE)} below precise statistics (after all {lengths[-1]} steps)",
             batch_acc[small]["mean"] <= final_precise - TOLERANCE,
+            why=f"{common.pct(batch_acc[small]['mean'])} vs precise {common.pct(final_precise)}",
             per_batch=batch_acc[small]["mean"], precise=final_precise),
     ]
     worst = table[deficit.index(max(deficit))]

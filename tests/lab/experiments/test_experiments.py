@@ -15,7 +15,9 @@ from batchnorm_lab.experiments import (
     convnets,
     covariate_shift,
     distributions,
+    learning_rate,
     noise,
+    small_batch_norms,
     speed,
     test_time,
 )
@@ -26,15 +28,16 @@ TINY = {
     "distributions": dict(steps=20, every=5),
     "learning-rate": dict(steps=10, lrs=[0.1, 100.0]),
     "noise": dict(steps=20, eval_every=10),
-    "batch-size": dict(steps=4, batch_sizes=[2, 8, 32]),
+    "batch-size": dict(steps=4, batch_sizes=[2, 8, 32], cnn_batch_sizes=[4, 16], cnn_steps=4, cnn_channels=4),
     "test-time": dict(steps=20, momenta=[0.1, 0.5], lengths=[0.5, 1.0], test_batch_sizes=[1, 2, 16]),
     "covariate-shift": dict(steps=20),
     "input-normalization": dict(steps=20, eval_every=10, lrs=[0.01, 1.0]),
     # teacher: 1-D inputs of 32 features, generated in milliseconds (MNIST-1D takes seconds)
-    "cnn-speed": dict(dataset="teacher", steps=20, eval_every=10, judge_yardstick=True,
-                      inits=["practitioner", "torch"]),
+    "cnn-speed": dict(dataset="teacher", steps=20, eval_every=10, unpowered=[], inits=["practitioner", "torch"]),
     "cnn-learning-rate": dict(steps=30, lrs=[0.1, 100.0], channels=4, blocks=1),
     "cnn-depth": dict(steps=6, depths=[2, 5], lrs=[0.01, 0.1], channels=4),
+    "bn-position": dict(steps=10, eval_every=5, depth=2, channels=4),
+    "small-batch-norms": dict(steps=2, batch_sizes=[2, 8], channels=4, norms=list(small_batch_norms.NORMS)),
     # the fast path needs 2^18 elements per layer: the full width and batch, few steps
     "cnn-wallclock": dict(steps=4, eval_every=2, layer_repeats=2),
 }
@@ -70,11 +73,17 @@ def test_record_is_well_formed(records, name):
     assert saved["experiment"] == name and saved["config"] == config
     assert saved["claim"] == experiments.get(name).CLAIM and "{" not in saved["setup"]
     assert isinstance(saved["held"], bool) and saved["checks"]
-    assert saved["held"] == all(c["held"] for c in saved["checks"])
+    rejudged = [{k: v for k, v in c.items() if k != "status"} for c in saved["checks"]]
+    assert saved["verdict"] == common.judge(rejudged, config) and rejudged == saved["checks"]
+    assert saved["held"] == (saved["verdict"] == common.HELD)
     assert isinstance(saved["headline"], str) and 0 < len(saved["headline"]) <= 40  # fits the demo's table
     for check in saved["checks"]:
         assert check["criterion"] and isinstance(check["held"], bool) and check["numbers"]
+        assert isinstance(check["why"], str) and check["why"]
     assert isinstance(saved["result"], str) and saved["result"]
+    # what people read carries no raw Python value
+    for text in (saved["result"], saved["headline"], *(c["why"] for c in saved["checks"])):
+        assert "None" not in text and "nan" not in text, text
     env = saved["environment"]
     assert env["torch"] == torch.__version__ and env["batchnorm"] and env["python"] and env["machine"]
     assert ticks["total"] is not None and ticks["done"] == ticks["total"]  # the progress bar ends full
@@ -363,3 +372,122 @@ def test_cnn_wallclock_warm_up_compiles_on_copies_and_leaves_the_models_alone():
     for arm, model in models.items():
         assert all(torch.equal(v, before[arm][k]) for k, v in model.state_dict().items())
         assert all(p.grad is None for p in model.parameters())
+
+
+def test_judge_marks_the_checks_a_config_cannot_power_inconclusive():
+    def checks():
+        return [common.record_verdict("a", "a holds", True, why="1 vs 0"),
+                common.record_verdict("b", "b holds", False, why="0 vs 1")]
+
+    judged = checks()
+    assert common.judge(judged, {}) == common.NOT_HELD
+    assert [c["status"] for c in judged] == [common.HELD, common.NOT_HELD]
+    judged = checks()
+    assert common.judge(judged, {"unpowered": ["b"]}) == common.INCONCLUSIVE
+    assert [c["status"] for c in judged] == [common.HELD, common.INCONCLUSIVE]
+    assert common.judge(checks(), {"unpowered": ["a"]}) == common.NOT_HELD  # a powered check failed
+    assert common.judge(checks()[:1], {}) == common.HELD
+    with pytest.raises(ValueError, match="'c'"):
+        common.judge(checks(), {"unpowered": ["c"]})  # a name that is no check
+
+
+def test_every_quick_unpowered_check_exists(records):
+    for name, (record, _, _) in records[1].items():
+        unpowered = experiments.config_for(name, quick=True).get("unpowered", [])
+        assert set(unpowered) <= {c["name"] for c in record["checks"]}, name
+
+
+def test_a_sweep_where_no_rate_trains_says_none_in_words():
+    points = {"batch norm": [{"lr": 0.1, "test_acc": {"mean": 0.9}, "diverged": 0}],
+              "no batch norm": [{"lr": 0.1, "test_acc": {"mean": 0.1}, "diverged": 1}]}
+    outcome = learning_rate.compare(points, 0.9)
+    assert outcome["headline"] == "lr 0.1 vs none" and "none without" in outcome["result"]
+    assert outcome["checks"][0]["why"] == "lr 0.1 with BN vs none without"
+
+
+def test_regularization_effect_and_its_slope_over_the_sizes_where_both_trained():
+    def row(arm, b, gap, diverged=0):
+        return {"arm": arm, "batch_size": b, "gap": {"mean": gap}, "diverged": diverged}
+
+    rows = [row("batch norm", 4, 0.01), row("no batch norm", 4, 0.05),  # effect 0.04
+            row("batch norm", 16, 0.02), row("no batch norm", 16, 0.04),  # 0.02
+            row("batch norm", 64, 0.03), row("no batch norm", 64, 0.03),  # 0.0
+            row("batch norm", 256, 0.03), row("no batch norm", 256, 0.0, diverged=1)]  # left out
+    effect = batch_size.regularization(rows)
+    assert effect["batch_sizes"] == [4, 16, 64]
+    assert np.allclose(effect["effect"], [0.04, 0.02, 0.0])
+    assert effect["slope"] == pytest.approx(-0.01)  # -0.02 per two doublings
+    assert batch_size.regularization(rows[:2])["slope"] is None  # one size: no slope
+
+
+def test_batch_size_judges_the_direction_on_the_mlp_and_the_cnn(records):
+    record = records[1]["batch-size"][0]
+    names = [c["name"] for c in record["checks"]]
+    assert "regularization shrinks (MLP)" in names and "regularization shrinks (CNN)" in names
+    cnn = record["numbers"]["cnn_table"]
+    assert {(r["arm"], r["batch_size"], r["steps"]) for r in cnn} == {
+        (arm, b, steps) for arm in batch_size.KINDS for b, steps in ((4, 32), (16, 8))}  # equal examples
+    assert "batch-size-regularization.png" in record["plots"]
+
+
+def test_normed_cnn_puts_each_normalization_before_or_after_the_relu():
+    from batchnorm.nn import BatchNorm2d
+
+    x = torch.randn(4, 64)
+    before = convnets.normed_cnn((8, 8), 10, channels=4, depth=2, norm="batch", position="before")
+    after = convnets.normed_cnn((8, 8), 10, channels=4, depth=2, norm="batch", position="after")
+    assert before[1].bias is None and isinstance(before[2], BatchNorm2d) and before[2].activation == "relu"
+    assert after[1].bias is not None and isinstance(after[2], torch.nn.ReLU)
+    assert isinstance(after[3], BatchNorm2d) and after[3].activation is None
+    group = convnets.normed_cnn((8, 8), 10, channels=4, depth=2, norm="group", groups=2)
+    layer = convnets.normed_cnn((8, 8), 10, channels=4, depth=2, norm="layer")
+    assert group[2][0].num_groups == 2 and layer[2][0].num_groups == 1 and isinstance(layer[2][1], torch.nn.ReLU)
+    for model in (before, after, group, layer):
+        assert model(x).shape == (4, 10)
+    with pytest.raises(ValueError, match="position"):
+        convnets.normed_cnn((8, 8), 10, channels=4, depth=2, norm="batch", position="between")
+
+
+def test_bn_position_trains_both_placements_on_the_same_seeds(records):
+    numbers = records[1]["bn-position"][0]["numbers"]
+    assert set(numbers["curves"]) == {"before", "after"}
+    for runs in numbers["curves"].values():
+        assert runs[0]["steps"] == [0, 5, 10]
+    assert all(numbers["step_ms"][arm]["mean"] > 0 for arm in ("before", "after"))
+
+
+def test_small_batch_norms_trains_every_norm_at_every_size(records):
+    numbers = records[1]["small-batch-norms"][0]["numbers"]
+    assert set(numbers["table"]) == set(small_batch_norms.NORMS)
+    for rows in numbers["table"].values():
+        assert [(r["batch_size"], r["steps"]) for r in rows] == [(2, 32), (8, 8)]  # equal examples
+
+
+def test_small_batch_norms_checks_on_hand_made_accuracies():
+    def rows(acc):
+        return [{"batch_size": b, "test_acc": {"mean": a}} for b, a in acc.items()]
+
+    config = {"batch_sizes": [2, 32], "tolerance": 0.02}
+    held = small_batch_norms.judge({"group norm": rows({2: 0.95, 32: 0.96}), "batch norm": rows({2: 0.80, 32: 0.97})},
+                                   config)
+    assert [c["held"] for c in held] == [True, True, True]
+    failed = small_batch_norms.judge({"group norm": rows({2: 0.90, 32: 0.96}), "batch norm": rows({2: 0.96, 32: 0.97})},
+                                     config)
+    assert [c["held"] for c in failed] == [False, False, False]
+    assert failed[0]["why"] == "spread 6.0 pts"
+
+
+def test_every_check_that_fails_says_why_on_one_line_at_80_columns(records):
+    """The demo prints one line per failed check: experiment, check and its numbers."""
+    from batchnorm_lab.experiment_commands import why_lines
+
+    for name, (record, _, _) in records[1].items():
+        failed = {**record, "verdict": common.NOT_HELD,
+                  "checks": [{**c, "status": common.NOT_HELD} for c in record["checks"]]}
+        lines = why_lines([failed])
+        assert len(lines) == len(record["checks"])
+        for check, line in zip(record["checks"], lines):
+            assert line == f"{name} - {check['name']}: {check['why']}" and len(line) <= 80, line
+        inconclusive = why_lines([{**record, "verdict": common.INCONCLUSIVE}])
+        assert inconclusive == [f"{name} inconclusive, run fully: batchnorm run {name}"]
+        assert len(inconclusive[0]) <= 80
