@@ -9,6 +9,7 @@ version of it.
 import contextlib
 import copy
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -123,17 +124,30 @@ def test_a_non_finite_micro_batch_is_left_out():
         assert int(layer.num_batches_tracked) == 1
 
 
-def test_activation_checkpointing_merges_the_recomputed_forward_again():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_merges_each_micro_batch_once(reentrant):
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
-    micro = [torch.randn(8, 3) for _ in range(2)]
-    with accumulate(model) as changes:
-        for x in micro:
-            checkpoint(model, x, use_reentrant=False).sum().backward()
-    assert changes.changed == [("1", "one update from 4 micro-batches (32 values per channel)")]
-    with torch.no_grad():
-        z = torch.cat([model[0](x) for x in micro]).double()
-    torch.testing.assert_close(model[1].running_mean, (0.1 * z.mean(0)).float())  # the same mean
+    micro = [torch.randn(8, 3, requires_grad=True) for _ in range(2)]
+    plain, checkpointed = copy.deepcopy(model), copy.deepcopy(model)
+    with accumulate(plain):
+        _micro_step(plain, micro)
+    with accumulate(checkpointed) as changes:
+        for x in micro:  # torch's layer alone would update in the forward and again in backward
+            checkpoint(checkpointed, x, use_reentrant=reentrant).square().mean().backward()
+    assert changes.changed == [("1", "one update from 2 micro-batches (16 values per channel)")]
+    for a, b in zip(checkpointed.state_dict().values(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_statistics_kept_hold_no_micro_batch_alive():
+    layer = nn.BatchNorm1d(3)
+    with accumulate(layer):
+        x = torch.randn(8, 3, requires_grad=True)
+        layer(x).sum().backward()
+        alive = weakref.ref(x)
+        del x
+        assert alive() is None
 
 
 def test_an_exception_or_evaluation_mode_updates_nothing():

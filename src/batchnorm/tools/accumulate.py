@@ -19,8 +19,10 @@ first batch-norm layer this is exactly the update one forward of the concatenate
 would make; a deeper layer's input depends on the normalization before it, which used the
 micro-batches' statistics, so there it is the exact update from the inputs it did see.
 
-A micro-batch whose input to a layer holds a NaN or an infinity is left out of that layer's
-merge (the layer's own guard counts and warns about it as it always does); a layer that
+A forward that activation checkpointing recomputes in backward is not collected again, so a
+checkpointed model gets the same update as without checkpointing (torch's layer, outside
+the block, updates twice). A micro-batch whose input to a layer holds a NaN or an infinity
+is left out of that layer's merge (the layer's own guard counts and warns about it as it always does); a layer that
 saw no finite micro-batch is not updated. A block left by an exception updates nothing.
 Works on torch's layers and ours; frozen layers, layers in evaluation mode and layers
 without running statistics are left alone. A SyncBatchNorm layer, whose every update is
@@ -39,6 +41,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import modes
 from ..distributed import SyncBatchNorm, active_group
 from ..stats import Stats, merge_all, merge_stacked, update_running
 from ._common import Changes, input_stats_hook, require_batchnorm
@@ -77,12 +80,18 @@ def accumulate(model: nn.Module) -> Iterator[Changes]:
 
 def _training_inputs(into: list[Stats]):
     """A forward pre-hook collecting the statistics of the layer's input in the calls that
-    would update its running statistics (training mode), in float64."""
+    would update its running statistics (training mode; not a forward that activation
+    checkpointing recomputes in backward, whose batch was collected once already), in
+    float64."""
     collect = input_stats_hook(into)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if module.training:
-            collect(module, args, kwargs)
+        if module.training and not modes.recomputing():
+            # Without autograd: a graph behind the kept statistics would hold every
+            # micro-batch's input until the block ends (and checkpointing compares the
+            # tensors a forward saves with those its recomputation saves).
+            with torch.no_grad():
+                collect(module, args, kwargs)
 
     return hook
 
