@@ -289,6 +289,28 @@ def test_fuse_where_fx_cannot_trace_finds_the_activations_in_forwards_of_the_exa
     _compare(fused, ref, x)
 
 
+@pytest.mark.parametrize("traceable", [True, False])
+def test_fuse_looks_through_an_identity_between_batch_norm_and_activation(traceable):
+    class Block(nn.Module):
+        """timm's blocks: an identity drop-block between batch norm and activation."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.drop, self.act = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Identity(), nn.ReLU()
+
+        def forward(self, x):
+            if not traceable and x.sum() > 0:
+                x = -x
+            return self.act(self.drop(self.bn(self.conv(x))))
+
+    model = randomize(Block())
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 4, 4)
+    fused, _ = convert(model, fuse=True, example_input=x)
+    assert fused.bn.activation == "relu" and isinstance(fused.act, nn.Identity)
+    _compare(fused, ref, x)
+
+
 def test_revert_keeps_layers_torch_cannot_express():
     model = nn.Sequential(bn.BatchNorm1d(3, virtual_batch_size=4), bn.BatchNorm1d(3, unbiased_running_var=False))
     _, changes = revert(model)

@@ -294,8 +294,8 @@ class _StandardizedConv(nn.Conv2d):
 
 
 def test_subclasses_of_conv_fold_unless_they_override_the_forward():
-    model = nn.Sequential(_SubConv(2, 3, 1), nn.BatchNorm3d(3), nn.Flatten(1, 2), _StandardizedConv(6, 4, 1), nn.BatchNorm2d(4))
-    model = randomize(model, seed=8).eval()
+    layers = (_SubConv(2, 3, 1), nn.BatchNorm3d(3), nn.Flatten(1, 2), _StandardizedConv(6, 4, 1), nn.BatchNorm2d(4))
+    model = randomize(nn.Sequential(*layers), seed=8).eval()
     x = torch.randn(2, 2, 2, 3, 3)
     expected = model(x)
     _, changes = fold(model)

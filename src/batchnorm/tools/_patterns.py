@@ -121,9 +121,12 @@ def sole_user(node: fx.Node) -> fx.Node | None:
 
 
 def consumer_of(node: fx.Node, gm: fx.GraphModule, calls: Counter | None = None) -> Consumer | None:
-    """The sole consumer of `node` taking it as first argument; with `calls`, a module
-    consumer must also be called only there."""
+    """The sole consumer of `node` taking it as first argument, looking through nn.Identity
+    modules (timm's blocks call an identity drop-block between batch norm and activation);
+    with `calls`, a module consumer must also be called only there."""
     user = sole_user(node)
+    while user is not None and user.op == "call_module" and isinstance(gm.get_submodule(user.target), nn.Identity):
+        node, user = user, sole_user(user)
     if user is None or not user.args or user.args[0] is not node:
         return None
     if user.op == "call_module":
@@ -165,18 +168,20 @@ def pairs(model: nn.Module, *, both_modes: bool = False, example_input=None) -> 
 
 
 class _Reads(TorchFunctionMode):
-    """Records, per tensor, the modules being called (paths, outermost first) at each torch
-    operation that reads it. Only the operations the forward calls itself are seen: those
-    inside one run with the mode off."""
+    """Records, per tracked tensor (by id; the caller keeps them alive, so no id is reused),
+    the modules being called (paths, outermost first) at each torch operation that reads
+    it. Only the operations the forward calls itself are seen: those inside one run with
+    the mode off."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stack: list[str] = []
+        self.tracked: set[int] = set()
         self.reads: dict[int, list[tuple[str, ...]]] = defaultdict(list)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         for leaf in _pytree.tree_leaves((args, kwargs or {})):
-            if isinstance(leaf, Tensor):
+            if isinstance(leaf, Tensor) and id(leaf) in self.tracked:
                 self.reads[id(leaf)].append(tuple(self.stack))
         return func(*args, **(kwargs or {}))
 
@@ -192,7 +197,7 @@ def observed_pairs(model: nn.Module, example_input, training: bool) -> list[Pair
     calls: Counter = Counter()
     outputs: dict[str, Tensor] = {}
     takers: dict[int, list[tuple[str, tuple[str, ...]]]] = defaultdict(list)
-    seen: list[Tensor] = []  # kept alive, so no id is reused during the forward
+    seen: list[Tensor] = []  # every tensor keyed by id here, kept alive so that no id is reused
 
     def before(path):
         def hook(module, args):
@@ -209,11 +214,13 @@ def observed_pairs(model: nn.Module, example_input, training: bool) -> list[Pair
             reads.stack.pop()
             if isinstance(output, Tensor) and path not in outputs:
                 outputs[path] = output
+                reads.tracked.add(id(output))
                 seen.append(output)
 
         return hook
 
-    named = [(path, m) for path, m in model.named_modules() if path]
+    # An nn.Identity hands on the very tensor it takes: it is no consumer, only a step.
+    named = [(path, m) for path, m in model.named_modules() if path and not isinstance(m, nn.Identity)]
     handles = [m.register_forward_pre_hook(before(path)) for path, m in named]
     handles += [m.register_forward_hook(after(path), always_call=True) for path, m in named]
     layers = batchnorm_layers(model)

@@ -248,7 +248,7 @@ def _rewrite(gm: fx.GraphModule, path: str, changes: Changes) -> bool:
         shortcut, tail = _residual(node)
         act = consumer_of(tail, gm)  # a shared activation module is fine: only this call goes
         name = activation_name(act) if act is not None else None
-        if name is None:
+        if name is None or act.node.args[0] is not tail:  # an identity between: fused in place, if at all
             continue
         with gm.graph.inserting_before(act.node):
             args = (node.args[0],) if shortcut is None else (node.args[0], shortcut)

@@ -164,8 +164,9 @@ def _producers(model: nn.Module, changes: Changes, example_input) -> dict[str, s
     return {
         p.consumer.path: p.producer
         for p in found
-        if p.consumer.path is not None and is_batchnorm(p.consumer.op) and is_plain_layer(model.get_submodule(p.producer))
-    }
+        if p.consumer.path is not None and is_batchnorm(p.consumer.op)
+        and is_plain_layer(model.get_submodule(p.producer))
+    }  # fmt: skip
 
 
 @torch.no_grad()
