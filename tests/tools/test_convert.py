@@ -381,8 +381,7 @@ def test_torch_ao_fuse_modules_refuses_a_layer_with_extras():
 
 
 def test_torch_ao_prepare_fx_takes_a_model_with_our_layers():
-    model = randomize(ResNet()).eval()
-    convert(model, fuse=True)
+    model, _ = convert(randomize(ResNet()).eval(), fuse=True)
     x = torch.randn(2, 3, 8, 8)
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_fx
@@ -390,3 +389,17 @@ def test_torch_ao_prepare_fx_takes_a_model_with_our_layers():
     with pytest.warns(DeprecationWarning):  # torch.ao.quantization's notice
         prepared = prepare_fx(model, get_default_qconfig_mapping(), (x,))
     torch.testing.assert_close(prepared(x), model(x))
+
+
+def test_torchvision_create_feature_extractor_takes_a_model_with_our_layers():
+    need("torchvision")
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    ref = randomize(ResNet())
+    model, _ = convert(copy.deepcopy(ref), fuse=True)
+    nodes = {"layer1": "features", "head": "logits"}
+    extractor, expected = create_feature_extractor(model, nodes), create_feature_extractor(ref, nodes)
+    x = torch.randn(2, 3, 8, 8)
+    for training in (True, False):  # its layers follow the mode as torch's do
+        extractor.train(training), expected.train(training)
+        torch.testing.assert_close(extractor(x), expected(x), rtol=1e-5, atol=1e-6)
