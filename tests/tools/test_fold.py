@@ -276,6 +276,29 @@ def test_where_fx_cannot_trace_a_forward_of_the_example_finds_what_to_fold():
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
+class _ReturnsTheConvOutput(nn.Module):
+    """Untraceable; the conv's output is read by its batch norm alone, but also returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        y = self.conv(x)
+        return self.bn(y), y
+
+
+def test_where_fx_cannot_trace_an_output_the_model_returns_is_not_folded_into():
+    model = randomize(_ReturnsTheConvOutput(), seed=9).eval()
+    x = torch.randn(2, 3, 4, 4)
+    expected = model(x)
+    _, changes = fold(model, example_input=x)
+    assert ("bn", "nothing to fold into: now a per-channel ChannelAffine") in changes.changed
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
 class _SubConv(nn.Conv3d):
     """torchvision's Conv3DSimple: a Conv3d subclass computing a Conv3d."""
 

@@ -180,10 +180,14 @@ class _Reads(TorchFunctionMode):
         self.reads: dict[int, list[tuple[str, ...]]] = defaultdict(list)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        for leaf in _pytree.tree_leaves((args, kwargs or {})):
-            if isinstance(leaf, Tensor) and id(leaf) in self.tracked:
-                self.reads[id(leaf)].append(tuple(self.stack))
+        self.read((args, kwargs or {}), tuple(self.stack))
         return func(*args, **(kwargs or {}))
+
+    def read(self, values, stack: tuple[str, ...]) -> None:
+        """Record a read of every tracked tensor in `values` (any nesting) with `stack`."""
+        for leaf in _pytree.tree_leaves(values):
+            if isinstance(leaf, Tensor) and id(leaf) in self.tracked:
+                self.reads[id(leaf)].append(stack)
 
 
 @torch.no_grad()
@@ -192,7 +196,8 @@ def observed_pairs(model: nn.Module, example_input, training: bool) -> list[Pair
     and modes left as they were: a module called once whose output tensor is the first
     argument of a module called once (the innermost, when containers pass it down) that
     is the only reader of the tensor: every torch operation reading it runs inside that
-    call."""
+    call, and it is neither part of the model's output nor handed on inside a module's
+    tuple or dict output."""
     reads = _Reads()
     calls: Counter = Counter()
     outputs: dict[str, Tensor] = {}
@@ -212,7 +217,9 @@ def observed_pairs(model: nn.Module, example_input, training: bool) -> list[Pair
     def after(path):
         def hook(module, args, output):
             reads.stack.pop()
-            if isinstance(output, Tensor) and path not in outputs:
+            if not isinstance(output, Tensor):
+                reads.read(output, ())  # handed on inside a container: to whom, hooks cannot tell
+            elif path not in outputs:
                 outputs[path] = output
                 reads.tracked.add(id(output))
                 seen.append(output)
@@ -227,7 +234,7 @@ def observed_pairs(model: nn.Module, example_input, training: bool) -> list[Pair
     try:
         with leaves_no_trace(model, layers), frozen_stats(model) if layers else contextlib.nullcontext(), reads:
             model.train(training)
-            run_example(model, example_input, "finding which layer feeds which")
+            reads.read(run_example(model, example_input, "finding which layer feeds which"), ())  # returned
     finally:
         for handle in handles:
             handle.remove()
