@@ -710,3 +710,17 @@ def test_revert_refuses_extras_that_torchs_class_cannot_hold():
     sync[0].unbiased_running_var = False
     with pytest.raises(ValueError, match=r"unbiased_running_var=False.*BatchNorm2d"):
         SyncBatchNorm.revert(sync)
+
+
+def test_convert_refuses_a_layer_whose_forward_does_more_than_batch_norm():
+    """timm's BatchNormAct2d is a BatchNorm2d whose forward applies an activation after it:
+    replacing it by a SyncBatchNorm would silently drop that activation."""
+
+    class NormAct(torch.nn.BatchNorm2d):
+        def forward(self, x):
+            return torch.relu(super().forward(x))
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), NormAct(4))
+    with pytest.raises(ValueError, match="does more in its forward than batch norm"):
+        bn.SyncBatchNorm.convert(model)
+    assert type(model[1]) is NormAct  # nothing changed

@@ -278,3 +278,11 @@ def test_torch_trained_resnet_checkpoint_gives_the_same_eval_outputs():
     torch.testing.assert_close(student(x), teacher(x), rtol=1e-5, atol=1e-6)
     x_cl = x.to(memory_format=torch.channels_last)
     torch.testing.assert_close(student(x_cl), teacher(x_cl), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan")])
+def test_a_bad_eps_is_refused_at_construction(eps):
+    with pytest.raises(ValueError, match="eps must be positive"):
+        bn.BatchNorm2d(4, eps=eps)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        bn.LazyBatchNorm1d(eps=eps)

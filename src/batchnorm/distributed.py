@@ -45,7 +45,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parallel import DistributedDataParallel
 
-from .extras import EXTRA_DEFAULTS, BatchNormExtras, changed_extras, spell_out_extras
+from .extras import EXTRA_DEFAULTS, BatchNormExtras, changed_extras, plain_forward, spell_out_extras
 from .stats import Stats
 
 
@@ -219,6 +219,13 @@ class SyncBatchNorm(BatchNormExtras, _BatchNorm):
         def target(m: torch.nn.Module, path: str) -> type | None:
             if not isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
                 return None
+            if not plain_forward(m):
+                raise ValueError(
+                    f"{type(m).__name__} at {path or 'the top level'} does more in its forward than batch "
+                    "norm (timm's BatchNormAct2d applies its drop and act after normalizing), which a "
+                    "SyncBatchNorm would drop; convert it with bn.convert first, or with its library's own "
+                    "tool (timm.layers.convert_sync_batchnorm)"
+                )
             _check_materialized(m, path)
             return cls
 

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 
 from torch import Tensor, fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional as F
 from . import validation
@@ -92,7 +93,9 @@ class BatchNormExtras:
         return tuple(name for name in EXTRA_DEFAULTS if name not in cls.refused_extras)
 
     def _set_extras(self, extras: dict[str, object]) -> None:
-        """Validate and store the keyword-only extras (shared by the eager and Lazy modules)."""
+        """Validate and store the keyword-only extras (shared by the eager and Lazy modules),
+        and eps, which every call would refuse: better at construction than at the first batch."""
+        validation.validate_eps(self.eps)
         layer = type(self).__name__
         for name in extras:
             if name in self.refused_extras:
@@ -172,6 +175,13 @@ class BatchNormExtras:
         if not self.unbiased_running_var:
             text += ", unbiased_running_var=False"
         return text
+
+
+def plain_forward(module: nn.Module) -> bool:
+    """Whether `module`'s forward is batch norm alone (torch's layers' and ours), not a
+    subclass's that does more with the result (timm's BatchNormAct2d: drop, then act), which
+    a tool replacing the layer would silently drop."""
+    return type(module).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward, BatchNormExtras.forward)
 
 
 def _traced_call(module: nn.Module, input: fx.Proxy, residual, mask) -> fx.Proxy:

@@ -12,8 +12,9 @@ It validates the input, bundles the call (`Call`), names the path that computes 
   torch ops;
 - `Path.SYNC_OUTSIDE_GRAPH`: SyncBatchNorm while a graph is traced: eagerly, outside it.
 
-The last three update the running statistics here, with `stats.update_running` (the op
-layer does it for `Path.OP`). An activation the backend does not fuse
+Every path but `Path.EMPTY` then folds the batch into the running statistics once, in
+`_update_running` (the op layer's `update_running_stats`: stats.update_running's rule).
+An activation the backend does not fuse
 (`Backend.fused_activations`) is applied after the path, as torch's own op. Policy lives
 here; the backends only compute.
 """
@@ -31,7 +32,7 @@ from . import ops
 from .autograd import BatchNormFunction
 from .backends.base import Backend
 from .channel_params import acc_dtype, affine
-from .stats import NonFiniteGuard, Stats, merge_all, update_running
+from .stats import NonFiniteGuard, Stats, merge_all
 from .variants import Renorm
 
 
@@ -194,18 +195,31 @@ def plan(call: Call) -> Path:
 
 
 def _op(call: Call) -> Tensor:
-    """`Path.OP`: the op layer, which also folds the batch into the running statistics."""
+    """`Path.OP`: the op layer; then the batch folded into the running statistics."""
     if call.batch_stats:
         validation.validate_training_batch(call.x)
-    y, accepted = ops.batch_norm(
+    reads_running = not call.batch_stats  # evaluation normalizes with them; training only updates them
+    tracked = call.running_mean is not None and call.running_var is not None
+    y, batch = ops.batch_norm(
         call.x, call.weight, call.bias, call.residual,
-        *((call.running_mean, call.running_var) if call.update or not call.batch_stats else (None, None)),
-        call.num_batches_tracked, call.batch_stats, call.momentum, call.eps, call.activation, call.backend,
-        call.unbiased_running_var,
+        call.running_mean if reads_running else None, call.running_var if reads_running else None,
+        training=call.batch_stats, eps=call.eps, activation=call.activation, backend=call.backend,
+        # whether the statistics are tracked, not `update`: a forward that checkpointing
+        # recomputes must run (and save for backward) exactly what the first one did
+        want_stats=call.batch_stats and tracked,
     )  # fmt: skip
-    if accepted is not None:
-        call.guard.record(accepted)
+    if call.update:
+        _update_running(call, batch)
     return y
+
+
+def _update_running(call: Call, batch: ops.Batch) -> None:
+    """The one place a call folds its batch into the running statistics (every path comes
+    here once per call, ghost chunks merged first), and the guard counts a refused update."""
+    accepted = ops.update_running_stats(
+        call.running_mean, call.running_var, call.num_batches_tracked, batch, call.momentum, call.unbiased_running_var
+    )
+    call.guard.record(accepted)
 
 
 def _policy(call: Call, normalize) -> Tensor:
@@ -237,12 +251,7 @@ def _policy(call: Call, normalize) -> Tensor:
         parts.append(batch)
     y, batch = (outputs[0], parts[0]) if len(parts) == 1 else (torch.cat(outputs, 0), merge_all(parts))
     if call.update:
-        with torch.no_grad():
-            stored_var = batch.unbiased_var if call.unbiased_running_var else batch.var
-            accepted = update_running(
-                call.running_mean, call.running_var, batch.mean, stored_var, call.momentum, call.num_batches_tracked
-            )
-        call.guard.record(accepted)
+        _update_running(call, ops.Batch(batch.mean, batch.unbiased_var, batch.count))
     return y
 
 

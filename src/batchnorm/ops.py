@@ -1,18 +1,22 @@
 """The op layer: plain batch norm (with the fused activation and residual) as one operation,
-in eager mode, under `torch.compile` and under `torch.export`, and the one place where a
-training call folds its batch into the running statistics.
+in eager mode, under `torch.compile` and `torch.export`, and under torch.func transforms;
+and `update_running_stats`, the one running update every path calls.
 
-    batch_norm(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-               training, momentum, eps, activation, backend, unbiased) -> (y, accepted)
+    batch_norm(x, weight, bias, residual, running_mean, running_var, *, training, eps,
+               activation, backend) -> (y, Batch or None)
+
+The op only reads the running statistics (in evaluation); in training it returns the batch's
+statistics (`Batch`), which functional.py folds into the running ones with
+`update_running_stats` (stats.update_running's rule), once per call, whatever the path.
 
 What runs, by mode and backend (`backends.resolve` picks the backend from x's device, dtype,
 size and layout):
 
-- eager, `aten`: torch's own kernel and autograd (`torch.batch_norm`, as torch's module), the extras in
-  torch ops; the batch's statistics come back from it and are folded in by the rule.
+- eager, `aten`: torch's own kernel and autograd (`torch.batch_norm`, as torch's module), the
+  extras in torch ops; the batch's statistics come back from its kernel.
 - eager, a fused backend (numba, triton): `_BatchNormFunction`, an autograd Function over the
-  backend's whole-op `forward`/`backward` (base.py); a backend that `folds_running` (numba)
-  folds the batch in inside its kernel. Under no_grad the kernels run without the Function.
+  backend's whole-op `forward`/`backward` (base.py). Under no_grad the kernels run without
+  the Function.
 - compiled or exported (`modes.compiling()`): the custom operators
   `batchnorm::batch_norm` and `batchnorm::batch_norm_backward` (torch.library), which call
   the very same backend functions, so Inductor sees one opaque op with a fake (meta)
@@ -27,15 +31,10 @@ size and layout):
   exported program runs where this package is not installed and the transforms see ops
   they know how to differentiate and batch.
 
-The rule of the running update is `stats.update_running` (the numba kernels and
-`numba_kernels.fold_running` apply the same per-channel `stats.blend` and the same test); it
-returns whether the update was kept, which the caller counts.
-
-A custom op costs ~35 us per eager call where an autograd Function costs ~8 us, more than a
-small layer's whole kernel: that is why eager calls do not go through the custom ops. Both
-paths run the same kernels and the same rule; the tests hold them equal.
+A custom op costs more per eager call than an autograd Function, more than a small layer's
+whole kernel (docs/performance.md): that is why eager calls do not go through the custom ops.
+Both paths run the same kernels; the tests hold them equal.
 """
-
 from __future__ import annotations
 
 import warnings
@@ -58,15 +57,14 @@ except ImportError:  # pragma: no cover - numba is a dependency; the torch rule 
 from .backends import numba_warmup
 
 
-class Fold(NamedTuple):
-    """What a backend that `folds_running` needs to update the running statistics itself:
-    the two buffers (C,), the weight of the new batch, and whether the stored variance is
-    unbiased (m2 / (n - 1), PyTorch's) or biased (m2 / n, Keras' and Flax's)."""
+class Batch(NamedTuple):
+    """A training batch's statistics, for the running update: each (C,) in the accumulation
+    dtype, the mean and the unbiased variance (what torch's kernel gives and PyTorch stores),
+    and `count`, the values per channel behind them."""
 
-    running_mean: Tensor
-    running_var: Tensor
-    factor: float
-    unbiased: bool
+    mean: Tensor
+    unbiased_var: Tensor
+    count: int | Tensor
 
 
 def batch_norm(
@@ -76,111 +74,88 @@ def batch_norm(
     residual: Tensor | None,
     running_mean: Tensor | None,
     running_var: Tensor | None,
-    num_batches_tracked: Tensor | None,
+    *,
     training: bool,
-    momentum: float | None,
     eps: float,
     activation: str | None,
     backend: str | Backend | None,
-    unbiased: bool = True,
-) -> tuple[Tensor, bool | Tensor | None]:
-    """y = g(gamma (x - mu) / sqrt(var + eps) + beta + residual) and whether the running
-    update was kept (None when there was none to make).
+    want_stats: bool = True,
+) -> tuple[Tensor, Batch | None]:
+    """y = g(gamma (x - mu) / sqrt(var + eps) + beta + residual), and in training the batch's
+    statistics for the caller's running update (None in evaluation, or when not `want_stats`).
 
     Shapes: x (N, C, *spatial); weight, bias, running_mean, running_var (C,) or None;
-    residual like x. Training normalizes with the batch's statistics and, when both running
-    buffers are given, folds the batch into them (weight `momentum`; None: the cumulative
-    average over num_batches_tracked, which counts kept updates). Evaluation normalizes with
-    the running statistics. Inputs are checked by the caller (functional.py).
+    residual like x. Training normalizes with the batch's statistics; evaluation with the
+    running statistics, which are only read here. Inputs are checked by the caller
+    (functional.py), which also makes the running update (`update_running_stats`).
     """
     be = backends.backend_for(backend, x)
-    updating = training and running_mean is not None and running_var is not None
     if modes.traced():
-        return _traced(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-                       training, momentum, eps, activation, be, unbiased, updating)  # fmt: skip
+        return _traced(x, weight, bias, residual, running_mean, running_var, training, eps, activation, be, want_stats)
     plain_evaluation = not training and activation is None and residual is None
     if isinstance(be, AtenBackend) or (plain_evaluation and not be.takes_plain_evaluation(x)):
-        scratch, arrays = _batch_scratch(x, running_mean, running_var) if updating else (None, None)
-        y, mean, var = native_batch_norm(
-            x, weight, bias, None if training else running_mean, None if training else running_var,
-            eps, activation, residual, training, scratch,
-        )  # fmt: skip
-        if not updating:
-            return y, None
-        if arrays is not None:  # the rule in one numba call on the scratch's own memory
-            if not unbiased:
-                arrays[1] *= _bias_correction(x)
-            return y, _fold_cpu(running_mean, running_var, num_batches_tracked, *arrays, momentum)
-        stored = var if unbiased else var * _bias_correction(x)
-        return y, update_running(running_mean, running_var, mean, stored, momentum, num_batches_tracked)
-    fold = None
-    if updating and be.folds_running:
-        fold = Fold(running_mean, running_var, momentum_factor(momentum, num_batches_tracked), unbiased)
-    args = (x, weight, bias, residual, running_mean, running_var, eps, activation, training, be.name, fold)
+        return _native(x, weight, bias, residual, running_mean, running_var, training, eps, activation, want_stats)
+    args = (x, weight, bias, residual, running_mean, running_var, eps, activation, training, be.name)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
-        y, params, accepted = _BatchNormFunction.apply(*args)
+        y, params = _BatchNormFunction.apply(*args)
     else:  # nothing to differentiate: a Function would only cost time
-        y, params, accepted = forward_kernels(*args)
-    if fold is not None:
-        if accepted and num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        return y, accepted
-    if not updating:
-        return y, None
-    with torch.no_grad():
-        return y, _commit(running_mean, running_var, num_batches_tracked, params[CENTER],
-                          _stored_var(params[VAR], x, unbiased), momentum)  # fmt: skip
+        y, params = forward_kernels(*args)
+    return y, (_from_params(params, x) if training and want_stats else None)
 
 
-def _traced(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-            training, momentum, eps, activation, be, unbiased, updating):  # fmt: skip
-    """`batch_norm` while torch.compile or torch.export traces it: only ops a graph can hold."""
+def _traced(x, weight, bias, residual, running_mean, running_var, training, eps, activation, be, want_stats):
+    """`batch_norm` while torch.compile or torch.export traces it, or a torch.func transform
+    runs it: only ops a graph can hold."""
     if isinstance(be, AtenBackend) or modes.transformed() or (not training and modes.exporting()):
-        y, mean, var = native_batch_norm(
-            x, weight, bias, None if training else running_mean, None if training else running_var,
-            eps, activation, residual, training, want_stats=updating,
-        )  # fmt: skip
-        stored = None if not updating else (var if unbiased else var * _bias_correction(x))
-    else:
-        traced_triton = be.name == "triton" and TRITON_OPS
-        op = torch.ops.batchnorm.triton_batch_norm if traced_triton else torch.ops.batchnorm.batch_norm
-        y, params = op(x, weight, bias, residual, running_mean, running_var, eps, activation, training, be.name)
-        mean, stored = params[CENTER], (_stored_var(params[VAR], x, unbiased) if updating else None)
-    if not updating:
-        return y, None
+        return _native(x, weight, bias, residual, running_mean, running_var, training, eps, activation, want_stats)
+    traced_triton = be.name == "triton" and TRITON_OPS
+    op = torch.ops.batchnorm.triton_batch_norm if traced_triton else torch.ops.batchnorm.batch_norm
+    y, params = op(x, weight, bias, residual, running_mean, running_var, eps, activation, training, be.name)
+    return y, (_from_params(params.detach(), x) if training and want_stats else None)
+
+
+def _native(x, weight, bias, residual, running_mean, running_var, training, eps, activation, want_stats):
+    """torch's kernel (backends/aten.py), its batch statistics handed on as they come."""
+    y, mean, var = native_batch_norm(
+        x, weight, bias, None if training else running_mean, None if training else running_var,
+        eps, activation, residual, training, want_stats=want_stats,
+    )  # fmt: skip
+    return y, (None if mean is None else Batch(mean, var, layout.values_per_channel(x)))
+
+
+def _from_params(params: Tensor, x: Tensor) -> Batch:
+    """The batch's statistics from a fused backend's (6, C) params (the biased variance that
+    normalized, made unbiased as torch's kernel gives it; with one value per channel it has
+    none, NaN, which the rule refuses)."""
+    n = layout.values_per_channel(x)
+    return Batch(params[CENTER], params[VAR] * (n / (n - 1) if n > 1 else float("nan")), n)
+
+
+def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None, batch: Batch,
+    momentum: float | None, unbiased: bool,
+) -> bool | Tensor:  # fmt: skip
+    """The one running update of every path: `stats.update_running`'s rule folds the batch in
+    (its unbiased variance, or the biased one when not `unbiased`: Keras' and Flax's
+    convention); returns whether it was kept. Eager on CPU with fp32/fp64 buffers, the rule
+    runs as one numba call on numpy views (numba_kernels.fold_running: the same arithmetic
+    and bits, a few microseconds where the tensor ops cost tens); otherwise as tensor ops
+    (any device, and traced into a graph without a host synchronization)."""
     with torch.no_grad():
-        return y, update_running(running_mean, running_var, mean.detach(), stored.detach(), momentum, num_batches_tracked)
-
-
-def _bias_correction(x: Tensor) -> float:
-    """(n - 1) / n: turns the unbiased variance of x's batch into the biased one."""
-    n = layout.values_per_channel(x)
-    return (n - 1) / n
-
-
-def _stored_var(var: Tensor, x: Tensor, unbiased: bool) -> Tensor:
-    """The batch's biased variance as the running statistics store it."""
-    if not unbiased:
-        return var
-    n = layout.values_per_channel(x)
-    return var * (n / (n - 1))
-
-
-def _commit(running_mean, running_var, num_batches_tracked, mean, var, momentum) -> bool | Tensor:
-    """The rule (`update_running`) in eager mode: for fp32/fp64 buffers on the CPU one numba
-    call on numpy views (a few microseconds where the tensor ops cost tens), else tensor ops."""
-    if _numpy_viewable(running_mean, running_var, mean, var) and _numba_rule_ready(mean.dtype, running_mean):
-        return _fold_cpu(running_mean, running_var, num_batches_tracked, mean.numpy(), var.numpy(), momentum)
-    return update_running(running_mean, running_var, mean, var, momentum, num_batches_tracked)
-
-
-def _fold_cpu(running_mean, running_var, num_batches_tracked, mean, var, momentum) -> bool:
-    """The rule by numba on the batch's (mean, stored var) as numpy arrays (C,)."""
-    factor = momentum_factor(momentum, num_batches_tracked)
-    accepted = bool(_fold_running_cpu(mean, var, factor, running_mean.numpy(), running_var.numpy()))
-    if accepted and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    return accepted
+        mean, var = batch.mean.detach(), batch.unbiased_var.detach()
+        if not unbiased:
+            var = var * ((batch.count - 1) / batch.count)
+        if (
+            not modes.traced()
+            and _numpy_viewable(running_mean, running_var, mean, var)
+            and _numba_rule_ready(mean.dtype, running_mean)
+        ):
+            factor = momentum_factor(momentum, num_batches_tracked)
+            accepted = bool(_fold_running_cpu(mean.numpy(), var.numpy(), factor, running_mean.numpy(), running_var.numpy()))
+            if accepted and num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            return accepted
+        return update_running(running_mean, running_var, mean, var, momentum, num_batches_tracked)
 
 
 def _numpy_viewable(*tensors: Tensor) -> bool:
@@ -205,29 +180,13 @@ def _numba_rule_ready(stats_dtype: torch.dtype, running: Tensor) -> bool:
     return numba_warmup.ready(key, compile_rule)
 
 
-def _batch_scratch(x: Tensor, running_mean: Tensor, running_var: Tensor) -> tuple[Tensor | None, np.ndarray | None]:
-    """The (2, C) rows torch's kernel writes the batch's (mean, unbiased var) into. When the
-    rule can run in numba (CPU, numpy-viewable buffers) they are allocated by numpy and
-    shared with torch, so that the fold reads them without a conversion (a fresh tensor's
-    `.numpy()` costs microseconds, as much as the fold itself); (None, None) otherwise, and
-    native_batch_norm allocates them."""
-    if not (x.is_cpu and _numpy_viewable(running_mean, running_var)):
-        return None, None
-    if not _numba_rule_ready(acc_dtype(x.dtype), running_mean):
-        return None, None
-    arrays = np.zeros((2, x.shape[1]), dtype=np.float64 if x.dtype == torch.float64 else np.float32)
-    return torch.from_numpy(arrays), arrays
-
-
 # The kernels, as both paths call them -----------------------------------------------------
-def forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend, fold=None):
-    """The backend's whole-op forward on x's canonical view: (y like x, params (6, C), accepted)."""
+def forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend):
+    """The backend's whole-op forward on x's canonical view: (y like x, params (6, C))."""
     view = layout.canonical(x)
     res = None if residual is None else layout.canonical(residual, view.kind).data
-    y, params, accepted = backends.get(backend).forward(
-        view.data, weight, bias, res, running_mean, running_var, eps, activation, training, fold
-    )
-    return layout.restore(y, x, view.kind), params, accepted
+    y, params = backends.get(backend).forward(view.data, weight, bias, res, running_mean, running_var, eps, activation, training)
+    return layout.restore(y, x, view.kind), params
 
 
 def backward_kernels(dy, x, weight, bias, residual, params, training, activation, backend, needs):
@@ -264,21 +223,19 @@ def _gradients(ctx, dy, kernels):
 
 
 class _BatchNormFunction(torch.autograd.Function):
-    """The eager path's autograd node: (y, params, accepted) from `forward_kernels`."""
+    """The eager path's autograd node: (y, params) from `forward_kernels`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend, fold):
-        y, params, accepted = forward_kernels(
-            x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend, fold
-        )
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend):
+        y, params = forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend)
         _save(ctx, x, weight, bias, residual, running_mean, running_var, params, eps, activation, training, backend)
         ctx.mark_non_differentiable(params)
-        return y, params, accepted
+        return y, params
 
     @staticmethod
-    def backward(ctx, dy, _dparams, _daccepted):
+    def backward(ctx, dy, _dparams):
         grads = _gradients(ctx, dy, backward_kernels)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 # The custom operators ------------------------------------------------------------------
@@ -305,8 +262,7 @@ def _batch_norm_op(
 ) -> tuple[Tensor, Tensor]:
     """(y, params): the backend's whole-op forward; the running statistics are only read
     (in evaluation): the update is traced apart, so that this op is functional."""
-    y, params, _ = forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend)
-    return y, params
+    return forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend)
 
 
 @_batch_norm_op.register_fake

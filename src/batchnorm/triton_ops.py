@@ -48,10 +48,7 @@ def triton_batch_norm(
     """(y, params): the triton backend's whole-op forward; the running statistics are only
     read (in evaluation), as in batchnorm::batch_norm. Its body is also its fake implementation."""
     with traceable_launches():
-        y, params, _ = forward_kernels(
-            x, weight, bias, residual, running_mean, running_var, eps, activation, training, "triton"
-        )
-    return y, params
+        return forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, "triton")
 
 
 @torch.library.triton_op("batchnorm::triton_batch_norm_backward", mutates_args=())

@@ -47,7 +47,7 @@ _RUN_CASES = textwrap.dedent(
         res = torch.randn_like(x) if case["residual"] else None
         dy = torch.randn_like(x)
         act = case["activation"]
-        y, params, _ = be.forward(x, w, b, res, None, None, 1e-5, act, True)
+        y, params = be.forward(x, w, b, res, None, None, 1e-5, act, True)
         dx, dw, db, dres = be.backward(dy, x, res, params, True, act, (True, True, True, res is not None),
                                        torch.float64, torch.float64)
         xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))

@@ -97,7 +97,7 @@ def test_numba_outputs_stay_correct_while_their_memory_is_reused():
 
     def step(x):
         xg, rg = x.clone().requires_grad_(), r.clone().requires_grad_()
-        y = ops.batch_norm(xg, None, None, rg, None, None, None, True, 0.1, 1e-5, "relu", "numba")[0]
+        y = ops.batch_norm(xg, None, None, rg, None, None, training=True, eps=1e-5, activation="relu", backend="numba")[0]
         return (y.detach(), *torch.autograd.grad(y, (xg, rg), dy))
 
     kept = step(xs[0])

@@ -43,10 +43,6 @@ class Backend:
     """One implementation of the kernel contract. Subclasses override what they provide."""
 
     name: str = ""
-    #: Whether `forward` can fold the batch into the running statistics itself (its `fold`
-    #: argument), under the same rule as `stats.update_running`; otherwise the op layer
-    #: applies `update_running` to what `forward` returns.
-    folds_running: bool = False
     #: The activations worth fusing into this backend's kernels. Every backend computes all
     #: of them (the contract), but where a fused one is slower than torch's own vectorized
     #: op, functional.py runs the kernel without it and applies torch's op after.
@@ -90,14 +86,12 @@ class Backend:
         raise NotImplementedError
 
     # The whole op: what the op layer (ops.py) calls ----------------------------------------
-    def forward(self, x, weight, bias, residual, running_mean, running_var, eps, activation, training, fold=None):
-        """Whole-op batch norm of a canonical view x: (y, params, accepted).
+    def forward(self, x, weight, bias, residual, running_mean, running_var, eps, activation, training):
+        """Whole-op batch norm of a canonical view x: (y, params).
 
         y = g((x - mean) gamma invstd + beta + residual) like x; params (6, C) as the rows
         above; in training the batch's statistics normalize, otherwise running_mean and
-        running_var (C,). `fold` (only for a backend with folds_running): (running_mean,
-        running_var, factor, unbiased) as numpy arrays and floats to update in place; then
-        `accepted` says whether the update was kept (None otherwise).
+        running_var (C,), which are only read (the op layer makes the running update).
         Here: the four contract functions (stats, apply); fused backends override it."""
         acc = acc_dtype(x.dtype)
         if training:
@@ -108,7 +102,7 @@ class Backend:
         invstd = torch.rsqrt(var + eps)
         scale, shift = affine(invstd, None if weight is None else weight.detach(), None if bias is None else bias.detach())
         y = self.apply(x, mean, scale, shift, activation, residual)
-        return y, torch.stack([mean, scale, shift, invstd, torch.zeros_like(mean), var]), None
+        return y, torch.stack([mean, scale, shift, invstd, torch.zeros_like(mean), var])
 
     def backward(self, dy, x, residual, params, training, activation, needs, weight_dtype, bias_dtype):
         """The gradients of `forward`: (dx, dweight, dbias, dresidual), each None unless

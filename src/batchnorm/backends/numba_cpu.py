@@ -5,9 +5,8 @@ module is the Python side: numpy views of the tensors, the per-channel parameter
 and output memory, and the backend class that the op layer (ops.py) and the policy paths
 (functional.py) call.
 
-`NumbaBackend.forward` and `.backward` are the whole op (base.py): one forward kernel call
-(which, given `fold`, also folds the batch into the running statistics under the guard's
-rule), one backward kernel call. Large outputs come from `OUTPUTS` (output_pool.py), which
+`NumbaBackend.forward` and `.backward` are the whole op (base.py): one forward kernel call,
+one backward kernel call. Large outputs come from `OUTPUTS` (output_pool.py), which
 reuses their memory from step to step instead of faulting in fresh pages.
 """
 
@@ -133,11 +132,12 @@ def _ncl_lanes(xv: np.ndarray) -> np.ndarray:
     return np.empty((channels, 2, length if length < kernels.LANES else 0), xv.dtype)
 
 
-def _forward(xv, rv, *, activation, train, write, gamma, beta, eps, channel: ChannelParams, running=None):
+def _forward(xv, rv, *, activation, train, write, gamma, beta, eps, channel: ChannelParams, running=None, size=None):
     """Run the forward kernel of xv's view. `train`: compute the batch's statistics into
     `channel`, else normalize with it; `write`: produce y; `running` = (running_mean,
     running_var, factor, unbiased), the buffers as numpy arrays, to fold the batch into under
-    the guard's rule. Returns (y or None, m2, whether the batch statistics were finite, so
+    the guard's rule; `size`: the element count that picks the threaded kernel or not (xv's
+    own by default). Returns (y or None, m2, whether the batch statistics were finite, so
     folded in)."""
     m2 = np.empty(xv.shape[1], xv.dtype)
     y = _empty_like(xv) if write else xv  # never written when not `write`
@@ -208,7 +208,6 @@ class NumbaBackend(Backend):
     """Fused numba kernels on CPU for contiguous fp32/fp64 views; aten takes everything else."""
 
     name = "numba"
-    folds_running = True
     # The smooth activations cost a scalar libm call per value here (numba has no vector
     # math library on this build): fused, BN + GELU forward + backward on (64, 32, 16, 16)
     # took 23 ms, 5.5x torch's 4.2; our identity kernel then torch's activation is faster.
@@ -255,9 +254,9 @@ class NumbaBackend(Backend):
         return x.numel() * x.element_size() >= _HUGE_BYTES
 
     # The whole op (base.py) -------------------------------------------------------------
-    def forward(self, x, weight, bias, residual, running_mean, running_var, eps, activation, training, fold=None):
+    def forward(self, x, weight, bias, residual, running_mean, running_var, eps, activation, training):
         """One forward kernel call (base.py): statistics, normalization, activation and
-        residual, and with `fold` the guarded running update, all in the kernel."""
+        residual."""
         xv = _np(x)
         rv = None if residual is None else _np(residual)
         acc = acc_dtype(x.dtype)
@@ -269,22 +268,13 @@ class NumbaBackend(Backend):
             params[VAR] = _vec(running_var, channels, acc, 0.0)
             params[INVSTD] = 1.0 / np.sqrt(params[VAR] + eps)
             params[SCALE], params[SHIFT], params[XHAT_SHIFT] = gamma * params[INVSTD], beta, 0.0
-        buffers = running = None
-        if fold is not None:
-            # each buffer on its own: they may differ in dtype or layout
-            buffers = (_writable(fold.running_mean, acc), _writable(fold.running_var, acc))
-            running = (buffers[0][0], buffers[1][0], fold.factor, fold.unbiased)
-        y, m2, finite = _forward(
+        y, m2, _ = _forward(
             xv, rv, activation=activation, train=training, write=True, gamma=gamma, beta=beta, eps=eps,
-            channel=ChannelParams.rows_of(params), running=running,
+            channel=ChannelParams.rows_of(params),
         )  # fmt: skip
         if training:
             params[VAR] = m2 / layout.values_per_channel(x)
-        if buffers is not None:
-            for (array, copied), target in zip(buffers, (fold.running_mean, fold.running_var)):
-                if copied:
-                    target.copy_(torch.from_numpy(array))
-        return torch.from_numpy(y), torch.from_numpy(params), (finite if fold is not None else None)
+        return torch.from_numpy(y), torch.from_numpy(params)
 
     def backward(self, dy, x, residual, params, training, activation, needs, weight_dtype, bias_dtype):
         """One backward kernel call (base.py): the reductions and dx, dresidual together."""

@@ -630,12 +630,12 @@ class TritonBackend(Backend):
         return x.is_cuda and x.dtype in FAST_DTYPES and gpu_rule.prefers_triton(x)
 
     # The whole op (base.py) -------------------------------------------------------------
-    def forward(self, x, weight, bias, residual, running_mean, running_var, eps, activation, training, fold=None):
+    def forward(self, x, weight, bias, residual, running_mean, running_var, eps, activation, training):
         """`forward` above (base.py's whole op): no torch op between its launches."""
         f = forward(x, weight, bias, running_mean, running_var, eps, activation, residual, training=training)
         var = f.invstd.pow(-2).sub_(eps).clamp_(min=0) if training else running_var.detach().to(f.mean.dtype)
         params = torch.stack([f.mean, f.scale, f.shift, f.invstd, torch.zeros_like(f.mean), var])
-        return f.y, params, None
+        return f.y, params
 
     def backward(self, dy, x, residual, params, training, activation, needs, weight_dtype, bias_dtype):
         """`backward` above (base.py's whole op)."""

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import backends, layout
-from ..extras import BatchNormExtras, nonfinite_skips_kept
+from ..extras import nonfinite_skips_kept, plain_forward
 from ..stats import Stats
 from ..variants import masked_stats, validate_mask
 
@@ -89,7 +89,6 @@ def is_frozen_style(module: nn.Module) -> bool:
 
 
 # The forwards that are batch norm and nothing else (subclasses inheriting them included).
-_PLAIN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, BatchNormExtras.forward)
 # timm's norm + activation layers: batch norm, then their `drop` and `act` children.
 _TIMM_NORM_ACT = ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d")
 
@@ -101,7 +100,7 @@ def rest_of_forward(module: nn.Module) -> tuple[str, ...] | None:
     forward = type(module).forward
     # A frozen-style module's forward is the formula above when it has no children
     # (torchvision's and detectron2's FrozenBatchNorm2d have none).
-    if forward in _PLAIN_FORWARDS or (is_frozen_style(module) and next(module.children(), None) is None):
+    if plain_forward(module) or (is_frozen_style(module) and next(module.children(), None) is None):
         return ()
     # timm is imported wherever a model holds its layers; it is not a dependency of ours.
     norm_act = sys.modules.get("timm.layers.norm_act")
