@@ -311,6 +311,37 @@ def test_fuse_looks_through_an_identity_between_batch_norm_and_activation(tracea
     _compare(fused, ref, x)
 
 
+def test_revert_turns_fused_layers_into_torchs_layer_and_activation():
+    """revert after convert(fuse=True): every fused layer becomes torch's layer, then its
+    activation module, the residual added between them; outputs, parameters and running
+    statistics as the fused model's, in both modes."""
+    model = randomize(ResNet(), seed=3)
+    x = torch.randn(4, 3, 8, 8)
+    fused, _ = convert(model, fuse=True)
+    ref = copy.deepcopy(fused)
+    back, changes = revert(fused)
+    assert not changes.skipped
+    assert not [m for m in back.modules() if type(m).__module__ == "batchnorm.nn"]
+    block = back.get_submodule("layer1.bn2")  # took the residual
+    assert type(block.bn) is nn.BatchNorm2d and type(block.act) is nn.ReLU
+    assert type(back.get_submodule("stem.1").act) is nn.ReLU
+    _compare(back, ref, x)  # ends with a training forward in each: running statistics move alike
+    # the same tensors, each under its layer's `bn.`
+    moved = {k.replace(".bn.", "."): v for k, v in back.state_dict().items()}
+    assert moved.keys() == ref.state_dict().keys()
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(moved[key], value)
+
+
+@pytest.mark.parametrize("activation,module", [("leaky_relu", nn.LeakyReLU), ("gelu", nn.GELU), ("silu", nn.SiLU)])
+def test_revert_gives_the_activation_module(activation, module):
+    layer = randomize(nn.Sequential(bn.BatchNorm1d(3, activation=activation)))
+    ref = copy.deepcopy(layer)
+    revert(layer)
+    assert type(layer[0].bn) is nn.BatchNorm1d and type(layer[0].act) is module
+    _compare(layer, ref, torch.randn(8, 3))
+
+
 def test_revert_keeps_layers_torch_cannot_express():
     model = nn.Sequential(bn.BatchNorm1d(3, virtual_batch_size=4), bn.BatchNorm1d(3, unbiased_running_var=False))
     _, changes = revert(model)

@@ -11,8 +11,10 @@ What maps, module by module (every other batch-norm subclass is left alone and r
                                       a frozen torch.nn.BatchNorm2d
     timm's BatchNormAct2d,        ->  the same, with the activation fused (`activation=`),
     SyncBatchNormAct,                 when its `drop` is an identity and its `act` one our
-    FrozenBatchNormAct2d              layers fuse (or an identity); revert keeps them, since
-                                      torch's layers have no activation
+    FrozenBatchNormAct2d              layers fuse (or an identity); revert gives torch's
+                                      layer and activation in a BatchNormAct (below)
+    a layer of ours with a fused      ->  revert: BatchNormAct(torch's layer, activation
+    activation (convert(fuse=True))       module), which adds a residual between the two
 
 The new layer takes over the old one's parameter and buffer tensors themselves (an
 optimizer holding them keeps working), its eps, momentum, affine, track_running_stats,
@@ -141,6 +143,32 @@ def _activation_of_rest(m: nn.Module, rest: tuple[str, ...]) -> tuple[str | None
     return found, None
 
 
+class BatchNormAct(nn.Module):
+    """What `revert` makes of a layer of ours with a fused activation: torch's batch norm
+    `bn`, then the activation module `act`, with the residual (when the caller passes one,
+    as a block rewritten by convert(fuse=True) does) added between them, as the fused layer
+    computed it. torch's layers take no activation, so the two need a module around them;
+    its state_dict keys are the layer's under `bn.` (`layer.weight` -> `layer.bn.weight`)."""
+
+    def __init__(self, bn: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.bn = bn
+        self.act = act
+
+    def forward(self, x, residual=None):
+        y = self.bn(x)
+        return self.act(y if residual is None else y + residual)
+
+
+def _activation_module(name: str) -> nn.Module:
+    """The torch module computing our layers' `activation=name`."""
+    from ..activations import LEAKY_SLOPE
+
+    if name == "leaky_relu":
+        return nn.LeakyReLU(LEAKY_SLOPE)
+    return {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "silu": nn.SiLU, "gelu": nn.GELU}[name]()
+
+
 def _to_torch(m: nn.Module) -> tuple[nn.Module | None, str | None]:
     """(torch's layer, None), or (None, why not; None when there is nothing to do)."""
     sync = _our_sync_batchnorm()
@@ -150,11 +178,18 @@ def _to_torch(m: nn.Module) -> tuple[nn.Module | None, str | None]:
             return None, None
         return None, f"{type(m).__name__} is not one of ours; left as it is"
     # torch's layers express none of our extras that change the result: revert keeps a layer using one
-    used = [f"{name}={value!r}" for name, value in changed_extras(m).items()]
+    # except the activation, which becomes its own module after torch's layer.
+    extras = changed_extras(m)
+    activation = extras.pop("activation", None)
+    used = [f"{name}={value!r}" for name, value in extras.items()]
     if used:
         return None, f"uses {', '.join(used)}, which torch's {target.__name__} cannot express"
     extra = {"process_group": m.process_group} if target is nn.SyncBatchNorm else {}
-    return _rebuild(m, target, **extra), None
+    layer = _rebuild(m, target, **extra)
+    if activation is None:
+        return layer, None
+    act = _activation_module(activation).train(m.training)
+    return BatchNormAct(layer, act).train(m.training), None
 
 
 def _swap_all(model: nn.Module, how, tool: str, inplace: bool) -> tuple[nn.Module, Changes]:
@@ -191,8 +226,10 @@ def convert(
 def revert(model: nn.Module, *, inplace: bool = True) -> tuple[nn.Module, Changes]:
     """Our batch-norm layers back to torch's. Returns (model, changes).
 
-    A layer using something torch's cannot express (a fused activation, ...) is kept and
-    recorded in `changes.skipped`.
+    A layer with a fused activation (and residual) becomes a `BatchNormAct`: torch's layer,
+    then the activation module (its state_dict keys gain `bn.`). A layer using something
+    torch's cannot express (ghost batches, renorm, ...) is kept and recorded in
+    `changes.skipped`.
     """
     return _swap_all(model, _to_torch, "revert", inplace)
 
