@@ -217,6 +217,18 @@ def test_report_json_and_table(trained, batches):
     assert "dead_channels" in console.export_text()
 
 
+def test_print_report_gives_readable_text(trained, batches):
+    """print(report) shows the findings, not an object's repr (table() is a rich Table)."""
+    model = copy.deepcopy(trained)
+    with torch.no_grad():
+        model[1].weight[0] = 0.0
+    report = check(model, batches)
+    text = str(report)
+    assert "object at" not in text
+    assert text.splitlines()[0] == "batch-norm check: 2 layers, %d batches: problems found" % report.batches
+    assert "warning: 1: dead_channels: " in text and "advice: " in text
+
+
 def test_bad_input(trained):
     with pytest.raises(TypeError, match="nn.Module"):
         check("model", [])

@@ -2,7 +2,8 @@
 from the command line, batchnorm_lab/cli.py).
 
     report = bn.check(model, batches)         # a few batches of the data it will see
-    print(report.ok); rich.print(report); report.to_json("check.json")
+    print(report)       # plain text; rich.print(report) or report.table() for a table
+    report.ok; report.to_json("check.json")
 
 Findings (kind: severity), each with its evidence and what to do:
 
@@ -110,6 +111,18 @@ class CheckReport:
 
     def __rich__(self):
         return self.table()
+
+    def __str__(self) -> str:
+        """Plain text, one block per finding: what `print(report)` shows, without rich
+        (the package does not need it; `table()` and rich.print give the coloured table)."""
+        verdict = "ok" if self.ok else "problems found"
+        lines = [f"batch-norm check: {self.layers} layers, {self.batches} batches: {verdict}"]
+        for f in self.findings:
+            lines.append(f"{f.severity}: {f.layer or '(model)'}: {f.kind}: {f.message}")
+            if f.evidence:
+                lines.append("    evidence: " + ", ".join(f"{k} = {_short(v)}" for k, v in f.evidence.items()))
+            lines.append(f"    advice: {f.advice}")
+        return "\n".join(lines)
 
 
 def check(
