@@ -10,7 +10,8 @@ configuration or a check, from the results folders of the two runs:
     python -m batchnorm_lab.experiments.recorded --quick results/demo --full results/full > docs/results/verdicts.json
 
 A run may be spread over several folders (`--full A --full B`); a later folder's record of
-an experiment replaces an earlier one's.
+an experiment replaces an earlier one's. Each entry names its `source`: the folder, or for
+a run whose records are not at hand, the document its outcome was taken from.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from . import load_results
 
 
 def checks_of(folders: list[Path]) -> dict:
-    """{experiment: {"config", "seconds", "checks": [{"name", "held", "why"}]}} of the records
-    saved in `folders` (later folders win)."""
+    """{experiment: {"source", "config", "seconds", "checks": [{"name", "held", "why"}]}} of
+    the records saved in `folders` (later folders win; source: the folder)."""
     found = {}
     for folder in folders:
         for record in load_results(folder):
             found[record["experiment"]] = {
-                "config": record["config"], "seconds": record["seconds"],
+                "source": str(folder), "config": record["config"], "seconds": record["seconds"],
                 "checks": [{"name": c["name"], "held": c["held"], "why": c.get("why", "")} for c in record["checks"]]}
     return found
 

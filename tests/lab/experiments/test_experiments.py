@@ -406,13 +406,14 @@ def test_a_sweep_where_no_rate_trains_says_none_in_words():
 
 
 def test_regularization_effect_and_its_slope_over_the_sizes_where_both_trained():
-    def row(arm, b, gap, diverged=0):
-        return {"arm": arm, "batch_size": b, "gap": {"mean": gap}, "diverged": diverged}
+    def row(arm, b, gap, diverged=0, train=1.0):
+        return {"arm": arm, "batch_size": b, "gap": {"mean": gap}, "diverged": diverged, "train_acc": {"mean": train}}
 
     rows = [row("batch norm", 4, 0.01), row("no batch norm", 4, 0.05),  # effect 0.04
             row("batch norm", 16, 0.02), row("no batch norm", 16, 0.04),  # 0.02
             row("batch norm", 64, 0.03), row("no batch norm", 64, 0.03),  # 0.0
-            row("batch norm", 256, 0.03), row("no batch norm", 256, 0.0, diverged=1)]  # left out
+            row("batch norm", 256, 0.03), row("no batch norm", 256, 0.0, diverged=1),  # left out: diverged
+            row("batch norm", 1024, 0.03), row("no batch norm", 1024, 0.0, train=0.1)]  # left out: at chance
     effect = batch_size.regularization(rows)
     assert effect["batch_sizes"] == [4, 16, 64]
     assert np.allclose(effect["effect"], [0.04, 0.02, 0.0])
