@@ -169,8 +169,10 @@ def _activation_module(name: str) -> nn.Module:
     return {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "silu": nn.SiLU, "gelu": nn.GELU}[name]()
 
 
-def _to_torch(m: nn.Module) -> tuple[nn.Module | None, str | None]:
-    """(torch's layer, None), or (None, why not; None when there is nothing to do)."""
+def _to_torch(m: nn.Module, *, split_activation: bool = True) -> tuple[nn.Module | None, str | None]:
+    """(torch's layer, None), or (None, why not; None when there is nothing to do).
+    split_activation: a fused activation becomes a BatchNormAct (revert); False refuses it,
+    for callers that need the batch norm alone (torch.ao's fusers would drop it)."""
     sync = _our_sync_batchnorm()
     target = _TO_TORCH.get(type(m)) or (nn.SyncBatchNorm if sync is not None and type(m) is sync else None)
     if target is None:
@@ -180,7 +182,7 @@ def _to_torch(m: nn.Module) -> tuple[nn.Module | None, str | None]:
     # torch's layers express none of our extras that change the result: revert keeps a layer using one
     # except the activation, which becomes its own module after torch's layer.
     extras = changed_extras(m)
-    activation = extras.pop("activation", None)
+    activation = extras.pop("activation", None) if split_activation else None
     used = [f"{name}={value!r}" for name, value in extras.items()]
     if used:
         return None, f"uses {', '.join(used)}, which torch's {target.__name__} cannot express"
@@ -333,7 +335,7 @@ def _torch_ao_fusers() -> dict[tuple[type, ...], object]:
         def fuse(is_qat, *modules):
             plain = []
             for m in modules:
-                torchs, why = _to_torch(m) if type(m) in _TO_TORCH else (m, None)
+                torchs, why = _to_torch(m, split_activation=False) if type(m) in _TO_TORCH else (m, None)
                 if torchs is None:
                     raise NotImplementedError(f"torch.ao cannot fuse this {type(m).__name__}: it {why}")
                 plain.append(torchs)
