@@ -1,4 +1,4 @@
-"""`batchnorm` / `python -m batchnorm` without the `experiments` extra: one line saying what
+"""`batchnorm` / `python -m batchnorm_lab` without the `experiments` extra: one line saying what
 to install, exit code 2, no traceback."""
 
 from __future__ import annotations
