@@ -21,7 +21,7 @@ from batchnorm import activations, backends
 from batchnorm import functional as F
 from batchnorm import ops
 from batchnorm.backends import numba_cpu, numba_kernels
-from batchnorm.backends.base import CENTER, INVSTD
+from batchnorm.backends.base import CENTER, INVSTD, VAR, XHAT_SHIFT
 
 from kernels.poison import poisoned_allocations
 

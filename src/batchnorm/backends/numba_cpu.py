@@ -129,7 +129,7 @@ def _ncl_lanes(xv: np.ndarray) -> np.ndarray:
     """(C, 2, L) float64 lane scratch for the (N, C, L) statistics on rows shorter than LANES
     (the kernel zeroes what it uses), (C, 2, 0) for longer rows."""
     _, channels, length = xv.shape
-    return np.empty((channels, 2, length if length < kernels.LANES else 0), xv.dtype)
+    return np.empty((channels, 2, length if length < kernels.LANES else 0), np.float64)
 
 
 def _forward(xv, rv, *, activation, train, write, gamma, beta, eps, channel: ChannelParams, running=None, size=None):
