@@ -78,20 +78,13 @@ def _np(t: Tensor) -> np.ndarray:
 
 
 def _vec(t: Tensor | None, channels: int, dtype: torch.dtype, fill: float) -> np.ndarray:
-    """A per-channel (C,) numpy array in the accumulation dtype (t's memory when it can be);
-    `fill` when t is None."""
+    """A per-channel (C,) tensor (a parameter, or a running statistic the kernels read) as a
+    numpy array of `dtype`, the tensor's own memory when it can be; `fill` when t is None."""
     if t is None:
         return np.full(channels, fill, dtype=np.float64 if dtype == torch.float64 else np.float32)
-    return _writable(t, dtype)[0]
-
-
-def _writable(t: Tensor, dtype: torch.dtype) -> tuple[np.ndarray, bool]:
-    """A (C,) tensor (a parameter, or a running-statistic buffer the kernel updates) as a
-    numpy array of `dtype`, and whether it is a copy (then an updated buffer is `copy_`-ed
-    back): the tensor's own memory when it can be."""
     if t.dtype == dtype and t.is_contiguous():
-        return t.detach().numpy(), False
-    return t.detach().to(dtype).contiguous().numpy(), True
+        return t.detach().numpy()
+    return t.detach().to(dtype).contiguous().numpy()
 
 
 def _allocate(count: int, dtype: np.dtype) -> np.ndarray:
@@ -132,27 +125,20 @@ def _ncl_lanes(xv: np.ndarray) -> np.ndarray:
     return np.empty((channels, 2, length if length < kernels.LANES else 0), np.float64)
 
 
-def _forward(xv, rv, *, activation, train, write, gamma, beta, eps, channel: ChannelParams, running=None, size=None):
+def _forward(xv, rv, *, activation, train, write, gamma, beta, eps, channel: ChannelParams, size=None):
     """Run the forward kernel of xv's view. `train`: compute the batch's statistics into
-    `channel`, else normalize with it; `write`: produce y; `running` = (running_mean,
-    running_var, factor, unbiased), the buffers as numpy arrays, to fold the batch into under
-    the guard's rule; `size`: the element count that picks the threaded kernel or not (xv's
-    own by default). Returns (y or None, m2, whether the batch statistics were finite, so
-    folded in)."""
+    `channel`, else normalize with it; `write`: produce y; `size`: the element count that
+    picks the threaded kernel or not (xv's own by default). Returns (y or None, m2)."""
     m2 = np.empty(xv.shape[1], xv.dtype)
     y = _empty_like(xv) if write else xv  # never written when not `write`
-    update = running is not None
-    running_mean, running_var, factor, unbiased = running if update else (channel.center, channel.center, 0.0, True)
     has_res, code = rv is not None, _ACT_CODE[activation]
-    args = (xv, xv if rv is None else rv, has_res, code, train, write, gamma, beta, eps,
-            *channel, m2, y, update, factor, unbiased, running_mean, running_var)  # fmt: skip
+    args = (xv, xv if rv is None else rv, has_res, code, train, write, gamma, beta, eps, *channel, m2, y)
     size = xv.size if size is None else size
     if xv.ndim == 3:
-        run = kernels.kernel("ncl_forward", size, has_res, code)
-        finite = run(*args, _ncl_lanes(xv), np.empty((2, xv.shape[1])))
+        kernels.kernel("ncl_forward", size, has_res, code)(*args, _ncl_lanes(xv), np.empty((2, xv.shape[1])))
     else:
-        finite = kernels.kernel("mc_forward", size, has_res, code)(*args, *_mc_scratch(xv))
-    return (y if write else None), m2, finite
+        kernels.kernel("mc_forward", size, has_res, code)(*args, *_mc_scratch(xv))
+    return (y if write else None), m2
 
 
 def _backward(
@@ -268,7 +254,7 @@ class NumbaBackend(Backend):
             params[VAR] = _vec(running_var, channels, acc, 0.0)
             params[INVSTD] = 1.0 / np.sqrt(params[VAR] + eps)
             params[SCALE], params[SHIFT], params[XHAT_SHIFT] = gamma * params[INVSTD], beta, 0.0
-        y, m2, _ = _forward(
+        y, m2 = _forward(
             xv, rv, activation=activation, train=training, write=True, gamma=gamma, beta=beta, eps=eps,
             channel=ChannelParams.rows_of(params),
         )  # fmt: skip
@@ -301,7 +287,7 @@ class NumbaBackend(Backend):
         xv = _np(x)
         ones, zeros = np.ones(xv.shape[1], xv.dtype), np.zeros(xv.shape[1], xv.dtype)
         channel = ChannelParams.empty(xv.shape[1], xv.dtype)
-        _, m2, _ = _forward(
+        _, m2 = _forward(
             xv, None, activation=None, train=True, write=False, gamma=ones, beta=zeros, eps=0.0, channel=channel
         )  # fmt: skip
         mean = torch.from_numpy(channel.center)
@@ -311,7 +297,7 @@ class NumbaBackend(Backend):
         xv = _np(x)
         zeros = np.zeros(xv.shape[1], xv.dtype)
         channel = ChannelParams.plain(_np(mean), _np(scale), _np(shift), invstd=zeros)  # invstd: not read
-        y, _, _ = _forward(
+        y, _ = _forward(
             xv, None if residual is None else _np(residual), activation=activation, train=False, write=True,
             gamma=zeros, beta=zeros, eps=0.0, channel=channel,
         )  # fmt: skip

@@ -6,8 +6,9 @@ arithmetic, so the same bits), residual or not, and the activation's kind (ident
 or one of the smooth ones), each for the dtypes it meets (numba caches the machine code on
 disk). `kernel(name, size, has_res, code)` picks one.
 
-- forward: per-channel statistics (optional), then y = g((x - center) scale + shift + residual),
-  then, in training, the guarded running update (`_fold_running`);
+- forward: per-channel statistics (optional), then y = g((x - center) scale + shift + residual)
+  (the running update is made once per call above the kernels, ops.update_running_stats,
+  whose CPU form is `fold_running` below);
 - backward: the reductions (sum_d, sum_d_xhat) (optional), then
   dx = scale (d - mean_d - xhat mean_d_xhat) and dresidual = d, with d = dy g'(u) and
   xhat = (x - center) invstd + xhat_shift recomputed from x (nothing the size of x is saved).
@@ -219,26 +220,12 @@ _blend = stats.blend if numba is None else numba_cache.jit(stats.blend, fastmath
 
 
 @_jit(inline=True)
-def _fold_running(acc, count, update, factor, unbiased, running_mean, running_var):
-    """The guarded running update from the kernel's float64 statistics: mean acc[0] and m2
-    acc[1] (turned into the stored variance in place: m2 / (count - 1), or m2 / count when
-    not `unbiased`); see `_fold`. One value per channel (no variance; functional refuses it
-    earlier) is never folded in."""
-    if count < 2:
-        return False
-    spread = 1.0 / (count - 1.0) if unbiased else 1.0 / count
-    for c in range(acc.shape[1]):
-        acc[1, c] *= spread
-    return _fold(acc[0], acc[1], factor, update, running_mean, running_var)
-
-
-@_jit(inline=True)
-def _fold(mean, var, factor, update, running_mean, running_var):
+def _fold(mean, var, factor, running_mean, running_var):
     """The guard's rule (stats.update_running) on numpy arrays: each channel's new running
     value is `stats.blend(old, batch, factor)` in float64, rounded to the buffer's dtype; when
-    every one is finite and `update`, they are all written, otherwise none. Returns whether
-    they were all finite. The decision comes before any write, so no thread ever sees a
-    non-finite value in the buffers."""
+    every one is finite, they are all written, otherwise none. Returns whether they were all
+    finite. The decision comes before any write, so no thread ever sees a non-finite value
+    in the buffers."""
     fm, fv = running_mean.dtype.type, running_var.dtype.type
     finite = True
     for c in range(mean.shape[0]):
@@ -246,7 +233,7 @@ def _fold(mean, var, factor, update, running_mean, running_var):
         rounded_mean = fm(_blend(np.float64(running_mean[c]), np.float64(mean[c]), factor))
         rounded_var = fv(_blend(np.float64(running_var[c]), np.float64(var[c]), factor))
         finite = finite and math.isfinite(rounded_mean) and math.isfinite(rounded_var)
-    if finite and update:
+    if finite:
         for c in range(mean.shape[0]):
             running_mean[c] = _blend(np.float64(running_mean[c]), np.float64(mean[c]), factor)
             running_var[c] = _blend(np.float64(running_var[c]), np.float64(var[c]), factor)
@@ -255,9 +242,9 @@ def _fold(mean, var, factor, update, running_mean, running_var):
 
 @_jit()
 def fold_running(mean, var, factor, running_mean, running_var):
-    """`_fold` as a call from Python (numpy arrays, all (C,); mean and var as stored), for
-    the paths whose kernel does not fold (torch's, on CPU): the rule at the cost of one call."""
-    return _fold(mean, var, factor, True, running_mean, running_var)
+    """`_fold` as a call from Python (numpy arrays, all (C,); mean and var as stored): the
+    running update of every CPU path (ops.update_running_stats) at the cost of one call."""
+    return _fold(mean, var, factor, running_mean, running_var)
 
 
 # (N, C, L) -----------------------------------------------------------------------------
@@ -362,14 +349,13 @@ def _ncl_normalize(args, has_res, code):
 
 def ncl_forward(
     x, res, has_res, code, train, write, gamma, beta, eps, center, scale, shift, invstd, xhat_shift, m2, y,
-    update, factor, unbiased, running_mean, running_var, lanes, acc,
+    lanes, acc,
 ):  # fmt: skip
     """Per group of channels (`_ncl_group`): statistics when `train` (into center, scale,
     shift, invstd, xhat_shift and m2, see `_set_params`), then, when `write`,
-    y = g((x - center) scale + shift + res) while the group is still in cache. Then, in
-    training, the guarded running update (`_fold_running`, when `update`); returns whether
-    the batch statistics were finite (True in evaluation). `lanes`: (C, 2, L) scratch for
-    rows shorter than LANES ((C, 2, 0) otherwise); `acc`: float64 (2, C) scratch."""
+    y = g((x - center) scale + shift + res) while the group is still in cache. `lanes`:
+    (C, 2, L) float64 scratch for rows shorter than LANES ((C, 2, 0) otherwise); `acc`:
+    float64 (2, C) scratch."""
     n_rows, channels, length = x.shape
     per = _ncl_group(n_rows, channels, length, x.itemsize)
     for k in _prange((channels + per - 1) // per):
@@ -381,9 +367,6 @@ def ncl_forward(
                             center, scale, shift, invstd, xhat_shift, m2)  # fmt: skip
         if write:
             _ncl_normalize((x, res, y, c0, c1, center, scale, shift), has_res, code)
-    if train:
-        return _fold_running(acc, n_rows * length, update, factor, unbiased, running_mean, running_var)
-    return True
 
 
 @_jit(inline=True)
@@ -481,7 +464,7 @@ def _mc_normalize(args, has_res, code):
 
 def mc_forward(
     x, res, has_res, code, train, write, gamma, beta, eps, center, scale, shift, invstd, xhat_shift, m2, y,
-    update, factor, unbiased, running_mean, running_var, s1, s2, merged,
+    s1, s2, merged,
 ):  # fmt: skip
     """`ncl_forward` for (M, C): per-block sums of x - x[0] in parallel (into the zeroed
     (blocks, C) scratch s1, s2), merged in block order into the float64 (2, C) scratch
@@ -514,9 +497,6 @@ def mc_forward(
         for k in _prange(blocks):
             args = (x, res, y, k * per, min(rows, (k + 1) * per), center, scale, shift)
             _mc_normalize(args, has_res, code)
-    if train:
-        return _fold_running(merged, rows, update, factor, unbiased, running_mean, running_var)
-    return True
 
 
 @_jit(inline=True)
