@@ -1,13 +1,13 @@
 """The checks of recorded runs, kept in the repository so that a test can judge them again.
 
-`docs/results/verdicts.json` holds, for a quick run (`batchnorm demo`) and a full run
+`docs/verdicts.json` holds, for a quick run (`batchnorm demo`) and a full run
 (`batchnorm run all`), each experiment's configuration and each check's name, outcome and
 numbers in words; tests/lab/experiments/test_agreement.py applies both configurations'
 verdict logic (`common.judge`) to them and checks that every quick verdict equals the full
 one or is inconclusive at the demo's length. Regenerate it after a change to a
 configuration or a check, from the results folders of the two runs:
 
-    python -m batchnorm_lab.experiments.recorded --quick results/demo --full results/full > docs/results/verdicts.json
+    python -m batchnorm_lab.experiments.recorded --quick results/demo --full results/full > docs/verdicts.json
 
 A run may be spread over several folders (`--full A --full B`); a later folder's record of
 an experiment replaces an earlier one's. Each entry names its `source`: the folder, or for
