@@ -1,5 +1,6 @@
-# The two set-up commands of the README: `make demo` and `make test`.
-# Both create .venv on first use and install the package with torch pinned
+# The two set-up commands of the README: `make demo` and `make test` (every test, what CI
+# runs); `make check` is the fast tier for the edit loop: the tests not marked `slow`.
+# Each creates .venv on first use and installs the package with torch pinned
 # (constraints.txt: the CPU build of torch 2.13.0; anything else pulls CUDA wheels) and
 # its `dev` extra, which includes the `experiments` extra that the command line needs.
 VENV   ?= .venv
@@ -7,7 +8,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test check bench install clean
 
 install: $(STAMP)
 
@@ -23,6 +24,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+check: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 bench: $(STAMP)
 	$(VENV)/bin/batchnorm bench kernels

@@ -68,6 +68,7 @@ def _assert_same_state(a, b):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=2e-6, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("extra", list(EXTRAS))
 def test_compiled_equals_eager_over_training_steps(extra, backend):
@@ -120,6 +121,7 @@ LAYERS = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, shape, dtype, fmt, backend, extra", LAYERS, ids=lambda v: str(v))
 def test_every_layer_dtype_and_format_compiles_without_breaks_and_equals_eager(name, shape, dtype, fmt, backend, extra):
     """Two training steps (output, input and parameter gradients, running statistics) and an
@@ -162,6 +164,7 @@ def test_a_compiled_channels_last_layer_takes_our_op_from_the_contiguous_crossov
     assert "batchnorm.batch_norm" in str(graphs[0].graph)
 
 
+@pytest.mark.slow
 def test_no_graph_breaks_in_a_converted_cnn():
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
@@ -180,6 +183,7 @@ def test_no_graph_breaks_in_a_converted_cnn():
             torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_inductor_numba_op_matches_eager_and_does_not_recompile_for_a_new_batch_size():
     eager, compiled, _ = _pair({"activation": "relu"}, "numba", channels_last=False)
     torch._dynamo.utils.counters.clear()
@@ -193,6 +197,7 @@ def test_inductor_numba_op_matches_eager_and_does_not_recompile_for_a_new_batch_
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
 
 
+@pytest.mark.slow
 def test_inductor_passes_convolutions_channels_last_outputs_and_gets_eagers_results():
     """Inductor lays convolution outputs out channels-last on the CPU; our ops take them as
     they are (flexible layout), next to a residual in the other format, and the compiled
@@ -310,6 +315,7 @@ sys.path = [p for p in sys.path if "batchnorm" not in p and not p.endswith("/src
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", ["small", "large"])
 def test_exported_evaluation_program_runs_without_batchnorm(tmp_path, size):
     model = torch.nn.Sequential(

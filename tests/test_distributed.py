@@ -468,6 +468,7 @@ def runs(tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(DEADLINE_S + 30)
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_matches_single_process_batch_norm_on_the_concatenated_batch(runs, world):
@@ -477,6 +478,7 @@ def test_matches_single_process_batch_norm_on_the_concatenated_batch(runs, world
     assert {case["kind"] for case in run["cases"]} == {"even", "uneven", "empty", "all_on_one"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_one_value_per_channel_raises_the_same_error_on_every_rank(runs, world):
     results = runs[world]["tasks"]["one_value"]
@@ -488,6 +490,7 @@ def test_one_value_per_channel_raises_the_same_error_on_every_rank(runs, world):
     torch.testing.assert_close(y.var(0, unbiased=False), torch.ones(4), atol=1e-3, rtol=0)
 
 
+@pytest.mark.slow
 def test_one_all_reduce_per_layer_per_direction(runs):
     for rank_result in runs[2]["tasks"]["count"]:
         first, second, third, evaluation = rank_result["counts"]
@@ -500,11 +503,13 @@ def test_one_all_reduce_per_layer_per_direction(runs):
         assert evaluation["eval"] == []
 
 
+@pytest.mark.slow
 def test_compiled_model_runs_each_layer_eagerly_with_the_same_results(runs):
     for r in runs[2]["tasks"]["compiled"]:
         assert r["equal"] == [True, True, True]
 
 
+@pytest.mark.slow
 def test_group_of_one_is_plain_batch_norm(runs):
     for r in runs[4]["tasks"]["group_of_one"]:
         assert r["equal"] == [True, True, True] and r["calls"] == 0
@@ -521,6 +526,7 @@ def _single_process_training():
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_ddp_training_matches_single_process_training(runs, world):
     per_rank = runs[world]["tasks"]["ddp"]
@@ -532,6 +538,7 @@ def test_ddp_training_matches_single_process_training(runs, world):
         torch.testing.assert_close(per_rank[0][key], value, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoint_from_rank_0_loads_into_a_single_process_model(runs):
     state = torch.load(runs[2]["out"] / "checkpoint2.pt", weights_only=True)
     trained = _single_process_training().eval()
@@ -549,12 +556,14 @@ def test_checkpoint_from_rank_0_loads_into_a_single_process_model(runs):
     torch.testing.assert_close(y, trained(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_channel_count_mismatch_is_reported_on_every_rank(runs):
     for r in runs[3]["tasks"]["mismatch"]:
         assert r["error"] is not None and "disagree on the number of channels" in r["error"]
         assert "from 4 to 5" in r["error"]
 
 
+@pytest.mark.slow
 def test_a_failing_rank_makes_the_others_fail_with_a_clear_error(runs):
     results = runs[4]["tasks"]["failure"]
     assert results[1]["error"] == "simulated failure on rank 1"

@@ -110,6 +110,7 @@ def _penalty(layer, x):
     return torch.autograd.grad(gx.square().sum(), (x, layer.weight), allow_unused=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["plain", "ghost", "renorm"])
 def test_double_backward_gives_second_order_gradients(shape, kind):
     """Ghost batches are torch's layer on each chunk; batch renormalization at r = 1, d = 0

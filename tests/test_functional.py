@@ -157,6 +157,7 @@ def test_double_backward_through_the_kernel_contract_is_exact(backend):
     torch.testing.assert_close(gg, ggt)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "numba"])
 @pytest.mark.parametrize("training", [True, False])
 def test_double_backward_of_the_whole_op_is_exact(backend, training):

@@ -7,9 +7,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 EXTRA = ("rich", "typer", "click", "sklearn", "mnist1d", "matplotlib", "jinja2", "torch._dynamo")
 
 
+@pytest.mark.slow
 def test_import_batchnorm_loads_neither_the_experiments_extra_nor_the_compiler():
     code = (
         "import sys, batchnorm; "

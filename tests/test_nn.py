@@ -126,6 +126,7 @@ def test_extras_match_reference_in_float64(case, activation, with_residual):
     torch.testing.assert_close(y, layout.restore(expected, x, v.kind), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["aten", "reference"])
 @pytest.mark.parametrize("activation", [None, "relu", "gelu"])
 def test_gradcheck_through_the_module(backend, activation):

@@ -67,6 +67,7 @@ _READ_ONLY = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temp_writable", [True, False], ids=["temp-dir-writable", "nothing-writable"])
 def test_a_read_only_install_imports_and_runs(tmp_path, temp_writable):
     temp = tmp_path / "tmp"

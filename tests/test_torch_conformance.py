@@ -70,6 +70,7 @@ def _module_cases():
                                            id=f"{info.name}-{k}-{dtype}-{'train' if training else 'eval'}-{size}")  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls, module_input, dtype, training, size", list(_module_cases()))
 def test_module_db_cases_give_torchs_results(cls, module_input, dtype, training, size):
     args, kwargs = module_input.constructor_input.args, module_input.constructor_input.kwargs

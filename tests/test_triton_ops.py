@@ -219,6 +219,7 @@ def traced():
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [c[0] for c in TRACED])
 def test_compiled_graphs_hold_the_kernels_themselves(traced, case):
     report = traced[case]
@@ -231,6 +232,7 @@ def test_compiled_graphs_hold_the_kernels_themselves(traced, case):
         assert report[graph]["written_twice"] == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [c[0] for c in TRACED])
 def test_a_new_batch_size_in_the_same_range_reuses_the_graph(traced, case):
     """With a symbolic batch size, the host-side sizing (tiles, grids, the single-read choice)
@@ -239,6 +241,7 @@ def test_a_new_batch_size_in_the_same_range_reuses_the_graph(traced, case):
     assert not [g for g in guards if g.startswith(("Eq(", "Ne(")) or "==" in g], guards
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [c[0] for c in TRACED])
 def test_traced_outputs_have_eagers_strides(traced, case):
     report = traced[case]

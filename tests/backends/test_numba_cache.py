@@ -80,6 +80,7 @@ def test_kernels_compiled_by_different_processes_share_one_cache(tmp_path):
         assert not wrong, f"cases whose cached kernels give wrong results: {wrong}"
 
 
+@pytest.mark.slow
 def test_a_damaged_cache_file_is_recompiled_with_one_warning(tmp_path):
     case = [{"activation": "relu", "residual": False, "parallel": False}]
     (errors,), _ = _python(tmp_path, case)

@@ -107,6 +107,7 @@ def cases(draw):
 # dtypes, both views, serial and parallel, forward and backward) when numba's on-disk cache
 # is cold, as in a fresh clone: minutes on 2 cores, more than the suite's per-test limit
 # when other work shares the machine.
+@pytest.mark.slow
 @pytest.mark.timeout(1800)
 @settings(max_examples=40, deadline=None)
 @given(case=cases())
@@ -166,6 +167,7 @@ def test_normalize_and_gradients_match_reference(case):
     for name, got, want in zip(names, grads, ref_grads):
         close(got, want, dtype, scale=scales.get(name, 1.0))
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "shape, fmt",
     [
@@ -232,6 +234,7 @@ def test_fp32_statistics_are_as_accurate_as_torchs(shape, fmt):
         assert var_error <= theirs, f"variance {var_error:.3g} off float64 (relative), torch's {theirs:.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="one numba thread only")
 @pytest.mark.parametrize(
     "shape, fmt",
@@ -271,6 +274,7 @@ def test_bitwise_same_result_with_one_or_two_threads(shape, fmt):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(case=cases(), activation=st.sampled_from([None, "relu"]))
 def test_serial_and_parallel_kernels_agree_bitwise(case, activation):
@@ -309,6 +313,7 @@ def _expected_running(x, rmean, rvar, factor):
     return rmean.double() + factor * (mean - rmean.double()), rvar.double() + factor * (var - rvar.double())
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None)
 @given(case=cases(), factor=st.sampled_from([0.1, 0.5, 1.0]), nbt=st.booleans())
 def test_normalize_updating_folds_the_batch_into_the_running_statistics(case, factor, nbt):

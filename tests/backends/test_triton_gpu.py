@@ -686,6 +686,7 @@ def path(request, monkeypatch):
 TORCH_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_functional_update_matches_torch(path, dtype, memory_format):
@@ -726,6 +727,7 @@ def test_functional_update_matches_torch(path, dtype, memory_format):
     assert results["ours"][0].is_contiguous(memory_format=memory_format)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_batchnorm2d_train_steps_match_torch(path, memory_format):
     """Two SGD steps of bn.BatchNorm2d(backend="triton") against torch's, then evaluation."""

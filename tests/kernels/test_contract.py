@@ -16,7 +16,9 @@ from batchnorm import activations, backends, reference
 
 from .poison import poisoned_allocations
 
-BACKENDS = [n for n in backends.available() if n != "reference"]
+# Without a GPU, triton runs in Triton's CPU interpreter (slow): `make check` leaves it to
+# tests/backends/test_triton_gpu.py, which tests the same four functions on tiny shapes.
+BACKENDS = [pytest.param(n, marks=pytest.mark.slow) if n == "triton" else n for n in backends.available() if n != "reference"]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # Tolerance relative to the size of the quantity, per input dtype: the kernels accumulate
 # in fp32 (fp64 for fp64), so the output's own rounding dominates.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -18,6 +19,7 @@ from batchnorm_lab import bench, bench_grid, bench_train, models, timing
 from batchnorm_lab.cli import app
 
 
+@pytest.mark.slow
 def test_quick_bench_writes_json_and_markdown(tmp_path):
     notes = tmp_path / "notes.md"
     notes.write_text("## Notes\n\nappended as they are.\n")
@@ -86,6 +88,7 @@ def test_copy_rate_ratio_counts_the_kernels_passes():
 
 
 
+@pytest.mark.slow
 def test_monitor_overhead_reports_both_models():
     result = bench.monitor_overhead(steps=2, rounds=1)
     assert set(result) == {"sigmoid", "batchnorm"}
@@ -105,6 +108,7 @@ def test_monitor_overhead_command_reports_both_models():
 # is recorded instead of stopping the run.
 
 
+@pytest.mark.slow
 def test_quick_train_bench_eager_arms(tmp_path):
     md = tmp_path / "bench-train.md"
     result = CliRunner().invoke(
@@ -139,6 +143,7 @@ def test_quick_train_bench_eager_arms(tmp_path):
     assert "| resnet20 | 8 | contiguous | fp32 |" in result.output  # the table is printed too
 
 
+@pytest.mark.slow
 def test_train_bench_records_failing_arms(monkeypatch):
     """A compiled arm failing as it is built, and one failing in the timed rounds: both are
     recorded with their message and left out; the eager arms are timed."""

@@ -3,6 +3,7 @@ and the numba kernels they compile ahead."""
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from batchnorm_lab.cli import app
@@ -115,6 +116,7 @@ def test_bad_input_is_refused(tmp_path):
         assert message in result.output, (args, result.output)
 
 
+@pytest.mark.slow
 def test_compile_ahead_fills_numba_cache_with_the_kernels_cnn_wallclock_runs(tmp_path, monkeypatch):
     """The background process (one per experiment that has `compile_kernels`) leaves on disk
     the kernels the run's layers call: the parallel (N, C, L) forward and backward of BN +

@@ -14,6 +14,7 @@ from batchnorm_lab.__main__ import NEEDS_EXTRA
 SCRIPT = "import sys; sys.modules[{module!r}] = None; sys.argv = ['batchnorm', 'list']; from batchnorm_lab.__main__ import main; main()"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["typer", "rich"])
 def test_without_the_extra_one_line_and_exit_2(module):
     done = subprocess.run(

@@ -26,6 +26,7 @@ def single(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_single_process_reports_accuracy_and_saves_a_loadable_checkpoint(single):
     metrics = json.loads((single / "metrics.json").read_text())
     assert metrics["world_size"] == 1 and metrics["steps"] == 12 and metrics["step_ms_median"] > 0
@@ -39,6 +40,7 @@ def test_single_process_reports_accuracy_and_saves_a_loadable_checkpoint(single)
     assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_two_processes_with_sync_bn_follow_single_process_training(single, tmp_path):
     result = _run("--nproc", "2", "--sync-bn", "--out", str(tmp_path))

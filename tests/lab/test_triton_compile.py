@@ -122,6 +122,7 @@ def _compile_env(tmp_path, triton_dir) -> dict:
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("triton_dir", TRITONS, ids=lambda d: "installed" if d is None else "other")
 def test_kernels_compile_for_sm80_and_sm90(tmp_path, triton_dir):
     """One specialization per kernel, view and tile (`representative`), for sm_80 and sm_90:

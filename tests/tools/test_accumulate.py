@@ -195,6 +195,7 @@ def _synchronized_step(rank: int, world: int) -> dict:
             "changes": changes.changed}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_synchronized_layers_update_once_from_every_process(tmp_path):
     results = processes.run(_synchronized_step, 2, tmp_path)
     conv = results[0]["conv"]

@@ -90,6 +90,7 @@ def _expected(before: list[dict], layer: str, weights: list[float]) -> tuple[tor
 LAYERS = ("stem.1", "layer1.bn1", "layer1.bn2", "layer2.bn1", "layer2.bn2", "layer2.down.1")
 
 
+@pytest.mark.slow
 def test_every_process_gets_the_count_weighted_merge(results):
     before = [r["before"] for r in results]
     # The problem: local batch norm leaves every process with statistics of its own shard.
@@ -109,22 +110,26 @@ def test_every_process_gets_the_count_weighted_merge(results):
     assert results[0]["changes"][0] == ("stem.1", "merged over 3 processes (weights 24, 40, 64)")
 
 
+@pytest.mark.slow
 def test_counts_of_zero_everywhere_are_refused_on_every_process(results):
     for r in results:
         assert r["nothing"] == "merge_rank_stats: every process passed count=0 ([0.0, 0.0, 0.0]); nothing to merge"
 
 
+@pytest.mark.slow
 def test_the_statistics_before_are_kept_for_stats_restore(results):
     for r in results:
         assert all(torch.equal(v, r["before"][k]) for k, v in r["restored"].items())
 
 
+@pytest.mark.slow
 def test_broadcast_gives_process_zeros_statistics(results):
     for r in results:
         for key, value in results[0]["before"].items():
             assert torch.equal(r["broadcast"][key], value)
 
 
+@pytest.mark.slow
 def test_a_process_with_non_finite_statistics_is_left_out(results):
     before = [r["before"] for r in results]
     mean, var = _expected(before[:2], "stem.1", [8.0 * n for n in SHARDS[:2]])

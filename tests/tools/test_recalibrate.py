@@ -168,6 +168,7 @@ def _ranks_entry(rank: int, port: int, sizes: list[int], out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_ranks_merge_to_the_statistics_of_all_the_data(tmp_path):
     sizes = [5, 9, 3, 8, 4]  # rank 0 gets two batches, rank 1 three
     with socket.socket() as s:
