@@ -84,7 +84,7 @@ def test_eager_call_equals_the_eager_path_bitwise(training):
         if path == "op":
             y, params = torch.ops.batchnorm.triton_batch_norm(*args)
         else:
-            y, params, _ = ops._BatchNormFunction.apply(*args, None)
+            y, params = ops._BatchNormFunction.apply(*args)
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(device)
         grads = torch.autograd.grad(y, (x, w, b, res), dy)
         outs.append([y, params, *grads])
