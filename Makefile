@@ -29,7 +29,7 @@ check: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
 bench: $(STAMP)
-	$(VENV)/bin/batchnorm bench kernels
+	$(VENV)/bin/batchnorm bench kernels --out docs/bench --markdown docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .hypothesis

@@ -87,7 +87,8 @@ step ops 150 "$PY" -m pytest tests/test_triton_ops.py -q -p no:cacheprovider --j
 grep -v -i warn "$LOG" | sed -n '/^== ops (/,/^== ops:/p' > docs/bench/triton-ops-cuda.txt
 
 if "$PY" -m batchnorm_lab.cli bench train --help > /dev/null 2>&1; then
-    step train 90 bash -c "$PY -m batchnorm_lab.cli bench train --device cuda 2>&1 | tee docs/bench/train-cuda.txt"
+    step train 90 bash -c "$PY -m batchnorm_lab.cli bench train --device cuda --out docs/bench \
+        --markdown docs/bench-train-cuda.md 2>&1 | tee docs/bench/train-cuda.txt"
 else
     echo "== train: no 'bench train' command yet: skipped" | tee -a "$LOG"
 fi
@@ -167,7 +168,8 @@ for shape, dtype in [((64, 256, 56, 56), torch.float32), ((64, 256, 56, 56), tor
 PY
 
 DEADLINE=$(( DEADLINE + 30 ))
-step rule 25 "$PY" -m batchnorm_lab.cli bench gpu-rule
+step rule 25 "$PY" -m batchnorm_lab.cli bench gpu-rule --runs "docs/bench/kernels-cuda*.json" \
+    --out src/batchnorm/backends/gpu_rule.json
 
 echo "failed steps: ${FAILED[*]:-none}" | tee -a "$LOG"
 if [[ -n "${OUT:-}" ]]; then

@@ -16,9 +16,10 @@ same rounds: the memory system's rate without the OS's cost of fresh pages (whic
 Modes: `eval` (forward with running statistics), `train` (forward with batch statistics,
 no autograd) and `train_fb` (forward + backward, gradients of x, weight, bias, residual).
 
-Results go to JSON (`--out`), and `docs/benchmarks.md` is rendered from them together with
-the crossover sweep (where `auto` starts to prefer numba over aten). How the kernels move
-memory, and what the numbers mean, is in `docs/performance.md`.
+Results go to JSON (`--out`, default `results/`), and a markdown page beside them
+(`--markdown`; this project's docs/benchmarks.md, with `--out docs/bench`) is rendered from
+them together with the crossover sweep (where `auto` starts to prefer numba over aten).
+How the kernels move memory, and what the numbers mean, is in `docs/performance.md`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from batchnorm.tools.monitor import EVERY as MONITOR_EVERY
 from batchnorm.tools.monitor import monitor
 
 from .bench_grid import MODES, VARIANTS, grid
+from .files import RESULTS
 from .timing import bench_row, machine_info, minimal_bytes, runner, time_medians
 
 bench_app = typer.Typer(help="Benchmarks against torch: kernels, whole training steps.", no_args_is_help=True)
@@ -372,8 +374,8 @@ def monitor_overhead(
 def kernels(
     quick: bool = typer.Option(False, help="A few tiny rows (for tests), not the full grid."),
     device: str = typer.Option("cpu", help="cpu or cuda (cuda adds torch.compile and ResNet-50 rows)."),
-    out: Path = typer.Option(Path("docs/bench"), help="Folder for the JSON results."),
-    markdown: Path = typer.Option(Path("docs/benchmarks.md"), help="Where to render the table."),
+    out: Path = typer.Option(RESULTS, help="Folder for the JSON results (this project's: --out docs/bench)."),
+    markdown: Path = typer.Option(None, help="Where to render the table (default OUT/benchmarks.md)."),
     notes: Path | None = typer.Option(None, help="A markdown file appended to the rendered page."),
     repeats: int = typer.Option(7, min=1, help="Timed runs per row (the median is reported)."),
     backend: str = typer.Option("auto", help="The backend ours runs with: auto, or a name (triton: what `bench gpu-rule` reads)."),
@@ -398,6 +400,7 @@ def kernels(
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"kernels-{device}{'' if backend == 'auto' else '-' + backend}{'-quick' if quick else ''}.json"
     path.write_text(json.dumps(result, indent=1))
+    markdown = markdown or out / "benchmarks.md"
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(render(result, notes.read_text() if notes is not None and notes.exists() else ""))
     typer.echo(f"wrote {path} and {markdown}")
@@ -406,8 +409,8 @@ def kernels(
 @bench_app.command("compile")
 def compile_command(
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    out: Path = typer.Option(Path("docs/bench"), help="Folder for the JSON results."),
-    markdown: Path = typer.Option(Path("docs/bench-compile.md"), help="Where to render the table."),
+    out: Path = typer.Option(RESULTS, help="Folder for the JSON results (this project's: --out docs/bench)."),
+    markdown: Path = typer.Option(None, help="Where to render the table (default OUT/bench-compile.md)."),
     repeats: int = typer.Option(7, min=1, help="Timed runs per size."),
     quick: bool = typer.Option(False, help="Three small sizes (for tests)."),
 ) -> None:
@@ -418,6 +421,7 @@ def compile_command(
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"compile-{device}{'-quick' if quick else ''}.json"
     path.write_text(json.dumps(result, indent=1))
+    markdown = markdown or out / "bench-compile.md"
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(render_compile_crossover(result))
     typer.echo(f"wrote {path} and {markdown}")
@@ -461,18 +465,20 @@ def gpu_compile_command(
 
 @bench_app.command("gpu-rule")
 def gpu_rule_command(
-    runs: str = typer.Option("docs/bench/kernels-cuda*.json", help="Glob of recorded GPU benchmark runs."),
-    out: Path | None = typer.Option(None, help="The rule file (default: the one `auto` reads, backends/gpu_rule.json)."),
+    runs: str = typer.Option(f"{RESULTS}/kernels-cuda*.json", help="Glob of recorded GPU benchmark runs."),
+    out: Path = typer.Option(RESULTS / "gpu_rule.json", help="The rule file; the one `auto` reads is "
+                             "src/batchnorm/backends/gpu_rule.json, which this project regenerates with --out."),  # fmt: skip
 ) -> None:
     """Regenerate the CUDA dispatch rule (which shape classes `auto` sends to triton on each
     recorded GPU) from `bench kernels --device cuda --backend triton` runs."""
     from batchnorm.backends import gpu_rule
 
-    rule = gpu_rule.regenerate(runs, out if out is not None else gpu_rule.RULE_PATH)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rule = gpu_rule.regenerate(runs, out)
     for gpu, d in rule["devices"].items():
         typer.echo(f"{gpu}: triton for {len(d['triton'])} of {len(d['classes'])} shape classes: {', '.join(d['triton']) or 'none'}")
     for name, why in rule["skipped"].items():
         typer.echo(f"skipped {name}: {why}")
     if not rule["devices"]:
         typer.echo("no recorded GPU run: auto sends every CUDA input to aten")
-    typer.echo(f"wrote {out if out is not None else gpu_rule.RULE_PATH}")
+    typer.echo(f"wrote {out}")

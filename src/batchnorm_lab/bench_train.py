@@ -44,6 +44,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import models
 from batchnorm.tools import convert
 
+from .files import RESULTS
 from .timing import machine_info, time_medians
 
 ARMS = ("torch eager", "torch compiled", "ours eager", "ours compiled")
@@ -372,9 +373,10 @@ def train_bench_command(
     repeats: int = typer.Option(None, min=1, help="Timed rounds per configuration (default 7; 2 with --quick)."),
     quick: bool = typer.Option(False, help="ResNet-20 at batch 8 only, 2 rounds (for tests)."),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="Run the two torch.compile arms."),
-    out: Path = typer.Option(Path("docs/bench"), help="Folder for the JSON results (train-<device>.json)."),
-    markdown: Path = typer.Option(None, help="Where to render the tables (default docs/bench-train.md; "
-                                  "docs/bench-train-cuda.md with --device cuda)."),  # fmt: skip
+    out: Path = typer.Option(RESULTS, help="Folder for the JSON results (train-<device>.json; this project's: "
+                             "--out docs/bench)."),  # fmt: skip
+    markdown: Path = typer.Option(None, help="Where to render the tables (default OUT/bench-train.md; "
+                                  "OUT/bench-train-cuda.md with --device cuda)."),  # fmt: skip
 ) -> None:
     """Time whole ResNet training steps: torch vs ours, eager and compiled; write JSON and markdown."""
     if device not in ("cpu", "cuda"):
@@ -386,7 +388,7 @@ def train_bench_command(
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"train-{device}{'-quick' if quick else ''}.json"
     path.write_text(json.dumps(result, indent=1))
-    markdown = markdown or Path(f"docs/bench-train{'-cuda' if device == 'cuda' else ''}.md")
+    markdown = markdown or out / f"bench-train{'-cuda' if device == 'cuda' else ''}.md"
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(render(result))
     typer.echo("\n".join(times_table(result) + error_list(result)))
