@@ -92,6 +92,21 @@ def unfreeze(model: nn.Module, *, inplace: bool = True) -> tuple[nn.Module, Chan
     return model, changes
 
 
+def layers_with_running_stats(model: nn.Module, tool: str, changes: Changes, frozen_advice: str = ""):
+    """The batch-norm layers of `model` whose running statistics `tool` may replace, as
+    (path, module); frozen layers and layers without running statistics are left out and
+    recorded in `changes.skipped` (`frozen_advice` is added to the frozen layers' reason)."""
+    layers = []
+    for path, m in require_batchnorm(model, tool):
+        if is_frozen(m):
+            changes.skip(path, "frozen: its statistics are fixed" + frozen_advice)
+        elif not isinstance(m, _BatchNorm) or m.running_mean is None:
+            changes.skip(path, "no running statistics (track_running_stats=False)")
+        else:
+            layers.append((path, m))
+    return layers
+
+
 def stats_snapshot(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     """A copy of every batch-norm layer's running statistics: {path: {buffer name: tensor}}.
 

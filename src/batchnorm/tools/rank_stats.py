@@ -26,12 +26,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..distributed import active_group
 from ..stats import merge_stacked
-from ._common import Changes, prepare, require_batchnorm
-from .freeze import is_frozen, stats_snapshot
+from ._common import Changes, prepare
+from .freeze import layers_with_running_stats, stats_snapshot
 
 
 def merge_rank_stats(
@@ -56,14 +55,7 @@ def merge_rank_stats(
         raise ValueError(f"count must be a finite number >= 0 (the examples this process saw), got {count!r}")
     model = prepare(model, inplace)
     changes = Changes(previous=stats_snapshot(model))
-    layers = []
-    for path, m in require_batchnorm(model, "merge_rank_stats"):
-        if is_frozen(m):
-            changes.skip(path, "frozen: its statistics are fixed")
-        elif not isinstance(m, _BatchNorm) or m.running_mean is None:
-            changes.skip(path, "no running statistics (track_running_stats=False)")
-        else:
-            layers.append((path, m))
+    layers = layers_with_running_stats(model, "merge_rank_stats", changes)
     pg = active_group(group)
     if pg is None or not layers:
         changes.skip("", "no process group of two processes or more" if layers else "no running statistics to merge")

@@ -40,11 +40,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..stats import Stats, merge_all, merge_stacked
-from ._common import Changes, input_stats_hook, leaves_no_trace, prepare, progress_bar, require_batchnorm
-from .freeze import frozen_stats, is_frozen, stats_snapshot
+from ._common import Changes, input_stats_hook, leaves_no_trace, prepare, progress_bar
+from .freeze import frozen_stats, layers_with_running_stats, stats_snapshot
 
 
 def recalibrate(
@@ -72,14 +71,7 @@ def recalibrate(
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
     model = prepare(model, inplace)
     changes = Changes(previous=stats_snapshot(model))
-    layers = []
-    for path, m in require_batchnorm(model, "recalibrate"):
-        if is_frozen(m):
-            changes.skip(path, "frozen: its statistics are fixed (unfreeze it to recalibrate)")
-        elif not isinstance(m, _BatchNorm) or m.running_mean is None:
-            changes.skip(path, "no running statistics (track_running_stats=False)")
-        else:
-            layers.append((path, m))
+    layers = layers_with_running_stats(model, "recalibrate", changes, " (unfreeze it to recalibrate)")
     if not layers:
         raise ValueError("recalibrate: no batch-norm layer with running statistics to recompute")
 
