@@ -117,7 +117,6 @@ def _run_plan(plan: list[tuple[str, dict]], out: Path, *, resume: bool, title: s
     """Run each (name, config) into `out` under its own progress bar, then the summary and report."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from rich.table import Table
 
     from .report import render
     from .experiments import finished, load_results, run_into
