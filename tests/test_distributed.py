@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
 
 import batchnorm as bn
 from batchnorm import activations
 from batchnorm.distributed import SyncBatchNorm, no_buffer_broadcast
-from batchnorm_lab.train import free_port
+
+from tools.processes import free_port, spawn_and_wait
 
 WORLD = 4
 GLOO_TIMEOUT_S = 60  # generous: the machine is shared, and idle ranks wait at a barrier
@@ -67,18 +67,7 @@ def _entry(rank: int, port: int, plan: list, outdir: str) -> None:
 
 def run_plan(plan: list, outdir: Path) -> dict[int, list[list]]:
     """Spawn the group and run `plan`; results[size][task][rank]. Terminated at the deadline."""
-    ctx = mp.start_processes(
-        _entry, args=(free_port(), plan, str(outdir)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the processes were still running after {DEADLINE_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    spawn_and_wait(_entry, (free_port(), plan, str(outdir)), WORLD, DEADLINE_S)
     per_rank = [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return {
         size: [list(task) for task in zip(*(per_rank[r][size] for r in range(size)))]

@@ -29,20 +29,29 @@ def _main(rank: int, entry, world: int, port: int, outdir: str) -> None:
     dist.destroy_process_group()
 
 
-def run(entry, world: int, outdir: Path) -> list:
-    """What `entry(rank, world)` returned in each process, by rank (entry: a module-level function)."""
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = (entry, world, port, str(outdir))
-    ctx = mp.start_processes(_main, args=args, nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
+        return s.getsockname()[1]
+
+
+def spawn_and_wait(fn, args: tuple, nprocs: int, deadline_s: float = DEADLINE_S) -> None:
+    """Spawn `nprocs` processes of `fn(rank, *args)` and wait for them; TimeoutError past
+    `deadline_s`, and any process still alive then is terminated: nothing hangs."""
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + deadline_s
     try:
         while not ctx.join(timeout=1.0):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the processes were still running after {DEADLINE_S} s")
+                raise TimeoutError(f"the processes were still running after {deadline_s} s")
     finally:
         for p in ctx.processes:
             if p.is_alive():
                 p.terminate()
+
+
+def run(entry, world: int, outdir: Path) -> list:
+    """What `entry(rank, world)` returned in each process, by rank (entry: a module-level function)."""
+    spawn_and_wait(_main, (entry, world, free_port(), str(outdir)), world)
     return [torch.load(Path(outdir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
