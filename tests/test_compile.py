@@ -38,14 +38,28 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+def _build(cls, num_features: int, backend: str, extra: dict) -> torch.nn.Module:
+    """cls(num_features, backend=backend, **extra), the "activation" of `extra` fused after it
+    in a BatchNormAct (the layer a model holds for batch norm and its activation)."""
+    extra = dict(extra)
+    activation = extra.pop("activation", None)
+    layer = cls(num_features, backend=backend, **extra)
+    return layer if activation is None else bn.BatchNormAct(layer, activation)
+
+
+def _norm(module: torch.nn.Module) -> torch.nn.Module:
+    """The batch-norm layer of `module` (a BatchNormAct's `bn`, or the layer itself)."""
+    return getattr(module, "bn", module)
+
+
 def _pair(extra: dict, backend: str, channels_last: bool):
     """Two equal BatchNorm2d(4) layers (random affine parameters) and their inputs."""
     g = torch.Generator().manual_seed(0)
-    eager = bn.BatchNorm2d(4, backend=backend, **extra)
+    eager = _build(bn.BatchNorm2d, 4, backend, extra)
     with torch.no_grad():
-        eager.weight.copy_(torch.rand(4, generator=g) + 0.5)
-        eager.bias.copy_(torch.randn(4, generator=g))
-    compiled = bn.BatchNorm2d(4, backend=backend, **extra)
+        _norm(eager).weight.copy_(torch.rand(4, generator=g) + 0.5)
+        _norm(eager).bias.copy_(torch.randn(4, generator=g))
+    compiled = _build(bn.BatchNorm2d, 4, backend, extra)
     compiled.load_state_dict(eager.state_dict())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     xs = [(torch.randn(6, 4, 5, 5, generator=g, dtype=torch.float64) * 2 + 1).float().contiguous(memory_format=fmt)
@@ -53,19 +67,19 @@ def _pair(extra: dict, backend: str, channels_last: bool):
     return eager, compiled, xs
 
 
-def _step(module, x, residual=None, mask=None):
+def _step(module, x, residual=None, mask=None, activation=None):
     """One training step's forward and backward: (y, dx, dweight, dbias)."""
     x = x.clone().requires_grad_()
-    kwargs = {k: v for k, v in (("residual", residual), ("mask", mask)) if v is not None}
+    kwargs = {k: v for k, v in (("residual", residual), ("mask", mask), ("activation", activation)) if v is not None}
     y = module(x, **kwargs)
     dy = torch.linspace(-1, 1, y.numel()).view_as(y)
-    dx, dw, db = torch.autograd.grad(y, (x, module.weight, module.bias), dy)
+    dx, dw, db = torch.autograd.grad(y, (x, _norm(module).weight, _norm(module).bias), dy)
     return y.detach(), dx, dw, db
 
 
 def _assert_same_state(a, b):
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=2e-6, atol=1e-6, msg=name)
+        torch.testing.assert_close(getattr(_norm(a), name), getattr(_norm(b), name), rtol=2e-6, atol=1e-6, msg=name)
 
 
 @pytest.mark.slow
@@ -100,8 +114,10 @@ def test_residual_and_mask_compile_without_breaks():
     g = torch.Generator().manual_seed(1)
     x, r = torch.randn(6, 4, 5, 5, generator=g), torch.randn(6, 4, 5, 5, generator=g)
     mask = torch.rand(6, 5, 5, generator=g) > 0.3
-    for kwargs in ({"residual": r}, {"mask": mask}):
-        eager, compiled, _ = _pair({"activation": "relu"}, "aten", channels_last=False)
+    for kwargs in ({"residual": r}, {"mask": mask, "activation": "relu"}):
+        # a BatchNormAct takes no mask: with one, the activation is named at the layer's call
+        extra = {} if "mask" in kwargs else {"activation": "relu"}
+        eager, compiled, _ = _pair(extra, "aten", channels_last=False)
         fn = torch.compile(compiled, backend="aot_eager", fullgraph=True)
         for got, want in zip(_step(fn, x, **kwargs), _step(eager, x, **kwargs)):
             torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
@@ -127,13 +143,13 @@ def test_every_layer_dtype_and_format_compiles_without_breaks_and_equals_eager(n
     """Two training steps (output, input and parameter gradients, running statistics) and an
     evaluation step; a half-precision input keeps fp32 parameters, as torch's autocast does."""
     g = torch.Generator().manual_seed(len(shape))
-    eager = getattr(bn, name)(shape[1], backend=backend, **extra)
+    eager = _build(getattr(bn, name), shape[1], backend, extra)
     with torch.no_grad():
-        eager.weight.copy_(torch.rand(shape[1], generator=g) + 0.5)
-        eager.bias.copy_(torch.randn(shape[1], generator=g))
+        _norm(eager).weight.copy_(torch.rand(shape[1], generator=g) + 0.5)
+        _norm(eager).bias.copy_(torch.randn(shape[1], generator=g))
     if dtype == torch.float64:
         eager.double()
-    compiled = getattr(bn, name)(shape[1], backend=backend, **extra).to(eager.weight.dtype)
+    compiled = _build(getattr(bn, name), shape[1], backend, extra).to(_norm(eager).weight.dtype)
     compiled.load_state_dict(eager.state_dict())
     fn = torch.compile(compiled, backend="aot_eager", fullgraph=True)
     tol = 2e-5 if dtype in (torch.float32, torch.float64) else 1e-2
@@ -160,7 +176,7 @@ def test_a_compiled_channels_last_layer_takes_our_op_from_the_contiguous_crossov
         graphs.append(gm)
         return gm.forward
 
-    torch.compile(bn.BatchNorm2d(64, activation="relu"), backend=capture, fullgraph=True)(x)
+    torch.compile(bn.BatchNormAct(bn.BatchNorm2d(64), "relu"), backend=capture, fullgraph=True)(x)
     assert "batchnorm.batch_norm" in str(graphs[0].graph)
 
 
@@ -204,7 +220,7 @@ def test_inductor_passes_convolutions_channels_last_outputs_and_gets_eagers_resu
     block still gives eager's outputs and gradients."""
     torch.manual_seed(6)
     conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
-    layers = [bn.BatchNorm2d(8, activation="relu", backend="numba") for _ in range(2)]
+    layers = [bn.BatchNormAct(bn.BatchNorm2d(8, backend="numba"), "relu") for _ in range(2)]
     layers[1].load_state_dict(layers[0].state_dict())
 
     def block(layer, x, r):
@@ -215,9 +231,9 @@ def test_inductor_passes_convolutions_channels_last_outputs_and_gets_eagers_resu
     got, want = fn(layers[0], x, r), block(layers[1], x, r)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
     dy = torch.randn_like(got)
-    inputs = (x, r, conv.weight, layers[0].weight)
+    inputs = (x, r, conv.weight, layers[0].bn.weight)
     grads_got = torch.autograd.grad(got, inputs, dy)
-    grads_want = torch.autograd.grad(want, (x, r, conv.weight, layers[1].weight), dy)
+    grads_want = torch.autograd.grad(want, (x, r, conv.weight, layers[1].bn.weight), dy)
     for a, b in zip(grads_got, grads_want):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
     _assert_same_state(layers[0], layers[1])
@@ -232,7 +248,7 @@ def test_training_steps_reuse_one_graph():
     for x in xs:
         _step(fn, x)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
-    assert compiled.nonfinite_skips == 0 and int(compiled.num_batches_tracked) == len(xs)
+    assert compiled.bn.nonfinite_skips == 0 and int(compiled.bn.num_batches_tracked) == len(xs)
 
 
 def test_non_finite_batch_is_refused_and_counted_in_a_compiled_graph():
@@ -319,11 +335,11 @@ sys.path = [p for p in sys.path if "batchnorm" not in p and not p.endswith("/src
 @pytest.mark.parametrize("size", ["small", "large"])
 def test_exported_evaluation_program_runs_without_batchnorm(tmp_path, size):
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), bn.BatchNorm2d(8, activation="relu"),
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), bn.BatchNormAct(bn.BatchNorm2d(8), "relu"),
         torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), bn.BatchNorm2d(8),
     ).eval()  # fmt: skip
     with torch.no_grad():
-        for m in model:
+        for m in model.modules():
             if isinstance(m, bn.BatchNorm2d):
                 m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
     n = 2 if size == "small" else 130  # 130 x 8 x 32 x 32 > the numba crossover

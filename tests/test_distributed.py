@@ -147,7 +147,7 @@ def draw_cases(world: int, seed: int, count: int) -> list[dict]:
 def _make_sync(case: dict, **kwargs) -> SyncBatchNorm:
     m = SyncBatchNorm(
         case["shape"][1], momentum=case["momentum"], affine=case["affine"],
-        track_running_stats=case["track"], activation=case["activation"], dtype=case["param_dtype"],
+        track_running_stats=case["track"], dtype=case["param_dtype"],
         **kwargs,
     )
     if case["affine"]:
@@ -164,7 +164,7 @@ def task_equivalence(rank: int, world: int, group, case: dict) -> dict:
     for step in range(2):
         splits = case["splits"][step]
         x = part(case["xs"][step], splits, rank).requires_grad_()
-        y = m(x, part(case["residuals"][step], splits, rank))
+        y = m(x, part(case["residuals"][step], splits, rank), activation=case["activation"])
         y.backward(part(case["dys"][step], splits, rank))
         steps.append(dict(
             y=y.detach(), dx=x.grad,
@@ -175,7 +175,10 @@ def task_equivalence(rank: int, world: int, group, case: dict) -> dict:
         m.zero_grad()
     m.eval()
     with torch.no_grad():
-        y_eval = m(part(case["xs"][2], case["splits"][0], rank), part(case["residuals"][2], case["splits"][0], rank))
+        y_eval = m(
+            part(case["xs"][2], case["splits"][0], rank), part(case["residuals"][2], case["splits"][0], rank),
+            activation=case["activation"],
+        )
     return dict(steps=steps, y_eval=y_eval)
 
 
@@ -274,7 +277,7 @@ def _three_layer_model(seed: int, group) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
         SyncBatchNorm(4, process_group=group), torch.nn.Linear(4, 6, bias=False),
-        SyncBatchNorm(6, activation="relu", process_group=group), torch.nn.Linear(6, 5, bias=False),
+        bn.BatchNormAct(SyncBatchNorm(6, process_group=group), "relu"), torch.nn.Linear(6, 5, bias=False),
         SyncBatchNorm(5, process_group=group),
     )
 
@@ -329,7 +332,7 @@ def ddp_setup():
     """The model, data and schedule of the DDP test: uneven splits and one empty rank."""
     torch.manual_seed(3)
     model = torch.nn.Sequential(
-        torch.nn.Linear(6, 8, bias=False), bn.BatchNorm1d(8, activation="relu"),
+        torch.nn.Linear(6, 8, bias=False), bn.BatchNormAct(bn.BatchNorm1d(8), "relu"),
         torch.nn.Linear(8, 8, bias=False), bn.BatchNorm1d(8), torch.nn.Linear(8, 3),
     )
     g = torch.Generator().manual_seed(4)
@@ -578,7 +581,7 @@ def local_cases(draw):
 @given(case=local_cases())
 def test_without_a_process_group_it_is_plain_batch_norm(case):
     assert not dist.is_initialized()
-    kwargs = dict(momentum=case["momentum"], track_running_stats=case["track"], activation=case["activation"])
+    kwargs = dict(momentum=case["momentum"], track_running_stats=case["track"])
     sync = SyncBatchNorm(case["shape"][1], **kwargs)
     local = OURS[len(case["shape"])](case["shape"][1], **kwargs)
     g = torch.Generator().manual_seed(case["seed"])
@@ -587,7 +590,7 @@ def test_without_a_process_group_it_is_plain_batch_norm(case):
         local.train(training)
         x = torch.randn(case["shape"], generator=g) * 2 + 1
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = sync(xa), local(xb)
+        ya, yb = sync(xa, activation=case["activation"]), local(xb, activation=case["activation"])
         assert torch.equal(ya, yb)
         ya.sum().backward()
         yb.sum().backward()
@@ -601,7 +604,7 @@ class _Net(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = torch.nn.Conv2d(2, 4, 3, padding=1, bias=False)
-        self.bn = bn.BatchNorm2d(4, activation="relu", backend="reference", momentum=None)
+        self.bn = bn.BatchNormAct(bn.BatchNorm2d(4, backend="reference", momentum=None), "relu")
         self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5, bias=False), torch.nn.BatchNorm1d(5, affine=False))
         self.lazy = bn.LazyBatchNorm1d()
 
@@ -619,26 +622,30 @@ def test_convert_keeps_state_extras_and_parameters_and_revert_restores_classes()
 
     synced = SyncBatchNorm.convert(net)
     assert synced is net  # converted in place, as torch does, for a container
-    assert all(isinstance(m, SyncBatchNorm) for m in (net.bn, net.head[2], net.lazy))
-    assert isinstance(net.bn, torch.nn.modules.batchnorm._BatchNorm)
-    assert net.bn.activation == "relu" and net.bn.backend == "reference" and net.bn.momentum is None
-    assert net.head[2].affine is False and net.head[2].activation is None
+    assert all(isinstance(m, SyncBatchNorm) for m in (net.bn.bn, net.head[2], net.lazy))
+    assert isinstance(net.bn.bn, torch.nn.modules.batchnorm._BatchNorm)
+    assert type(net.bn.act) is torch.nn.ReLU and net.bn.bn.backend == "reference" and net.bn.bn.momentum is None
+    assert net.head[2].affine is False and not hasattr(net.head[2], "activation")
     assert net.state_dict().keys() == torch_keys
     assert all(p is params[name] for name, p in net.named_parameters())  # an optimizer keeps working
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
     reverted = SyncBatchNorm.revert(net)
-    assert type(reverted.bn) is bn.BatchNorm2d and reverted.bn.activation == "relu"
+    assert type(reverted.bn.bn) is bn.BatchNorm2d and type(reverted.bn.act) is torch.nn.ReLU
     assert type(reverted.head[2]) is torch.nn.BatchNorm1d and type(reverted.lazy) is bn.BatchNorm1d
     assert all(torch.equal(v, before[k]) for k, v in reverted.state_dict().items())
     assert not any(isinstance(m, SyncBatchNorm) for m in reverted.modules())
 
 
 def test_convert_a_single_layer_and_revert_with_a_default():
-    layer = bn.BatchNorm3d(3, activation="tanh").eval()
+    layer = bn.BatchNorm3d(3).eval()
     sync = SyncBatchNorm.convert(layer)
-    assert type(sync) is SyncBatchNorm and not sync.training and sync.activation == "tanh"
+    assert type(sync) is SyncBatchNorm and not sync.training
     assert type(SyncBatchNorm.revert(sync)) is bn.BatchNorm3d
+    fused = bn.BatchNormAct(bn.BatchNorm3d(3), "tanh").eval()
+    assert SyncBatchNorm.convert(fused) is fused  # a container: its batch norm is replaced, its activation kept
+    assert type(fused.bn) is SyncBatchNorm and not fused.bn.training and type(fused.act) is torch.nn.Tanh
+    assert SyncBatchNorm.revert(fused) is fused and type(fused.bn) is bn.BatchNorm3d and type(fused.act) is torch.nn.Tanh
     direct = SyncBatchNorm(3)
     with pytest.raises(ValueError, match="pass default="):
         SyncBatchNorm.revert(torch.nn.Sequential(direct))
@@ -681,18 +688,18 @@ def _step_matches(model, reference, x):
 def test_convert_and_revert_keep_the_extras_that_change_outputs():
     keras = bn.from_keras(3, spatial_dims=1, moving_mean=[0.5, -1.0, 2.0], moving_variance=[1.0, 4.0, 0.25])
     renorm = bn.Renorm(r_max=1.2, d_max=0.1)  # tight limits: the correction is active
-    net = torch.nn.Sequential(keras, bn.BatchNorm1d(3, renorm=renorm, activation="silu", backend="reference"))
+    net = torch.nn.Sequential(keras, bn.BatchNormAct(bn.BatchNorm1d(3, renorm=renorm, backend="reference"), "silu"))
     reference = copy.deepcopy(net)
     g = torch.Generator().manual_seed(0)
 
     synced = SyncBatchNorm.convert(net)
     assert synced[0].unbiased_running_var is False
-    assert synced[1].renorm == renorm and synced[1].activation == "silu" and synced[1].backend == "reference"
+    assert synced[1].bn.renorm == renorm and type(synced[1].act) is torch.nn.SiLU and synced[1].bn.backend == "reference"
     _step_matches(synced, reference, torch.randn(8, 3, generator=g) * 3 + 1)
 
     reverted = SyncBatchNorm.revert(synced)
     assert type(reverted[0]) is bn.BatchNorm1d and reverted[0].unbiased_running_var is False
-    assert reverted[1].renorm == renorm and reverted[1].activation == "silu" and reverted[1].backend == "reference"
+    assert reverted[1].bn.renorm == renorm and type(reverted[1].act) is torch.nn.SiLU and reverted[1].bn.backend == "reference"
     _step_matches(reverted, reference, torch.randn(8, 3, generator=g) * 3 + 1)
 
 

@@ -51,8 +51,8 @@ def test_unknown_keyword_is_a_type_error_naming_the_class():
 
 
 def test_changed_extras_leave_out_defaults_and_backend():
-    layer = bn.BatchNorm1d(4, activation="relu", backend="reference", unbiased_running_var=False)
-    assert changed_extras(layer) == {"activation": "relu", "unbiased_running_var": False}
+    layer = bn.BatchNorm1d(4, virtual_batch_size=2, backend="reference", unbiased_running_var=False)
+    assert changed_extras(layer) == {"virtual_batch_size": 2, "unbiased_running_var": False}
     assert changed_extras(torch.nn.BatchNorm1d(4)) == {}
 
 
@@ -75,12 +75,12 @@ class _Residual(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 4, 1)
-        self.bn1 = bn.BatchNorm2d(4, activation="relu")
+        self.bn1 = bn.BatchNorm2d(4)
         self.bn2 = bn.BatchNorm2d(4, virtual_batch_size=2)
         self.bn3 = bn.BatchNorm2d(4)
 
     def forward(self, x, mask):
-        y = self.bn1(self.conv(x))
+        y = self.bn1(self.conv(x), activation="relu")
         return self.bn3(self.bn2(y, y), mask=mask)
 
 
@@ -90,7 +90,8 @@ def test_torch_fx_traces_our_layers_as_calls_of_them_that_follow_the_mode():
     gm = torch.fx.symbolic_trace(model)
     calls = [(n.target, n.args[1:], n.kwargs) for n in gm.graph.nodes if n.op == "call_module" and n.target != "conv"]
     assert [c[0] for c in calls] == ["bn1", "bn2", "bn3"]
-    assert not calls[0][1] and len(calls[1][1]) == 1 and list(calls[2][2]) == ["mask"]
+    assert not calls[0][1] and calls[0][2] == {"activation": "relu"}
+    assert len(calls[1][1]) == 1 and not calls[1][2] and list(calls[2][2]) == ["mask"]
     x, mask = torch.randn(4, 3, 5, 5), torch.rand(4, 5, 5) > 0.3
     for training in (True, False, True):  # the graph's layers follow .train() / .eval()
         model.train(training), gm.train(training)

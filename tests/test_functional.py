@@ -59,7 +59,9 @@ def test_bad_residual_and_activation_and_momentum():
     with pytest.raises(ValueError, match="residual has shape"):
         m(torch.randn(4, 3), residual=torch.randn(4, 2))
     with pytest.raises(ValueError, match="activation='swish' is not supported"):
-        bn.BatchNorm1d(3, activation="swish")
+        m(torch.randn(4, 3), activation="swish")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'activation'"):
+        bn.BatchNorm1d(3, activation="relu")  # a batch-norm module holds no activation: BatchNormAct does
     # any number is a momentum, as for torch (tests/test_torch_conformance.py); not a string
     with pytest.raises(TypeError, match="momentum must be a number"):
         batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, momentum="0.1")
@@ -130,9 +132,9 @@ def test_backends_agree_through_the_module(backend):
     torch.manual_seed(0)
     x = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     r = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
-    ours = bn.BatchNorm2d(4, activation="tanh", backend=backend, dtype=torch.float64)
-    ref = bn.BatchNorm2d(4, activation="tanh", backend="reference", dtype=torch.float64)
-    ya, yb = ours(x, residual=r), ref(x, residual=r)
+    ours = bn.BatchNorm2d(4, backend=backend, dtype=torch.float64)
+    ref = bn.BatchNorm2d(4, backend="reference", dtype=torch.float64)
+    ya, yb = ours(x, residual=r, activation="tanh"), ref(x, residual=r, activation="tanh")
     torch.testing.assert_close(ya, yb)
     ga = torch.autograd.grad(ya.square().sum(), (x, r, ours.weight))
     gb = torch.autograd.grad(yb.square().sum(), (x, r, ref.weight))
@@ -360,8 +362,8 @@ def test_the_residual_alone_can_need_a_gradient_on_every_path(backend, extra):
     x, r, dy = (torch.randn(4, 3, 5, 5, generator=g) for _ in range(3))
     grads = []
     for x_needs in (True, False):
-        layer = bn.BatchNorm2d(3, affine=False, activation="relu", backend=backend, **extra)
+        layer = bn.BatchNorm2d(3, affine=False, backend=backend, **extra)
         xi, ri = x.clone().requires_grad_(x_needs), r.clone().requires_grad_()
-        layer(xi, residual=ri).backward(dy)
+        layer(xi, residual=ri, activation="relu").backward(dy)
         grads.append(ri.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)

@@ -109,16 +109,15 @@ def test_matches_torch_module(case):
 def test_extras_match_reference_in_float64(case, activation, with_residual):
     case = dict(case, dtype=torch.float64, track=True)
     ours, _ = pair(case)
-    ours.activation = activation
     x = make_input(case["shape"], case["layout"], torch.float64, case["seed"]).requires_grad_()
     r = torch.randn(case["shape"], dtype=torch.float64, requires_grad=True) if with_residual else None
-    y = ours(x, residual=r)
+    y = ours(x, residual=r, activation=activation)
     v = layout.canonical(x.detach())
     rv = None if r is None else layout.canonical(r.detach(), v.kind).data
     expected = reference.batch_norm(v.data, ours.weight, ours.bias, activation=activation, residual=rv)
     torch.testing.assert_close(y, layout.restore(expected, x, v.kind), rtol=1e-9, atol=1e-9)
     ours.eval()
-    y = ours(x, residual=r)
+    y = ours(x, residual=r, activation=activation)
     expected = reference.batch_norm(
         v.data, ours.weight, ours.bias, running_mean=ours.running_mean, running_var=ours.running_var,
         activation=activation, residual=rv,
@@ -130,12 +129,12 @@ def test_extras_match_reference_in_float64(case, activation, with_residual):
 @pytest.mark.parametrize("backend", ["aten", "reference"])
 @pytest.mark.parametrize("activation", [None, "relu", "gelu"])
 def test_gradcheck_through_the_module(backend, activation):
-    m = bn.BatchNorm2d(3, activation=activation, backend=backend, dtype=torch.float64)
+    m = bn.BatchNorm2d(3, backend=backend, dtype=torch.float64)
     x = torch.randn(4, 3, 2, 3, dtype=torch.float64, requires_grad=True)
     r = torch.randn(4, 3, 2, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, r: m(x, residual=r), (x, r))
+    assert torch.autograd.gradcheck(lambda x, r: m(x, residual=r, activation=activation), (x, r))
     m.eval()
-    assert torch.autograd.gradcheck(lambda x, r: m(x, residual=r), (x, r))
+    assert torch.autograd.gradcheck(lambda x, r: m(x, residual=r, activation=activation), (x, r))
 
 
 def test_double_backward_through_the_default_module():
@@ -163,10 +162,10 @@ def test_state_dict_round_trips_both_ways(ndim):
 
 
 def test_pickle_and_deepcopy_keep_extras_and_state():
-    m = bn.BatchNorm2d(4, activation="silu", momentum=None)
+    m = bn.BatchNormAct(bn.BatchNorm2d(4, momentum=None), "silu")
     m(torch.randn(3, 4, 2, 2))
     for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
-        assert clone.activation == "silu" and clone.momentum is None
+        assert type(clone.act) is torch.nn.SiLU and clone.bn.momentum is None
         for k, v in m.state_dict().items():
             assert torch.equal(clone.state_dict()[k], v)
         clone.eval()
@@ -182,9 +181,10 @@ def test_pickle_and_deepcopy_keep_extras_and_state():
     (bn.LazyBatchNorm3d, bn.BatchNorm3d, (4, 6, 2, 2, 2)),
 ])
 def test_lazy_modules_become_ours(lazy, eager, shape):
-    m = lazy(activation="relu", momentum=0.3)
-    y = m(torch.randn(shape))
-    assert type(m) is eager and m.num_features == 6 and m.activation == "relu"
+    layer = bn.BatchNormAct(lazy(momentum=0.3), "relu")
+    y = layer(torch.randn(shape))
+    m = layer.bn
+    assert type(m) is eager and m.num_features == 6 and type(layer.act) is torch.nn.ReLU
     assert (y >= 0).all() and m.running_mean.shape == (6,) and int(m.num_batches_tracked) == 1
     assert isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
 

@@ -75,7 +75,7 @@ def test_rows_reach_the_kernels_as_a_channels_last_view_of_the_input(monkeypatch
 
     monkeypatch.setattr(functional, "batch_norm", spy)
     x, r = torch.randn(4, 6, 8), torch.randn(4, 6, 8)
-    y = bn.SequenceBatchNorm(8, activation="relu")(x, residual=r)
+    y = bn.BatchNormAct(bn.SequenceBatchNorm(8), "relu")(x, residual=r)
     (rows,) = seen
     assert rows.shape == (24, 8) and rows.data_ptr() == x.data_ptr()  # a view: no copy
     assert layout.kind_of(rows) == "mc"

@@ -273,8 +273,8 @@ def _cuda_steps(mode: str | None, channels_last: bool, steps: int = 3):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     xs = [(torch.randn(16, 32, 12, 12, generator=g) * 2 + 1).cuda().contiguous(memory_format=fmt) for _ in range(steps)]
     rs = [torch.randn(16, 32, 12, 12, generator=g).cuda().contiguous(memory_format=fmt) for _ in range(steps)]
-    eager = bn.BatchNorm2d(32, activation="relu", backend="triton").cuda()
-    compiled_module = bn.BatchNorm2d(32, activation="relu", backend="triton").cuda()
+    eager = bn.BatchNormAct(bn.BatchNorm2d(32, backend="triton"), "relu").cuda()
+    compiled_module = bn.BatchNormAct(bn.BatchNorm2d(32, backend="triton"), "relu").cuda()
     compiled_module.load_state_dict(eager.state_dict())
     compiled = torch.compile(compiled_module, fullgraph=True, mode=mode)
     results = []
@@ -286,9 +286,10 @@ def _cuda_steps(mode: str | None, channels_last: bool, steps: int = 3):
             y = call(x, residual=r)
             y.backward(torch.ones_like(y))
             # clones: under CUDA graphs a replay overwrites the previous outputs in place
-            per_step.append([y.detach().clone(), x.grad.clone(), module.weight.grad.clone(), module.bias.grad.clone(),
-                             module.running_mean.clone(), module.running_var.clone(),
-                             module.num_batches_tracked.clone()])  # fmt: skip
+            norm = module.bn
+            per_step.append([y.detach().clone(), x.grad.clone(), norm.weight.grad.clone(), norm.bias.grad.clone(),
+                             norm.running_mean.clone(), norm.running_var.clone(),
+                             norm.num_batches_tracked.clone()])  # fmt: skip
             module.zero_grad()
         results.append(per_step)
     return results
@@ -311,8 +312,8 @@ def test_dynamic_batch_sizes_in_one_range_share_a_graph_on_a_gpu():
     block) run one graph, and give eager's results."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    eager = bn.BatchNorm2d(32, activation="relu", backend="triton").cuda()
-    compiled_module = bn.BatchNorm2d(32, activation="relu", backend="triton").cuda()
+    eager = bn.BatchNormAct(bn.BatchNorm2d(32, backend="triton"), "relu").cuda()
+    compiled_module = bn.BatchNormAct(bn.BatchNorm2d(32, backend="triton"), "relu").cuda()
     compiled = torch.compile(compiled_module, dynamic=True, fullgraph=True)
     g = torch.Generator().manual_seed(5)
     for n in (16, 20, 24):  # N L = 2304, 2880, 3456: all round up to 4096

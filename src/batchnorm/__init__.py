@@ -1,8 +1,9 @@
 """batchnorm: batch normalization for PyTorch, correct and fast, with the tools around it.
 
     import batchnorm as bn
-    layer = bn.BatchNorm2d(64, activation="relu")      # drop-in for torch.nn.BatchNorm2d
-    y = layer(x, residual=shortcut)                     # relu(bn(x) + shortcut)
+    layer = bn.BatchNorm2d(64)                          # drop-in for torch.nn.BatchNorm2d
+    fused = bn.BatchNormAct(bn.BatchNorm2d(64), "relu")
+    y = fused(x, residual=shortcut)                     # relu(bn(x) + shortcut), one kernel
 """
 
 from . import backends, functional, reference, tools
@@ -35,6 +36,8 @@ from .tools import (
     stats_snapshot,
     unfreeze,
 )
+from .inplace_abn import InPlaceABN
+from .norm_act import BatchNormAct
 from .sequence import SequenceBatchNorm
 from .variants import Renorm
 
@@ -47,6 +50,8 @@ __all__ = [
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
+    "BatchNormAct",
+    "InPlaceABN",
     "Changes",
     "Renorm",
     "SequenceBatchNorm",

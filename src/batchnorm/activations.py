@@ -18,13 +18,45 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 NAMES = (None, "relu", "leaky_relu", "sigmoid", "tanh", "silu", "gelu")
 
 LEAKY_SLOPE = 0.01
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+# The torch modules computing each activation, matched by exact type (a subclass may compute
+# something else); LeakyReLU and GELU also need their argument to be ours (slope, exact erf).
+_MODULES: dict[type, str | None] = {
+    nn.Identity: None,
+    nn.ReLU: "relu",
+    nn.LeakyReLU: "leaky_relu",
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.SiLU: "silu",
+    nn.GELU: "gelu",
+}
+NOT_FUSABLE = "not fusable"  # what name_of_module says of any other module
+
+
+def name_of_module(module: nn.Module) -> str | None:
+    """The name of the activation `module` computes (None for nn.Identity), or NOT_FUSABLE."""
+    name = _MODULES.get(type(module), NOT_FUSABLE)
+    if name == "leaky_relu" and not math.isclose(module.negative_slope, LEAKY_SLOPE):
+        return NOT_FUSABLE
+    if name == "gelu" and module.approximate != "none":
+        return NOT_FUSABLE
+    return name
+
+
+def module_for(name: str | None) -> nn.Module:
+    """The torch module computing `name` (nn.Identity for None)."""
+    check(name)
+    if name == "leaky_relu":
+        return nn.LeakyReLU(LEAKY_SLOPE)
+    return next(cls for cls, known in _MODULES.items() if known == name)()
 
 
 def check(name: str | None) -> str | None:

@@ -209,7 +209,7 @@ class SyncBatchNorm(BatchNormExtras, _BatchNorm):
 
         Parameters are shared (an optimizer built before still holds them), buffers and the
         training flag are kept, and so are our modules' extras that SyncBatchNorm has
-        (`activation`, `backend`, `renorm`, `unbiased_running_var`); the original class is
+        (`backend`, `renorm`, `unbiased_running_var`); the original class is
         remembered for `revert`. Returns the converted module (a new object when `module`
         itself is a batch norm). ValueError, with `module` left unchanged, for a layer that
         cannot be synchronized: a Lazy module that has not seen an input, or one with

@@ -5,18 +5,21 @@ Each module subclasses torch's class and takes torch's constructor arguments, in
 order (a model written for `torch.nn.BatchNorm2d` builds ours unchanged), then these
 keyword-only extras, the fields of `Extras`:
 
-- `activation=`: None, "relu", "leaky_relu", "sigmoid", "tanh", "silu" or "gelu", applied
-  after gamma and beta (fused by the fast backends);
 - `backend=`: "auto" (default), or a name from `batchnorm.backends.available()`;
 - `virtual_batch_size=k`: ghost batch norm (chunks of k examples in training);
 - `renorm=Renorm(...)`: batch renormalization, scheduled by `num_batches_tracked`;
 - `unbiased_running_var=False`: store the biased variance (Keras/Flax convention).
 
 `BatchNormExtras` is the part every one of them mixes in before torch's class: the forward
-`forward(x, residual=None, mask=None)` (the residual is added before the activation,
-`g(bn(x) + residual)`; statistics over the positions where the boolean mask (N, *spatial)
-is True), and a guard that keeps non-finite batch statistics out of the running statistics,
-its skips counted in `nonfinite_skips`.
+`forward(x, residual=None, mask=None, *, activation=None)` (statistics over the positions
+where the boolean mask (N, *spatial) is True; `g(bn(x) + residual)` with the activation g
+named at the call, the fused call `norm_act.BatchNormAct` makes), and a guard that keeps
+non-finite batch statistics out of the running statistics, its skips counted in
+`nonfinite_skips`.
+
+A module of these classes holds batch norm's state alone: an activation is asked for at
+the call, never stored, because helpers written for torch's layers rebuild them from their
+attributes and would drop it without a word (`norm_act.py`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ from .variants import Renorm
 class Extras:
     """The keyword-only extras and their defaults; an extra at its default changes nothing."""
 
-    activation: str | None = None
     backend: str | None = "auto"
     virtual_batch_size: int | None = None
     renorm: Renorm | None = None
@@ -111,7 +113,6 @@ class BatchNormExtras:
                 raise TypeError(f"renorm must be a batchnorm.Renorm, got {type(chosen.renorm).__name__}")
             if not self.track_running_stats:
                 raise ValueError("batch renormalization needs running statistics: track_running_stats=True")
-        self.activation = validation.validate_activation(chosen.activation)
         self.backend = chosen.backend
         self.virtual_batch_size = chosen.virtual_batch_size
         self.renorm = chosen.renorm
@@ -125,11 +126,13 @@ class BatchNormExtras:
     def _check_input_dim(self, input: Tensor) -> None:
         validation.validate_ndim(input, self._ndims, type(self).__name__)
 
-    def forward(self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None, *, activation: str | None = None
+    ) -> Tensor:
         """g(gamma * (x - mu) / sqrt(var + eps) + beta + residual); shapes as torch's module,
-        mask (N, *spatial) bool."""
+        mask (N, *spatial) bool, g the activation named (identity for None)."""
         if isinstance(input, fx.Proxy):
-            return _traced_call(self, input, residual, mask)
+            return _traced_call(self, input, residual, mask, activation)
         validation.validate_input(input, None if self.num_features == 0 else self.num_features)
         self._check_input_dim(input)
         weight, bias, running_mean, running_var, num_batches_tracked = _tensors(self)
@@ -146,7 +149,7 @@ class BatchNormExtras:
             self.training or running_mean is None,
             self.momentum,
             self.eps,
-            activation=self.activation,
+            activation=activation,
             residual=residual,
             backend=self.backend,
             num_batches_tracked=num_batches_tracked if update else None,
@@ -164,8 +167,6 @@ class BatchNormExtras:
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
-        if self.activation is not None:
-            text += f", activation={self.activation!r}"
         if self.backend not in ("auto", None):
             text += f", backend={self.backend!r}"
         if self.virtual_batch_size is not None:
@@ -184,7 +185,7 @@ def plain_forward(module: nn.Module) -> bool:
     return type(module).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward, BatchNormExtras.forward)
 
 
-def _traced_call(module: nn.Module, input: fx.Proxy, residual, mask) -> fx.Proxy:
+def _traced_call(module: nn.Module, input: fx.Proxy, residual, mask, activation) -> fx.Proxy:
     """Under torch.fx symbolic tracing (symbolic_trace, quantization's prepare_fx,
     torchvision's create_feature_extractor): the layer as one call of the module, the node
     fx records for torch's own layers, which it keeps as leaves. Tracing through our forward
@@ -198,7 +199,8 @@ def _traced_call(module: nn.Module, input: fx.Proxy, residual, mask) -> fx.Proxy
             "(its call is then one node of the graph)"
         )
     args = (input,) if residual is None else (input, residual)
-    return tracer.create_proxy("call_module", path, args, {} if mask is None else {"mask": mask})
+    kwargs = {name: value for name, value in (("mask", mask), ("activation", activation)) if value is not None}
+    return tracer.create_proxy("call_module", path, args, kwargs)
 
 
 def _tensors(module) -> tuple[Tensor | None, ...]:

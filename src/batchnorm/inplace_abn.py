@@ -119,13 +119,13 @@ def negative_slope_of(activation: str | None, negative_slope: float) -> float | 
             "InPlaceABN cannot use activation='relu': ReLU sets every negative value to 0, so "
             "backward cannot recover the normalized input there, and the input gradient needs it "
             "at every position. Use activation='leaky_relu' with a small negative_slope (0.01, "
-            "as mapillary/inplace_abn does), or batchnorm.BatchNorm2d(activation='relu'), which "
-            "keeps its input instead"
+            "as mapillary/inplace_abn does), or batchnorm.BatchNormAct(batchnorm.BatchNorm2d(C), 'relu'), "
+            "which keeps its input instead"
         )
     if activation not in ACTIVATIONS:
         raise ValueError(
             f"InPlaceABN takes activation=None (identity) or 'leaky_relu', got {activation!r}; "
-            "use batchnorm.BatchNorm2d(activation=...) for the others"
+            "use batchnorm.BatchNormAct(batchnorm.BatchNorm2d(C), ...) for the others"
         )
     if activation is None:
         return None

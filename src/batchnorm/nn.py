@@ -2,9 +2,10 @@
 
 Each subclasses the matching `torch.nn.BatchNorm*` (so `isinstance(m, nn.BatchNorm2d)`
 holds, and the constructor arguments, parameters, buffers and state_dict keys are
-torch's) and adds what `extras.py` defines: keyword-only extras (`activation=`,
-`backend=`, `virtual_batch_size=`, `renorm=`, `unbiased_running_var=`), a forward with
-`residual=` and `mask=`, and the non-finite guard (`nonfinite_skips`).
+torch's) and adds what `extras.py` defines: keyword-only extras (`backend=`,
+`virtual_batch_size=`, `renorm=`, `unbiased_running_var=`), a forward with `residual=`,
+`mask=` and `activation=`, and the non-finite guard (`nonfinite_skips`). A layer with
+its activation is a `BatchNormAct` around one of these (`norm_act.py`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ class _Lazy(_LazyNormBase):
     ) -> None:
         super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self._set_extras(extras)
+
+    def initialize_parameters(self, input, *call_args, **call_kwargs) -> None:
+        """torch's lazy hook hands over every argument of the first call (`residual=`,
+        `mask=`, `activation=`); the channel count comes from the input alone."""
+        super().initialize_parameters(input)
 
 
 spell_out_extras(_Lazy.__init__)

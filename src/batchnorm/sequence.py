@@ -27,9 +27,10 @@ from .nn import BatchNorm1d
 class SequenceBatchNorm(nn.Module):
     """Batch norm over the last dimension: input (N, L, C) or any (*, C) with C = num_features.
 
-    forward(x, residual=None, mask=None): residual of x's shape; mask (N, L) bool, x's
-    shape without the last dimension, True at the positions whose values enter the
-    statistics (padding tokens False). Output: x's shape.
+    forward(x, residual=None, mask=None, *, activation=None): residual of x's shape; mask
+    (N, L) bool, x's shape without the last dimension, True at the positions whose values
+    enter the statistics (padding tokens False); activation g, named as our layers take it
+    (what `BatchNormAct(SequenceBatchNorm(C), g)` passes). Output: x's shape.
     """
 
     def __init__(self, num_features: int, *args, **kwargs) -> None:
@@ -37,7 +38,9 @@ class SequenceBatchNorm(nn.Module):
         self.num_features = num_features  # also when a tool replaces `norm` (replace_norm)
         self.norm = BatchNorm1d(num_features, *args, **kwargs)
 
-    def forward(self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None, *, activation: str | None = None
+    ) -> Tensor:
         c = self.num_features
         _check(input, residual, mask, c)
         # Only the arguments given are passed on, so that whatever a tool puts in `norm`'s
@@ -47,6 +50,8 @@ class SequenceBatchNorm(nn.Module):
             given["residual"] = residual.reshape(-1, c)
         if mask is not None:
             given["mask"] = mask.reshape(-1)
+        if activation is not None:
+            given["activation"] = activation
         return self.norm(input.reshape(-1, c), **given).reshape(input.shape)
 
 

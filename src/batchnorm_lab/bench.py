@@ -4,7 +4,7 @@ For each row of a grid (shape x memory format x mode x variant) the benchmark ti
 the same inputs and interleaved so both see the same machine load:
 
 - torch eager: `torch.nn.BatchNorm{1,2}d` followed by `torch.relu` (and `+ residual`),
-- ours: `batchnorm.BatchNorm{1,2}d(activation=..., backend="auto")(x, residual)`,
+- ours: `batchnorm.BatchNormAct(batchnorm.BatchNorm{1,2}d(backend="auto"), activation)(x, residual)`,
 - on CUDA also `torch.compile` of the same torch module,
 
 and reports medians of repeated runs, the ratio torch / ours, and the bandwidth ours
@@ -36,6 +36,7 @@ import typer
 
 from batchnorm import backends
 from batchnorm.nn import BatchNorm1d, BatchNorm2d
+from batchnorm.norm_act import BatchNormAct
 from batchnorm.tools.monitor import EVERY as MONITOR_EVERY
 from batchnorm.tools.monitor import monitor
 
@@ -83,7 +84,7 @@ def crossover(device: str, repeats: int, sizes=CROSSOVER_SIZES, channels_last: b
         x, dy = _sweep_input(numel, device, channels_last)
         fns = {}
         for name in ("aten", "numba"):
-            m = (BatchNorm2d if channels_last else BatchNorm1d)(64, activation="relu", backend=name, device=device)
+            m = BatchNormAct((BatchNorm2d if channels_last else BatchNorm1d)(64, backend=name, device=device), "relu")
             fns[name] = runner(m, "train_fb", x, None, dy, True, "relu")
         t = {k: v[1] for k, v in time_medians(fns, repeats, device).items()}  # best of: less noisy
         points.append(dict(numel=x.numel(), aten_ms=t["aten"] * 1e3, numba_ms=t["numba"] * 1e3,
@@ -150,7 +151,7 @@ def compile_crossover(device: str, repeats: int, sizes=CROSSOVER_SIZES) -> dict:
                 m = torch.nn.Sequential(torch.nn.BatchNorm1d(64, device=device), torch.nn.ReLU())
                 fns[name] = runner(torch.compile(m), "train_fb", x, None, dy, False, None)
             else:
-                m = BatchNorm1d(64, activation="relu", backend="aten" if name == "inductor" else fast, device=device)
+                m = BatchNormAct(BatchNorm1d(64, backend="aten" if name == "inductor" else fast, device=device), "relu")
                 fns[name] = runner(torch.compile(m), "train_fb", x, None, dy, True, "relu")
             fns[name]()  # compile now, outside the timed rounds
         t = {k: v[1] for k, v in time_medians(fns, repeats, device).items()}  # best of: less noisy

@@ -42,6 +42,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import models
+from batchnorm.norm_act import BatchNormAct
 from batchnorm.tools import convert
 
 from .files import RESULTS
@@ -103,10 +104,10 @@ def _fusion(model: nn.Module) -> dict[str, int]:
     if isinstance(model, fx.GraphModule):
         residual = sum(
             1 for n in model.graph.nodes
-            if n.op == "call_module" and len(n.args) == 2 and isinstance(model.get_submodule(n.target), _BatchNorm)
+            if n.op == "call_module" and len(n.args) == 2 and isinstance(model.get_submodule(n.target), BatchNormAct)
         )  # fmt: skip
-    return dict(batch_norms=len(bns), fused_activation=sum(getattr(m, "activation", None) is not None for m in bns),
-                fused_residual=residual)  # fmt: skip
+    fused = sum(isinstance(m, BatchNormAct) for m in model.modules())
+    return dict(batch_norms=len(bns), fused_activation=fused, fused_residual=residual)
 
 
 def _batches(cfg: dict, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:

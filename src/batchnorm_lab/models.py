@@ -30,6 +30,7 @@ from typing import Callable
 from torch import Tensor, nn
 
 from batchnorm.nn import BatchNorm1d
+from batchnorm.norm_act import BatchNormAct
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -82,7 +83,7 @@ def mlp(
     (n, n_classes) logits.
 
     Without batch norm a hidden layer is `g(W x + b)`; with it, `g(BN(W x))` (the bias is
-    dropped: BN's beta replaces it), the activation fused into `bn.BatchNorm1d`. When
+    dropped: BN's beta replaces it), the activation fused: `bn.BatchNormAct(bn.BatchNorm1d, g)`. When
     `after_norm(width)` is given, it builds a module put between BN and `g` (the noise
     experiment), and `g` is a separate module. `bn_options` go to every BatchNorm1d. The
     weights start by `init` (see `initialize`).
@@ -92,7 +93,7 @@ def mlp(
     for _ in range(depth):
         layers.append(nn.Linear(features, width, bias=not batchnorm))
         if batchnorm and after_norm is None:
-            layers.append(BatchNorm1d(width, activation=activation, **bn_options))
+            layers.append(BatchNormAct(BatchNorm1d(width, **bn_options), activation))
         elif batchnorm:
             layers += [BatchNorm1d(width, **bn_options), after_norm(width), ACTIVATIONS[activation]()]
         else:

@@ -17,6 +17,7 @@ import torch
 
 from batchnorm import backends
 from batchnorm.nn import BatchNorm1d, BatchNorm2d
+from batchnorm.norm_act import BatchNormAct
 
 from .bench_grid import VARIANTS
 
@@ -57,7 +58,7 @@ def _modules(c: int, dim: int, activation: str | None, device: str, backend: str
     ours_cls = BatchNorm1d if dim <= 3 else BatchNorm2d
     return (
         torch_cls(c, device=device),
-        ours_cls(c, activation=activation, backend=backend, device=device),
+        BatchNormAct(ours_cls(c, backend=backend, device=device), activation),
     )
 
 
@@ -109,7 +110,7 @@ def bench_row(shape, fmt, mode, variant, device, repeats, with_compile, dtype=to
     if with_compile:
         fns["compile"] = runner(torch.compile(ref), mode, x, r, dy, False, activation)
     t = time_medians(fns, repeats, device)
-    chosen = backends.resolve(ours.backend, x.detach()).backend.name
+    chosen = backends.resolve(ours.bn.backend, x.detach()).backend.name
     nbytes = minimal_bytes(x.numel(), x.element_size(), mode, has_res)
     (t_torch, min_torch), (t_ours, min_ours) = t["torch"], t["ours"]
     row = dict(

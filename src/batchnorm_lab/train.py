@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from batchnorm.distributed import SyncBatchNorm, no_buffer_broadcast
 from batchnorm.nn import BatchNorm1d, BatchNorm2d
+from batchnorm.norm_act import BatchNormAct
 
 GLOO_TIMEOUT = datetime.timedelta(seconds=60)
 WARMUP_STEPS = 5  # left out of the step-time median (first-call handshakes, allocator)
@@ -79,10 +80,10 @@ def build_model(sync_bn: bool = False, seed: int = 0) -> torch.nn.Module:
     """Conv-BN-ReLU x2, then Linear-BN-ReLU and a linear classifier: (n, 1, 8, 8) -> (n, 10)."""
     torch.manual_seed(seed)
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1, bias=False), BatchNorm2d(16, activation="relu"),
-        torch.nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), BatchNorm2d(32, activation="relu"),
+        torch.nn.Conv2d(1, 16, 3, padding=1, bias=False), BatchNormAct(BatchNorm2d(16), "relu"),
+        torch.nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), BatchNormAct(BatchNorm2d(32), "relu"),
         torch.nn.Flatten(),
-        torch.nn.Linear(32 * 4 * 4, 64, bias=False), BatchNorm1d(64, activation="relu"),
+        torch.nn.Linear(32 * 4 * 4, 64, bias=False), BatchNormAct(BatchNorm1d(64), "relu"),
         torch.nn.Linear(64, 10),
     )
     return SyncBatchNorm.convert(model) if sync_bn else model

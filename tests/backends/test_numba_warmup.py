@@ -23,7 +23,7 @@ _FIRST_STEPS = textwrap.dedent(
 
     torch.manual_seed(0)
     x = torch.randn(64, 16, 16, 16)
-    ours, theirs = bn.BatchNorm2d(16, activation="relu"), torch.nn.BatchNorm2d(16)
+    ours, theirs = bn.BatchNormAct(bn.BatchNorm2d(16), "relu"), torch.nn.BatchNorm2d(16)
     before = backends.resolve("auto", x, "relu", False).backend.name
     ys = [ours(x.requires_grad_()) for _ in range(3)]  # first calls: nothing compiled yet
     ys[0].sum().backward()
@@ -33,9 +33,9 @@ _FIRST_STEPS = textwrap.dedent(
     y_numba.sum().backward()
     for _ in range(4):
         y_torch = torch.relu(theirs(x))
-    print(before, after, ours.num_batches_tracked.item(),
+    print(before, after, ours.bn.num_batches_tracked.item(),
           float((ys[0] - y_torch).abs().max()), float((y_numba - y_torch).abs().max()),
-          float((ours.running_var - theirs.running_var).abs().max()))
+          float((ours.bn.running_var - theirs.running_var).abs().max()))
     """
 )
 

@@ -35,7 +35,7 @@ def factory(tmp_path_factory):
 
         def build():
             torch.manual_seed(0)
-            return nn.Sequential(nn.Linear(64, 16, bias=False), bn.BatchNorm1d(16, activation="relu"), nn.Linear(16, 10))
+            return nn.Sequential(nn.Linear(64, 16, bias=False), bn.BatchNormAct(bn.BatchNorm1d(16), "relu"), nn.Linear(16, 10))
     '''))
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(folder))
@@ -57,7 +57,7 @@ def test_check_exit_codes_and_json(factory, tmp_path):
     result = CliRunner().invoke(app, [*args, "--json", str(tmp_path / "report.json")])
     assert result.exit_code == 1, result.output
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["batches"] == 2 and ("1", "stale_statistics") in {(f["layer"], f["kind"]) for f in report["findings"]}
+    assert report["batches"] == 2 and ("1.bn", "stale_statistics") in {(f["layer"], f["kind"]) for f in report["findings"]}
 
 
 class Payload:

@@ -46,14 +46,17 @@ def test_fold_matches_the_eval_model(kind, groups, per_group, bias, activation, 
         layer = layer_class(cin, cout, 3, groups=groups, bias=bias, padding=1)
     if norm_class.__module__ != "batchnorm.nn":  # torch's layer (convt3d): no fused activation
         activation = None
-    extra = {"activation": activation} if activation else {}
-    model = randomize(nn.Sequential(layer, norm_class(cout, **extra)), seed).to(dtype).eval()
+    norm = norm_class(cout) if activation is None else bn.BatchNormAct(norm_class(cout), activation)
+    model = randomize(nn.Sequential(layer, norm), seed).to(dtype).eval()
     x = torch.randn(4, cin, *([5] * spatial), dtype=dtype)
     expected = model(x)
     folded, changes = fold(model, inplace=False)
-    assert changes.changed == [("1", "folded into 0" + (f" (activation {activation} kept)" if activation else ""))]
+    path = "1" if activation is None else "1.bn"
+    assert changes.changed == [(path, "folded into 0")]
     assert not any(isinstance(m, _BatchNorm) for m in folded.modules())
-    assert folded[0].bias is not None and isinstance(folded[1], Activation)
+    assert folded[0].bias is not None and isinstance(folded.get_submodule(path), Activation)
+    if activation is not None:  # the activation stays where it was
+        assert isinstance(folded[1], bn.BatchNormAct) and type(folded[1].act) is type(model[1].act)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
     torch.testing.assert_close(folded(x), expected, **tol)
 

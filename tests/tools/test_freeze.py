@@ -14,7 +14,7 @@ from .models import FrozenBatchNorm2d, randomize
 
 
 def _model():
-    return randomize(nn.Sequential(nn.Conv2d(3, 4, 3), bn.BatchNorm2d(4, activation="relu"), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2)))
+    return randomize(nn.Sequential(nn.Conv2d(3, 4, 3), bn.BatchNormAct(bn.BatchNorm2d(4), "relu"), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2)))
 
 
 def _buffers(model):
@@ -31,27 +31,27 @@ def test_frozen_model_trains_with_fixed_statistics_and_unfreeze_undoes_it():
     expected = copy.deepcopy(model).eval()(x)
     before = _buffers(model)
     _, changes = freeze(model)
-    assert [p for p, _ in changes.changed] == ["1", "3"]
+    assert [p for p, _ in changes.changed] == ["1.bn", "3"]
     model.train()
-    assert not model[1].training and model[0].training
+    assert not model[1].bn.training and model[0].training
     out = model(x)
     torch.testing.assert_close(out, expected)
     assert _same(_buffers(model), before)
     assert not any(p.requires_grad for m in (model[1], model[3]) for p in m.parameters())
     out.sum().backward()  # gradients still reach the layers before
-    assert model[0].weight.grad is not None and model[1].weight.grad is None
+    assert model[0].weight.grad is not None and model[1].bn.weight.grad is None
     # a frozen model survives deepcopy and pickling
     clone = pickle.loads(pickle.dumps(copy.deepcopy(model)))
     clone.train()
-    assert not clone[1].training
+    assert not clone[1].bn.training
 
     _, changes = unfreeze(model)
-    assert [p for p, _ in changes.changed] == ["1", "3"]
-    assert model[1].training and all(p.requires_grad for p in model.parameters())
+    assert [p for p, _ in changes.changed] == ["1.bn", "3"]
+    assert model[1].bn.training and all(p.requires_grad for p in model.parameters())
     model(x)
     assert not _same(_buffers(model), before)
     model.eval()
-    assert not model[1].training
+    assert not model[1].bn.training
 
 
 def test_freeze_statistics_only_keeps_gamma_beta_trainable():
@@ -79,13 +79,13 @@ def test_frozen_stats_trains_without_touching_statistics():
     free = copy.deepcopy(model)
     x = torch.randn(4, 3, 6, 6)
     before = _buffers(model)
-    momenta = [model[1].momentum, model[3].momentum]
+    momenta = [model[1].bn.momentum, model[3].momentum]
     with frozen_stats(model):
         out = model(x)
         inside = {k: v for k, v in _buffers(model).items() if "running" in k}
         assert _same(inside, {k: v for k, v in before.items() if "running" in k})  # even inside
     assert _same(_buffers(model), before)
-    assert [model[1].momentum, model[3].momentum] == momenta
+    assert [model[1].bn.momentum, model[3].momentum] == momenta
     torch.testing.assert_close(out, free(x))  # still normalized by the batch statistics
     assert not _same(_buffers(free), before)
 
@@ -96,7 +96,7 @@ def test_frozen_stats_restores_after_an_error():
     with pytest.raises(RuntimeError), frozen_stats(model):
         model(torch.randn(4, 3, 6, 6))
         raise RuntimeError("boom")
-    assert _same(_buffers(model), before) and model[1].momentum == 0.1
+    assert _same(_buffers(model), before) and model[1].bn.momentum == 0.1
 
 
 def test_snapshot_restore_round_trip_and_mismatch():
@@ -106,8 +106,8 @@ def test_snapshot_restore_round_trip_and_mismatch():
     model.train()(torch.randn(4, 3, 6, 6))
     _, changes = stats_restore(model, snap)
     assert _same(_buffers(model), before) and len(changes.changed) == 2
-    other = nn.Sequential(nn.Conv2d(3, 4, 3), bn.BatchNorm2d(5))
-    with pytest.raises(ValueError, match=r"1.running_mean: snapshot has shape \(4,\), model has shape \(5,\)"):
+    other = nn.Sequential(nn.Conv2d(3, 4, 3), bn.BatchNormAct(bn.BatchNorm2d(5), "relu"))
+    with pytest.raises(ValueError, match=r"1.bn.running_mean: snapshot has shape \(4,\), model has shape \(5,\)"):
         stats_restore(other, snap)
     with pytest.raises(ValueError, match="'3' is not a batch-norm layer"):
         stats_restore(other, snap)

@@ -26,7 +26,7 @@ import batchnorm as bn
 def build():
     """The healthy MLP of the tests: two batch-norm layers, one with a fused ReLU."""
     return nn.Sequential(
-        nn.Linear(64, 32, bias=False), bn.BatchNorm1d(32, activation="relu"),
+        nn.Linear(64, 32, bias=False), bn.BatchNormAct(bn.BatchNorm1d(32), "relu"),
         nn.Linear(32, 32, bias=False), bn.BatchNorm1d(32), nn.ReLU(),
         nn.Linear(32, 10),
     )
@@ -107,8 +107,8 @@ def test_stale_statistics_after_a_weight_change(trained, batches):
     before = _state(model)
     report = check(model, batches)
     assert not report.ok
-    assert ("1", "stale_statistics", "error") in _kinds(report)
-    stale = next(f for f in report.findings if f.layer == "1")
+    assert ("1.bn", "stale_statistics", "error") in _kinds(report)
+    stale = next(f for f in report.findings if f.layer == "1.bn")
     assert stale.evidence["variance_ratio_geomean"] == pytest.approx(4.0, rel=0.25)
     _assert_unchanged(model, before)
 
@@ -117,7 +117,7 @@ def test_train_eval_gap_is_the_relative_output_difference(trained, batches):
     report = check(trained, batches, gap_tol=0.0)
     gap = next(f for f in report.findings if f.kind == "train_eval_gap")
     with_batch_stats = copy.deepcopy(trained)
-    with_batch_stats[1].train()
+    with_batch_stats[1].bn.train()
     with_batch_stats[3].train()
     with torch.no_grad():
         y_train = torch.cat([with_batch_stats(x) for x in batches]).double()
@@ -141,12 +141,12 @@ def test_stale_running_mean(trained, batches):
 def test_broken_running_statistics(trained, batches):
     model = copy.deepcopy(trained)
     with torch.no_grad():
-        model[1].running_var[2] = float("nan")
+        model[1].bn.running_var[2] = float("nan")
         model[3].running_var[[0, 5]] = -1.0
     before = _state(model)
     report = check(model, batches)
     kinds = _kinds(report)
-    assert ("1", "nonfinite_running_stats", "error") in kinds
+    assert ("1.bn", "nonfinite_running_stats", "error") in kinds
     assert ("3", "negative_variance", "error") in kinds
     nonfinite = next(f for f in report.findings if f.kind == "nonfinite_running_stats")
     negative = next(f for f in report.findings if f.kind == "negative_variance")
@@ -157,14 +157,14 @@ def test_broken_running_statistics(trained, batches):
 def test_never_updated(factory, batches):
     model = factory.build().eval()
     report = check(model, [])  # needs no data
-    assert {(f.layer, f.kind) for f in report.findings} == {("1", "never_updated"), ("3", "never_updated")}
+    assert {(f.layer, f.kind) for f in report.findings} == {("1.bn", "never_updated"), ("3", "never_updated")}
     assert not report.ok and report.batches == 0
 
 
 def test_small_batch_with_suggestions(trained):
     report = check(trained, data_batches("digits", 8, 2))
     small = [f for f in report.findings if f.kind == "small_batch"]
-    assert {f.layer for f in small} == {"1", "3"} and small[0].severity == "warning"
+    assert {f.layer for f in small} == {"1.bn", "3"} and small[0].severity == "warning"
     assert small[0].evidence["values_per_channel"] == 8
     words = ("SyncBatchNorm", "renormalization", "frozen", "ghost", "replace_norm(model, 'group')")
     assert all(word in small[0].advice for word in words)
@@ -199,15 +199,15 @@ def test_layer_in_train_mode_during_evaluation_and_modes_restored(trained, batch
     before = _state(model)
     report = check(model, batches)
     assert ("3", "train_mode_in_eval", "error") in _kinds(report)
-    assert not any(f.kind == "train_mode_in_eval" and f.layer == "1" for f in report.findings)
+    assert not any(f.kind == "train_mode_in_eval" and f.layer == "1.bn" for f in report.findings)
     _assert_unchanged(model, before)
-    assert model[3].training and not model[1].training
+    assert model[3].training and not model[1].bn.training
 
 
 def test_report_json_and_table(trained, batches):
     model = copy.deepcopy(trained)
     with torch.no_grad():
-        model[1].weight[0] = 0.0
+        model[1].bn.weight[0] = 0.0
     report = check(model, batches)
     document = json.loads(report.to_json())
     assert document["ok"] is False and document["layers"] == 2
@@ -221,12 +221,12 @@ def test_print_report_gives_readable_text(trained, batches):
     """print(report) shows the findings, not an object's repr (table() is a rich Table)."""
     model = copy.deepcopy(trained)
     with torch.no_grad():
-        model[1].weight[0] = 0.0
+        model[1].bn.weight[0] = 0.0
     report = check(model, batches)
     text = str(report)
     assert "object at" not in text
     assert text.splitlines()[0] == "batch-norm check: 2 layers, %d batches: problems found" % report.batches
-    assert "warning: 1: dead_channels: " in text and "advice: " in text
+    assert "warning: 1.bn: dead_channels: " in text and "advice: " in text
 
 
 def test_bad_input(trained):

@@ -74,7 +74,7 @@ def test_fused_batchnorm_records_its_pre_activation_with_residual():
     class Residual(nn.Module):
         def __init__(self):
             super().__init__()
-            self.bn = bn.BatchNorm1d(4, activation="relu")
+            self.bn = bn.BatchNormAct(bn.BatchNorm1d(4), "relu")
 
         def forward(self, x):
             return self.bn(x, residual=x.flip(0))
@@ -193,12 +193,12 @@ def test_hooks_removed_on_exit_and_after_an_exception():
 
 def test_save_json_and_plot(tmp_path):
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Linear(4, 6, bias=False), bn.BatchNorm1d(6, activation="sigmoid"), nn.Linear(6, 2))
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), bn.BatchNormAct(bn.BatchNorm1d(6), "sigmoid"), nn.Linear(6, 2))
     with monitor(model, every=1) as mon:
         for _ in range(4):
             model(torch.randn(10, 4))
     saved = json.loads(mon.save(tmp_path / "history.json").read_text())
-    assert saved["records"] == mon.records() and saved["layers"] == {"1": {"nonlinearity": "sigmoid"}}
+    assert saved["records"] == mon.records() and saved["layers"] == {"1.bn": {"nonlinearity": "sigmoid"}}
     figure = mon.plot(tmp_path / "bands.png")
     assert len(figure.axes) == 1 and (tmp_path / "bands.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="no records"):

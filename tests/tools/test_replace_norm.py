@@ -47,19 +47,26 @@ def test_resnet_in_group_norm_treats_each_example_alone_and_trains_at_batch_2():
     assert accuracy > 0.4  # 10 classes; measured 0.51 after these 600 steps, 0.97 after 2500
 
 
-def test_our_layer_keeps_its_activation_and_residual():
+def test_our_layer_keeps_its_call_and_a_batchnorm_act_its_activation():
     torch.manual_seed(1)
-    layer = bn.BatchNorm2d(6, activation="relu", eps=1e-3)
+    layer = bn.BatchNorm2d(6, eps=1e-3)
     randomize(layer)
     model = nn.Sequential(layer)
     replace_norm(model, "group", groups=4)  # 6 channels: 3 groups, the largest divisor up to 4
     norm = model[0]
     assert type(norm) is GroupNormAct and norm.num_groups == 3 and norm.eps == 1e-3 and norm.weight is layer.weight
     x, r = torch.randn(3, 6, 4, 4), torch.randn(3, 6, 4, 4)
-    torch.testing.assert_close(norm(x, residual=r), torch.relu(F.group_norm(x, 3, layer.weight, layer.bias, 1e-3) + r))
+    expected = torch.relu(F.group_norm(x, 3, layer.weight, layer.bias, 1e-3) + r)
+    torch.testing.assert_close(norm(x, residual=r, activation="relu"), expected)
     with pytest.raises(ValueError, match="takes no mask"):
         norm(x, mask=torch.ones(3, 4, 4, dtype=torch.bool))
     assert set(model.state_dict()) == {"0.weight", "0.bias"}
+    fused = nn.Sequential(bn.BatchNormAct(randomize(bn.BatchNorm2d(6, eps=1e-3)), "relu"))
+    gamma, beta = fused[0].bn.weight, fused[0].bn.bias
+    replace_norm(fused, "group", groups=4)
+    assert type(fused[0].bn) is GroupNormAct
+    torch.testing.assert_close(fused[0](x, residual=r), torch.relu(F.group_norm(x, 3, gamma, beta, 1e-3) + r))
+    assert set(fused.state_dict()) == {"0.weight", "0.bias"}
 
 
 def test_layer_norm_on_features_is_torchs_layer_norm():

@@ -42,6 +42,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree
 
 from .. import activations
+from ..norm_act import BatchNormAct
 from ._common import batchnorm_layers, is_batchnorm, leaves_no_trace, run_example
 from .freeze import frozen_stats
 
@@ -72,10 +73,12 @@ class Pair(NamedTuple):
 
 
 class _Tracer(fx.Tracer):
-    """torch's default tracer, with every batch-norm layer kept as a leaf."""
+    """torch's default tracer, with every batch-norm layer kept as a leaf, and every
+    BatchNormAct: a graph rewritten by a tool keeps it whole (fused), and its `bn` is found
+    as `<its path>.bn`."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_batchnorm(m) or is_plain_layer(m) or super().is_leaf_module(m, qualname)
+        return is_batchnorm(m) or is_plain_layer(m) or isinstance(m, BatchNormAct) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str | None]:
@@ -132,10 +135,18 @@ def consumer_of(node: fx.Node, gm: fx.GraphModule, calls: Counter | None = None)
     if user.op == "call_module":
         if calls is not None and calls[user.target] != 1:
             return None
-        return Consumer(gm.get_submodule(user.target), user.args[1:], dict(user.kwargs), user.target, user)
+        return _module_consumer(gm.get_submodule(user.target), user.target, user.args[1:], dict(user.kwargs), user)
     if user.op in ("call_function", "call_method"):
         return Consumer(user.target, user.args[1:], dict(user.kwargs), None, user)
     return None
+
+
+def _module_consumer(module: nn.Module, path: str, args: tuple, kwargs: dict, node: fx.Node | None) -> Consumer:
+    """The consumer a call of `module` at `path` is; for a BatchNormAct, the batch norm it
+    holds, which is what takes the tensor first (the tools look for batch norms)."""
+    if isinstance(module, BatchNormAct):
+        return Consumer(module.bn, args, kwargs, f"{path}.bn", node)
+    return Consumer(module, args, kwargs, path, node)
 
 
 def pairs(model: nn.Module, *, both_modes: bool = False, example_input=None) -> tuple[list[Pair], str | None]:
@@ -274,21 +285,12 @@ def _sequential_pairs(model: nn.Module) -> list[Pair]:
                 continue
             after = None
             if i + 2 < len(children) and seen[id(children[i + 2][1])] == 1:
-                after = Consumer(children[i + 2][1], (), {}, children[i + 2][0], None)
-            found.append(Pair(first, Consumer(m2, (), {}, second, None), after))
+                after = _module_consumer(children[i + 2][1], children[i + 2][0], (), {}, None)
+            found.append(Pair(first, _module_consumer(m2, second, (), {}, None), after))
     return found
 
 
-# Fusable activations, by form. Modules are matched by exact type and checked for
-# arguments that change the function (a LeakyReLU slope other than ours, tanh-GELU).
-_MODULES = {
-    nn.ReLU: "relu",
-    nn.LeakyReLU: "leaky_relu",
-    nn.Sigmoid: "sigmoid",
-    nn.Tanh: "tanh",
-    nn.SiLU: "silu",
-    nn.GELU: "gelu",
-}
+# Fusable activations, by form (modules: `activations.name_of_module`).
 _FUNCTIONS = {
     F.relu: "relu",
     F.relu_: "relu",
@@ -304,9 +306,10 @@ _FUNCTIONS = {
 }
 _METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh", "tanh_": "tanh"}
 
-# Other activations: not fusable, but still "an activation" for `insert`.
+# Other activations: not fusable (LeakyReLU and GELU with other arguments than ours), but
+# still "an activation" for `insert`.
 _OTHER_MODULES = (
-    nn.ELU, nn.CELU, nn.SELU, nn.GLU, nn.Hardtanh, nn.ReLU6, nn.PReLU, nn.RReLU, nn.Softplus,
+    nn.LeakyReLU, nn.GELU, nn.ELU, nn.CELU, nn.SELU, nn.GLU, nn.Hardtanh, nn.ReLU6, nn.PReLU, nn.RReLU, nn.Softplus,
     nn.Softsign, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid, nn.Tanhshrink,
 )  # fmt: skip
 _OTHER_FUNCTIONS = (
@@ -318,12 +321,8 @@ _OTHER_FUNCTIONS = (
 def activation_name(c: Consumer) -> str | None:
     """The name our layers fuse `c` under ("relu", ...), or None when it is not fusable."""
     if isinstance(c.op, nn.Module):
-        name = _MODULES.get(type(c.op))
-        if name == "leaky_relu" and not math.isclose(c.op.negative_slope, activations.LEAKY_SLOPE):
-            return None
-        if name == "gelu" and c.op.approximate != "none":
-            return None
-        return name if not c.args and not c.kwargs else None
+        name = activations.name_of_module(c.op)
+        return name if name != activations.NOT_FUSABLE and not c.args and not c.kwargs else None
     if isinstance(c.op, str):
         return _METHODS.get(c.op) if not c.args and not c.kwargs else None
     name = _FUNCTIONS.get(c.op) if callable(c.op) else None
@@ -342,7 +341,7 @@ def activation_name(c: Consumer) -> str | None:
 def is_activation(c: Consumer) -> bool:
     """Any activation: fusable, or one of the other common ones."""
     if isinstance(c.op, nn.Module):
-        return type(c.op) in _MODULES or isinstance(c.op, _OTHER_MODULES)
+        return activations.name_of_module(c.op) not in (None, activations.NOT_FUSABLE) or isinstance(c.op, _OTHER_MODULES)
     if isinstance(c.op, str):
         return c.op in _METHODS
     return c.op in _FUNCTIONS or any(c.op is f for f in _OTHER_FUNCTIONS)

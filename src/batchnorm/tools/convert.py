@@ -9,22 +9,24 @@ What maps, module by module (every other batch-norm subclass is left alone and r
                                       knowing the process group, so it is skipped otherwise)
     FrozenBatchNorm2d-style       ->  batchnorm.BatchNorm2d, frozen (`freeze`); revert gives
                                       a frozen torch.nn.BatchNorm2d
-    timm's BatchNormAct2d,        ->  the same, with the activation fused (`activation=`),
-    SyncBatchNormAct,                 when its `drop` is an identity and its `act` one our
-    FrozenBatchNormAct2d              layers fuse (or an identity); revert gives torch's
-                                      layer and activation in a BatchNormAct (below)
-    a layer of ours with a fused      ->  revert: BatchNormAct(torch's layer, activation
-    activation (convert(fuse=True))       module), which adds a residual between the two
+    timm's BatchNormAct2d,        ->  BatchNormAct(our layer, its `act`): the activation
+    SyncBatchNormAct,                 fused, when its `drop` is an identity and its `act` one
+    FrozenBatchNormAct2d              our layers fuse (an identity `act`: our layer alone)
+
+A `BatchNormAct` (norm_act.py) is not a batch-norm layer itself: convert and revert change
+its `bn` and leave it around the new layer, so a reverted fused model computes
+act(torch's bn(x) + residual).
 
 The new layer takes over the old one's parameter and buffer tensors themselves (an
 optimizer holding them keeps working), its eps, momentum, affine, track_running_stats,
 training mode, frozen state and forward/backward hooks; device and dtype follow.
 
 `fuse=True`, after converting: a batch norm of ours whose output goes only to a fusable
-activation (relu, leaky_relu(0.01), sigmoid, tanh, silu, exact gelu) takes it as
-`activation=`; and the ResNet pattern `act(bn(x) + shortcut)` becomes
-`bn(x, residual=shortcut)` with the activation fused. An activation module used only
-there is replaced by nn.Identity in place (the model keeps its class); an activation
+activation (relu, leaky_relu(0.01), sigmoid, tanh, silu, exact gelu) becomes a
+`BatchNormAct` of the two, at the batch norm's path (state_dict keys unchanged); and the
+ResNet pattern `act(bn(x) + shortcut)` becomes `BatchNormAct(bn, act)(x, shortcut)`. An
+activation module used only there moves into the BatchNormAct, nn.Identity taking its
+place (the model keeps its class); an activation
 written as a function, a shared activation module, or a residual add can only be fused by
 rewriting the traced graph, and the module rewritten becomes a `torch.fx.GraphModule` with
 the same submodules and state_dict keys (recorded in `changes`). Only patterns found in
@@ -37,13 +39,14 @@ from __future__ import annotations
 
 from torch import fx, nn
 from torch.ao.quantization import fuser_method_mappings
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from .. import activations
 from .. import nn as ours
-from ..extras import BatchNormExtras, changed_extras
+from ..extras import BatchNormExtras, changed_extras, plain_forward
+from ..norm_act import BatchNormAct
 from ._common import Changes, is_frozen_style, prepare, replace, require_batchnorm, rest_of_forward
-from ._patterns import Consumer, activation_name, consumer_of, is_add, module_calls, pairs, sole_user, trace_in_both_modes
+from ._patterns import activation_name, consumer_of, is_add, module_calls, pairs, sole_user, trace_in_both_modes
 from .freeze import frozen_state, pin_eval
 
 _TO_OURS: dict[type, type] = {
@@ -88,11 +91,9 @@ def _rebuild(old: nn.Module, cls: type, **extra) -> nn.Module:
     return new
 
 
-def _from_frozen_style(old: nn.Module, activation: str | None = None) -> nn.Module:
+def _from_frozen_style(old: nn.Module) -> nn.Module:
     """A frozen BatchNorm2d of ours equal to a FrozenBatchNorm2d-style module in every mode."""
-    new = ours.BatchNorm2d(
-        old.running_mean.numel(), eps=old.eps, device=old.weight.device, dtype=old.weight.dtype, activation=activation
-    )
+    new = ours.BatchNorm2d(old.running_mean.numel(), eps=old.eps, device=old.weight.device, dtype=old.weight.dtype)
     new.weight = nn.Parameter(old.weight, requires_grad=False)
     new.bias = nn.Parameter(old.bias, requires_grad=False)
     new.running_mean = old.running_mean
@@ -107,91 +108,60 @@ def _to_ours(m: nn.Module) -> tuple[nn.Module | None, str | None]:
     if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
         return None, "uninitialized lazy layer: run one forward first so num_features is known"
     rest = rest_of_forward(m)
-    activation, why = _activation_of_rest(m, rest or ())
+    act, why = _activation_of_rest(m, rest or ())
     if why is not None:
         return None, why
+
+    def with_act(layer: nn.Module) -> nn.Module:
+        return layer if act is None else BatchNormAct(layer, act).train(m.training)
+
     if type(m) in _TO_OURS or (rest and isinstance(m, tuple(_TO_OURS))):
         cls = next(cls for torch_cls, cls in _TO_OURS.items() if isinstance(m, torch_cls))
-        return _rebuild(m, cls, activation=activation), None
+        return with_act(_rebuild(m, cls)), None
     if type(m) is nn.SyncBatchNorm or (rest and isinstance(m, nn.SyncBatchNorm)):
         sync = _our_sync_batchnorm()
         if sync is None:
             return None, "torch.nn.SyncBatchNorm: batchnorm.distributed is not available"
-        return _rebuild(m, sync, process_group=m.process_group, activation=activation), None
+        return with_act(_rebuild(m, sync, process_group=m.process_group)), None
     if is_frozen_style(m) and rest is not None:
         if not hasattr(m, "eps"):
             return None, f"{type(m).__name__} looks like FrozenBatchNorm2d but has no eps attribute"
-        return _from_frozen_style(m, activation), None
+        return with_act(_from_frozen_style(m)), None
     if type(m) in _TO_TORCH or type(m) is _our_sync_batchnorm():
         return None, None
     return None, f"{type(m).__name__} is not one of torch's batch-norm classes; its behaviour may differ"
 
 
-def _activation_of_rest(m: nn.Module, rest: tuple[str, ...]) -> tuple[str | None, str | None]:
-    """(the activation our layer takes for the children `rest` of `m`'s forward applies
-    after normalizing, None), or (None, why our layer cannot compute them)."""
+def _activation_of_rest(m: nn.Module, rest: tuple[str, ...]) -> tuple[nn.Module | None, str | None]:
+    """(the `act` child among the children `rest` that `m`'s forward applies after
+    normalizing, None when it is an identity; None), or (None, why a BatchNormAct cannot
+    compute them: a child other than `act` that is not an identity, timm's drop-block)."""
     found = None
     for name in rest:
         child = m.get_submodule(name)
         if isinstance(child, nn.Identity):
             continue
-        act = activation_name(Consumer(child, (), {}, name, None))
-        if name != "act" or act is None:
+        if name != "act":
             return None, (f"{type(m).__name__} applies {name} = {type(child).__name__} after normalizing, "
-                          "which our layers cannot fuse; left as it is")  # fmt: skip
-        found = act
+                          "which a BatchNormAct does not; left as it is")  # fmt: skip
+        found = child
     return found, None
 
 
-class BatchNormAct(nn.Module):
-    """What `revert` makes of a layer of ours with a fused activation: torch's batch norm
-    `bn`, then the activation module `act`, with the residual (when the caller passes one,
-    as a block rewritten by convert(fuse=True) does) added between them, as the fused layer
-    computed it. torch's layers take no activation, so the two need a module around them;
-    its state_dict keys are the layer's under `bn.` (`layer.weight` -> `layer.bn.weight`)."""
-
-    def __init__(self, bn: nn.Module, act: nn.Module) -> None:
-        super().__init__()
-        self.bn = bn
-        self.act = act
-
-    def forward(self, x, residual=None):
-        y = self.bn(x)
-        return self.act(y if residual is None else y + residual)
-
-
-def _activation_module(name: str) -> nn.Module:
-    """The torch module computing our layers' `activation=name`."""
-    from ..activations import LEAKY_SLOPE
-
-    if name == "leaky_relu":
-        return nn.LeakyReLU(LEAKY_SLOPE)
-    return {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "silu": nn.SiLU, "gelu": nn.GELU}[name]()
-
-
-def _to_torch(m: nn.Module, *, split_activation: bool = True) -> tuple[nn.Module | None, str | None]:
-    """(torch's layer, None), or (None, why not; None when there is nothing to do).
-    split_activation: a fused activation becomes a BatchNormAct (revert); False refuses it,
-    for callers that need the batch norm alone (torch.ao's fusers would drop it)."""
+def _to_torch(m: nn.Module) -> tuple[nn.Module | None, str | None]:
+    """(torch's layer, None), or (None, why not; None when there is nothing to do)."""
     sync = _our_sync_batchnorm()
     target = _TO_TORCH.get(type(m)) or (nn.SyncBatchNorm if sync is not None and type(m) is sync else None)
     if target is None:
         if type(m) in _TO_OURS or type(m) is nn.SyncBatchNorm or is_frozen_style(m):
             return None, None
         return None, f"{type(m).__name__} is not one of ours; left as it is"
-    # torch's layers express none of our extras that change the result: revert keeps a layer using one
-    # except the activation, which becomes its own module after torch's layer.
-    extras = changed_extras(m)
-    activation = extras.pop("activation", None) if split_activation else None
-    used = [f"{name}={value!r}" for name, value in extras.items()]
+    # torch's layers express none of our extras that change the result: revert keeps a layer using one.
+    used = [f"{name}={value!r}" for name, value in changed_extras(m).items()]
     if used:
         return None, f"uses {', '.join(used)}, which torch's {target.__name__} cannot express"
     extra = {"process_group": m.process_group} if target is nn.SyncBatchNorm else {}
-    layer = _rebuild(m, target, **extra)
-    if activation is None:
-        return layer, None
-    act = _activation_module(activation).train(m.training)
-    return BatchNormAct(layer, act).train(m.training), None
+    return _rebuild(m, target, **extra), None
 
 
 def _swap_all(model: nn.Module, how, tool: str, inplace: bool) -> tuple[nn.Module, Changes]:
@@ -228,29 +198,32 @@ def convert(
 def revert(model: nn.Module, *, inplace: bool = True) -> tuple[nn.Module, Changes]:
     """Our batch-norm layers back to torch's. Returns (model, changes).
 
-    A layer with a fused activation (and residual) becomes a `BatchNormAct`: torch's layer,
-    then the activation module (its state_dict keys gain `bn.`). A layer using something
-    torch's cannot express (ghost batches, renorm, ...) is kept and recorded in
-    `changes.skipped`.
+    A `BatchNormAct` stays, around torch's layer: it computes act(bn(x) + residual) with
+    the layer it holds. A layer using something torch's cannot express (ghost batches,
+    renorm, ...) is kept and recorded in `changes.skipped`.
     """
     return _swap_all(model, _to_torch, "revert", inplace)
 
 
-def _fusable(m: nn.Module) -> bool:
-    """A layer of ours with no activation yet."""
-    return isinstance(m, BatchNormExtras) and isinstance(m, _BatchNorm) and m.activation is None
+def _fusable(model: nn.Module, path: str) -> bool:
+    """The module at `path` is a batch-norm layer of ours not yet in a BatchNormAct."""
+    m = model.get_submodule(path)
+    parent = model.get_submodule(path.rpartition(".")[0])
+    return isinstance(m, BatchNormExtras) and plain_forward(m) and not isinstance(parent, BatchNormAct)
 
 
 def _fuse_modules(model: nn.Module, changes: Changes, example_input) -> nn.Module:
-    """BN -> activation module used only there: the BN takes the activation, the module becomes Identity."""
+    """BN -> activation module used only there: both become a BatchNormAct at the BN's path,
+    nn.Identity takes the activation's."""
     found, why = pairs(model, both_modes=True, example_input=example_input)
     for pair in found:
-        bn, act = model.get_submodule(pair.producer), pair.consumer
+        act = pair.consumer
         name = activation_name(act)
-        if act.path is None or name is None or not _fusable(bn):
+        if act.path is None or name is None or not _fusable(model, pair.producer):
             continue
-        bn.activation = name
+        bn = model.get_submodule(pair.producer)
         model = replace(model, act.path, nn.Identity())
+        model = replace(model, pair.producer, BatchNormAct(bn, act.op).train(bn.training))
         changes.change(pair.producer, f"fused the activation {name} ({act.path} is now nn.Identity)")
     if why is not None:
         changes.skip("", why + " (no graph fusion)")
@@ -262,6 +235,8 @@ def _fuse_graph(model: nn.Module, changes: Changes, path: str = "", module: nn.M
     rewriting the graph of `module` (at `path`; the model by default) when it traces to the
     same graph in both modes, else of each child in turn. Returns the model."""
     module = model if module is None else module
+    if isinstance(module, BatchNormAct):
+        return model  # fused already
     gm, _ = trace_in_both_modes(module)
     if gm is None:
         for name, child in list(module.named_children()):
@@ -281,8 +256,7 @@ def _rewrite(gm: fx.GraphModule, path: str, changes: Changes) -> bool:
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or calls[node.target] != 1 or len(node.args) != 1 or node.kwargs:
             continue
-        bn = gm.get_submodule(node.target)
-        if not _fusable(bn):
+        if not _fusable(gm, node.target):
             continue
         shortcut, tail = _residual(node)
         act = consumer_of(tail, gm)  # a shared activation module is fine: only this call goes
@@ -295,7 +269,8 @@ def _rewrite(gm: fx.GraphModule, path: str, changes: Changes) -> bool:
         act.node.replace_all_uses_with(fused)
         for dead in dict.fromkeys((act.node, tail, node)):  # tail is node without an add
             gm.graph.erase_node(dead)
-        bn.activation = name
+        bn = gm.get_submodule(node.target)
+        gm.set_submodule(node.target, BatchNormAct(bn, activations.module_for(name)).train(bn.training))
         rewritten = True
         what = f"fused the activation {name}" + ("" if shortcut is None else f" and the residual add of {shortcut.name}")
         changes.change(f"{path}.{node.target}" if path else node.target, what)
@@ -328,14 +303,15 @@ def _torch_ao_fusers() -> dict[tuple[type, ...], object]:
     module lists holding our BatchNorm1d/2d/3d where it has torch's: `fuse_modules` looks
     fusers up by exact module type, and its fused modules check them too. Each hands
     torch's fuser torch's layer made from ours (the same tensors, so quantization-aware
-    training trains them); a layer using an extra torch's cannot express (a fused
-    activation, ghost batches, ...) raises instead of being fused as if it did not."""
+    training trains them); a layer using an extra torch's cannot express (ghost batches,
+    ...) raises instead of being fused as if it did not. A BatchNormAct is no batch-norm
+    layer to them: naming one in a module list raises, as any module they do not know."""
 
     def as_torchs(fuser):
         def fuse(is_qat, *modules):
             plain = []
             for m in modules:
-                torchs, why = _to_torch(m, split_activation=False) if type(m) in _TO_TORCH else (m, None)
+                torchs, why = _to_torch(m) if type(m) in _TO_TORCH else (m, None)
                 if torchs is None:
                     raise NotImplementedError(f"torch.ao cannot fuse this {type(m).__name__}: it {why}")
                 plain.append(torchs)

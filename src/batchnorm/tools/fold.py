@@ -12,11 +12,12 @@ Output channels sit in dimension 0 of a Linear's or Conv's weight (out, in/group
 for ConvTranspose, in dimension 1 of each group's block of (in, out/groups, *k). The
 arithmetic runs in float64 and is written back in the layer's dtype.
 
-The batch norm is then replaced in its parent by `Activation(bn.activation)` (identity
-when it fused none; it still takes the `residual=` our layers accept). A batch norm with
-nothing to fold into (no Linear/Conv producing its input alone) becomes a
-`ChannelAffine(s, t, activation)`. Either keeps the modules the layer's own forward
-applies after normalizing, under their names (timm's BatchNormAct2d: `drop`, then `act`).
+The batch norm is then replaced in its parent by an `Activation` (an identity that still
+takes the call of our layers, `residual=` and `activation=`; in a `BatchNormAct` the
+activation stays in its `act`). A batch norm with nothing to fold into (no Linear/Conv
+producing its input alone) becomes a `ChannelAffine(s, t)`. Either keeps the modules the
+layer's own forward applies after normalizing, under their names (timm's BatchNormAct2d:
+`drop`, then `act`).
 A layer in training mode is an error (its output depends on the batch).
 
 Folding is refused (the batch norm left alone, the reason recorded) where it would change
@@ -46,7 +47,8 @@ from ._common import (
 from ._patterns import is_plain_layer, pairs
 
 class Activation(nn.Module):
-    """y = then(g(x + residual)): what remains of a folded batch norm (g = identity for None).
+    """y = then(g(x + residual)): what remains of a folded batch norm, called as our layers
+    are (g: the `activation=` named at the call, identity for None).
 
     `ndim`: the number of input dimensions the fold was right for (2 after a Linear whose
     input rank fold could not see); other input is a ValueError. None: any.
@@ -54,16 +56,13 @@ class Activation(nn.Module):
     (the rest of the folded layer's forward, e.g. timm's `drop` and `act`).
     """
 
-    def __init__(
-        self, activation: str | None = None, *, ndim: int | None = None, then: dict[str, nn.Module] | None = None
-    ) -> None:
+    def __init__(self, *, ndim: int | None = None, then: dict[str, nn.Module] | None = None) -> None:
         super().__init__()
-        self.activation = validation.validate_activation(activation)
         self.ndim = ndim
         for name, module in (then or {}).items():
             self.add_module(name, module)
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None, *, activation: str | None = None) -> Tensor:
         if self.ndim is not None and x.dim() != self.ndim:
             raise ValueError(
                 f"this layer is a batch norm folded into the Linear before it, which is right only "
@@ -72,32 +71,30 @@ class Activation(nn.Module):
                 "unfolded model with fold(model, example_input=x) so fold sees the shapes"
             )
         validation.validate_residual(x, residual)
-        y = activations.forward(x if residual is None else x + residual, self.activation)
+        y = activations.forward(x if residual is None else x + residual, validation.validate_activation(activation))
         for module in self.children():
             y = module(y)
         return y
 
     def extra_repr(self) -> str:
-        return f"activation={self.activation!r}" + ("" if self.ndim is None else f", ndim={self.ndim}")
+        return "" if self.ndim is None else f"ndim={self.ndim}"
 
 
 class ChannelAffine(Activation):
     """y = g(scale * x + shift + residual), scale and shift (C,) over dimension 1 of (N, C, *)."""
 
-    def __init__(
-        self, scale: Tensor, shift: Tensor, activation: str | None = None, *, then: dict[str, nn.Module] | None = None
-    ) -> None:
-        super().__init__(activation, then=then)
+    def __init__(self, scale: Tensor, shift: Tensor, *, then: dict[str, nn.Module] | None = None) -> None:
+        super().__init__(then=then)
         self.register_buffer("scale", scale)
         self.register_buffer("shift", shift)
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None, *, activation: str | None = None) -> Tensor:
         validation.validate_input(x, self.scale.numel())
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return super().forward(x * self.scale.view(shape) + self.shift.view(shape), residual)
+        return super().forward(x * self.scale.view(shape) + self.shift.view(shape), residual, activation=activation)
 
     def extra_repr(self) -> str:
-        return f"{self.scale.numel()}, " + super().extra_repr()
+        return str(self.scale.numel())
 
 
 def fold(model: nn.Module, *, inplace: bool = True, example_input=None) -> tuple[nn.Module, Changes]:
@@ -133,11 +130,10 @@ def fold(model: nn.Module, *, inplace: bool = True, example_input=None) -> tuple
             continue
         then = {name: bn.get_submodule(name) for name in rest}
         scale, shift = _as_affine(bn)
-        activation = getattr(bn, "activation", None)
         source = producer_of.get(path)
         if source is None:
             dtype = bn.running_mean.dtype
-            model = replace(model, path, ChannelAffine(scale.to(dtype), shift.to(dtype), activation, then=then))
+            model = replace(model, path, ChannelAffine(scale.to(dtype), shift.to(dtype), then=then))
             changes.change(path, "nothing to fold into: now a per-channel ChannelAffine")
             continue
         layer = model.get_submodule(source)
@@ -148,9 +144,8 @@ def fold(model: nn.Module, *, inplace: bool = True, example_input=None) -> tuple
         _fold_into(layer, scale, shift)
         # A Linear's features are channels only for 2-D output: unseen, that is checked per call.
         unseen_linear = isinstance(layer, nn.Linear) and path not in shapes
-        model = replace(model, path, Activation(activation, ndim=2 if unseen_linear else None, then=then))
-        kept = ([f"activation {activation}"] if activation else []) + list(rest)
-        changes.change(path, f"folded into {source}" + (f" ({', '.join(kept)} kept)" if kept else ""))
+        model = replace(model, path, Activation(ndim=2 if unseen_linear else None, then=then))
+        changes.change(path, f"folded into {source}" + (f" ({', '.join(rest)} kept)" if rest else ""))
     return model, changes
 
 

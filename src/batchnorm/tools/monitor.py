@@ -24,15 +24,16 @@ pre-activation u: the values that reach the layer's nonlinearity. From it come, 
 What u is, per layer:
 
 - a batch-norm layer: its output (the input of the nonlinearity that follows it); for our
-  layers with a fused `activation=`, the pre-activation gamma * z_hat + beta (+ residual),
-  recomputed from the layer's input with `torch.nn.functional.batch_norm`;
+  layers called with a fused `activation=` (in a `BatchNormAct`), the pre-activation
+  gamma * z_hat + beta (+ residual), recomputed from the layer's input with
+  `torch.nn.functional.batch_norm`;
 - any other module (an activation): its first positional input, taken before it runs (so
   an in-place activation cannot overwrite it).
 
 Default layers: every batch-norm layer, and every activation module whose predecessor in
 module order (`model.named_modules()`, leaves only) is a Linear or Conv layer. The
-nonlinearity of a batch-norm layer is its fused activation, else the activation module that
-follows it in module order. Activations applied as functions (torch.relu in a forward)
+nonlinearity of a batch-norm layer is the activation module that follows it in module order
+(in a `BatchNormAct`: its `act`). Activations applied as functions (torch.relu in a forward)
 are not seen: a batch-norm layer before one is still monitored (with no saturated or dead
 fraction, its nonlinearity being unknown); after a Linear/Conv, use an activation module.
 
@@ -77,9 +78,7 @@ _QUANTILE_MAX = 2**24  # the most elements torch.quantile takes at once
 
 
 def nonlinearity_of(module: nn.Module | None) -> str | None:
-    """"relu", "sigmoid", ... for an activation module or a fused batch-norm layer, else None."""
-    if isinstance(module, _BatchNorm):
-        return getattr(module, "activation", None)
+    """"relu", "sigmoid", ... for an activation module, else None."""
     if isinstance(module, nn.ReLU6):
         return "relu6"
     if isinstance(module, _ACTIVATIONS):
@@ -385,7 +384,7 @@ def _summarize(layer: _Layer) -> dict[str, np.ndarray]:
 
 def _batchnorm_pre_activation(module: _BatchNorm, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
     """A private copy of the input of a batch-norm layer's nonlinearity (see the module doc)."""
-    if getattr(module, "activation", None) is None:
+    if kwargs.get("activation") is None:
         return output.detach().clone()
     batch = module.training or module.running_mean is None
     u = nn.functional.batch_norm(
@@ -410,7 +409,7 @@ def _layers_in_order(model: nn.Module) -> list[tuple[str, nn.Module, str | None,
         before = leaves[i - 1][1] if i > 0 else None
         after = leaves[i + 1][1] if i + 1 < len(leaves) else None
         if isinstance(module, _BatchNorm):
-            out.append((name, module, nonlinearity_of(module) or nonlinearity_of(after), True))
+            out.append((name, module, nonlinearity_of(after), True))
         else:
             default = isinstance(module, _ACTIVATIONS) and isinstance(before, _WEIGHTED)
             out.append((name, module, nonlinearity_of(module), default))

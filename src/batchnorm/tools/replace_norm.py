@@ -18,8 +18,7 @@ GroupNorm's per-channel weight and bias mean what gamma and beta mean (a per-cha
 and shift after the normalization), so they are carried over: the same Parameter tensors,
 so an optimizer built before keeps training them. eps is kept; the running statistics have
 no counterpart and are dropped. A layer of ours becomes a `GroupNormAct` (a GroupNorm that
-also takes our layers' `residual=` and applies their fused activation), so its callers keep
-working; torch's layers become `nn.GroupNorm`. State-dict keys of gamma and beta stay.
+also takes our layers' call, `residual=` and `activation=`), so its callers keep working; torch's layers become `nn.GroupNorm`. State-dict keys of gamma and beta stay.
 """
 
 from __future__ import annotations
@@ -43,12 +42,9 @@ class GroupNormAct(nn.GroupNorm):
     A mask is refused: GroupNorm takes each example's statistics over all its positions.
     """
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 device=None, dtype=None, *, activation: str | None = None) -> None:  # fmt: skip
-        super().__init__(num_groups, num_channels, eps, affine, device, dtype)
-        self.activation = activations.check(activation)
-
-    def forward(self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None, *, activation: str | None = None
+    ) -> Tensor:
         if mask is not None:
             raise ValueError(
                 "GroupNormAct takes no mask: each example is normalized over all its positions; "
@@ -57,11 +53,7 @@ class GroupNormAct(nn.GroupNorm):
         out = super().forward(input)
         if residual is not None:
             out = out + residual
-        return activations.forward(out, self.activation)
-
-    def extra_repr(self) -> str:
-        text = super().extra_repr()
-        return text + (f", activation={self.activation!r}" if self.activation is not None else "")
+        return activations.forward(out, activations.check(activation))
 
 
 def replace_norm(model: nn.Module, kind: str, *, groups: int = 32, inplace: bool = True) -> tuple[nn.Module, Changes]:
@@ -104,7 +96,7 @@ def _group_norm(m: _BatchNorm, groups: int) -> nn.GroupNorm:
     options = dict(eps=m.eps, affine=m.affine, device=like.device if like is not None else None,
                    dtype=like.dtype if like is not None else None)  # fmt: skip
     if isinstance(m, BatchNormExtras):
-        norm = GroupNormAct(groups, m.num_features, activation=m.activation, **options)
+        norm = GroupNormAct(groups, m.num_features, **options)
     else:
         norm = nn.GroupNorm(groups, m.num_features, **options)
     if m.affine:

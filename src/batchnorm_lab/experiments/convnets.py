@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from batchnorm.nn import BatchNorm1d, BatchNorm2d
+from batchnorm.norm_act import BatchNormAct
 
 from ..models import initialize
 
@@ -23,14 +24,14 @@ def cnn1d(sample_shape: tuple[int], n_classes: int, *, channels: int, batchnorm:
           init: str = "torch") -> nn.Sequential:
     """The MNIST-1D authors' 1-D CNN on sequences of length L = sample_shape[0]: three
     Conv1d layers of `channels` (MNIST1D_CONVS), each followed by ReLU or by
-    `bn.BatchNorm1d(activation="relu")`, then Linear(channels * L_out, n_classes)
+    `bn.BatchNormAct(bn.BatchNorm1d, "relu")`, then Linear(channels * L_out, n_classes)
     (L = 40 gives L_out = 5, the authors' 125 inputs at 25 channels)."""
     (length,) = sample_shape
     layers: list[nn.Module] = [nn.Unflatten(1, (1, length))]
     in_channels = 1
     for kernel, stride, padding in MNIST1D_CONVS:
         layers.append(nn.Conv1d(in_channels, channels, kernel, stride, padding, bias=not batchnorm))
-        layers.append(BatchNorm1d(channels, activation="relu") if batchnorm else nn.ReLU())
+        layers.append(BatchNormAct(BatchNorm1d(channels), "relu") if batchnorm else nn.ReLU())
         length = (length + 2 * padding - kernel) // stride + 1
         in_channels = channels
     layers += [nn.Flatten(), nn.Linear(channels * length, n_classes)]
@@ -41,7 +42,7 @@ def plain_cnn(sample_shape: tuple[int, int], n_classes: int, *, channels: int, d
               init: str = "torch") -> nn.Sequential:
     """`depth` 3x3 Conv2d layers (padding 1, so every map keeps the image's H x W) of
     `channels`, the first from 1 channel, each followed by ReLU or by
-    `bn.BatchNorm2d(activation="relu")`; then global average pooling and a linear classifier.
+    `bn.BatchNormAct(bn.BatchNorm2d, "relu")`; then global average pooling and a linear classifier.
     No shortcut: the depth experiment's plain network."""
     return normed_cnn(sample_shape, n_classes, channels=channels, depth=depth, norm="batch" if batchnorm else "none",
                       init=init)
@@ -70,7 +71,8 @@ def normed_cnn(sample_shape: tuple[int, int], n_classes: int, *, channels: int, 
 
     def normalization(fused_relu: bool) -> nn.Module:
         if norm == "batch":
-            return BatchNorm2d(channels, activation="relu" if fused_relu else None, **bn_options)
+            layer = BatchNorm2d(channels, **bn_options)
+            return BatchNormAct(layer, "relu") if fused_relu else layer
         layer = nn.GroupNorm(groups if norm == "group" else 1, channels)
         return nn.Sequential(layer, nn.ReLU()) if fused_relu else layer
 

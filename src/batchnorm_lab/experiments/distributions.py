@@ -32,7 +32,9 @@ FULL = {"seeds": [0, 1, 2], "steps": 3000, "batch_size": 60, "lr": 0.1, "momentu
         "inits": ["practitioner", "torch"]}
 QUICK = {**FULL, "seeds": [0], "steps": 500, "every": 5, "inits": ["practitioner"]}
 ARMS = {"batch norm": True, "no batch norm": False}
-LAST_HIDDEN = "5"  # in common.mlp(depth=3): the last BatchNorm1d(activation=sigmoid), or the last nn.Sigmoid
+# In common.mlp(depth=3): the batch norm in the last BatchNormAct(BatchNorm1d, sigmoid) (its
+# pre-activation), or the last nn.Sigmoid (its input).
+LAST_HIDDEN = {True: "5.bn", False: "5"}
 
 
 def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
@@ -47,10 +49,11 @@ def run(config: dict, progress: common.Progress = common.no_progress) -> dict:
             model = common.seeded_model(seed, lambda: common.mlp(
                 data.n_features, data.n_classes, width=100, depth=3, activation="sigmoid", batchnorm=batchnorm,
                 init=common.init_for(config, batchnorm)), config["device"])
-            with monitor(model, layers=[LAST_HIDDEN], every=config["every"], units=config["units"]) as watch:
+            layer = LAST_HIDDEN[batchnorm]
+            with monitor(model, layers=[layer], every=config["every"], units=config["units"]) as watch:
                 trained = common.train(model, data, steps=config["steps"], batch_size=config["batch_size"],
                                    lr=config["lr"], momentum=config["momentum"], seed=seed, progress=progress)
-            history = watch.arrays()[LAST_HIDDEN]
+            history = watch.arrays()[layer]
             percentiles = history["percentiles"]  # (records, units, 3)
             values.append(instability_of(percentiles))
             traces[arm].append({"steps": history["step"].tolist(), "percentiles": percentiles.tolist(),

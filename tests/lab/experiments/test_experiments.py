@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from batchnorm import BatchNormAct
 from batchnorm_lab import data as datasets
 from batchnorm_lab import experiments
 from batchnorm_lab.experiments import (
@@ -268,10 +269,10 @@ def test_batch_size_schedule():
 def test_per_batch_accuracy_leaves_running_stats():
     ds = common.Data(datasets.load("teacher"))
     model = common.seeded_model(0, lambda: common.mlp(32, 10, width=8, depth=1, activation="relu", batchnorm=True), "cpu")
-    before = model[1].running_mean.clone()
+    before = model[1].bn.running_mean.clone()
     assert test_time.per_batch_accuracy(model, ds, 1, 0) is None
     acc = test_time.per_batch_accuracy(model, ds, 50, 0)
-    assert 0 <= acc <= 1 and torch.equal(model[1].running_mean, before) and not model.training
+    assert 0 <= acc <= 1 and torch.equal(model[1].bn.running_mean, before) and not model.training
 
 
 def test_practitioner_init():
@@ -332,7 +333,9 @@ def test_convnets_shapes_and_fusion():
     torch.manual_seed(0)
     ours = convnets.resnet((8, 8), 10, channels=4, blocks=2, batchnorm=True, layer="ours")
     layers = convnets.batchnorm_layers(ours)
-    assert len(layers) == 5 and all(layer.activation == "relu" for layer in layers)  # ReLUs fused
+    fused = [m for m in ours.modules() if isinstance(m, BatchNormAct)]
+    assert len(layers) == 5 and [m.bn for m in fused] == layers  # ReLUs fused
+    assert all(type(m.act) is torch.nn.ReLU for m in fused)
     calls = {n.target: n for n in ours.graph.nodes if n.op == "call_module"}
     assert all(len(calls[f"{b}.bn2"].args) == 2 for b in (4, 5))  # bn2(x, shortcut): the residual add fused
     torch.testing.assert_close(ours(x), theirs(x))
@@ -437,9 +440,10 @@ def test_normed_cnn_puts_each_normalization_before_or_after_the_relu():
     x = torch.randn(4, 64)
     before = convnets.normed_cnn((8, 8), 10, channels=4, depth=2, norm="batch", position="before")
     after = convnets.normed_cnn((8, 8), 10, channels=4, depth=2, norm="batch", position="after")
-    assert before[1].bias is None and isinstance(before[2], BatchNorm2d) and before[2].activation == "relu"
+    assert before[1].bias is None and isinstance(before[2], BatchNormAct) and isinstance(before[2].bn, BatchNorm2d)
+    assert type(before[2].act) is torch.nn.ReLU
     assert after[1].bias is not None and isinstance(after[2], torch.nn.ReLU)
-    assert isinstance(after[3], BatchNorm2d) and after[3].activation is None
+    assert type(after[3]) is BatchNorm2d and isinstance(after[4], torch.nn.Conv2d)  # no activation fused after it
     group = convnets.normed_cnn((8, 8), 10, channels=4, depth=2, norm="group", groups=2)
     layer = convnets.normed_cnn((8, 8), 10, channels=4, depth=2, norm="layer")
     assert group[2][0].num_groups == 2 and layer[2][0].num_groups == 1 and isinstance(layer[2][1], torch.nn.ReLU)
