@@ -1,7 +1,7 @@
 """The `batchnorm` command line. Each command lives with the code it drives (bench.py,
-bench_train.py, experiments/commands.py, train.py); this file gathers them, and holds
-`batchnorm check`, which loads a model, its weights and data for the health check
-(`batchnorm.tools.health`).
+bench_train.py, bench_accuracy.py, experiments/commands.py, train.py); this file gathers
+them, and holds `batchnorm check`, which loads a model, its weights and data for the health
+check (`batchnorm.tools.health`).
 
 It needs the `experiments` extra (typer, rich, and the datasets): `batchnorm` itself
 starts in `__main__.py`, which says so in one line when it is missing.
@@ -20,6 +20,7 @@ import typer
 from torch import Tensor, nn
 
 from .bench import bench_app
+from .bench_accuracy import accuracy_command
 from .bench_train import train_bench_command
 from .experiment_commands import demo_command, list_command, report_command, run_command
 from batchnorm.tools import health
@@ -145,6 +146,7 @@ def check_command(
 
 
 bench_app.command("train")(train_bench_command)
+bench_app.command("accuracy")(accuracy_command)
 app.add_typer(bench_app, name="bench")
 app.command("check")(check_command)
 app.command("train")(train_command)
