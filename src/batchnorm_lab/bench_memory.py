@@ -35,11 +35,11 @@ with inplace=False everywhere (the same saved bytes: only the transient differs)
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
+import typer
 from torch import Tensor, nn
 
 from batchnorm.inplace_abn import InPlaceABN
@@ -226,20 +226,16 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=RESULTS / "memory-cpu.json")
-    args = parser.parse_args(argv)
+def memory_command(
+    out: Path = typer.Option(RESULTS, help="Folder for memory-cpu.json (this project's: --out docs/bench)."),
+    batch: int = typer.Option(32, help="Batch size of the training step."),
+    size: int = typer.Option(64, help="Image height and width."),
+) -> None:
+    """Activation memory of one ResNet-18 training step: torch's BatchNorm2d + LeakyReLU against InPlaceABN."""
     torch.set_num_threads(min(2, torch.get_num_threads()))  # a shared machine: the bytes do not depend on it
-    result = run(args.batch, args.size)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out, (json.dumps(result, indent=1) + "\n").encode())
-    print(render(result))
-    print(f"wrote {args.out}")
-    return result
-
-
-if __name__ == "__main__":
-    main()
+    result = run(batch, size)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "memory-cpu.json"
+    write_atomic(path, (json.dumps(result, indent=1) + "\n").encode())
+    typer.echo(render(result))
+    typer.echo(f"wrote {path}")
