@@ -93,7 +93,7 @@ else
     echo "== train: no 'bench train' command yet: skipped" | tee -a "$LOG"
 fi
 
-# The designs head to head, forward + backward with add + ReLU and the running update
+# The designs head to head, forward + backward with add + ReLU
 # (triton_gpu.forward / backward): the tiles in use (TILE_ELEMENTS 2048, 512 on unaligned
 # rows) against 4096 everywhere (what the kernels had before, 150-255 registers), and the
 # single-read path against the tiled one on the rows where either can run, with the earlier
@@ -111,12 +111,12 @@ def say(line):
 
 def timed(x, dy, res, w, b, rm, rv, tiling, single_read):
     def step():
-        f = tg.forward(x, w, b, rm, rv, 1e-5, "relu", res, factor=0.1, tiling=tiling, single_read=single_read)
+        f = tg.forward(x, w, b, rm, rv, 1e-5, "relu", res, tiling=tiling, single_read=single_read)
         tg.backward(dy, x, *f.vectors, "relu", res, weight_dtype=w.dtype, bias_dtype=b.dtype, tiling=tiling,
                     single_read=single_read)
     return triton.testing.do_bench(step, warmup=5, rep=40) * 1e3
 
-say(f"forward + backward, add + ReLU, running update; microseconds (do_bench medians); {torch.cuda.get_device_name()}")
+say(f"forward + backward, add + ReLU; microseconds (do_bench medians); {torch.cuda.get_device_name()}")
 for shape in ROWS:
     for dtype in (torch.bfloat16, torch.float32):
         x = torch.randn(shape, device="cuda", dtype=dtype)

@@ -6,9 +6,9 @@ machine without a GPU. Three steps:
 1. `launches(arch)`: the kernel launches of the whole op (`triton_gpu.forward` and
    `backward`, the path `auto` takes for plain batch norm) for every row of the benchmark
    grid (`bench_grid.grid("cuda")`: MLP, CNN and ResNet-50 rows at batch 256, both memory formats),
-   in fp32 and bf16, plain / ReLU / add + ReLU, training with the running update, forward +
-   backward, and evaluation. The launch code runs for real on `meta` tensors (shapes and
-   dtypes, no memory) with the kernels module replaced by a recorder and the SM count of
+   in fp32 and bf16, plain / ReLU / add + ReLU, training, forward + backward, and
+   evaluation. The launch code runs for real on `meta` tensors (shapes and dtypes, no
+   memory) with the kernels module replaced by a recorder and the SM count of
    the target GPU, so the tile sizes, warps and flags are the ones the dispatcher picks.
    Launches that compile to the same specialization are kept once.
 2. `compile_launch`: the recorded arguments are specialized as Triton's launcher does
@@ -65,8 +65,8 @@ SMS = {
 }
 ARCHS = tuple(SMS)
 #: Kernels that stream activation-sized tensors: their speed is bytes in flight, so the
-#: compile check holds them to MIN_OCCUPANCY. The merge and commit kernels read (P, C)
-#: workspaces or (C,) vectors in one small wave; their occupancy does not matter.
+#: compile check holds them to MIN_OCCUPANCY. The merge kernels read (P, C) workspaces
+#: or (C,) vectors in one small wave; their occupancy does not matter.
 STREAMING = (
     "stats_partials_kernel", "apply_kernel", "grad_partials_kernel", "backward_apply_kernel",
     "single_read_forward_kernel", "single_read_backward_kernel",
@@ -194,7 +194,7 @@ def _variants() -> dict:
 
 def _run_whole_op(tg, shape, fmt, dtype, activation, has_res, mode) -> str:
     """One benchmark row through the whole-op launches, on meta tensors: a module's fp32
-    parameters and running statistics (momentum 0.1), the residual's gradient asked for.
+    parameters and running statistics, the residual's gradient asked for.
     Returns the kind of canonical view ("ncl" or "mc")."""
     x = torch.empty(shape, dtype=dtype, device="meta")
     if fmt == "channels_last":
@@ -204,12 +204,7 @@ def _run_whole_op(tg, shape, fmt, dtype, activation, has_res, mode) -> str:
     res = torch.empty_like(v) if has_res else None
     c = shape[1]
     w, b, rm, rv = (torch.empty(c, device="meta") for _ in range(4))
-    nbt = torch.empty((), dtype=torch.int64, device="meta")
-    training = mode != "eval"
-    f = tg.forward(
-        v, w, b, rm, rv, 1e-5, activation, res, training=training, factor=0.1 if training else None,
-        num_batches_tracked=nbt if training else None,
-    )  # fmt: skip
+    f = tg.forward(v, w, b, rm, rv, 1e-5, activation, res, training=mode != "eval")
     if mode == "train_fb":
         tg.backward(
             torch.empty_like(v), v, *f.vectors, activation, res, training=True,

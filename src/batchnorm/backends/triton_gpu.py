@@ -13,7 +13,7 @@ contiguous. Each contract function is one or two kernel launches:
 an optional `tiling=` and `out=` (the tests pass small tilings to exercise every mask and
 merge, and NaN-filled outputs to catch unwritten elements).
 
-A pointer argument a launch does not use (no residual, no weight, no update) is given a
+A pointer argument a launch does not use (no residual, no weight) is given a
 tensor that launch only reads, never one it writes: a compiled graph (triton_ops.py) runs
 each kernel on copies of the tensors it writes, and an output passed twice would reach the
 kernel as two different tensors.
@@ -22,18 +22,17 @@ The whole op (`forward`, `backward`, which `TritonBackend.forward`/`.backward` h
 layer, ops.py) runs with no torch op between its launches:
 
     forward, tiled     stats_partials -> merge_stats (finalizing: mean, invstd, scale, shift)
-                       [-> commit_running] -> apply                        2R + 1W of x
-    forward, single    single_read_forward [-> commit_running]             1R + 1W
+                       -> apply                                            2R + 1W of x
+    forward, single    single_read_forward                                 1R + 1W
     evaluation         merge_stats (from the running statistics) -> apply  1R + 1W
     backward, tiled    grad_partials -> merge_sums (finalizing: dgamma, dbeta, mean_d,
                        mean_d_xhat) -> backward_apply                      4R + 1W (dy, x)
     backward, single   single_read_backward                                2R + 1W
 
 The single-read path holds a channel block's whole N L values in registers; it runs when
-`single_read_block` says they fit (SINGLE_READ_ELEMENTS). commit_running (one program)
-applies a non-finite guard of the running update on the device when `forward` is given a
-`factor`; the op layer does not use it (it applies stats.update_running, traced, on the
-device), so the backend's running statistics follow the one rule of stats.py.
+`single_read_block` says they fit (SINGLE_READ_ELEMENTS). The kernels only read the running
+statistics (in evaluation): the op layer folds the batch's statistics into them after the
+op returns (ops.update_running_stats, the one running update of every backend).
 
 The kernels module (and with it triton) is imported on the first launch, not with this
 module, so `import batchnorm` works without triton. On CPU the kernels run in Triton's
@@ -75,7 +74,6 @@ TILE_ELEMENTS = 2048
 UNALIGNED_TILE_ELEMENTS = 512
 PROGRAMS_PER_SM = 8  # reduction programs per SM: a few waves, a small workspace
 MERGE_BLOCK = (64, 32)  # (channels, partials) per step of the merge kernels
-COMMIT_BLOCK = 1024  # channels per step of the one-program running-statistics commit
 # The single-read path (`single_read_block`): values of x one program holds in registers,
 # the narrowest channel block of an (M, C) view, and the values per thread (16 of x forward,
 # 32 with dy backward: 16 warps at the largest block). 32 per thread (16384 values) needed
@@ -335,9 +333,9 @@ def merge_stats(count: Tensor, mean: Tensor, m2: Tensor, *, out=None) -> tuple[T
     block_c, block_p = MERGE_BLOCK
     with _on_device(mean):
         _kernels().merge_stats_kernel[_merge_grid(c)](
-            count, mean, m2, *results, *(mean,) * 8,
-            c, p, 0.0, 0.0, 0.0, 0.0,
-            FINALIZE=False, RUNNING=False, HAS_W=False, HAS_B=False, UPDATE=False,
+            count, mean, m2, *results, *(mean,) * 7,
+            c, p, 0.0, 0.0,
+            FINALIZE=False, RUNNING=False, HAS_W=False, HAS_B=False,
             BLOCK_C=block_c, BLOCK_P=block_p,
         )
     return results
@@ -431,16 +429,14 @@ def _single_read_sizes(g: Geometry, block_c: int) -> dict:
 
 
 class Normalized(NamedTuple):
-    """The whole-op forward: y (x's dtype and shape), the per-channel vectors, each (C,) in
-    the accumulation dtype, that the backward takes, and whether the running update was kept
-    (a 0-d bool tensor; None when there was none)."""
+    """The whole-op forward: y (x's dtype and shape) and the per-channel vectors, each (C,) in
+    the accumulation dtype, that the backward takes."""
 
     y: Tensor
     mean: Tensor
     invstd: Tensor
     scale: Tensor
     shift: Tensor
-    accepted: Tensor | None
 
     @property
     def vectors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -463,34 +459,29 @@ def _params(weight, bias, running_mean, running_var, dummy: Tensor) -> list[Tens
     for None)."""
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (it is updated in place); pass {name}.contiguous()")
+            raise ValueError(f"{name} must be contiguous (the kernels read it as a vector); pass {name}.contiguous()")
     w, b = (None if t is None else t.detach().contiguous() for t in (weight, bias))
     return [dummy if t is None else t for t in (w, b, running_mean, running_var)]
 
 
 def forward(
     x, weight, bias, running_mean, running_var, eps, activation=None, residual=None, *,
-    training=True, factor=None, num_batches_tracked=None, tiling=None, single_read=None,
+    training=True, tiling=None, single_read=None,
 ) -> Normalized:
     """Whole-op batch norm of a canonical view x: y = g((x - mean) scale + shift + residual).
 
-    training: the batch's statistics; with `factor`, running_mean and running_var (C,) are
-    also updated in place, running <- running + factor (batch - running) with the unbiased
-    batch variance m2 / (n - 1), and num_batches_tracked (0-d int64, or None) incremented,
-    unless a new running value would not be finite: then nothing changes (decided on the
-    device, `commit_running_kernel`). Not training: the running statistics normalize.
+    training: the batch's statistics normalize; running_mean and running_var are not
+    touched (the op layer folds the batch's statistics into them afterwards,
+    ops.update_running_stats). Not training: the running statistics (C,) normalize.
     weight, bias (C,) or None, in any float dtype (fp32 with bf16 x is torch's mixed case).
 
     Launches: the single-read kernel alone when `single_read_block` allows (training only);
     otherwise stats_partials -> merge_stats (finalizing) -> apply in training, and merge_stats
-    (from the running statistics) -> apply in evaluation; commit_running after the
-    statistics when updating. Nothing but allocations in between.
+    (from the running statistics) -> apply in evaluation. Nothing but allocations in between.
     `tiling` and `single_read` (the element limit of `single_read_block`) default to the sizes
     for x's device; the tests pass small ones to run both paths and every mask.
     """
     g, tiling, grid = _prepare(x, tiling)
-    if factor is not None and (not training or running_mean is None or running_var is None):
-        raise ValueError("factor updates the running statistics: it needs training=True and both buffers")
     if not training and (running_mean is None or running_var is None):
         raise ValueError("evaluation normalizes with the running statistics: pass running_mean and running_var")
     acc = acc_dtype(x.dtype)
@@ -499,42 +490,30 @@ def forward(
     vectors = [torch.empty(g.c, dtype=acc, device=x.device) for _ in range(4)]
     mean = vectors[0]
     w, b, rm, rv = _params(weight, bias, running_mean, running_var, x)
-    scalars = (*_split(eps), *_split(0.0 if factor is None else factor))
-    params = dict(HAS_W=weight is not None, HAS_B=bias is not None, UPDATE=factor is not None)
-    cand = x if factor is None else torch.empty((2, g.c), dtype=acc, device=x.device)
+    scalars = _split(eps)
+    params = dict(HAS_W=weight is not None, HAS_B=bias is not None)
     block_c = single_read_block(g, single_read, _sms(x)) if training else None
     k = _kernels()
     with _on_device(x):
         if block_c is not None:
             k.single_read_forward_kernel[(-(-g.c // block_c),)](
-                x, x if residual is None else residual, w, b, rm, rv, cand, y, *vectors,
+                x, x if residual is None else residual, w, b, y, *vectors,
                 g.c, g.l, g.n * g.l, g.s_n, g.s_c, g.s_l, *scalars, **params, **_flags(activation, residual),
                 **_single_read_sizes(g, block_c),
             )
-            return Normalized(y, *vectors, _commit(cand, rm, rv, num_batches_tracked) if factor is not None else None)
+            return Normalized(y, *vectors)
         if training:
             partials = _launch_stats_partials(x, g, tiling, grid, (None, None, None))
             stats_out = [torch.empty_like(mean) for _ in range(2)]
         else:
             partials, stats_out = (x, x, x), (x, x)
         k.merge_stats_kernel[_merge_grid(g.c)](
-            *partials, stats_out[0], mean, stats_out[1], w, b, rm, rv, cand, *vectors[1:],
+            *partials, stats_out[0], mean, stats_out[1], w, b, rm, rv, *vectors[1:],
             g.c, grid.programs if training else 0, *scalars,
             FINALIZE=True, RUNNING=not training, **params, BLOCK_C=MERGE_BLOCK[0], BLOCK_P=MERGE_BLOCK[1],
         )
-        accepted = None if factor is None else _commit(cand, rm, rv, num_batches_tracked)
         _launch_apply(x, residual, mean, vectors[2], vectors[3], y, activation, g, tiling, grid)
-    return Normalized(y, *vectors, accepted)
-
-
-def _commit(cand: Tensor, running_mean: Tensor, running_var: Tensor, num_batches_tracked) -> Tensor:
-    """Launch the guarded running update (commit_running_kernel); the 0-d bool decision."""
-    accepted = torch.empty((), dtype=torch.uint8, device=cand.device)
-    _kernels().commit_running_kernel[(1,)](
-        cand, running_mean, running_var, cand if num_batches_tracked is None else num_batches_tracked,
-        accepted, cand.shape[1], HAS_NBT=num_batches_tracked is not None, BLOCK_C=COMMIT_BLOCK,
-    )
-    return accepted.view(torch.bool)
+    return Normalized(y, *vectors)
 
 
 def backward(

@@ -23,11 +23,11 @@ input gives bitwise the same result.
     gradients: per program sum d and sum d xhat; merged by a fixed-order sum.
 
 The whole op adds no pass of its own: the merge kernels optionally finalize (merge_stats:
-invstd = 1 / sqrt(var + eps), scale = gamma invstd, shift = beta and the candidate running
-statistics; merge_sums: dgamma, dbeta, mean_d, mean_d_xhat), commit_running applies the
-running update's non-finite guard in one program, and the single-read kernels do a whole
-channel block's reduction and elementwise work on one load of x (and dy), for channel
-blocks whose N L values fit in registers: positions r = n L + l of `_column`.
+invstd = 1 / sqrt(var + eps), scale = gamma invstd, shift = beta; merge_sums: dgamma, dbeta,
+mean_d, mean_d_xhat), and the single-read kernels do a whole channel block's reduction and
+elementwise work on one load of x (and dy), for channel blocks whose N L values fit in
+registers: positions r = n L + l of `_column`. No kernel touches the running statistics
+but to read them in evaluation: the op layer updates them (ops.update_running_stats).
 
 The elementwise kernels (apply, backward apply) walk the tiles in the reverse order of the
 reductions, so the first tiles they re-read are the last ones the reduction read, the
@@ -176,20 +176,16 @@ def _scalar(hi, lo, acc: tl.constexpr):
 
 @triton.jit
 def _finalize_stats(
-    c, cmask, mean, var, unbiased, w_ptr, b_ptr, rm_ptr, rv_ptr, cand_ptr,
-    mean_out, invstd_out, scale_out, shift_out, eps_hi, eps_lo, f_hi, f_lo, C,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr,
+    c, cmask, mean, var, w_ptr, b_ptr, mean_out, invstd_out, scale_out, shift_out, eps_hi, eps_lo,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
 ):
     """From a channel block's (mean, var): invstd = 1 / sqrt(var + eps), scale = gamma invstd,
-    shift = beta, stored with the mean; with UPDATE the candidate running statistics
-    running + factor (batch - running), the variance's batch value `unbiased`, go to rows 0
-    and 1 of the (2, C) `cand_ptr` (commit_running_kernel keeps them if all are finite).
-    Returns (invstd, scale, shift), each [BLOCK_C]."""
+    shift = beta, stored with the mean. Returns (invstd, scale, shift), each [BLOCK_C]."""
     invstd, scale, shift = _normalizer(c, cmask, var, w_ptr, b_ptr, eps_hi, eps_lo, HAS_W, HAS_B)
-    _store_stats(
-        c, cmask, mean, unbiased, invstd, scale, shift, rm_ptr, rv_ptr, cand_ptr,
-        mean_out, invstd_out, scale_out, shift_out, f_hi, f_lo, C, UPDATE,
-    )
+    tl.store(mean_out + c, mean, mask=cmask)
+    tl.store(invstd_out + c, invstd, mask=cmask)
+    tl.store(scale_out + c, scale, mask=cmask)
+    tl.store(shift_out + c, shift, mask=cmask)
     return invstd, scale, shift
 
 
@@ -208,39 +204,20 @@ def _normalizer(c, cmask, var, w_ptr, b_ptr, eps_hi, eps_lo, HAS_W: tl.constexpr
 
 
 @triton.jit
-def _store_stats(
-    c, cmask, mean, unbiased, invstd, scale, shift, rm_ptr, rv_ptr, cand_ptr,
-    mean_out, invstd_out, scale_out, shift_out, f_hi, f_lo, C, UPDATE: tl.constexpr,
-):
-    """Store the vectors and, with UPDATE, the candidate running statistics (`_finalize_stats`)."""
-    acc = mean.dtype
-    tl.store(mean_out + c, mean, mask=cmask)
-    tl.store(invstd_out + c, invstd, mask=cmask)
-    tl.store(scale_out + c, scale, mask=cmask)
-    tl.store(shift_out + c, shift, mask=cmask)
-    if UPDATE:
-        factor = _scalar(f_hi, f_lo, acc)
-        rm = tl.load(rm_ptr + c, mask=cmask, other=0.0).to(acc)
-        rv = tl.load(rv_ptr + c, mask=cmask, other=0.0).to(acc)
-        tl.store(cand_ptr + c, rm + factor * (mean - rm), mask=cmask)
-        tl.store(cand_ptr + C + c, rv + factor * (unbiased - rv), mask=cmask)
-
-
-@triton.jit
 def merge_stats_kernel(
     count_ptr, mean_ptr, m2_ptr, count_out, mean_out, m2_out,
-    w_ptr, b_ptr, rm_ptr, rv_ptr, cand_ptr, invstd_out, scale_out, shift_out,
-    C, P, eps_hi, eps_lo, f_hi, f_lo,
+    w_ptr, b_ptr, rm_ptr, rv_ptr, invstd_out, scale_out, shift_out,
+    C, P, eps_hi, eps_lo,
     FINALIZE: tl.constexpr, RUNNING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    UPDATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Merge the (P, C) partials into (C,) statistics, partials taken in order 0..P-1.
 
     Two passes over the partials: the mean first, then m2 around it (exact and stable).
     Writes (count, mean, m2). With FINALIZE, also the normalization's per-channel vectors
-    (`_finalize_stats`: mean, invstd, scale, shift, and the running update with UPDATE), so
-    that the forward needs no torch op between its launches. With RUNNING (evaluation) there
-    are no partials: mean and var are the running statistics, and only the vectors are written.
+    (`_finalize_stats`: mean, invstd, scale, shift), so that the forward needs no torch op
+    between its launches. With RUNNING (evaluation) there are no partials: mean and var are
+    the running statistics, and only the vectors are written.
     """
     acc = mean_out.dtype.element_ty
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -249,8 +226,8 @@ def merge_stats_kernel(
         mu = tl.load(rm_ptr + c, mask=cmask, other=0.0).to(acc)
         var = tl.load(rv_ptr + c, mask=cmask, other=0.0).to(acc)
         _finalize_stats(
-            c, cmask, mu, var, var, w_ptr, b_ptr, rm_ptr, rv_ptr, cand_ptr, mean_out, invstd_out,
-            scale_out, shift_out, eps_hi, eps_lo, f_hi, f_lo, C, HAS_W, HAS_B, False,
+            c, cmask, mu, var, w_ptr, b_ptr, mean_out, invstd_out, scale_out, shift_out, eps_hi, eps_lo,
+            HAS_W, HAS_B,
         )
     else:
         n = tl.zeros([BLOCK_C], acc)
@@ -277,39 +254,9 @@ def merge_stats_kernel(
         if FINALIZE:
             n = tl.where(cmask, n, 2.0)  # lanes past C: not 0 / 0 (numpy would warn in the interpreter)
             _finalize_stats(
-                c, cmask, mu, m2 / n, m2 / (n - 1), w_ptr, b_ptr, rm_ptr, rv_ptr, cand_ptr, mean_out,
-                invstd_out, scale_out, shift_out, eps_hi, eps_lo, f_hi, f_lo, C, HAS_W, HAS_B, UPDATE,
+                c, cmask, mu, m2 / n, w_ptr, b_ptr, mean_out, invstd_out, scale_out, shift_out,
+                eps_hi, eps_lo, HAS_W, HAS_B,
             )
-
-
-@triton.jit
-def commit_running_kernel(
-    cand_ptr, rm_ptr, rv_ptr, nbt_ptr, accepted_ptr, C,
-    HAS_NBT: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """The non-finite guard of the running update, on the device (grid: one program).
-
-    The (2, C) candidates, rounded to the buffers' dtypes, replace running_mean and
-    running_var only when every one is finite, decided by one sum (finite exactly when every
-    term is, as stats.RunningUpdate decides); then num_batches_tracked += 1. `accepted_ptr`
-    receives the decision (uint8, read as a bool)."""
-    acc = cand_ptr.dtype.element_ty
-    total = tl.zeros([BLOCK_C], acc)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        m = tl.load(cand_ptr + c, mask=c < C, other=0.0).to(rm_ptr.dtype.element_ty)
-        v = tl.load(cand_ptr + C + c, mask=c < C, other=0.0).to(rv_ptr.dtype.element_ty)
-        total += m.to(acc) + v.to(acc)
-    finite = tl.abs(tl.sum(total, axis=0)) < float("inf")  # false for inf and NaN
-    accepted = finite.to(tl.int32)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        keep = (c < C) & (tl.zeros([BLOCK_C], tl.int32) + accepted > 0)
-        tl.store(rm_ptr + c, tl.load(cand_ptr + c, mask=keep).to(rm_ptr.dtype.element_ty), mask=keep)
-        tl.store(rv_ptr + c, tl.load(cand_ptr + C + c, mask=keep).to(rv_ptr.dtype.element_ty), mask=keep)
-    if HAS_NBT:
-        tl.store(nbt_ptr, tl.load(nbt_ptr) + accepted.to(tl.int64))
-    tl.store(accepted_ptr, accepted.to(tl.uint8))
 
 
 @triton.jit
@@ -473,9 +420,9 @@ def _column(cb, C, L, NL, s_n, s_c, s_l, BLOCK_C: tl.constexpr, BLOCK_R: tl.cons
 
 @triton.jit
 def single_read_forward_kernel(
-    x_ptr, res_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, cand_ptr, y_ptr, mean_out, invstd_out, scale_out, shift_out,
-    C, L, NL, s_n, s_c, s_l, eps_hi, eps_lo, f_hi, f_lo,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr,
+    x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, mean_out, invstd_out, scale_out, shift_out,
+    C, L, NL, s_n, s_c, s_l, eps_hi, eps_lo,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, LEAKY: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, WIDE: tl.constexpr,
 ):
@@ -489,18 +436,15 @@ def single_read_forward_kernel(
     mean = tl.sum(x, axis=1) / n
     centered = tl.where(mask, x - mean[:, None], 0.0)
     m2 = tl.sum(centered * centered, axis=1)
-    cmask = c < C
-    invstd, scale, shift = _normalizer(c, cmask, m2 / n, w_ptr, b_ptr, eps_hi, eps_lo, HAS_W, HAS_B)
+    # The per-channel vectors are stored before y is computed: mean and invstd are dead then.
+    _, scale, shift = _finalize_stats(
+        c, c < C, mean, m2 / n, w_ptr, b_ptr, mean_out, invstd_out, scale_out, shift_out, eps_hi, eps_lo,
+        HAS_W, HAS_B,
+    )
     u = centered * scale[:, None] + shift[:, None]
     if HAS_RES:
         u += tl.load(res_ptr + offs, mask=mask, other=0.0).to(acc)
     tl.store(y_ptr + offs, _activation(u, ACT, LEAKY).to(y_ptr.dtype.element_ty), mask=mask)
-    # The per-channel stores after y's: the tile's values and offsets are dead by then, so
-    # the running update's loads and stores need no registers of their own.
-    _store_stats(
-        c, cmask, mean, m2 / (n - 1), invstd, scale, shift, rm_ptr, rv_ptr, cand_ptr,
-        mean_out, invstd_out, scale_out, shift_out, f_hi, f_lo, C, UPDATE,
-    )
 
 
 @triton.jit
