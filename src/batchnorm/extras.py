@@ -205,9 +205,11 @@ def _traced_call(module: nn.Module, input: fx.Proxy, residual, mask, activation)
 
 def _tensors(module) -> tuple[Tensor | None, ...]:
     """(weight, bias, running_mean, running_var, num_batches_tracked), read from the module's
-    parameter and buffer tables: nn.Module.__getattr__ costs ~0.7 us a read, a fifth of what a
-    small layer's call costs beyond torch's kernel. A name not in its
-    table (a parametrized weight, say) is read the ordinary way."""
+    parameter and buffer tables: they are not instance attributes, so an ordinary read goes
+    through nn.Module.__getattr__, a Python call that is a sizable part of what a small
+    layer's call costs beyond torch's kernel (docs/performance.md, "Where the numbers stand
+    (CPU, 2 cores)", Small layers). A name not in its table (a parametrized weight, say) is
+    read the ordinary way."""
     params, buffers = module._parameters, module._buffers
     return (
         params["weight"] if "weight" in params else module.weight,

@@ -255,8 +255,9 @@ def _policy(call: Call, normalize) -> Tensor:
     return y
 
 
-# torch.compiler.disable imports torch._dynamo (2 s, half of `import batchnorm`) when the
-# decorator runs; torch's own lazy form of it imports dynamo at the first call instead.
+# torch.compiler.disable imports torch._dynamo (much of `import batchnorm`'s time:
+# docs/performance.md, "Costs around the kernels") when the decorator runs; torch's own lazy
+# form of it imports dynamo at the first call instead.
 @torch._disable_dynamo
 def _outside_the_graph(call: Call) -> Tensor:
     """`Path.SYNC_OUTSIDE_GRAPH`: SyncBatchNorm in a compiled model runs eagerly, a graph

@@ -33,9 +33,9 @@ What it cannot do, and what it does instead:
   acts as its absolute value.
 - The reconstruction loses what y's rounding lost: the error of xhat is about
   eps_machine * (|z| + |beta|) / gamma', so the gradients are less exact than batch norm's
-  when |beta| is much larger than gamma' (in fp32 with gamma' = 1, dx's error relative to its
-  largest value was 1e-7 at beta = 1, 1e-6 at beta = 1e3 and 1e-5 at beta = 1e4, where
-  torch's batch norm stays at 1e-7).
+  when |beta| is much larger than gamma': dx's error grows with |beta| / gamma', where
+  torch's batch norm's does not (docs/performance.md, "Accuracy: fp32 against float64", has
+  the errors).
 - Double backward (create_graph=True) is refused (once_differentiable): the input it would
   differentiate through is gone.
 

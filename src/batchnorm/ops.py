@@ -139,7 +139,7 @@ def update_running_stats(
     (its unbiased variance, or the biased one when not `unbiased`: Keras' and Flax's
     convention); returns whether it was kept. Eager on CPU with fp32/fp64 buffers, the rule
     runs as one numba call on numpy views (numba_kernels.fold_running: the same arithmetic
-    and bits, a few microseconds where the tensor ops cost tens); otherwise as tensor ops
+    and bits in one call, where the tensor ops are a dispatch each); otherwise as tensor ops
     (any device, and traced into a graph without a host synchronization)."""
     with torch.no_grad():
         mean, var = batch.mean.detach(), batch.unbiased_var.detach()

@@ -13,7 +13,8 @@ and AOTInductor can compile them into its artifact. In eager mode a triton_op ru
 directly (torch turns wrap_triton off there).
 
 ops.py imports this module where CUDA and triton are both present and Triton is not
-interpreting (importing triton costs ~0.3 s). Triton's CPU interpreter cannot be traced:
+interpreting (importing triton is slow, and a CPU run has no use for it: docs/performance.md,
+"Costs around the kernels"). Triton's CPU interpreter cannot be traced:
 wrap_triton hands back the interpreted function, which would run on the tracer's fake tensors;
 there the compiled triton path stays the opaque op.
 """

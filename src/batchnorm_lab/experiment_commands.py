@@ -164,8 +164,8 @@ def compile_ahead(plan: list[tuple[str, dict]]) -> dict[str, multiprocessing.Pro
     """A process per experiment of `plan` that has `compile_kernels`, started now: it compiles
     that experiment's numba kernels into numba's on-disk cache while the experiments before
     it run (single-threaded: the second core is idle), so that its first steps load them
-    instead of compiling (cnn-wallclock: about 25 s on a cold cache). Join one before its
-    experiment starts; if it failed, the experiment compiles for itself."""
+    instead of compiling on a cold cache (docs/performance.md, "Costs around the kernels").
+    Join one before its experiment starts; if it failed, the experiment compiles for itself."""
     from .experiments import EXPERIMENTS
 
     spawn = multiprocessing.get_context("spawn")  # a clean process: no forked torch threads

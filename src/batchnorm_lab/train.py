@@ -113,7 +113,8 @@ def _group(rank: int, world: int, port: int | None):
 
     Each process gets its share of the cores, in torch's thread pool and in numba's (the
     numba backend's kernels are parallel): oversubscribed pools spin against each other
-    and made a 2-process step 5x slower on 2 cores."""
+    and made a 2-process step several times slower on 2 cores (docs/performance.md, "Costs
+    around the kernels")."""
     threads = max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))

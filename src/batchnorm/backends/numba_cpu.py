@@ -31,17 +31,15 @@ _ACT_CODE = {name: code for code, name in enumerate(activations.NAMES)}
 _DTYPES = (torch.float32, torch.float64)
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
-#: Measured crossover (docs/benchmarks.md): on the
-#: (N, 64, L) fp32 BN + ReLU forward + backward sweep, aten / numba was 0.69-0.84 from 4k to
-#: 64k elements (our ~0.08 ms of fixed cost per call), 1.00 at 128k, 1.16 at 256k and
-#: 1.8-3.1 above; `auto` takes numba from 256k elements.
+#: `auto` takes numba from this many elements: the smallest size of the (N, 64, L) fp32
+#: BN + ReLU forward + backward sweep (docs/benchmarks.md) from which numba is never slower
+#: than torch's kernel. Below it the fixed cost of our call is more than the kernel saves
+#: (docs/performance.md, "Which backend runs: the dispatch rules", has the sweep's ratios).
 CROSSOVER_NUMEL = 1 << 18
 #: The same for channels-last input with spatial dimensions ((N, C, *S) viewed as (M, C)),
 #: where torch's own kernel is faster than on contiguous input and ours, with rows of C
-#: values, slower: on the channels-last (N, 64, 8, 8) sweep aten / numba was 0.75-0.92 from
-#: 256k to 1M elements, 1.00 at 2M and 1.73 at 4M; on other (N, C, H, W) shapes (C 16-512,
-#: with and without a residual) 0.74-0.96 at 256k-512k and 0.97-1.24 at 1M, 1.03-1.24 from
-#: 1.6M. 2-D (N, C) input is not affected (1.05-1.17 at 256k-512k): CROSSOVER_NUMEL.
+#: values, slower, so numba pays off only from a larger size (same section for the ratios).
+#: 2-D (N, C) input is not affected: CROSSOVER_NUMEL.
 CROSSOVER_NUMEL_CHANNELS_LAST = 1 << 21
 
 
@@ -89,11 +87,11 @@ def _vec(t: Tensor | None, channels: int, dtype: torch.dtype, fill: float) -> np
 
 def _allocate(count: int, dtype: np.dtype) -> np.ndarray:
     """A new 1-D array. numpy asks the OS for huge pages on large arrays (madvise); below
-    glibc's largest mmap threshold (32 MiB) that memory is often reused heap where
-    first-touching it cost ~20 ms per 16 MB here, so those come from torch's allocator;
-    above, numpy's fresh huge-page mappings fault 10x less.
-    Small arrays come from numpy too: the heap's free lists serve them, and np.empty costs
-    ~0.3 us where torch.empty(...).numpy() costs ~2.5."""
+    glibc's largest mmap threshold (32 MiB) that memory is often reused heap, slow to
+    first-touch, so those come from torch's allocator; above, numpy's fresh huge-page
+    mappings fault far less. Small arrays come from numpy too: the heap's free lists serve
+    them, and np.empty is cheaper to call than torch.empty(...).numpy() (docs/performance.md,
+    "The `numba` backend (CPU)", Outputs, has the timings)."""
     nbytes = count * dtype.itemsize
     if _SMALL_BYTES <= nbytes < _HUGE_BYTES:
         return torch.empty(count, dtype=_TORCH_DTYPES[dtype]).numpy()
@@ -195,8 +193,9 @@ class NumbaBackend(Backend):
 
     name = "numba"
     # The smooth activations cost a scalar libm call per value here (numba has no vector
-    # math library on this build): fused, BN + GELU forward + backward on (64, 32, 16, 16)
-    # took 23 ms, 5.5x torch's 4.2; our identity kernel then torch's activation is faster.
+    # math library on this build), so fused they are slower than torch's BN and vectorized
+    # activation; our identity kernel then torch's activation is faster (docs/performance.md,
+    # "The `numba` backend (CPU)", Smooth activations are not fused).
     fused_activations = (None, "relu")
 
     def unavailable(self) -> str | None:
@@ -217,8 +216,8 @@ class NumbaBackend(Backend):
 
     def preferred(self, x: Tensor) -> bool:
         # While a graph is traced the alternative is Inductor's code, not torch's kernel, and
-        # Inductor's is 3-6x slower than our op on channels-last input as on contiguous input
-        # (BN + ReLU forward + backward, (64, 32, 16, 16) to (64, 16, 32, 32)): there the
+        # Inductor's is slower than our op on channels-last input as on contiguous input
+        # (docs/performance.md, "Which backend runs: the dispatch rules"): there the
         # contiguous crossover holds for both.
         channels_last = x.dim() > 2 and not x.is_contiguous() and not modes.compiling()
         return x.numel() >= (CROSSOVER_NUMEL_CHANNELS_LAST if channels_last else CROSSOVER_NUMEL)

@@ -43,7 +43,8 @@ and the activation of identity and ReLU are constants (`_case_loop`): each loop 
 branch-free vector code with no call inside; the smooth activations share one loop and are
 computed in float64 and rounded once. `code` is the activation's index in
 activations.NAMES. Compiling per case is what keeps a first call short: a kernel holding
-all six cases took 25 s (forward) and 63 s (backward) to compile on 2 cores, one case 5-9 s.
+all six cases compiles all of their loops, where a model needs two or three cases
+(docs/performance.md, "The `numba` backend (CPU)", Cases, has the compile times).
 """
 
 from __future__ import annotations
@@ -73,11 +74,11 @@ _GROUP_BYTES = 1 << 19  # (N, C, L) short rows: a group's slab stays under this 
 _MC_BLOCK = 32768  # (M, C): values per row block (128 KiB of fp32, in L2)
 # (M, C): rows per block at most. Each channel's block sum is a sequential sum in x's dtype
 # (the vector lanes run across channels), merged with the other blocks in float64: with few
-# channels, 32768 / C rows in one fp32 sum lost 1e-5 of the variance (a 3-channel tensor
-# of 5,200 rows normalized 5e-5 off the float64 result). At 512 rows, fp32 3 randn + 1 has
-# a mean 3e-7 - 8e-7 off float64 ((N, C, L): 1e-15), under torch's 2-D and channels-last
-# kernels' 8e-7 - 2e-6; float64 block sums cost +50-80% of this statistics sweep on data in
-# cache (65536 x 64, 4096 x 256), so they stay in x's dtype.
+# channels, 32768 / C rows in one fp32 sum lost enough of the variance to show in the
+# normalized output. At 512 rows the fp32 mean is off float64 by less than torch's 2-D and
+# channels-last kernels' is, while float64 block sums would cost a large part of this
+# statistics sweep on data in cache, so they stay in x's dtype (docs/performance.md, "The
+# `numba` backend (CPU)", Statistics in float64, has the errors and the cost).
 _MC_ROWS = 512
 _FASTMATH = {"reassoc", "contract"}  # never nnan/ninf/afn: NaN and Inf must propagate
 
@@ -283,18 +284,14 @@ def _ncl_stats(x, c0, c1, lanes, acc):
     32-wide vector loop), example by example across the group's channels (memory order).
 
     t and its sums are float64 whatever x's dtype (x is converted before the subtraction,
-    so t is exact). Summed in fp32 the mean was 4-20x further from the float64 mean than
-    torch's kernel's, which is correctly rounded: a lane summed every row of its block (819
-    for L = 5) and a long row's piece its 4096 values in one fp32 sum each, and an fp32
-    x - pivot rounds the same way for every x on a coarser grid than the pivot's (up to half
-    an ulp of t each, one sign per block: float64 sums of an fp32 t still left 4e-8 on
-    (512, 64, 8), one block per channel). Mean error, max over channels, x = 3 randn + 1 in
-    fp32, fp32 sums / float64 sums / torch: (10486, 5, 5) 2.4e-7 / 8e-16 / 2.4e-8,
-    (512, 64, 8) 1.1e-6 / 3e-15 / 5.3e-8, (16, 4, 4096) 9.2e-8 / 8e-16 / 2.0e-8,
-    (256, 4, 200) 6.7e-7 / 2e-15 / 4.4e-8; the variance's, relative, up to 2e-6 / 2e-14.
-    The cost is arithmetic on data in cache (per 16 values 8 vector instructions where 3
-    did; statistics alone, one thread): none on rows of 5-8 values, +13-52% on rows of
-    49-200, 2.1x on rows of 4096; a sweep from memory (64 x 64 x 3136) does not change."""
+    so t is exact). Summed in fp32 the mean was several times further from the float64 mean
+    than torch's kernel's, which is correctly rounded: a lane summed every row of its block
+    and a long row's piece its _BLOCK values in one fp32 sum each, and an fp32 x - pivot
+    rounds the same way for every x on a coarser grid than the pivot's (up to half an ulp of
+    t each, one sign per block, an error that float64 sums of an fp32 t still kept). The
+    cost is more arithmetic per value on data in cache: nothing on the shortest rows, some
+    on longer rows, none on a sweep from memory (docs/performance.md, "The `numba` backend
+    (CPU)", Statistics in float64, has the errors before and after and the timings)."""
     n_rows, _, length = x.shape
     rows_per = max(1, _BLOCK // length)
     for c in range(c0, c1):
@@ -522,9 +519,10 @@ def _mc_grad_apply(args, has_res, code):
         xr, dyr, rr, dxr, drr = x[r], dy[r], res[r], dx[r], dres[r]
         if has_res and xr.shape[0] >= LANES:
             # With a residual the fused loop loads five arrays and stores two: LLVM gives up
-            # vectorizing it (too many runtime alias checks), 2-3x slower per value. Two loops
-            # (d into dres; dx from it while the row is in L1) each vectorize; on rows shorter
-            # than LANES the second loop's overhead outweighs it (measured).
+            # vectorizing it (too many runtime alias checks), several times slower per value.
+            # Two loops (d into dres; dx from it while the row is in L1) each vectorize; on rows
+            # shorter than LANES the second loop's overhead outweighs it (docs/performance.md,
+            # "The `numba` backend (CPU)", the `(M, C)` item).
             for c in range(xr.shape[0]):
                 drr[c] = _d(dyr[c], xr[c] - center[c], scale[c], shift[c], rr[c], True, code, f)
             for c in range(xr.shape[0]):

@@ -2,8 +2,9 @@
 
 A training step allocates the same outputs as the step before. glibc hands a large freed
 block back to the OS (above its mmap or trim threshold), so the next step's first write to a
-new one faults every 4 KiB page: measured here, 3,125 faults and several milliseconds per
-12.8 MB output, three of them per step for batch norm + residual + ReLU (docs/performance.md).
+new one faults in every 4 KiB page, for each of the three outputs of a batch norm +
+residual + ReLU step (docs/performance.md, "The `numba` backend (CPU)", Outputs, has the
+faults and their cost).
 The pool keeps freed buffers, by size, up to a byte budget, and
 hands them out again. A buffer goes back to the pool only when the array built on it is
 gone, which happens when nothing refers to it any more (a torch tensor made with

@@ -104,8 +104,9 @@ class Monitor:
 
     `layers`: None (the defaults above), or names from `model.named_modules()` or the
     modules themselves (leaves). `every`: record at training forwards 0, every, 2 every...
-    (default EVERY = 10: recording costs about a quarter of a training step of the
-    experiments' small MLP on CPU, so every step would slow it down by that much).
+    (default EVERY = 10: recording costs a sizable part of a training step of the
+    experiments' small MLP on CPU, so recording every step would slow its training down by
+    that much; docs/performance.md, "Costs around the kernels").
     `units`: how many channels to take percentiles of (evenly spaced), or their indices.
 
     Use as a context manager, or call `start()` and `stop()`; hooks are removed on exit,

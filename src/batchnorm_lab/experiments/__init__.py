@@ -62,9 +62,9 @@ EXPERIMENTS = {
               cnn_wallclock)
 }
 # threads: torch's and numba's threads while an experiment runs. These networks are tiny,
-# and several threads on busy cores spin against each other (measured on 2 loaded cores:
-# torch, 52 ms per training step with 2 threads, 2.3 ms with 1; the numba backend, 19 ms
-# for a (450, 100) evaluation forward with 2 threads, 0.6 ms with 1).
+# and several threads on busy cores spin against each other: torch's training steps and the
+# numba backend's calls alike ran many times slower with 2 threads than with 1 on 2 loaded
+# cores (docs/performance.md, "Costs around the kernels").
 BASE = {"dataset": "digits", "device": "cpu", "threads": 1}
 
 

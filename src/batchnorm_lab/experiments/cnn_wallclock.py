@@ -37,10 +37,9 @@ SETUP = (
     "batch-norm part alone is timed by the kernel benchmark ({layer_repeats} rounds)."
 )
 # One thread, as the other experiments (`threads`, set with `batchnorm run --threads`): on
-# this 2-core machine shared with other jobs, 2 threads made every step about 5x slower for
-# both arms (median step 944 ms ours, 1059 ms torch's, at a load average of 4.6; with 1
-# thread 183 and 192 ms at 6), a measure of the contention and not of the kernels. On idle
-# cores, `--threads 2` is the realistic setting.
+# this 2-core machine shared with other jobs, 2 threads made every step several times slower
+# for both arms, a measure of the contention and not of the kernels (docs/performance.md,
+# "Costs around the kernels"). On idle cores, `--threads 2` is the realistic setting.
 # Batches of 256: every layer's input has 2^19 elements, twice the crossover, where `auto`
 # switches to our kernels because there they stop being slower (at the crossover itself the
 # two are about equal, by construction).
@@ -48,7 +47,7 @@ FULL = {"seeds": [0, 1, 2], "steps": 300, "blocks": 2, "channels": 32, "batch_si
         "momentum": 0.9, "eval_every": 20, "target_fraction": 0.95, "tolerance": 0.01, "loss_rtol": 1e-4,
         "layer_repeats": 30, "threads": 1}
 # 20 steps on a shared machine time the load more than the layers: the full run's margin is
-# 0.5%, inside the spread between its seeds.
+# inside the spread between its seeds (docs/results.md, cnn-wallclock).
 QUICK = {**FULL, "seeds": [0], "steps": 20, "eval_every": 10, "layer_repeats": 10, "unpowered": ["less time"]}
 ARMS = ("ours", "torch")
 
