@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import batchnorm as bn
-from batchnorm import activations, backends
+from batchnorm import activations, backends, modes
 from batchnorm import functional as F
 from batchnorm.functional import batch_norm
 from batchnorm.stats import NonFiniteGuard
@@ -290,8 +290,8 @@ def test_plan_names_the_path_of_each_kind_of_call():
     mask = torch.ones(8, dtype=torch.bool)
     sync = object()  # plan only asks whether there is one
 
-    def plan(x=x, training=True, **extras):
-        return F.plan(F.Call(x, rm, rv, None, None, training, 0.1, 1e-5, **extras))
+    def plan(x=x, training=True, **extras):  # the call's mode asked as batch_norm asks it
+        return F.plan(F.Call(x, rm, rv, None, None, training, 0.1, 1e-5, mode=modes.current(), **extras))
 
     assert plan() is F.Path.OP
     assert plan(activation="relu", residual=x) is F.Path.OP

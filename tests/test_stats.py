@@ -79,12 +79,16 @@ def test_finite_batch_is_kept_and_counted(dtype):
 def test_guard_counts_and_warns_once():
     guard = NonFiniteGuard("layer")
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        guard.record(torch.tensor(False))
+        guard.record(False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        guard.record(torch.tensor(False))
-        guard.record(torch.tensor(True))
+        guard.record(False)
+        guard.record(True)
     assert guard.count == 2
+    # a tensor (an accelerator's or a compiled graph's answer) waits until the count is read
+    guard.record(torch.tensor(False))
+    guard.record(torch.tensor(True))
+    assert guard.count == 3
 
 
 def test_non_finite_running_value_restarts_from_the_batch():

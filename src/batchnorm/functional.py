@@ -114,13 +114,14 @@ def batch_norm(
         variants.chunks(max(x.shape[0], 1), virtual_batch_size, 1)  # validates k
     if sync is not None and (mask is not None or virtual_batch_size is not None):
         raise ValueError("masks and ghost batches are not supported together with SyncBatchNorm")
-    be = backends.resolve(backend, x, activation, residual is not None).backend  # once: every path and chunk runs it
+    mode = modes.current()  # once: every layer below reads this answer
+    be = backends.resolve(backend, x, activation, residual is not None, mode).backend  # once: every path and chunk runs it
     batch_stats = training or running_mean is None
     call = Call(
         x, running_mean, running_var, weight, bias, batch_stats, momentum, eps,
         activation, residual, be, num_batches_tracked, guard or _DEFAULT_GUARD, sync, mask,
-        virtual_batch_size, renorm, unbiased_running_var,
-        update=batch_stats and running_mean is not None and running_var is not None and not modes.recomputing(),
+        virtual_batch_size, renorm, unbiased_running_var, mode,
+        update=batch_stats and running_mean is not None and running_var is not None and not mode.recomputing,
     )  # fmt: skip
     if activation is not None and activation not in be.fused_activations:
         # this backend's fused form of the activation is slower than torch's own op after it
@@ -174,6 +175,7 @@ class Call(NamedTuple):
     virtual_batch_size: int | None = None
     renorm: Renorm | None = None
     unbiased_running_var: bool = True
+    mode: modes.Mode = modes.EAGER  # how torch runs the call (traced, transformed, recomputed)
     # whether this call folds its batch into the running statistics: in training, with both
     # buffers given, and not when activation checkpointing recomputes a forward in backward
     # (the batch was counted when the forward first ran)
@@ -189,7 +191,7 @@ def plan(call: Call) -> Path:
     policy = call.sync is not None or call.mask is not None or call.virtual_batch_size is not None
     if not call.batch_stats or not (policy or call.renorm is not None):
         return Path.OP
-    if modes.traced():
+    if call.mode.traced:
         return Path.SYNC_OUTSIDE_GRAPH if call.sync is not None else Path.TORCH_OPS
     return Path.TORCH_OPS if call.mask is not None else Path.KERNELS
 
@@ -203,7 +205,7 @@ def _op(call: Call) -> Tensor:
     y, batch = ops.batch_norm(
         call.x, call.weight, call.bias, call.residual,
         call.running_mean if reads_running else None, call.running_var if reads_running else None,
-        training=call.batch_stats, eps=call.eps, activation=call.activation, backend=call.backend,
+        training=call.batch_stats, eps=call.eps, activation=call.activation, backend=call.backend, mode=call.mode,
         # whether the statistics are tracked, not `update`: a forward that checkpointing
         # recomputes must run (and save for backward) exactly what the first one did
         want_stats=call.batch_stats and tracked,
@@ -217,7 +219,8 @@ def _update_running(call: Call, batch: ops.Batch) -> None:
     """The one place a call folds its batch into the running statistics (every path comes
     here once per call, ghost chunks merged first), and the guard counts a refused update."""
     accepted = ops.update_running_stats(
-        call.running_mean, call.running_var, call.num_batches_tracked, batch, call.momentum, call.unbiased_running_var
+        call.running_mean, call.running_var, call.num_batches_tracked, batch, call.momentum, call.unbiased_running_var,
+        traced=call.mode.traced,
     )
     call.guard.record(accepted)
 
@@ -308,7 +311,7 @@ def _normalize_masked(call: Call, limits, _be) -> tuple[Tensor, Stats]:
     statistics, which see only the valid positions."""
     x, mask, weight = call.x, call.mask, call.weight
     batch = variants.masked_stats(x, mask)
-    if not modes.traced():  # a graph cannot raise on a value it computes
+    if not call.mode.traced:  # a graph cannot raise on a value it computes
         validation.validate_training_batch_count(int(batch.count[0]) if batch.count.numel() else 0, x.shape, masked=True)
     correction = None
     if limits is not None:

@@ -14,11 +14,48 @@ works the same at every input size.
 `recomputing()` tells a forward that activation checkpointing (torch.utils.checkpoint, either
 mode) runs again during backward, which must not fold its batch into the running statistics
 a second time.
+
+`current()` asks all of it at once, as a `Mode`: `functional.batch_norm` asks once per call
+and hands the answer down (the backends' choice, the op layer, the running update), so that
+no layer below decides it again. The functions below serve code reached without a call's
+Mode (the custom ops' bodies, the tools).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+
+class Mode(NamedTuple):
+    """How torch runs the current call: traced by torch.compile / torch.export (`compiling`,
+    and `exporting` for torch.export), inside a torch.func transform (`transformed`), or
+    recomputed by activation checkpointing (`recomputing`, never while traced)."""
+
+    compiling: bool
+    exporting: bool
+    transformed: bool
+    recomputing: bool
+
+    @property
+    def traced(self) -> bool:
+        """Only graph-safe torch ops may run."""
+        return self.compiling or self.transformed
+
+
+EAGER = Mode(compiling=False, exporting=False, transformed=False, recomputing=False)
+
+
+def current() -> Mode:
+    """The Mode of the call being made now."""
+    compiling, transformed = torch.compiler.is_compiling(), torch._C._are_functorch_transforms_active()
+    return Mode(
+        compiling=compiling,
+        exporting=compiling and torch.compiler.is_exporting(),
+        transformed=transformed,
+        recomputing=not (compiling or transformed) and torch._C._current_graph_task_id() != -1,
+    )
 
 
 def compiling() -> bool:

@@ -80,6 +80,7 @@ def batch_norm(
     activation: str | None,
     backend: str | Backend | None,
     want_stats: bool = True,
+    mode: modes.Mode | None = None,
 ) -> tuple[Tensor, Batch | None]:
     """y = g(gamma (x - mu) / sqrt(var + eps) + beta + residual), and in training the batch's
     statistics for the caller's running update (None in evaluation, or when not `want_stats`).
@@ -87,11 +88,13 @@ def batch_norm(
     Shapes: x (N, C, *spatial); weight, bias, running_mean, running_var (C,) or None;
     residual like x. Training normalizes with the batch's statistics; evaluation with the
     running statistics, which are only read here. Inputs are checked by the caller
-    (functional.py), which also makes the running update (`update_running_stats`).
+    (functional.py), which also makes the running update (`update_running_stats`). `mode`:
+    the caller's `modes.Mode` for this call (None: asked here).
     """
-    be = backends.backend_for(backend, x)
-    if modes.traced():
-        return _traced(x, weight, bias, residual, running_mean, running_var, training, eps, activation, be, want_stats)
+    mode = modes.current() if mode is None else mode
+    be = backend if isinstance(backend, Backend) else backends.resolve(backend, x, mode=mode).backend
+    if mode.traced:
+        return _traced(x, weight, bias, residual, running_mean, running_var, training, eps, activation, be, want_stats, mode)
     plain_evaluation = not training and activation is None and residual is None
     if isinstance(be, AtenBackend) or (plain_evaluation and not be.takes_plain_evaluation(x)):
         return _native(x, weight, bias, residual, running_mean, running_var, training, eps, activation, want_stats)
@@ -103,10 +106,10 @@ def batch_norm(
     return y, (_from_params(params, x) if training and want_stats else None)
 
 
-def _traced(x, weight, bias, residual, running_mean, running_var, training, eps, activation, be, want_stats):
+def _traced(x, weight, bias, residual, running_mean, running_var, training, eps, activation, be, want_stats, mode):
     """`batch_norm` while torch.compile or torch.export traces it, or a torch.func transform
     runs it: only ops a graph can hold."""
-    if isinstance(be, AtenBackend) or modes.transformed() or (not training and modes.exporting()):
+    if isinstance(be, AtenBackend) or mode.transformed or (not training and mode.exporting):
         return _native(x, weight, bias, residual, running_mean, running_var, training, eps, activation, want_stats)
     traced_triton = be.name == "triton" and TRITON_OPS
     op = torch.ops.batchnorm.triton_batch_norm if traced_triton else torch.ops.batchnorm.batch_norm
@@ -133,20 +136,23 @@ def _from_params(params: Tensor, x: Tensor) -> Batch:
 
 def update_running_stats(
     running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None, batch: Batch,
-    momentum: float | None, unbiased: bool,
+    momentum: float | None, unbiased: bool, *, traced: bool | None = None,
 ) -> bool | Tensor:  # fmt: skip
     """The one running update of every path: `stats.update_running`'s rule folds the batch in
     (its unbiased variance, or the biased one when not `unbiased`: Keras' and Flax's
     convention); returns whether it was kept. Eager on CPU with fp32/fp64 buffers, the rule
     runs as one numba call on numpy views (numba_kernels.fold_running: the same arithmetic
     and bits in one call, where the tensor ops are a dispatch each); otherwise as tensor ops
-    (any device, and traced into a graph without a host synchronization)."""
+    (any device, and traced into a graph without a host synchronization). Eager, a CPU
+    answer comes back as a bool; traced or on an accelerator, as a 0-d bool tensor (reading
+    it would synchronize). `traced`: the caller's `modes.Mode.traced` (None: asked here)."""
+    traced = modes.current().traced if traced is None else traced
     with torch.no_grad():
         mean, var = batch.mean.detach(), batch.unbiased_var.detach()
         if not unbiased:
             var = var * ((batch.count - 1) / batch.count)
         if (
-            not modes.traced()
+            not traced
             and _numpy_viewable(running_mean, running_var, mean, var)
             and _numba_rule_ready(mean.dtype, running_mean)
         ):
@@ -155,7 +161,8 @@ def update_running_stats(
             if accepted and num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
             return accepted
-        return update_running(running_mean, running_var, mean, var, momentum, num_batches_tracked)
+        accepted = update_running(running_mean, running_var, mean, var, momentum, num_batches_tracked)
+        return bool(accepted) if not traced and accepted.device.type == "cpu" else accepted
 
 
 def _numpy_viewable(*tensors: Tensor) -> bool:

@@ -28,7 +28,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import modes
 
 
 class Stats(NamedTuple):
@@ -169,10 +168,10 @@ class NonFiniteGuard:
         self._warned = False
 
     def record(self, accepted: bool | Tensor) -> None:
-        """Count one update: `accepted` as `update_running` returns it (or a bool). A CPU
-        tensor is read at once in eager mode; on an accelerator, and inside a compiled
-        graph, it is kept on its device until `count` is read."""
-        if isinstance(accepted, bool) or (accepted.device.type == "cpu" and not modes.traced()):
+        """Count one update: `accepted` as `ops.update_running_stats` returns it: a bool is
+        counted at once; a tensor (on an accelerator, or inside a compiled graph) is kept on
+        its device until `count` is read."""
+        if isinstance(accepted, bool):
             if not accepted:
                 self._add(1)
             return

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from batchnorm import backends
+from batchnorm import backends, modes
 from batchnorm.backends import gpu_rule
 
 H200, A100 = "NVIDIA H200", "NVIDIA A100-SXM4-80GB"
@@ -120,5 +120,5 @@ def test_shipped_rule_is_current():
 
 def test_auto_keeps_cpu_and_unrecorded_inputs_off_triton():
     x = torch.randn(4, 3, 5, 5)
-    assert backends.get("triton").preferred(x) is False
+    assert backends.get("triton").preferred(x, modes.EAGER) is False
     assert gpu_rule.prefers_triton(x) is False

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 pytest.importorskip("triton")
 
 import batchnorm as bn  # noqa: E402
-from batchnorm import activations, backends, layout, reference, stats  # noqa: E402
+from batchnorm import activations, backends, layout, modes, reference, stats  # noqa: E402
 from batchnorm.backends import gpu_rule  # noqa: E402
 from batchnorm.backends import triton_gpu as tg  # noqa: E402
 from kernels.poison import poisoned_allocations  # noqa: E402
@@ -585,13 +585,13 @@ def test_availability_and_support(monkeypatch):
     assert "dtype" in be.unsupported(x.to(torch.int32))
     # auto takes triton on CUDA where the recorded runs put x's shape class, nowhere else
     monkeypatch.setattr(gpu_rule, "prefers_triton", lambda x: True)
-    assert be.preferred(x) == CUDA
-    assert be.preferred(x.double()) is False
+    assert be.preferred(x, modes.EAGER) == CUDA
+    assert be.preferred(x.double(), modes.EAGER) is False
     monkeypatch.setattr(gpu_rule, "prefers_triton", lambda x: False)
-    assert be.preferred(x) is False
+    assert be.preferred(x, modes.EAGER) is False
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert "CPU" in be.unsupported(torch.randn(2, 3))
-    assert be.preferred(torch.randn(2, 3)) is False
+    assert be.preferred(torch.randn(2, 3), modes.EAGER) is False
 
 
 def test_bad_arguments_raise_clear_errors():

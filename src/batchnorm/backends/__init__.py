@@ -17,6 +17,7 @@ from typing import NamedTuple
 from torch import Tensor
 
 from .. import modes
+from ..modes import Mode
 from .aten import AtenBackend
 from .base import Backend
 from .numba_cpu import NumbaBackend  # imports without numba; unavailable() then says why
@@ -63,9 +64,13 @@ class Choice(NamedTuple):
     reason: str  # why this one: "forced", "auto", or the fallback's cause
 
 
-def resolve(name: str | None, x: Tensor, activation: str | None = None, has_residual: bool = False) -> Choice:
+def resolve(
+    name: str | None, x: Tensor, activation: str | None = None, has_residual: bool = False, mode: Mode | None = None
+) -> Choice:
     """The backend that will run `x` for a request of `name` ("auto", a name, or None = env),
-    with that activation and residual: "auto" skips a backend not `ready` for the call yet."""
+    with that activation and residual, in `mode` (functional.batch_norm passes its call's;
+    None: asked here): "auto" skips a backend not `ready` for the call yet."""
+    mode = modes.current() if mode is None else mode
     requested = name or os.environ.get(ENV_VAR) or "auto"
     fallback = _REGISTRY["aten"]
     if requested != "auto":
@@ -74,17 +79,17 @@ def resolve(name: str | None, x: Tensor, activation: str | None = None, has_resi
         if why_not is None:
             return Choice(backend, "forced")
         return Choice(fallback, f"{requested} cannot run this input ({why_not}); fell back to aten")
-    if modes.exporting():
+    if mode.exporting:
         # An exported program is meant to run where this package is not installed, and a
         # choice by size would pin a dynamic batch dimension to one side of a crossover.
         return Choice(fallback, "export: torch's standard ops")
     for backend in _AUTO_ORDER:
         # preferred() first: it is the cheap question, and usually the deciding one
         if (
-            backend.preferred(x)
+            backend.preferred(x, mode)
             and backend.unavailable() is None
             and backend.unsupported(x) is None
-            and backend.ready(x, activation, has_residual)
+            and backend.ready(x, activation, has_residual, mode)
         ):
             return Choice(backend, "auto")
     return Choice(fallback, "auto")

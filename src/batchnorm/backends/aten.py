@@ -14,13 +14,14 @@ from torch import Tensor
 
 from .. import activations
 from ..channel_params import acc_dtype
+from ..modes import Mode
 from .reference import ReferenceBackend
 
 
 class AtenBackend(ReferenceBackend):
     name = "aten"
 
-    def preferred(self, x: Tensor) -> bool:
+    def preferred(self, x: Tensor, mode: Mode) -> bool:
         return True
 
 

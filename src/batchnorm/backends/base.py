@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .. import activations
 from ..channel_params import acc_dtype, affine
+from ..modes import Mode
 
 
 #: Rows of the (6, C) per-channel parameters that the whole-op `forward` returns and
@@ -56,11 +57,11 @@ class Backend:
         """Why this backend cannot take input `x` (device, dtype, layout), or None."""
         return None
 
-    def preferred(self, x: Tensor) -> bool:
-        """Whether `auto` should choose this backend for `x` (e.g. above a measured size)."""
+    def preferred(self, x: Tensor, mode: Mode) -> bool:
+        """Whether `auto` should choose this backend for `x` in `mode` (e.g. above a measured size)."""
         return False
 
-    def ready(self, x: Tensor, activation: str | None, has_residual: bool) -> bool:
+    def ready(self, x: Tensor, activation: str | None, has_residual: bool, mode: Mode) -> bool:
         """Whether this backend can run such a call now without waiting (a compiler's first
         use); `auto` takes another backend meanwhile. May start that work in the background."""
         return True

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import activations, layout, modes
+from .. import activations, layout
+from ..modes import Mode
 from ..channel_params import acc_dtype
 from . import numba_kernels as kernels
 from . import numba_warmup
@@ -214,18 +215,18 @@ class NumbaBackend(Backend):
             return "the input is neither contiguous nor channels-last (a strided view)"
         return None
 
-    def preferred(self, x: Tensor) -> bool:
+    def preferred(self, x: Tensor, mode: Mode) -> bool:
         # While a graph is traced the alternative is Inductor's code, not torch's kernel, and
         # Inductor's is slower than our op on channels-last input as on contiguous input
         # (docs/performance.md, "Which backend runs: the dispatch rules"): there the
         # contiguous crossover holds for both.
-        channels_last = x.dim() > 2 and not x.is_contiguous() and not modes.compiling()
+        channels_last = x.dim() > 2 and not x.is_contiguous() and not mode.compiling
         return x.numel() >= (CROSSOVER_NUMEL_CHANNELS_LAST if channels_last else CROSSOVER_NUMEL)
 
-    def ready(self, x: Tensor, activation: str | None, has_residual: bool) -> bool:
+    def ready(self, x: Tensor, activation: str | None, has_residual: bool, mode: Mode) -> bool:
         """Whether this call's kernels are compiled (numba_warmup.py: until then `auto` runs
         torch's kernel and they compile in the background). A traced call compiles in the op."""
-        if modes.traced():
+        if mode.traced:
             return True
         code = _ACT_CODE[activation if activation in self.fused_activations else None]
         ndim = 3 if layout.kind_of(x) == "ncl" else 2

@@ -55,6 +55,7 @@ from torch import Tensor
 
 from .. import activations, layout
 from ..channel_params import acc_dtype
+from ..modes import Mode
 from . import gpu_rule
 from .base import CENTER, INVSTD, SCALE, SHIFT, Backend
 
@@ -603,7 +604,7 @@ class TritonBackend(Backend):
             return "a strided view: triton takes contiguous or channels-last memory"
         return None
 
-    def preferred(self, x: Tensor) -> bool:
+    def preferred(self, x: Tensor, mode: Mode) -> bool:
         # Measured, not assumed: a CUDA input goes to triton only where the recorded runs of
         # this GPU put its shape class (gpu_rule.json); elsewhere auto takes aten (cuDNN).
         return x.is_cuda and x.dtype in FAST_DTYPES and gpu_rule.prefers_triton(x)
