@@ -118,9 +118,11 @@ def batch_norm(
     be = backends.resolve(backend, x, activation, residual is not None, mode).backend  # once: every path and chunk runs it
     batch_stats = training or running_mean is None
     call = Call(
-        x, running_mean, running_var, weight, bias, batch_stats, momentum, eps,
-        activation, residual, be, num_batches_tracked, guard or _DEFAULT_GUARD, sync, mask,
-        virtual_batch_size, renorm, unbiased_running_var, mode,
+        x=x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias,
+        batch_stats=batch_stats, momentum=momentum, eps=eps, activation=activation, residual=residual,
+        backend=be, num_batches_tracked=num_batches_tracked, guard=guard or _DEFAULT_GUARD, sync=sync,
+        mask=mask, virtual_batch_size=virtual_batch_size, renorm=renorm,
+        unbiased_running_var=unbiased_running_var, mode=mode,
         update=batch_stats and running_mean is not None and running_var is not None and not mode.recomputing,
     )  # fmt: skip
     if activation is not None and activation not in be.fused_activations:
