@@ -315,9 +315,10 @@ def test_plan_names_the_path_of_each_kind_of_call():
 @pytest.mark.skipif("numba" not in backends.available(), reason="numba is not installed")
 @pytest.mark.parametrize("activation", ["leaky_relu", "sigmoid", "tanh", "silu", "gelu"])
 def test_an_activation_numba_does_not_fuse_is_torch_op_after_its_kernel(activation):
-    """numba fuses identity and ReLU only (a smooth activation costs a scalar libm call per
-    value there, several times torch's vectorized op): the others are torch's op applied to
-    the kernel's output, gradients included."""
+    """numba fuses identity and the piecewise ReLU, ReLU6 and Hardswish only (a smooth
+    activation costs a scalar libm call per value there, several times torch's vectorized
+    op): the others are torch's op applied to the kernel's output, gradients included."""
+    assert activation not in backends.get("numba").fused_activations
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(4, 3, 50, generator=gen, requires_grad=True)
     res = torch.randn(4, 3, 50, generator=gen)

@@ -16,7 +16,8 @@ from batchnorm.norm_act import fuses
 
 # Each fusable activation as a torch module, and modules our kernels do not compute.
 FUSABLE = {name: activations.module_for(name) for name in activations.NAMES}
-UNFUSABLE = [nn.Hardswish(), nn.LeakyReLU(0.2), nn.GELU("tanh"), nn.ReLU6()]
+# nn.Hardtanh(0, 6) computes ReLU6 but is not nn.ReLU6 (matched by type): run after our layer
+UNFUSABLE = [nn.Hardsigmoid(), nn.LeakyReLU(0.2), nn.GELU("tanh"), nn.Hardtanh(0.0, 6.0)]
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 
@@ -66,7 +67,7 @@ def test_one_call_of_our_layer_when_fusable_else_the_layer_then_the_activation()
     """Which path runs: with a fusable activation the activation module is never called
     (the kernel applied it), with another one it is."""
     x = torch.randn(4, 3, 5, 5)
-    for act, called in ((nn.ReLU(), False), (nn.Hardswish(), True)):
+    for act, called in ((nn.ReLU(), False), (nn.Hardswish(), False), (nn.Hardsigmoid(), True)):
         layer = bn.BatchNormAct(bn.BatchNorm2d(3), act)
         seen = []
         layer.act.register_forward_hook(lambda *_: seen.append(True))

@@ -52,8 +52,44 @@ def test_gradcheck_and_gradgradcheck(activation, training, residual):
 
     args = (x, w, b) + ((r,) if residual else ())
     assert torch.autograd.gradcheck(f, args)
-    if activation not in ("relu", "leaky_relu"):  # piecewise linear: second derivative 0 a.e.
+    if activation not in ("relu", "leaky_relu", "relu6"):  # piecewise linear: second derivative 0 a.e.
         assert torch.autograd.gradgradcheck(f, args)
+
+
+# Each piecewise activation's breakpoints, and points either side and far off: where torch's
+# own slope convention (relu6's hardtanh_backward, hardswish_backward) decides the value.
+_BREAKPOINTS = [-1e30, -7.0, -3.0001, -3.0, -2.9999, -1.0, -1e-7, -0.0, 0.0, 1e-7, 1.0, 2.9999, 3.0, 3.0001,
+                5.9999, 6.0, 6.0001, 9.0, 1e30, float("inf"), -float("inf"), float("nan")]
+
+
+@pytest.mark.parametrize("activation", activations.NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_forward_and_derivative_are_torchs_modules_bitwise(activation, dtype):
+    """g and g' against torch's module and its autograd, at the breakpoints 0, 6, -3, 3 and
+    beside them, at +-inf and NaN (g only: torch's slope at NaN differs between its vector
+    and scalar loops), and on random values. Bitwise for the piecewise ones; the smooth
+    ones' g' is our formula, torch's own backward may round differently."""
+    u = torch.cat([torch.tensor(_BREAKPOINTS, dtype=torch.float64), torch.randn(200, dtype=torch.float64) * 4])
+    u = u.to(dtype).requires_grad_()
+    y = activations.module_for(activation)(u)
+    (slope,) = torch.autograd.grad(y.sum(), u)
+    u = u.detach()
+    ours = activations.derivative(u, activation)
+    ours = torch.ones_like(u) if ours is None else ours
+    torch.testing.assert_close(activations.forward(u, activation), y.detach(), rtol=0, atol=0, equal_nan=True)
+    piecewise = activation in (None, "relu", "leaky_relu", "relu6", "hardswish")
+    kept = u.isfinite() if piecewise else u.abs() < 1e3  # the smooth ones' slope at +-1e30: NaN or 0
+    exact = dict(rtol=0, atol=0) if piecewise else {}
+    torch.testing.assert_close(ours[kept], slope[kept], equal_nan=True, **exact)
+
+
+@pytest.mark.parametrize("activation", ["relu6", "hardswish"])
+def test_piecewise_slopes_at_the_breakpoints_are_torchs_convention(activation):
+    """Stated outright: relu6' = 0 at 0 and 6; hardswish' = 0 at -3 and 1 at 3 (not the
+    middle piece's -1/2 and 3/2), 1/2 at 0."""
+    u = torch.tensor([-3.0, 0.0, 3.0, 6.0], dtype=torch.float64)
+    want = {"relu6": [0.0, 0.0, 1.0, 0.0], "hardswish": [0.0, 0.5, 1.0, 1.0]}[activation]
+    assert activations.derivative(u, activation).tolist() == want
 
 
 def test_gradgradcheck_piecewise_linear_activation():

@@ -11,6 +11,13 @@ For an activation g applied to u = z' (+ residual):
     tanh        g(u) = tanh(u)                    g'(u) = 1 - tanh(u)^2
     silu        g(u) = u sigmoid(u)               g'(u) = s (1 + u (1 - s)),  s = sigmoid(u)
     gelu        g(u) = u Phi(u)  (exact, erf)     g'(u) = Phi(u) + u phi(u)
+    relu6       g(u) = min(max(u, 0), 6)          g'(u) = [0 < u < 6]
+    hardswish   g(u) = u relu6(u + 3) / 6         g'(u) = 0 if u <= -3, 1 if u >= 3, else u / 3 + 1/2
+
+The two piecewise ones take torch's slopes at their breakpoints (relu6's hardtanh_backward
+and hardswish_backward): 0 at u = 0 and u = 6; 0 at u = -3 and 1 at u = 3 (where
+u / 3 + 1/2 would say -1/2 and 3/2). At a NaN u no slope is torch's (its vector and scalar
+loops give different ones); a NaN u comes from a NaN x, whose xhat makes dx NaN anyway.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-NAMES = (None, "relu", "leaky_relu", "sigmoid", "tanh", "silu", "gelu")
+NAMES = (None, "relu", "leaky_relu", "sigmoid", "tanh", "silu", "gelu", "relu6", "hardswish")
 
 LEAKY_SLOPE = 0.01
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
@@ -37,6 +44,8 @@ _MODULES: dict[type, str | None] = {
     nn.Tanh: "tanh",
     nn.SiLU: "silu",
     nn.GELU: "gelu",
+    nn.ReLU6: "relu6",  # a subclass of nn.Hardtanh: an nn.Hardtanh(0, 6) is not matched (type, not isinstance)
+    nn.Hardswish: "hardswish",
 }
 NOT_FUSABLE = "not fusable"  # what name_of_module says of any other module
 
@@ -84,6 +93,10 @@ def forward(u: Tensor, name: str | None) -> Tensor:
         return torch.nn.functional.silu(u)
     if name == "gelu":
         return torch.nn.functional.gelu(u)
+    if name == "relu6":
+        return torch.nn.functional.relu6(u)
+    if name == "hardswish":
+        return torch.nn.functional.hardswish(u)
     raise AssertionError(name)
 
 
@@ -112,4 +125,15 @@ def derivative(u: Tensor, name: str | None) -> Tensor | None:
         cdf = 0.5 * (1 + torch.erf(u * _INV_SQRT2))
         pdf = torch.exp(-0.5 * u * u) * _INV_SQRT_2PI
         return cdf + u * pdf
+    if name == "relu6":
+        return ((u > 0) & (u < 6)).to(u.dtype)
+    if name == "hardswish":
+        return _hardswish_slope(u)
     raise AssertionError(name)
+
+
+def _hardswish_slope(u: Tensor) -> Tensor:
+    """g'(u) = 0 for u <= -3, u / 3 + 1/2 for -3 < u < 3, 1 for u >= 3, as torch's
+    hardswish_backward; the middle piece stays differentiable (second derivative 1/3)."""
+    middle = torch.where(u < 3, u / 3 + 0.5, torch.ones_like(u))
+    return torch.where(u <= -3, torch.zeros_like(u), middle)

@@ -514,17 +514,19 @@ def test_every_compiled_case_has_its_own_cache_entry():
         for name in ("ncl_forward", "mc_forward", "ncl_backward", "mc_backward")
         for parallel in (True, False)
         for has_res in (True, False)
-        for kind in (numba_kernels.IDENTITY, numba_kernels.RELU, numba_kernels.SMOOTH)
+        for kind in numba_kernels.KINDS
     ]
     paths = {case._cache._cache_file._index_path for case in cases}
-    assert len(paths) == len(cases) == 48
+    assert len(paths) == len(cases) == 80
 
 
 def test_a_call_compiles_only_its_own_case():
-    """The activation's kind and the residual pick the compiled case: identity, ReLU and each
-    smooth activation with and without a residual (the smooth ones share one case)."""
+    """The activation's kind and the residual pick the compiled case: identity, ReLU, ReLU6,
+    Hardswish and each smooth activation with and without a residual (the smooth ones share
+    one case)."""
     pick = lambda code, has_res: numba_kernels.kernel("ncl_forward", 1 << 20, has_res, code)  # noqa: E731
     codes = range(len(activations.NAMES))
-    assert len({pick(code, has_res) for code in codes for has_res in (True, False)}) == 6
+    assert len({pick(code, has_res) for code in codes for has_res in (True, False)}) == 10
+    assert pick(activations.NAMES.index("relu6"), False) is not pick(activations.NAMES.index("hardswish"), False)
     assert pick(activations.NAMES.index("gelu"), False) is pick(activations.NAMES.index("sigmoid"), False)
     assert pick(activations.NAMES.index("relu"), False) is not pick(activations.NAMES.index("relu"), True)

@@ -157,3 +157,29 @@ def test_poison_fills_new_allocations_with_nan():
         t = torch.empty(3, 4)
         a = np.empty(5, dtype=np.float32)
     assert torch.isnan(t).all() and np.isnan(a).all()
+
+
+# u at each piecewise activation's breakpoints (and beside them), where the slope's convention
+# decides d = dy g'(u): relu's 0, relu6's 0 and 6, hardswish's -3 and 3.
+_BREAKS = [-7.0, -3.0001, -3.0, -2.9999, -1.0, -0.0, 0.0, 1e-7, 1.0, 2.9999, 3.0, 3.0001, 5.9999, 6.0, 6.0001, 9.0]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "relu6", "hardswish"])
+@pytest.mark.parametrize("view", ["ncl", "mc"])
+def test_piecewise_activations_at_their_breakpoints_are_torchs(name, dtype, activation, view):
+    """With mean 0, scale 1, shift 0, u = x exactly: y = g(x) and dx = dy g'(x) (evaluation:
+    mean_d = mean_d_xhat = 0) are torch's module and its autograd, bitwise, breakpoints included."""
+    u = torch.tensor(_BREAKS, dtype=dtype)
+    x = u.view(2, 1, -1).expand(2, 3, -1).contiguous() if view == "ncl" else u.view(-1, 1).expand(-1, 3).contiguous()
+    be = backend_or_skip(name, x)
+    dy = torch.linspace(0.5, 2.0, x.numel(), dtype=dtype).view(x.shape)
+    zeros, ones = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
+    leaf = x.clone().requires_grad_()
+    want_y = activations.module_for(activation)(leaf)
+    (want_dx,) = torch.autograd.grad(want_y, leaf, dy)
+    y = be.apply(x, zeros, ones, zeros, activation)
+    dx, _ = be.backward_apply(dy, x, zeros, ones, ones, zeros, zeros, zeros, activation)
+    torch.testing.assert_close(y, want_y.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(dx, want_dx, rtol=0, atol=0)

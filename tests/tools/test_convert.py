@@ -149,7 +149,7 @@ def test_timm_norm_act_layers_become_ours_with_the_activation_or_are_left_with_a
                                      "BatchNormAct does not; left as it is")]  # fmt: skip
     assert [type(m) for m in model] == [bn.BatchNormAct] * 3 + [bn.BatchNorm2d, BatchNormAct2d]
     assert [type(model[i].bn) for i in range(3)] == [bn.BatchNorm2d] * 3
-    assert [_fused(model[i]) for i in (0, 1, 2, 3)] == ["silu", activations.NOT_FUSABLE, "relu", None]
+    assert [_fused(model[i]) for i in (0, 1, 2, 3)] == ["silu", "hardswish", "relu", None]
     assert not model[2].bn.training and not model[2].bn.weight.requires_grad  # frozen, as timm's was
     assert model.state_dict().keys() == keys | {"2.num_batches_tracked"}  # a frozen-style layer has none
     _compare(model, ref, torch.randn(3, 4, 5, 5))
@@ -209,6 +209,30 @@ def test_fuse_functional_activations():
     fused, _ = convert(model, fuse=True)
     assert (_fused(fused.bn), _fused(fused.bn2)) == ("leaky_relu", "sigmoid")
     _compare(fused, ref, torch.randn(5, 4))
+
+
+def test_fuse_relu6_and_hardswish_but_not_hardtanh():
+    """MobileNet's activations: nn.ReLU6, F.relu6 (inplace given positionally), F.hardswish;
+    F.hardtanh(x, 0, 6) computes ReLU6 too but is not fused (only torch's own ReLU6 is)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.ModuleList(nn.Conv2d(3, 3, 1) for _ in range(4))
+            self.bns = nn.ModuleList(nn.BatchNorm2d(3) for _ in range(4))
+            self.act = nn.ReLU6(inplace=True)
+
+        def forward(self, x):
+            x = self.act(self.bns[0](self.convs[0](x)))
+            x = F.relu6(self.bns[1](self.convs[1](x)), True)
+            x = F.hardswish(self.bns[2](self.convs[2](x)))
+            return F.hardtanh(self.bns[3](self.convs[3](x)), 0.0, 6.0)
+
+    model = randomize(Net())
+    ref = copy.deepcopy(model)
+    fused, _ = convert(model, fuse=True)
+    assert [_fused(fused.get_submodule(f"bns.{i}")) for i in range(4)] == ["relu6", "relu6", "hardswish", None]
+    _compare(fused, ref, torch.randn(2, 3, 6, 6) * 4)
 
 
 def test_fuse_leaves_a_bn_whose_output_is_used_twice():

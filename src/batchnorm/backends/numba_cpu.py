@@ -196,8 +196,11 @@ class NumbaBackend(Backend):
     # The smooth activations cost a scalar libm call per value here (numba has no vector
     # math library on this build), so fused they are slower than torch's BN and vectorized
     # activation; our identity kernel then torch's activation is faster (docs/performance.md,
-    # "The `numba` backend (CPU)", Smooth activations are not fused).
-    fused_activations = (None, "relu")
+    # "The `numba` backend (CPU)", Smooth activations are not fused). The piecewise ones
+    # (ReLU, ReLU6, Hardswish) are compares, selects and multiplies in vector code: fused,
+    # they save the activation's own passes over memory (same section, the ReLU6 and
+    # Hardswish table).
+    fused_activations = (None, "relu", "relu6", "hardswish")
 
     def unavailable(self) -> str | None:
         return kernels.MISSING

@@ -3,7 +3,7 @@
 Two kernels per view, written once as Python functions and compiled, on first use, once per
 case: threads or not (without for inputs under `PARALLEL_NUMEL` elements: the same
 arithmetic, so the same bits), residual or not, and the activation's kind (identity, ReLU,
-or one of the smooth ones), each for the dtypes it meets (numba caches the machine code on
+ReLU6, Hardswish, or one of the smooth ones), each for the dtypes it meets (numba caches the machine code on
 disk). `kernel(name, size, has_res, code)` picks one.
 
 - forward: per-channel statistics (optional), then y = g((x - center) scale + shift + residual)
@@ -39,11 +39,12 @@ are bitwise the same with 1 or 2 threads):
 
 Compiled with `fastmath={"reassoc", "contract"}` only: LLVM vectorizes the sums and fuses
 multiply-adds, NaN and Inf still propagate. In a case's compiled kernel, the residual flag
-and the activation of identity and ReLU are constants (`_case_loop`): each loop compiles to
+and the activation of the piecewise kinds (identity, ReLU, ReLU6, Hardswish: compares,
+selects and multiplies, in x's dtype) are constants (`_case_loop`): each loop compiles to
 branch-free vector code with no call inside; the smooth activations share one loop and are
 computed in float64 and rounded once. `code` is the activation's index in
 activations.NAMES. Compiling per case is what keeps a first call short: a kernel holding
-all six cases compiles all of their loops, where a model needs two or three cases
+all ten cases compiles all of their loops, where a model needs two or three cases
 (docs/performance.md, "The `numba` backend (CPU)", Cases, has the compile times).
 """
 
@@ -102,12 +103,23 @@ _prange = range if numba is None else numba.prange
 
 # Activations (`activations.py` has the equations) ---------------------------------------
 @_jit(inline=True)
+def _relu6(u, f):
+    """min(max(u, 0), 6) in x's dtype `f`; NaN stays NaN (both tests are false for it)."""
+    r = u if not u <= 0 else f(0)
+    return r if not r >= 6 else f(6)
+
+
+@_jit(inline=True)
 def _act(u, code, f):
     """g(u) as dtype `f` for the activation `code` (index in activations.NAMES)."""
     if code == 0:
         return u
     if code == 1:
         return u if not u <= 0 else f(0)  # NaN stays NaN
+    if code == 7:
+        return _relu6(u, f)
+    if code == 8:
+        return u * _relu6(u + f(3), f) / f(6)  # in x's dtype, as torch's hardswish rounds it
     v = float(u)
     if code == 2:
         return u if not u <= 0 else f(v * activations.LEAKY_SLOPE)
@@ -127,6 +139,10 @@ def _grad(dy, u, code, f):
         return dy
     if code == 1:
         return dy if u > 0 else f(0)
+    if code == 7:  # torch's slopes at the breakpoints: 0 at u = 0 and u = 6
+        return dy if u > 0 and u < 6 else f(0)
+    if code == 8:  # 0 at u = -3 and 1 at u = 3, as torch's hardswish_backward
+        return f(0) if u <= -3 else (dy * (u / f(3) + f(0.5)) if u < 3 else dy)
     v = float(u)
     if code == 2:
         return dy if u > 0 else f(dy * activations.LEAKY_SLOPE)
@@ -159,14 +175,25 @@ def _dx(d, t, scale, invstd, xhat_shift, mean_d, mean_dxh):
     return scale * (d - mean_d - (t * invstd + xhat_shift) * mean_dxh)
 
 
-IDENTITY, RELU, SMOOTH = 0, 1, 2  # activation kinds; a kind's code is its index for the first two
-_KIND_NAMES = {IDENTITY: "identity", RELU: "relu", SMOOTH: "smooth"}
+# Activation kinds, each compiled as its own case. A kind is the code of an activation of
+# that kind: the piecewise ones (no libm call, so vector code like ReLU's) are each their
+# own kind, their code a constant in their case; the smooth ones (leaky_relu's float64 path
+# included) share SMOOTH, their code a run-time value there.
+IDENTITY, RELU, SMOOTH = 0, 1, 2
+RELU6, HARDSWISH = activations.NAMES.index("relu6"), activations.NAMES.index("hardswish")
+KINDS = (IDENTITY, RELU, SMOOTH, RELU6, HARDSWISH)
+_KIND_NAMES = {IDENTITY: "identity", RELU: "relu", SMOOTH: "smooth", RELU6: "relu6", HARDSWISH: "hardswish"}
+
+
+def kind_of(code: int) -> int:
+    """The kind (compiled case) of the activation `code`."""
+    return code if code in KINDS else SMOOTH
 
 
 @functools.cache
 def _case_loop(loop, has_res: bool, kind: int):
     """`loop(args, has_res, code)` (one of `_LOOPS`) compiled for one case: `has_res`, and the
-    code of identity or ReLU, are constants there (numba folds a closure's values), so its
+    code of a piecewise kind (identity, ReLU, ReLU6, Hardswish), are constants there (numba folds a closure's values), so its
     machine code holds that case's loop only; the smooth kinds keep `code` a run-time value.
     A function of its own, not inlined: the serial and the parallel kernel of a case share
     one compilation, and numba's parallel passes, slow on large loop bodies, see only a call.
@@ -613,4 +640,4 @@ def threaded(size: int) -> bool:
 def kernel(name: str, size: int, has_res: bool, code: int):
     """The compiled kernel for a call on `size` elements (`threaded` or not), the case of
     `has_res` and the activation `code`."""
-    return compiled(name, threaded(size), has_res, min(code, SMOOTH))
+    return compiled(name, threaded(size), has_res, kind_of(code))

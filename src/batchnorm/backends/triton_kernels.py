@@ -34,7 +34,8 @@ reductions, so the first tiles they re-read are the last ones the reduction read
 ones most likely still in L2.
 
 Activation codes are positions in `activations.NAMES`:
-0 none, 1 relu, 2 leaky_relu, 3 sigmoid, 4 tanh, 5 silu, 6 gelu (exact, erf).
+0 none, 1 relu, 2 leaky_relu, 3 sigmoid, 4 tanh, 5 silu, 6 gelu (exact, erf), 7 relu6,
+8 hardswish.
 All arithmetic is in the accumulation dtype, read from the workspace or per-channel
 pointer's element type (fp32, fp64 for fp64 input).
 """
@@ -81,7 +82,17 @@ def _activation(u, ACT: tl.constexpr, LEAKY: tl.constexpr):
         y = u * tl.sigmoid(u)
     elif ACT == 6:
         y = 0.5 * u * (1.0 + tl.erf(u * _INV_SQRT2))
+    elif ACT == 7:
+        y = _relu6(u)
+    elif ACT == 8:
+        y = u * _relu6(u + 3.0) / 6.0
     return y
+
+
+@triton.jit
+def _relu6(u):
+    """min(max(u, 0), 6), NaN kept (both tests are false for it, as in torch's clamp)."""
+    return tl.where(u <= 0, 0.0, tl.where(u >= 6, 6.0, u))
 
 
 @triton.jit
@@ -101,6 +112,12 @@ def _activation_slope(u, ACT: tl.constexpr, LEAKY: tl.constexpr):
     elif ACT == 5:
         s = tl.sigmoid(u)
         slope = s * (1.0 + u * (1.0 - s))
+    elif ACT == 7:
+        # torch's slopes at the breakpoints (activations.py): 0 at u = 0 and u = 6
+        slope = tl.where((u > 0) & (u < 6), 1.0, 0.0)
+    elif ACT == 8:
+        # 0 at u = -3, 1 at u = 3 (torch's hardswish_backward)
+        slope = tl.where(u <= -3, 0.0, tl.where(u < 3, u / 3.0 + 0.5, 1.0))
     else:
         cdf = 0.5 * (1.0 + tl.erf(u * _INV_SQRT2))
         slope = cdf + u * tl.exp(-0.5 * u * u) * _INV_SQRT_2PI

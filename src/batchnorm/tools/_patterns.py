@@ -303,18 +303,20 @@ _FUNCTIONS = {
     F.tanh: "tanh",
     F.silu: "silu",
     F.gelu: "gelu",
+    F.relu6: "relu6",
+    F.hardswish: "hardswish",
 }
 _METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh", "tanh_": "tanh"}
 
 # Other activations: not fusable (LeakyReLU and GELU with other arguments than ours), but
 # still "an activation" for `insert`.
 _OTHER_MODULES = (
-    nn.LeakyReLU, nn.GELU, nn.ELU, nn.CELU, nn.SELU, nn.GLU, nn.Hardtanh, nn.ReLU6, nn.PReLU, nn.RReLU, nn.Softplus,
-    nn.Softsign, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid, nn.Tanhshrink,
+    nn.LeakyReLU, nn.GELU, nn.ELU, nn.CELU, nn.SELU, nn.GLU, nn.Hardtanh, nn.PReLU, nn.RReLU, nn.Softplus,
+    nn.Softsign, nn.Mish, nn.Hardsigmoid, nn.LogSigmoid, nn.Tanhshrink,
 )  # fmt: skip
 _OTHER_FUNCTIONS = (
-    F.elu, F.celu, F.selu, F.glu, F.hardtanh, F.relu6, F.prelu, F.rrelu, F.softplus,
-    F.softsign, F.mish, F.hardswish, F.hardsigmoid, F.logsigmoid, F.tanhshrink,
+    F.elu, F.celu, F.selu, F.glu, F.hardtanh, F.prelu, F.rrelu, F.softplus,
+    F.softsign, F.mish, F.hardsigmoid, F.logsigmoid, F.tanhshrink,
 )  # fmt: skip
 
 
@@ -333,8 +335,8 @@ def activation_name(c: Consumer) -> str | None:
         return name if math.isclose(slope, activations.LEAKY_SLOPE) and len(c.args) <= 2 and not extra else None
     if name == "gelu":
         return name if extra.pop("approximate", "none") == "none" and not c.args and not extra else None
-    if name == "relu" and c.args in ((False,), (True,)) and not extra:
-        return name  # F.relu(x, inplace) written positionally
+    if name in ("relu", "relu6", "hardswish") and c.args in ((False,), (True,)) and not extra:
+        return name  # F.relu(x, inplace) written positionally (F.relu6, F.hardswish alike)
     return name if not c.args and not extra else None
 
 
