@@ -56,7 +56,12 @@ SPEEDUPS = (
     ("ours_compiled_vs_torch_eager", "torch eager", "ours compiled"),
 )
 #: model name -> (constructor, input height = width, classes)
-MODELS = {"resnet20": (models.resnet20, 32, 10), "resnet50": (models.resnet50, 224, 1000)}
+MODELS = {
+    "resnet20": (models.resnet20, 32, 10),
+    "resnet18": (models.resnet18, 64, 1000),
+    "mobilenet_v2": (models.mobilenet_v2, 64, 1000),
+    "resnet50": (models.resnet50, 224, 1000),
+}
 FORMATS = ("contiguous", "channels_last")
 #: Steps each arm runs alone before the rounds. Two, so that a recompilation triggered by
 #: the first step's side effects (buffers updated, a guard failing) is also out of the timing.
@@ -67,11 +72,15 @@ ERROR_CHARS = 500  # of an error message kept in the JSON; dynamo's run to pages
 
 
 def configurations(device: str, quick: bool) -> list[dict]:
-    """The grid: CIFAR ResNet-20 fp32 at batch 64 and 128 in both memory formats; on CUDA
-    also ResNet-50 at batch 128, channels_last, bf16 autocast. Quick: ResNet-20 at batch 8."""
-    batches = (8,) if quick else (64, 128)
-    grid = [dict(model="resnet20", batch=b, format=f, dtype="fp32") for b in batches for f in FORMATS]
-    if device == "cuda" and not quick:
+    """The grid, fp32 in both memory formats: CIFAR ResNet-20 at batch 64 and 128, ResNet-18
+    and MobileNetV2 (where batch norm and its activation weigh most) at batch 32 on 64x64
+    images; on CUDA also ResNet-50 at batch 128, channels_last, bf16 autocast. Quick:
+    ResNet-20 at batch 8."""
+    if quick:
+        return [dict(model="resnet20", batch=8, format=f, dtype="fp32") for f in FORMATS]
+    sizes = (("resnet20", 64), ("resnet20", 128), ("resnet18", 32), ("mobilenet_v2", 32))
+    grid = [dict(model=m, batch=b, format=f, dtype="fp32") for m, b in sizes for f in FORMATS]
+    if device == "cuda":
         grid.append(dict(model="resnet50", batch=128, format="channels_last", dtype="bf16"))
     return grid
 

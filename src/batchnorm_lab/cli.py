@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .bench import bench_app
 from .bench_accuracy import accuracy_command
 from .bench_memory import memory_command
+from .bench_step import step_command
 from .bench_train import train_bench_command
 from .experiment_commands import demo_command, list_command, report_command, run_command
 from batchnorm.tools import health
@@ -149,6 +150,7 @@ def check_command(
 bench_app.command("train")(train_bench_command)
 bench_app.command("accuracy")(accuracy_command)
 bench_app.command("memory")(memory_command)
+bench_app.command("step")(step_command)
 app.add_typer(bench_app, name="bench")
 app.command("check")(check_command)
 app.command("train")(train_command)

@@ -19,7 +19,16 @@ not a dependency, so the two models are written out here.
   stages of 3 / 4 / 6 / 3 blocks at widths 64 / 128 / 256 / 512 with 4x expansion, the
   stride on the 3x3 conv). Input (N, 3, 224, 224), output (N, num_classes).
 
-The shortcut downsamples with a 1x1 conv + BN (torchvision's option B) in both; the
+- `resnet18()`: torchvision's ResNet-18 layout (the ResNet-50 stem, basic-block stages of
+  2 / 2 / 2 / 2 blocks at widths 64 / 128 / 256 / 512). Input (N, 3, H, W), any H, W >= 32.
+- `mobilenet_v2()`: MobileNetV2 (Sandler et al. 2018, Table 2): a 3x3 stride-2 stem of 32
+  channels, 17 inverted residual blocks (1x1 expansion by t, 3x3 depthwise, 1x1 linear
+  projection; a residual add where stride 1 keeps the width), a 1x1 conv to 1280 channels,
+  global average pooling and a linear layer; batch norm after every convolution (52) and
+  ReLU6 after all but the projections. The network where batch norm and its activation
+  are the largest share of a step: the depthwise convolutions do little arithmetic.
+
+The shortcut downsamples with a 1x1 conv + BN (torchvision's option B) in the ResNets; the
 CIFAR paper's ResNet-20 uses zero-padding instead, which has no BN to convert.
 """
 
@@ -211,6 +220,62 @@ def resnet20(num_classes: int = 10) -> ResNet:
     return ResNet(BasicBlock, [3, 3, 3], [16, 32, 64], "cifar", num_classes)
 
 
+def resnet18(num_classes: int = 1000) -> ResNet:
+    """ResNet-18, torchvision's layout: (N, 3, H, W) -> (N, num_classes); 20 batch norms, 11.7 M parameters."""
+    return ResNet(BasicBlock, [2, 2, 2, 2], [64, 128, 256, 512], "imagenet", num_classes)
+
+
 def resnet50(num_classes: int = 1000) -> ResNet:
     """ResNet-50, torchvision's layout: (N, 3, 224, 224) -> (N, num_classes); 53 batch norms, 25.6 M parameters."""
     return ResNet(Bottleneck, [3, 4, 6, 3], [64, 128, 256, 512], "imagenet", num_classes)
+
+
+def _conv_bn_relu6(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    """conv (no bias: batch norm's beta replaces it) -> BN -> ReLU6, "same" padding."""
+    conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: (N, cin, H, W) -> (N, cout, H / stride, W / stride).
+
+    1x1 expansion to `expand` * cin channels (left out when expand is 1), 3x3 depthwise
+    convolution with the stride, 1x1 linear projection (batch norm, no activation); x is
+    added back when the block keeps the shape.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        layers = [] if expand == 1 else [_conv_bn_relu6(cin, hidden)]
+        layers += [
+            _conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv(x)
+        return x + out if self.residual else out
+
+
+# (expansion t, output channels c, blocks n, stride of the first block s): the paper's Table 2.
+_MOBILENET_V2 = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+def mobilenet_v2(num_classes: int = 1000) -> nn.Sequential:
+    """MobileNetV2 (width 1.0): (N, 3, H, W) -> (N, num_classes); 52 batch norms, 3.5 M parameters."""
+    layers: list[nn.Module] = [_conv_bn_relu6(3, 32, 3, 2)]
+    cin = 32
+    for expand, cout, n, stride in _MOBILENET_V2:
+        for i in range(n):
+            layers.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
+            cin = cout
+    layers += [_conv_bn_relu6(cin, 1280), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1280, num_classes)]
+    model = nn.Sequential(*layers)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+    return model

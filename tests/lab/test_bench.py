@@ -198,15 +198,23 @@ def test_train_speedups_are_time_quotients():
 
 def test_train_grid_and_models():
     cpu, cuda = bench_train.configurations("cpu", False), bench_train.configurations("cuda", False)
-    assert {(r["batch"], r["format"]) for r in cpu} == {(b, f) for b in (64, 128) for f in bench_train.FORMATS}
-    assert all(r["model"] == "resnet20" and r["dtype"] == "fp32" for r in cpu)
+    expected = [("resnet20", 64), ("resnet20", 128), ("resnet18", 32), ("mobilenet_v2", 32)]
+    assert [(r["model"], r["batch"], r["format"]) for r in cpu] == [
+        (m, b, f) for m, b in expected for f in bench_train.FORMATS
+    ]
+    assert all(r["dtype"] == "fp32" for r in cpu)
     assert cuda[: len(cpu)] == cpu
     assert cuda[len(cpu):] == [dict(model="resnet50", batch=128, format="channels_last", dtype="bf16")]
-    r20, r50 = models.resnet20(), models.resnet50()
-    # parameter counts of the reference models (torchvision's resnet50: 25,557,032)
+    r20, r18, mnv2, r50 = models.resnet20(), models.resnet18(), models.mobilenet_v2(), models.resnet50()
+    # parameter counts of the reference models (torchvision's: resnet18 11,689,512,
+    # mobilenet_v2 3,504,872, resnet50 25,557,032)
     assert sum(p.numel() for p in r20.parameters()) == 272_474
+    assert sum(p.numel() for p in r18.parameters()) == 11_689_512
+    assert sum(p.numel() for p in mnv2.parameters()) == 3_504_872
     assert sum(p.numel() for p in r50.parameters()) == 25_557_032
-    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in r50.modules()) == 53
+    bns = [sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) for net in (r18, mnv2, r50)]
+    assert bns == [20, 52, 53]
+    assert mnv2(torch.randn(2, 3, 64, 64)).shape == r18(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
     assert r20(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
