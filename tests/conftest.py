@@ -23,3 +23,65 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# Compiling the numba backend's kernels is most of what a first run of the suite costs: 48
+# cases (dtype, rank, threads, residual, activation kind: numba_kernels.compiled), about 8 s
+# each on one core, 6.3 min of CPU, compiled one after another at first use in one process.
+# When the whole suite (or its fast tier) runs, i.e. pytest is given no paths, they are
+# compiled first into numba's cache by a few processes side by side, and each test (and each
+# xdist worker) loads them from there: on a warm cache this costs the processes' start
+# (about 4 s). BATCHNORM_TEST_PRECOMPILE=0 turns it off.
+_PRECOMPILE = """
+import sys
+import torch
+from batchnorm.backends import numba_cpu
+for case in sys.argv[1:]:
+    dtype, ndim, threads, has_res, code = case.split(",")
+    numba_cpu._compile_case(numba_cpu.Case(getattr(torch, dtype), int(ndim), threads == "1", has_res == "1", int(code)))
+"""
+
+
+def _numba_cases() -> list[str]:
+    """Every compiled case as "dtype,ndim,threads,has_res,code" (codes 0, 1, 2: identity, ReLU,
+    and one of the smooth activations, which share a kernel)."""
+    import itertools
+
+    from batchnorm.backends import numba_kernels
+
+    if numba_kernels.MISSING:
+        return []
+    kinds = (numba_kernels.IDENTITY, numba_kernels.RELU, numba_kernels.SMOOTH)
+    return [
+        f"{dtype},{ndim},{int(threads)},{int(res)},{kind}"
+        for dtype, ndim, threads, res, kind in itertools.product(
+            ("float32", "float64"), (3, 2), (False, True), (False, True), kinds
+        )
+    ]
+
+
+def pytest_sessionstart(session):
+    config = session.config
+    if hasattr(config, "workerinput") or os.environ.get("BATCHNORM_TEST_PRECOMPILE", "1") == "0":
+        return  # an xdist worker: the controller compiled them
+    if config.args_source != config.ArgsSource.TESTPATHS or config.option.collectonly:
+        return  # paths given: a few tests, which compile what they use
+    import subprocess
+    import sys
+    import time
+
+    cases = _numba_cases()
+    procs = max(1, min(4, os.cpu_count() or 1))
+    start = time.perf_counter()
+    running = [
+        subprocess.Popen([sys.executable, "-c", _PRECOMPILE, *cases[i::procs]], stderr=subprocess.PIPE, text=True)
+        for i in range(procs)
+        if cases[i::procs]
+    ]
+    failed = [err for proc in running for _, err in [proc.communicate()] if proc.returncode != 0]
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:  # on failure the tests compile in-process and fail with the error themselves
+        reporter.write_line(
+            f"numba kernels: {len(cases)} cases compiled or loaded in {time.perf_counter() - start:.1f} s "
+            f"by {len(running)} processes" + "".join(f"; one failed: {err[-2000:]}" for err in failed)
+        )
