@@ -1,5 +1,6 @@
 # The two set-up commands of the README: `make demo` and `make test` (every test, what CI
-# runs); `make check` is the fast tier for the edit loop: the tests not marked `slow`.
+# runs, on as many pytest-xdist workers as cores); `make check` is the fast tier for the edit
+# loop: the tests not marked `slow`.
 # Each creates .venv on first use and installs the package with torch pinned
 # (constraints.txt: the CPU build of torch 2.13.0; anything else pulls CUDA wheels) and
 # its `dev` extra, which includes the `experiments` extra that the command line needs.
@@ -23,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/batchnorm demo
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto
 
 check: $(STAMP)
 	$(PY) -m pytest -m "not slow"
