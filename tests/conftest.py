@@ -25,33 +25,32 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-# Compiling the numba backend's kernels is most of what a first run of the suite costs: 48
-# cases (dtype, rank, threads, residual, activation kind: numba_kernels.compiled), about 8 s
-# each on one core, 6.3 min of CPU, compiled one after another at first use in one process.
+# Compiling the numba backend's kernels is most of what a first run of the suite costs: a
+# case per dtype, rank, threads, residual and activation kind (numba_kernels.compiled), each
+# seconds of one core, compiled one after another at first use in one process.
 # When the whole suite (or its fast tier) runs, i.e. pytest is given no paths, they are
 # compiled first into numba's cache by a few processes side by side, and each test (and each
 # xdist worker) loads them from there: on a warm cache this costs the processes' start
 # (about 4 s). BATCHNORM_TEST_PRECOMPILE=0 turns it off.
 _PRECOMPILE = """
 import sys
-import torch
 from batchnorm.backends import numba_cpu
 for case in sys.argv[1:]:
     dtype, ndim, threads, has_res, code = case.split(",")
-    numba_cpu._compile_case(numba_cpu.Case(getattr(torch, dtype), int(ndim), threads == "1", has_res == "1", int(code)))
+    numba_cpu.compile_case(dtype, int(ndim), threads == "1", has_res == "1", int(code))
 """
 
 
 def _numba_cases() -> list[str]:
-    """Every compiled case as "dtype,ndim,threads,has_res,code" (codes 0, 1, 2: identity, ReLU,
-    and one of the smooth activations, which share a kernel)."""
+    """Every compiled case as "dtype,ndim,threads,has_res,code" (a code per activation kind:
+    numba_kernels.KINDS; the smooth activations share one)."""
     import itertools
 
     from batchnorm.backends import numba_kernels
 
     if numba_kernels.MISSING:
         return []
-    kinds = (numba_kernels.IDENTITY, numba_kernels.RELU, numba_kernels.SMOOTH)
+    kinds = numba_kernels.KINDS
     return [
         f"{dtype},{ndim},{int(threads)},{int(res)},{kind}"
         for dtype, ndim, threads, res, kind in itertools.product(

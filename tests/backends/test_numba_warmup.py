@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 
@@ -35,7 +36,8 @@ _FIRST_STEPS = textwrap.dedent(
         y_torch = torch.relu(theirs(x))
     print(before, after, ours.bn.num_batches_tracked.item(),
           float((ys[0] - y_torch).abs().max()), float((y_numba - y_torch).abs().max()),
-          float((ours.bn.running_var - theirs.running_var).abs().max()))
+          float((ours.bn.running_var - theirs.running_var).abs().max()),
+          numba_warmup._HELPER._process is not None)
     """
 )
 
@@ -45,8 +47,8 @@ def test_first_calls_run_torchs_kernel_until_numba_has_compiled(tmp_path):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), BATCHNORM_COMPILE="background")
     done = subprocess.run([sys.executable, "-c", _FIRST_STEPS], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    before, after, count, first_error, numba_error, running_error = done.stdout.split()
-    assert (before, after) == ("aten", "numba")
+    before, after, count, first_error, numba_error, running_error, helper = done.stdout.split()
+    assert (before, after) == ("aten", "numba") and helper == "True"  # compiled by the helper process
     assert int(count) == 4  # every call folded in once, on either side of the swap
     assert float(first_error) < 1e-5 and float(numba_error) < 1e-5 and float(running_error) < 1e-6
 
@@ -67,3 +69,24 @@ def test_a_bad_mode_is_named(monkeypatch):
     monkeypatch.setenv(numba_warmup.ENV_VAR, "eager")
     with pytest.raises(ValueError, match="BATCHNORM_COMPILE must be"):
         numba_warmup.ready(("test", "mode"), lambda: None)
+
+
+@pytest.mark.slow
+def test_the_helper_process_runs_each_request_and_reports_failures():
+    """A request names a function by module and name; a failure is reported back (the thread
+    then compiles in this process) and the helper goes on serving."""
+    from batchnorm.backends import numba_warmup
+
+    helper = numba_warmup._Helper()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "ok": nothing to say
+            helper.run(("math", "sqrt", [4.0]))
+        with pytest.warns(RuntimeWarning, match="compile helper failed.*TypeError"):
+            helper.run(("math", "sqrt", ["four"]))
+        helper.run(("math", "sqrt", [9.0]))
+        assert helper._process.poll() is None  # still serving
+    finally:
+        helper._process.stdin.close()
+        helper._process.wait(timeout=60)
+    assert helper._process.returncode == 0

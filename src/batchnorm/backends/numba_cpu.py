@@ -174,6 +174,12 @@ class Case(NamedTuple):
     code: int
 
 
+def compile_case(dtype: str, ndim: int, threads: bool, has_res: bool, code: int) -> None:
+    """`_compile_case` from plain values (what numba_warmup's helper process, and the test
+    suite's precompile, pass)."""
+    _compile_case(Case(getattr(torch, dtype), ndim, threads, has_res, code))
+
+
 def _compile_case(case: Case) -> None:
     """Compile (or load from numba's cache) a case's forward and backward kernels by running
     them on a tiny input of its dtype and rank (numba compiles for argument types, not sizes)."""
@@ -234,7 +240,8 @@ class NumbaBackend(Backend):
         code = _ACT_CODE[activation if activation in self.fused_activations else None]
         ndim = 3 if layout.kind_of(x) == "ncl" else 2
         case = Case(x.dtype, ndim, kernels.threaded(x.numel()), has_residual, code)
-        return numba_warmup.ready(case, lambda: _compile_case(case))
+        ahead = (__name__, "compile_case", [str(x.dtype).removeprefix("torch."), *case[1:]])
+        return numba_warmup.ready(case, lambda: _compile_case(case), ahead)
 
     def takes_plain_evaluation(self, x: Tensor) -> bool:
         """Plain evaluation is one affine pass with nothing to fuse: below _HUGE_BYTES torch's

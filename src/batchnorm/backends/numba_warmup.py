@@ -1,11 +1,22 @@
 """numba compiles each kernel case on its first use (seconds each); no call should wait for it.
 
 Under `backend="auto"`, a call whose numba kernels are not compiled yet in this process
-runs torch's own kernel instead, and the kernels are compiled (or loaded from numba's
-on-disk cache) in a background thread; later calls take numba once they are ready. Both
-give the same results up to fp32 rounding and follow the same running-statistics rule, so
-the swap is invisible to a training run. A backend named explicitly (`backend="numba"`) and
-a traced call compile at once, as before: the caller asked for those kernels.
+runs torch's kernel instead, and the kernels are compiled (or loaded from numba's on-disk
+cache) in the background; later calls take numba once they are ready. Both give the same
+results up to fp32 rounding and follow the same running-statistics rule, so the swap is
+invisible to a training run. A backend named explicitly (`backend="numba"`) and a traced
+call compile at once, as before: the caller asked for those kernels.
+
+Where the background is: numba's compiler is Python code, which holds the interpreter lock
+while it runs, and it takes a core from torch's own threads, which slow down far more than
+in proportion when one of them waits for a core. A case that says how to compile it
+elsewhere (`ahead`) is compiled instead in a helper process (one per process that needs it,
+started at the first such case) at a lower scheduling priority (`HELPER_NICENESS`), which
+writes the machine code to numba's disk cache; this process then only loads it from there.
+So the training steps keep torch's speed, and the kernels arrive when the machine has a
+core to spare (on a machine kept busy, later; and a later process finds them on disk).
+docs/performance.md (the numba backend, "Cases") has the measurements. Anything else
+compiles in a thread.
 
 The environment variable BATCHNORM_COMPILE chooses: "background" (the default) or
 "blocking" (compile at the first call that needs a kernel, the old behaviour, which the test
@@ -15,12 +26,19 @@ so far has finished (for benchmarks that must time the kernels themselves).
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
+import subprocess
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Hashable
 
 ENV_VAR = "BATCHNORM_COMPILE"
+# The helper process's niceness: low enough that torch's threads keep their cores while the
+# training loop runs (docs/performance.md, the numba backend's "Cases" has the trade-off).
+HELPER_NICENESS = 10
 
 _ready: set[Hashable] = set()
 _running: dict[Hashable, threading.Thread] = {}
@@ -35,10 +53,14 @@ def blocking() -> bool:
     return mode == "blocking"
 
 
-def ready(key: Hashable, compile: Callable[[], None]) -> bool:
-    """Whether the kernels named by `key` are compiled in this process. If not, `compile` (which
-    compiles them) starts in a background thread, once per key, and the answer is False until
-    it has finished; with BATCHNORM_COMPILE=blocking it runs here and the answer is True."""
+def ready(key: Hashable, compile: Callable[[], None], ahead: tuple[str, str, list] | None = None) -> bool:
+    """Whether the kernels named by `key` are compiled in this process. If not, they are
+    compiled in the background, once per key, and the answer is False until they are; with
+    BATCHNORM_COMPILE=blocking `compile` runs here and the answer is True.
+
+    compile: compiles the kernels in this process (or loads them from numba's disk cache).
+    ahead: (module, function, JSON-able arguments) whose call compiles the same kernels in
+        another process, into the disk cache; None: a thread runs `compile`."""
     if key in _ready:
         return True
     if blocking():
@@ -47,14 +69,18 @@ def ready(key: Hashable, compile: Callable[[], None]) -> bool:
         return True
     with _lock:
         if key not in _running:
-            thread = threading.Thread(target=_compile, args=(key, compile), name=f"batchnorm-compile-{key}", daemon=True)
+            thread = threading.Thread(
+                target=_compile, args=(key, compile, ahead), name=f"batchnorm-compile-{key}", daemon=True
+            )
             _running[key] = thread
             thread.start()
     return False
 
 
-def _compile(key: Hashable, compile: Callable[[], None]) -> None:
+def _compile(key: Hashable, compile: Callable[[], None], ahead: tuple[str, str, list] | None) -> None:
     try:
+        if ahead is not None:
+            _HELPER.run(ahead)  # then `compile` below loads what it wrote to the disk cache
         compile()
     except Exception as error:  # noqa: BLE001 - a kernel that cannot compile leaves torch's kernel in use
         warnings.warn(f"batchnorm: compiling the numba kernels for {key} failed ({error!r}); torch's kernel "
@@ -67,3 +93,62 @@ def wait(timeout: float | None = None) -> None:
     """Block until every compilation started so far has finished."""
     for thread in list(_running.values()):
         thread.join(timeout)
+
+
+class _Helper:
+    """The helper process: one JSON request per line on its stdin, (module, function, args),
+    answered by one line on its stdout, "ok" or the error. Requests are served one at a time
+    (a lock), in the order the threads ask. A failed helper (it could not start, or died) is
+    not retried: the threads' `compile` then compiles in this process."""
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def run(self, request: tuple[str, str, list]) -> None:
+        with self._lock:
+            try:
+                process = self._start()
+                process.stdin.write(json.dumps(request) + "\n")
+                process.stdin.flush()
+                answer = process.stdout.readline().strip()
+            except OSError as error:
+                answer = f"helper process unavailable: {error!r}"
+        if answer != "ok":
+            warnings.warn(f"batchnorm: the numba compile helper failed ({answer or 'it exited'}); "
+                          "compiling in this process", RuntimeWarning, stacklevel=1)  # fmt: skip
+
+    def _start(self) -> subprocess.Popen:
+        if self._process is None:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", f"import {__name__} as helper; helper._serve()"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                text=True, preexec_fn=lambda: os.nice(HELPER_NICENESS),
+            )  # fmt: skip
+        return self._process
+
+    def forget(self) -> None:
+        """In a forked child: the parent's helper and lock are the parent's."""
+        self._process, self._lock = None, threading.Lock()
+
+
+_HELPER = _Helper()
+os.register_at_fork(after_in_child=_HELPER.forget)
+
+
+def _serve() -> None:
+    """The helper's loop: compile what each request names until stdin closes (the parent
+    exited). Only the answers go to stdout."""
+    answers, sys.stdout = sys.stdout, sys.stderr
+    for line in sys.stdin:
+        module, function, args = json.loads(line)
+        try:
+            getattr(importlib.import_module(module), function)(*args)
+            answer = "ok"
+        except Exception as error:  # noqa: BLE001 - reported to the parent, which compiles itself
+            answer = repr(error).replace("\n", " ")
+        try:
+            answers.write(answer + "\n")
+            answers.flush()
+        except BrokenPipeError:  # the parent exited meanwhile; what was compiled is on disk
+            return
