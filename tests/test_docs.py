@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "docs" / "bench"
 # Rendered from their JSON by the bench commands, never by hand: checked against it below.
 # (results.md is written by hand from the experiments' runs, so its quotes are checked too.)
-GENERATED = {"benchmarks.md", "bench-train.md", "bench-compile.md"}
+GENERATED = {"benchmarks.md", "bench-train.md", "bench-compile.md", "bench-accuracy.md", "bench-step.md"}
 PROSE = [ROOT / "README.md", *(p for p in sorted((ROOT / "docs").glob("*.md")) if p.name not in GENERATED)]
 
 QUOTE = re.compile(
@@ -99,6 +99,8 @@ def _machine_lists(text: str) -> str:
         ("benchmarks.md", "kernels-cpu", "batchnorm_lab.bench:render"),
         ("bench-train.md", "train-cpu", "batchnorm_lab.bench_train:render"),
         ("bench-compile.md", "compile-cpu", "batchnorm_lab.bench:render_compile_crossover"),
+        ("bench-accuracy.md", "accuracy", "batchnorm_lab.bench_accuracy:render"),
+        ("bench-step.md", "step-cpu", "batchnorm_lab.bench_step:render"),
     ],
 )
 def test_each_generated_page_is_its_json_rendered(page, source, render):
