@@ -172,16 +172,6 @@ def _batch_statistics(x, eps, running_mean, running_var, momentum, num_batches_t
         return batch.mean, torch.rsqrt(batch.var + eps)
 
 
-def _per_channel(t: Tensor, like: Tensor) -> Tensor:
-    """A (C,) vector shaped (1, C, 1, ...) to broadcast against (N, C, *) `like`."""
-    return t.view((1, -1) + (1,) * (like.dim() - 2))
-
-
-def _reduce_dims(x: Tensor) -> tuple[int, ...]:
-    """Every dimension of (N, C, *) but C."""
-    return (0, *range(2, x.dim()))
-
-
 def effective_affine(weight: Tensor | None, bias: Tensor | None, eps: float, like: Tensor) -> tuple[Tensor, Tensor]:
     """(gamma', beta), (C,) in `like`'s dtype: gamma' = |gamma| + eps (1 without a weight), never 0,
     so that the affine map can be inverted; beta = 0 without a bias."""
@@ -205,8 +195,8 @@ class InPlaceABNFunction(torch.autograd.Function):
         out = x if inplace else torch.empty_like(x)
         # the mean is subtracted first, never folded into the shift (reference.py: precision
         # for a channel with a large mean and a small spread)
-        torch.sub(x, _per_channel(mean, x), out=out)
-        out.mul_(_per_channel(gamma * invstd, x)).add_(_per_channel(beta, x))
+        torch.sub(x, layout.per_channel(mean, x), out=out)
+        out.mul_(layout.per_channel(gamma * invstd, x)).add_(layout.per_channel(beta, x))
         if slope is not None:
             torch.nn.functional.leaky_relu_(out, slope)
         return out
@@ -228,7 +218,7 @@ class InPlaceABNFunction(torch.autograd.Function):
         gamma, beta = effective_affine(weight, bias, ctx.eps, invstd)
         xhat = reconstruct_xhat(y, gamma, beta, ctx.slope)
         d = _grad_before_activation(dy, y, ctx.slope, invstd.dtype)
-        dims = _reduce_dims(y)
+        dims = layout.reduce_dims(y)
         sum_d, sum_d_xhat = d.sum(dims), (d * xhat).sum(dims)
         dx = _input_grad(d, xhat, sum_d, sum_d_xhat, gamma * invstd, ctx.batch_stats).to(y.dtype) if need_x else None
         dweight = dbias = None
@@ -246,7 +236,7 @@ def reconstruct_xhat(y: Tensor, gamma: Tensor, beta: Tensor, slope: float | None
 
     act^-1 of the leaky ReLU: y where y > 0, y / slope elsewhere (a slope > 0 keeps the sign)."""
     z = y if slope is None else torch.where(y > 0, y, y / slope)
-    return torch.sub(z, _per_channel(beta, y)).div_(_per_channel(gamma, y))
+    return torch.sub(z, layout.per_channel(beta, y)).div_(layout.per_channel(gamma, y))
 
 
 def _grad_before_activation(dy: Tensor, y: Tensor, slope: float | None, acc: torch.dtype) -> Tensor:
@@ -260,10 +250,10 @@ def _input_grad(d, xhat, sum_d, sum_d_xhat, scale, batch_stats) -> Tensor:
     """dx = scale * (d - mean(d) - xhat * mean(d * xhat)); scale * d in evaluation. `xhat` is
     this backward's own buffer and is overwritten."""
     if not batch_stats:
-        return d * _per_channel(scale, d)
+        return d * layout.per_channel(scale, d)
     n = layout.values_per_channel(d)
-    correction = xhat.mul_(_per_channel(sum_d_xhat / n, d)).add_(_per_channel(sum_d / n, d))
-    return (d - correction).mul_(_per_channel(scale, d))
+    correction = xhat.mul_(layout.per_channel(sum_d_xhat / n, d)).add_(layout.per_channel(sum_d / n, d))
+    return (d - correction).mul_(layout.per_channel(scale, d))
 
 
 class InPlaceABN(nn.Module):

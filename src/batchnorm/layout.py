@@ -91,13 +91,14 @@ def empty_output(x: Tensor) -> Tensor:
 
 
 def reduce_dims(v: Tensor) -> tuple[int, ...]:
-    """The dimensions a per-channel reduction runs over in a canonical view."""
-    return (0, 2) if v.dim() == 3 else (0,)
+    """The dimensions a per-channel reduction runs over in `v`, (N, C, *): every one but C
+    ((0, 2) for the canonical (N, C, L) view, (0,) for (M, C))."""
+    return (0, *range(2, v.dim()))
 
 
 def per_channel(t: Tensor, v: Tensor) -> Tensor:
-    """A per-channel vector `(C,)` shaped to broadcast against the canonical view `v`."""
-    return t.view(1, -1, 1) if v.dim() == 3 else t.view(1, -1)
+    """A per-channel vector `(C,)` shaped (1, C, 1, ...) to broadcast against `v`, (N, C, *)."""
+    return t.view((1, -1) + (1,) * (v.dim() - 2))
 
 
 def values_per_channel(x: Tensor) -> int:

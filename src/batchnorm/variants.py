@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import activations
+from . import activations, layout
 from .channel_params import acc_dtype
 from .stats import Stats
 
@@ -117,7 +117,7 @@ def _mask_like(x: Tensor, mask: Tensor) -> Tensor:
 def masked_stats(x: Tensor, mask: Tensor | None) -> Stats:
     """(count, mean, m2) over the valid positions only (every position when mask is None);
     differentiable in x."""
-    dims = (0, *range(2, x.dim()))
+    dims = layout.reduce_dims(x)
     shape = (1, -1) + (1,) * (x.dim() - 2)
     if mask is None:
         xa = x.to(acc_dtype(x.dtype))
