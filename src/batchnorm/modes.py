@@ -2,7 +2,7 @@
 
 The fast kernels read tensor memory directly (numpy views, raw pointers), and the eager
 autograd Functions keep Python state: neither can run on the tensors torch passes while it
-traces or transforms a function. `traced()` is true for all of those:
+traces or transforms a function. `Mode.traced` is true for all of those:
 
 - torch.compile and torch.export (Dynamo traces with fake tensors);
 - torch.func transforms (grad, vmap, jvp, jacrev, functional_call inside them), whose
@@ -11,14 +11,14 @@ traces or transforms a function. `traced()` is true for all of those:
 A traced call takes only ops a graph can hold (ops.py says which), so that every feature
 works the same at every input size.
 
-`recomputing()` tells a forward that activation checkpointing (torch.utils.checkpoint, either
+`Mode.recomputing` tells a forward that activation checkpointing (torch.utils.checkpoint, either
 mode) runs again during backward, which must not fold its batch into the running statistics
 a second time.
 
 `current()` asks all of it at once, as a `Mode`: `functional.batch_norm` asks once per call
 and hands the answer down (the backends' choice, the op layer, the running update), so that
-no layer below decides it again. The functions below serve code reached without a call's
-Mode (the custom ops' bodies, the tools).
+no layer below decides it again. `compiling()` and `recomputing()` serve code reached
+without a call's Mode (layout.restore, the custom ops' helpers, the tools).
 """
 
 from __future__ import annotations
@@ -63,23 +63,8 @@ def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def exporting() -> bool:
-    """torch.export is tracing this call (its graphs should run where batchnorm is not installed)."""
-    return torch.compiler.is_exporting()
-
-
-def transformed() -> bool:
-    """A torch.func transform (grad, vmap, jvp, ...) is active around this call."""
-    return torch._C._are_functorch_transforms_active()
-
-
-def traced() -> bool:
-    """Any of the above: only graph-safe torch ops may run."""
-    return compiling() or transformed()
-
-
 def recomputing() -> bool:
     """An eager forward running inside a backward pass: activation checkpointing recomputing
     it (reentrant or not). Never true while traced (a compiled graph recomputes nothing
     through this package's Python)."""
-    return not traced() and torch._C._current_graph_task_id() != -1
+    return current().recomputing

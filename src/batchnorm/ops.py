@@ -17,7 +17,7 @@ size and layout):
 - eager, a fused backend (numba, triton): `_BatchNormFunction`, an autograd Function over the
   backend's whole-op `forward`/`backward` (base.py). Under no_grad the kernels run without
   the Function.
-- compiled or exported (`modes.compiling()`): the custom operators
+- compiled or exported (`Mode.compiling`): the custom operators
   `batchnorm::batch_norm` and `batchnorm::batch_norm_backward` (torch.library), which call
   the very same backend functions, so Inductor sees one opaque op with a fake (meta)
   implementation and a registered autograd formula; `aten` stays torch's decomposable
@@ -26,7 +26,7 @@ size and layout):
   whose graphs hold the kernels themselves; `TRITON_OPS` says whether they are registered).
   The running update is `update_running`'s tensor ops there, traced into the graph, with no
   host synchronization.
-- exported in evaluation, and under torch.func transforms (`modes.transformed()`: grad,
+- exported in evaluation, and under torch.func transforms (`Mode.transformed`: grad,
   vmap, jvp), at every size: torch's batch norm and the extras in standard aten ops, so an
   exported program runs where this package is not installed and the transforms see ops
   they know how to differentiate and batch.
