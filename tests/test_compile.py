@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import batchnorm as bn
-from batchnorm import ops
+from batchnorm import backends, ops
 from batchnorm.backends import numba_cpu
 
 EXTRAS = {
@@ -311,7 +311,7 @@ def test_eager_and_custom_op_paths_give_the_same_bits():
     x = torch.randn(8, 3, 6, 6, generator=g).requires_grad_()
     w = (torch.rand(3, generator=g) + 0.5).requires_grad_()
     dy = torch.randn(8, 3, 6, 6, generator=g)
-    y1, p1 = ops._BatchNormFunction.apply(x, w, None, None, None, None, 1e-5, "relu", True, "numba")
+    y1, p1 = ops._BatchNormFunction.apply(x, w, None, None, None, None, 1e-5, "relu", True, backends.get("numba"))
     y2, p2 = torch.ops.batchnorm.batch_norm(x, w, None, None, None, None, 1e-5, "relu", True, "numba")
     assert torch.equal(y1, y2) and torch.equal(p1, p2)
     g1 = torch.autograd.grad(y1, (x, w), dy)

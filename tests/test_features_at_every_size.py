@@ -156,6 +156,41 @@ def test_double_backward_through_sync_batch_norm_raises():
     assert torch.autograd.grad(y, x)[0].shape == x.shape  # first order still works
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+def test_sync_reductions_reach_both_passes(shape, channels_last):
+    """SyncBatchNorm's two reductions (statistics in forward, gradient sums between the
+    backward's two passes) at both sizes, through a synchronizer that mirrors a second process
+    holding the same batch: outputs and gradients equal torch's layer on the two batches
+    concatenated."""
+    from batchnorm import functional as F
+    from batchnorm.stats import Stats
+
+    class Mirrored:
+        def reduce_stats(self, local):
+            return Stats(2 * local.count, local.mean, 2 * local.m2)
+
+        def reduce_grads(self, sums):
+            return 2 * sums
+
+    ours, theirs = _pair(shape)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape).contiguous(memory_format=fmt)
+    dy = torch.randn(shape)
+    xa = x.clone().requires_grad_()
+    y = F.batch_norm(xa, ours.running_mean, ours.running_var, ours.weight, ours.bias, training=True,
+                     activation="relu", sync=Mirrored())  # fmt: skip
+    y.backward(dy)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want = theirs(torch.cat([a, b])).relu()
+    want.backward(torch.cat([dy, dy]))
+    _close(y, want[: shape[0]])
+    _close(xa.grad, a.grad)
+    _close(ours.weight.grad, theirs.weight.grad / 2)  # the parameters' gradients stay this process's
+    _close(ours.bias.grad, theirs.bias.grad / 2)
+    _close(ours.running_mean, theirs.running_mean)
+    _close(ours.running_var, theirs.running_var)
+
+
 def test_in_place_ops_hooks_and_pickling(shape):
     ours = bn.BatchNorm2d(shape[1])
     seen = []

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import batchnorm as bn
-from batchnorm import layout, ops
+from batchnorm import backends, layout, ops
 from batchnorm.backends import triton_gpu
 
 pytest.importorskip("triton")
@@ -80,11 +80,11 @@ def test_eager_call_equals_the_eager_path_bitwise(training):
     for path in ("op", "function"):
         (x, w, b, res, rm, rv), leaves = _inputs((6, 4, 9), False, "relu", True, True)
         x, w, b, res, rm, rv = (t.to(device).detach().requires_grad_(t.requires_grad) for t in (x, w, b, res, rm, rv))
-        args = (x, w, b, res, rm, rv, EPS, "relu", training, "triton")
+        args = (x, w, b, res, rm, rv, EPS, "relu", training)
         if path == "op":
-            y, params = torch.ops.batchnorm.triton_batch_norm(*args)
+            y, params = torch.ops.batchnorm.triton_batch_norm(*args, "triton")
         else:
-            y, params = ops._BatchNormFunction.apply(*args)
+            y, params = ops._BatchNormFunction.apply(*args, backends.get("triton"))
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(device)
         grads = torch.autograd.grad(y, (x, w, b, res), dy)
         outs.append([y, params, *grads])

@@ -20,7 +20,8 @@ global mean from its previous call: the output of an all_reduce, so bitwise the 
 every process, and close to the current mean. (The running mean would do as well, but it
 is common only as long as nobody loads different buffers on different processes.)
 
-backward, the (2, C) tensor (sum_d, sum_d_xhat) of `autograd.py`, summed over processes;
+backward, the (2, C) tensor (sum_d, sum_d_xhat) between the backward's two passes
+(`ops.batch_norm`'s `sums_to_means` hook), summed over processes;
 the gradients of gamma and beta stay local (DDP averages them with every other gradient).
 
 The first call of each layer does two more reductions, once: a handshake that checks

@@ -97,7 +97,7 @@ class BatchNormExtras:
     def _set_extras(self, extras: dict[str, object]) -> None:
         """Validate and store the keyword-only extras (shared by the eager and Lazy modules),
         and eps, which every call would refuse: better at construction than at the first batch."""
-        validation.validate_eps(self.eps)
+        validation.validate_scalars(self.momentum, self.eps)
         layer = type(self).__name__
         for name in extras:
             if name in self.refused_extras:
@@ -124,7 +124,8 @@ class BatchNormExtras:
         return self._guard.count
 
     def _check_input_dim(self, input: Tensor) -> None:
-        validation.validate_ndim(input, self._ndims, type(self).__name__)
+        if input.dim() not in self._ndims:
+            validation.validate_ndim(input, self._ndims, type(self).__name__)
 
     def forward(
         self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None, *, activation: str | None = None

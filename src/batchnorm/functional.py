@@ -1,13 +1,15 @@
 """`batch_norm`: the one entry point every module calls.
 
 It validates the input, bundles the call (`Call`), names the path that computes it
-(`plan`, a `Path`) and runs that path:
+(`plan`, a `Path`) and runs that path's function (`_PATHS`):
 
 - `Path.EMPTY`: an empty batch, an empty output, nothing updated;
 - `Path.OP`: plain batch norm (with the fused activation and residual) and every
   evaluation, through the op layer (ops.py), which picks the kernels by mode and backend;
 - `Path.KERNELS`: ghost batches, batch renormalization and synchronization across
-  processes, in eager mode: the backend's kernel contract under `BatchNormFunction`;
+  processes, in eager mode: the same op, its statistics step done here (each chunk's
+  statistics, made global across processes, renormalization's correction folded into
+  weight and bias) and handed to it (`ops.batch_norm`'s `stats` and `sums_to_means`);
 - `Path.TORCH_OPS`: masks, and those same extras while a graph is traced: differentiable
   torch ops;
 - `Path.SYNC_OUTSIDE_GRAPH`: SyncBatchNorm while a graph is traced: eagerly, outside it.
@@ -29,7 +31,6 @@ from torch import Tensor
 
 from . import activations, backends, layout, modes, validation, variants
 from . import ops
-from .autograd import BatchNormFunction
 from .backends.base import Backend
 from .channel_params import acc_dtype, affine
 from .stats import NonFiniteGuard, Stats, merge_all
@@ -100,14 +101,13 @@ def batch_norm(
     BATCHNORM_BACKEND environment variable.
     """
     x = validation.validate_input(input)
-    validation.validate_per_channel(
-        x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
-    )
-    validation.validate_residual(x, residual)
-    validation.validate_activation(activation)
-    validation.validate_momentum(momentum)
-    validation.validate_eps(eps)
-    weight, bias = (t if t is None or t.dim() == 1 else t.reshape(-1) for t in (weight, bias))  # (C, 1) as torch
+    validation.validate_arguments(x, weight, bias, running_mean, running_var, momentum, eps, activation)
+    if residual is not None:
+        validation.validate_residual(x, residual)
+    if weight is not None and weight.dim() != 1:  # torch's layer takes (C, 1)
+        weight = weight.reshape(-1)
+    if bias is not None and bias.dim() != 1:
+        bias = bias.reshape(-1)
     if mask is not None:
         variants.validate_mask(x, mask)
     if virtual_batch_size is not None:
@@ -127,22 +127,9 @@ def batch_norm(
     )  # fmt: skip
     if activation is not None and activation not in be.fused_activations:
         # this backend's fused form of the activation is slower than torch's own op after it
-        return activations.forward(_run(call._replace(activation=None)), activation)
-    return _run(call)
-
-
-def _run(call: Call) -> Tensor:
-    """Compute `call` on the path `plan` names."""
-    path = plan(call)
-    if path is Path.OP:
-        return _op(call)
-    if path is Path.KERNELS:
-        return _policy(call, _normalize_one)
-    if path is Path.TORCH_OPS:
-        return _policy(call, _normalize_masked)
-    if path is Path.SYNC_OUTSIDE_GRAPH:
-        return _outside_the_graph(call)
-    return _empty(call)
+        call = call._replace(activation=None)
+        return activations.forward(_PATHS[plan(call)](call), activation)
+    return _PATHS[plan(call)](call)
 
 
 class Path(enum.Enum):
@@ -271,20 +258,24 @@ def _outside_the_graph(call: Call) -> Tensor:
     return _policy(call, _normalize_one)
 
 
-def _scale_shift(weight, bias, invstd, correction=None) -> tuple[Tensor, Tensor]:
-    """Per-channel (scale, shift), differentiable in weight and bias; with batch
-    renormalization's (r, d): scale = gamma r invstd, shift = beta + gamma d."""
+def _renormalized(weight, bias, correction) -> tuple[Tensor | None, Tensor | None]:
+    """(weight, bias) with batch renormalization's (r, d) folded in, differentiable in weight
+    and bias: gamma (xhat r + d) + beta = (gamma r) xhat + (beta + gamma d); unchanged
+    without a correction."""
     if correction is None:
-        return affine(invstd, weight, bias)
+        return weight, bias
     r, d = correction
-    scale, shift = affine(invstd * r, weight, bias)
-    return scale, shift + (d if weight is None else weight.to(d.dtype) * d)
+    if weight is None:
+        return r, d if bias is None else bias.to(d.dtype) + d
+    shift = weight.to(d.dtype) * d
+    return weight.to(r.dtype) * r, shift if bias is None else bias.to(d.dtype) + shift
 
 
 def _normalize_one(call: Call, limits, be) -> tuple[Tensor, Stats]:
-    """`Path.KERNELS`: one batch (or ghost chunk) through the kernel contract of the backend
-    `be` under BatchNormFunction; returns y and the batch's statistics (global with `sync`);
-    `limits`: batch renormalization's (r_max, d_max) or None."""
+    """`Path.KERNELS`: one batch (or ghost chunk) through the op, its statistics step done
+    here: this chunk's statistics, made global across processes with `sync`, and batch
+    renormalization's correction from them; returns y and those statistics. `limits`:
+    batch renormalization's (r_max, d_max) or None."""
     x, sync = call.x, call.sync
     if sync is None:
         validation.validate_training_batch(x)
@@ -294,24 +285,34 @@ def _normalize_one(call: Call, limits, be) -> tuple[Tensor, Stats]:
             batch = sync.reduce_stats(batch)
             # Every process holds the same global count, so all raise together.
             validation.validate_global_count(int(batch.count[0]) if batch.count.numel() else 0, x.shape)
-        invstd = torch.rsqrt(batch.var + call.eps)
         correction = None
         if limits is not None:
             correction = variants.renorm_correction(batch, call.running_mean, call.running_var, call.eps, *limits)
-    scale, shift = _scale_shift(call.weight, call.bias, invstd, correction)
-    grad_reducer = None if sync is None else sync.reduce_grads
-    y = BatchNormFunction.apply(
-        x, scale, shift, call.residual, batch.mean, invstd, call.eps, batch.count, be, call.activation, True,
-        grad_reducer,
-    )
+    weight, bias = _renormalized(call.weight, call.bias, correction)
+    y, _ = ops.batch_norm(
+        x, weight, bias, call.residual, None, None, training=True, eps=call.eps, activation=call.activation,
+        backend=be, mode=call.mode, stats=torch.stack([batch.mean, batch.var]),
+        sums_to_means=None if sync is None else _GlobalMeans(sync, batch.count),
+    )  # fmt: skip
     return y, batch
+
+
+class _GlobalMeans(NamedTuple):
+    """SyncBatchNorm's backward hook: this process's (2, C) gradient sums made means over
+    every process's batch (`count` values per channel)."""
+
+    sync: Synchronizer
+    count: Tensor
+
+    def __call__(self, sums: Tensor) -> Tensor:
+        return self.sync.reduce_grads(sums) / self.count
 
 
 def _normalize_masked(call: Call, limits, _be) -> tuple[Tensor, Stats]:
     """`Path.TORCH_OPS`: `_normalize_one` in torch ops, whatever the backend (no backend has a
     masked kernel; mask None: every position is valid); autograd differentiates the
     statistics, which see only the valid positions."""
-    x, mask, weight = call.x, call.mask, call.weight
+    x, mask = call.x, call.mask
     batch = variants.masked_stats(x, mask)
     if not call.mode.traced:  # a graph cannot raise on a value it computes
         validation.validate_training_batch_count(int(batch.count[0]) if batch.count.numel() else 0, x.shape, masked=True)
@@ -319,10 +320,10 @@ def _normalize_masked(call: Call, limits, _be) -> tuple[Tensor, Stats]:
     if limits is not None:
         detached = Stats(*(t.detach() for t in batch))
         correction = ops.renorm_correction(detached, call.running_mean, call.running_var, call.eps, *limits)
-    shift = _scale_shift(weight, call.bias, torch.ones_like(batch.mean), correction)[1]
+    weight, bias = _renormalized(call.weight, call.bias, correction)
+    shift = affine(torch.ones_like(batch.mean), None, bias)[1]
     y = variants.masked_normalize(
-        x, mask, batch, call.eps, lambda invstd: _scale_shift(weight, None, invstd, correction)[0],
-        shift, call.activation, call.residual,
+        x, mask, batch, call.eps, lambda invstd: affine(invstd, weight, None)[0], shift, call.activation, call.residual,
     )  # fmt: skip
     return y, Stats(*(t.detach() for t in batch))
 
@@ -345,3 +346,20 @@ def _empty(call: Call) -> Tensor:
     y = y if bias is None else y + bias.view(shape)
     y = y if call.residual is None else y + call.residual
     return activations.forward(y, call.activation).to(x.dtype)
+
+
+def _kernels(call: Call) -> Tensor:
+    """`Path.KERNELS`."""
+    return _policy(call, _normalize_one)
+
+
+def _torch_ops(call: Call) -> Tensor:
+    """`Path.TORCH_OPS`."""
+    return _policy(call, _normalize_masked)
+
+
+#: The code that computes each path.
+_PATHS = {
+    Path.EMPTY: _empty, Path.OP: _op, Path.KERNELS: _kernels, Path.TORCH_OPS: _torch_ops,
+    Path.SYNC_OUTSIDE_GRAPH: _outside_the_graph,
+}  # fmt: skip

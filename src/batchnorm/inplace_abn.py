@@ -113,7 +113,7 @@ def inplace_abn(
 def negative_slope_of(activation: str | None, negative_slope: float) -> float | None:
     """The leaky ReLU's slope, None for the identity; ValueError for an activation that
     cannot be inverted (relu, slope <= 0) or is not offered here."""
-    validation.validate_activation(activation)  # an unknown name: the library's message
+    activations.check(activation)  # an unknown name: the library's message
     if activation == "relu":
         raise ValueError(
             "InPlaceABN cannot use activation='relu': ReLU sets every negative value to 0, so "
@@ -144,9 +144,7 @@ def _validate(x, running_mean, running_var, weight, bias, momentum, eps) -> Tens
     x = validation.validate_input(x)
     if x.dim() < 2:
         raise ValueError(f"InPlaceABN expects input of shape (N, C, *), got shape {tuple(x.shape)}")
-    validation.validate_per_channel(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    validation.validate_momentum(momentum)
-    validation.validate_eps(eps)
+    validation.validate_arguments(x, weight, bias, running_mean, running_var, momentum, eps)
     return x
 
 
@@ -284,8 +282,7 @@ class InPlaceABN(nn.Module):
         inplace: bool = False,
     ) -> None:
         super().__init__()
-        validation.validate_eps(eps)
-        validation.validate_momentum(momentum)
+        validation.validate_scalars(momentum, eps)
         negative_slope_of(activation, negative_slope)  # refuses relu at construction, not at the first batch
         factory = {"device": device, "dtype": dtype}
         self.num_features, self.eps, self.momentum = num_features, eps, momentum

@@ -31,30 +31,29 @@ import torch
 class Mode(NamedTuple):
     """How torch runs the current call: traced by torch.compile / torch.export (`compiling`,
     and `exporting` for torch.export), inside a torch.func transform (`transformed`), or
-    recomputed by activation checkpointing (`recomputing`, never while traced)."""
+    recomputed by activation checkpointing (`recomputing`, never while traced); `traced`:
+    compiling or transformed, so only graph-safe torch ops may run."""
 
     compiling: bool
     exporting: bool
     transformed: bool
     recomputing: bool
-
-    @property
-    def traced(self) -> bool:
-        """Only graph-safe torch ops may run."""
-        return self.compiling or self.transformed
+    traced: bool
 
 
-EAGER = Mode(compiling=False, exporting=False, transformed=False, recomputing=False)
+EAGER = Mode(compiling=False, exporting=False, transformed=False, recomputing=False, traced=False)
 
 
 def current() -> Mode:
     """The Mode of the call being made now."""
     compiling, transformed = torch.compiler.is_compiling(), torch._C._are_functorch_transforms_active()
+    traced = compiling or transformed
     return Mode(
         compiling=compiling,
         exporting=compiling and torch.compiler.is_exporting(),
         transformed=transformed,
-        recomputing=not (compiling or transformed) and torch._C._current_graph_task_id() != -1,
+        recomputing=not traced and torch._C._current_graph_task_id() != -1,
+        traced=traced,
     )
 
 

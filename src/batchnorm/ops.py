@@ -37,8 +37,9 @@ Both paths run the same kernels; the tests hold them equal.
 """
 from __future__ import annotations
 
+import functools
 import warnings
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -81,6 +82,8 @@ def batch_norm(
     backend: str | Backend | None,
     want_stats: bool = True,
     mode: modes.Mode | None = None,
+    stats: Tensor | None = None,
+    sums_to_means: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Batch | None]:
     """y = g(gamma (x - mu) / sqrt(var + eps) + beta + residual), and in training the batch's
     statistics for the caller's running update (None in evaluation, or when not `want_stats`).
@@ -90,18 +93,37 @@ def batch_norm(
     running statistics, which are only read here. Inputs are checked by the caller
     (functional.py), which also makes the running update (`update_running_stats`). `mode`:
     the caller's `modes.Mode` for this call (None: asked here).
+
+    The statistics step, for the callers that compute it themselves (functional.py's ghost
+    batches, batch renormalization and SyncBatchNorm, in eager mode): `stats`, a (2, C)
+    tensor (mean, biased variance) that normalizes in training instead of the batch's own,
+    still differentiated as the batch's statistics (functions of x); `sums_to_means`, the
+    backward's hook between its two passes (backends/base.py), for statistics over more
+    than x (SyncBatchNorm's all_reduce). Neither returns statistics: the caller has them.
     """
     mode = modes.current() if mode is None else mode
     be = backend if isinstance(backend, Backend) else backends.resolve(backend, x, mode=mode).backend
+    # whether autograd records this call (else a Function would only cost time)
+    differentiated = torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+        or (residual is not None and residual.requires_grad)
+    )
+    if stats is not None:
+        args = (x, weight, bias, residual, stats[0], stats[1], eps, activation, training, be)
+        if differentiated:
+            return _BatchNormFunction.apply(*args, True, sums_to_means)[0], None
+        return forward_kernels(*args, given=True)[0], None
     if mode.traced:
         return _traced(x, weight, bias, residual, running_mean, running_var, training, eps, activation, be, want_stats, mode)
     plain_evaluation = not training and activation is None and residual is None
     if isinstance(be, AtenBackend) or (plain_evaluation and not be.takes_plain_evaluation(x)):
         return _native(x, weight, bias, residual, running_mean, running_var, training, eps, activation, want_stats)
-    args = (x, weight, bias, residual, running_mean, running_var, eps, activation, training, be.name)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+    args = (x, weight, bias, residual, running_mean, running_var, eps, activation, training, be)
+    if differentiated:
         y, params = _BatchNormFunction.apply(*args)
-    else:  # nothing to differentiate: a Function would only cost time
+    else:
         y, params = forward_kernels(*args)
     return y, (_from_params(params, x) if training and want_stats else None)
 
@@ -130,7 +152,7 @@ def _from_params(params: Tensor, x: Tensor) -> Batch:
     """The batch's statistics from a fused backend's (6, C) params (the biased variance that
     normalized, made unbiased as torch's kernel gives it; with one value per channel it has
     none, NaN, which the rule refuses)."""
-    n = layout.values_per_channel(x)
+    n = x.numel() // x.shape[1]  # values per channel
     return Batch(params[CENTER], params[VAR] * (n / (n - 1) if n > 1 else float("nan")), n)
 
 
@@ -151,11 +173,14 @@ def update_running_stats(
         mean, var = batch.mean.detach(), batch.unbiased_var.detach()
         if not unbiased:
             var = var * ((batch.count - 1) / batch.count)
-        if (
-            not traced
-            and _numpy_viewable(running_mean, running_var, mean, var)
-            and _numba_rule_ready(mean.dtype, running_mean)
-        ):
+        # numba's form reads numpy views, each tensor's own memory only for CPU, fp32/fp64,
+        # contiguous tensors without grad
+        viewable = not traced and _fold_running_cpu is not None
+        for t in (running_mean, running_var, mean, var):
+            viewable = viewable and t.is_cpu and t.dtype in _NUMPY_DTYPES and t.is_contiguous() and not t.requires_grad
+        # numba_warmup.py: the rule compiles in the background meanwhile, and the tensor ops serve
+        rule = ("fold_running", mean.dtype, running_mean.dtype)
+        if viewable and numba_warmup.ready(rule, functools.partial(_compile_rule, mean.dtype, running_mean.dtype)):
             factor = momentum_factor(momentum, num_batches_tracked)
             accepted = bool(_fold_running_cpu(mean.numpy(), var.numpy(), factor, running_mean.numpy(), running_var.numpy()))
             if accepted and num_batches_tracked is not None:
@@ -165,45 +190,36 @@ def update_running_stats(
         return bool(accepted) if not traced and accepted.device.type == "cpu" else accepted
 
 
-def _numpy_viewable(*tensors: Tensor) -> bool:
-    """Whether each tensor's numpy view is its own memory: CPU, fp32/fp64, contiguous, no grad."""
-    return all(
-        t.is_cpu and t.dtype in (torch.float32, torch.float64) and t.is_contiguous() and not t.requires_grad
-        for t in tensors
-    )
+_NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
-def _numba_rule_ready(stats_dtype: torch.dtype, running: Tensor) -> bool:
-    """Whether the rule's numba form is compiled for these dtypes (numba_warmup.py: it compiles
-    in the background meanwhile, and the tensor ops of update_running serve)."""
-    if _fold_running_cpu is None:
-        return False
-    key = ("fold_running", stats_dtype, running.dtype)
-
-    def compile_rule():
-        a, b = (np.float64 if t == torch.float64 else np.float32 for t in (stats_dtype, running.dtype))
-        _fold_running_cpu(np.zeros(1, a), np.ones(1, a), 0.1, np.zeros(1, b), np.ones(1, b))
-
-    return numba_warmup.ready(key, compile_rule)
+def _compile_rule(stats_dtype: torch.dtype, running_dtype: torch.dtype) -> None:
+    """Compile the rule's numba form (numba_kernels.fold_running) for these dtypes."""
+    a, b = (np.float64 if t == torch.float64 else np.float32 for t in (stats_dtype, running_dtype))
+    _fold_running_cpu(np.zeros(1, a), np.ones(1, a), 0.1, np.zeros(1, b), np.ones(1, b))
 
 
 # The kernels, as both paths call them -----------------------------------------------------
-def forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend):
-    """The backend's whole-op forward on x's canonical view: (y like x, params (6, C))."""
+def forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend, given=False):
+    """The Backend `backend`'s whole-op forward on x's canonical view: (y like x, params (6, C)).
+    `given`: running_mean and running_var are the statistics step's (mean, variance), which
+    normalize in place of the batch's own (the backend's evaluation form)."""
     view = layout.canonical(x)
     res = None if residual is None else layout.canonical(residual, view.kind).data
-    y, params = backends.get(backend).forward(view.data, weight, bias, res, running_mean, running_var, eps, activation, training)
+    batch_stats = training and not given
+    y, params = backend.forward(view.data, weight, bias, res, running_mean, running_var, eps, activation, batch_stats)
     return layout.restore(y, x, view.kind), params
 
 
-def backward_kernels(dy, x, weight, bias, residual, params, training, activation, backend, needs):
-    """The backend's whole-op backward: (dx, dweight, dbias, dresidual), None where not needed."""
+def backward_kernels(dy, x, weight, bias, residual, params, training, activation, backend, needs, sums_to_means=None):
+    """The Backend `backend`'s whole-op backward: (dx, dweight, dbias, dresidual), None where
+    not needed."""
     view = layout.canonical(x)
     kind = view.kind
     res = None if residual is None else layout.canonical(residual, kind).data
-    dx, dw, db, dres = backends.get(backend).backward(
+    dx, dw, db, dres = backend.backward(
         layout.canonical(dy, kind).data, view.data, res, params, training, activation, needs,
-        None if weight is None else weight.dtype, None if bias is None else bias.dtype,
+        None if weight is None else weight.dtype, None if bias is None else bias.dtype, sums_to_means,
     )  # fmt: skip
     dx = None if dx is None else layout.restore(dx, x, kind)
     dres = None if dres is None else layout.restore(dres, residual, kind)
@@ -230,19 +246,31 @@ def _gradients(ctx, dy, kernels):
 
 
 class _BatchNormFunction(torch.autograd.Function):
-    """The eager path's autograd node: (y, params) from `forward_kernels`."""
+    """The eager autograd node of every path: (y, params) from `forward_kernels`, with the
+    statistics step's `given` statistics and `sums_to_means` hook (`batch_norm`'s `stats`
+    and `sums_to_means`) where the caller has one."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend):
-        y, params = forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend)
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend,
+                given=False, sums_to_means=None):  # fmt: skip
+        y, params = forward_kernels(
+            x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend, given
+        )  # fmt: skip
         _save(ctx, x, weight, bias, residual, running_mean, running_var, params, eps, activation, training, backend)
+        ctx.sums_to_means = sums_to_means
         ctx.mark_non_differentiable(params)
         return y, params
 
     @staticmethod
     def backward(ctx, dy, _dparams):
-        grads = _gradients(ctx, dy, backward_kernels)
-        return (*grads, None, None, None, None, None, None)
+        if ctx.sums_to_means is not None and torch.is_grad_enabled():
+            raise RuntimeError(
+                "double backward (create_graph=True) through SyncBatchNorm is not supported: the "
+                "statistics depend on every process's input; use torch.nn.SyncBatchNorm's eval mode "
+                "or a per-process BatchNorm for a gradient penalty"
+            )
+        grads = _gradients(ctx, dy, functools.partial(backward_kernels, sums_to_means=ctx.sums_to_means))
+        return (*grads, *([None] * 8))
 
 
 # The custom operators ------------------------------------------------------------------
@@ -268,8 +296,10 @@ def _batch_norm_op(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """(y, params): the backend's whole-op forward; the running statistics are only read
-    (in evaluation): the update is traced apart, so that this op is functional."""
-    return forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend)
+    (in evaluation): the update is traced apart, so that this op is functional. `backend`:
+    a name, as a schema holds it."""
+    be = backends.get(backend)
+    return forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, be)
 
 
 @_batch_norm_op.register_fake
@@ -292,7 +322,8 @@ def _batch_norm_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dresidual): the backend's whole-op backward; a gradient that
     `needs` does not ask for is an empty tensor (an op returns tensors, never None)."""
-    grads = backward_kernels(dy, x, weight, bias, residual, params, training, activation, backend, needs)
+    be = backends.get(backend)
+    grads = backward_kernels(dy, x, weight, bias, residual, params, training, activation, be, needs)
     inputs = (dy, x, weight, bias, residual, params)
     return tuple(_own(g, inputs) if g is not None else x.new_empty(0) for g in grads)
 

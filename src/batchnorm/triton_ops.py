@@ -26,8 +26,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import backends
 from .backends.triton_gpu import traceable_launches
 from .ops import backward_formula, backward_kernels, forward_kernels, setup_context
+
+_TRITON = backends.get("triton")
 
 
 # The two signatures are batchnorm::batch_norm's and batchnorm::batch_norm_backward's (both ops
@@ -49,7 +52,7 @@ def triton_batch_norm(
     """(y, params): the triton backend's whole-op forward; the running statistics are only
     read (in evaluation), as in batchnorm::batch_norm. Its body is also its fake implementation."""
     with traceable_launches():
-        return forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, "triton")
+        return forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, _TRITON)
 
 
 @torch.library.triton_op("batchnorm::triton_batch_norm_backward", mutates_args=())
@@ -69,7 +72,7 @@ def triton_batch_norm_backward(
     `needs` does not ask for is an empty tensor. The triton backend allocates every gradient
     (none aliases an input, as an op's outputs must not)."""
     with traceable_launches():
-        grads = backward_kernels(dy, x, weight, bias, residual, params, training, activation, "triton", needs)
+        grads = backward_kernels(dy, x, weight, bias, residual, params, training, activation, _TRITON, needs)
     return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 

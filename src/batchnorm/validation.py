@@ -64,42 +64,6 @@ def validate_ndim(x: Tensor, allowed: tuple[int, ...], layer: str) -> None:
         )
 
 
-def channels(x: Tensor) -> int:
-    """C: dimension 1 of (N, C, *spatial) input; 0 for the empty 1-D input torch accepts."""
-    return x.shape[1] if x.dim() > 1 else 0
-
-
-def validate_per_channel(x: Tensor, **tensors: Tensor | None) -> None:
-    """Each given per-channel tensor has C elements, a floating dtype usable with x, and x's
-    device. The running statistics must be 1-D (C,), as torch's kernels require; a weight or
-    bias of C elements in another shape (torch's layer takes (C, 1)) is read as (C,)."""
-    c, dtype, device = channels(x), x.dtype, x.device
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if t.numel() != c:
-            raise InputError(f"{name} has {t.numel()} elements but the input has {c} channels")
-        if name.startswith("running") and t.dim() != 1:
-            raise InputError(
-                f"{name} has shape {tuple(t.shape)}; running statistics must be 1-D with one value per "
-                f"channel ({c},), as torch's layer requires; reshape the buffer with .view(-1)"
-            )
-        if t.device != device:
-            raise InputError(
-                f"{name} is on {t.device} but the input is on {device}; move the module "
-                f"with .to({str(device)!r}) or the input with .to({str(t.device)!r})"
-            )
-        if t.dtype is dtype or (t.dtype is torch.float32 and dtype in _HALF):  # decided at once
-            continue
-        if not t.is_floating_point():
-            raise InputTypeError(f"{name} must be floating point, got {t.dtype}")
-        raise InputTypeError(
-            f"{name} is {t.dtype} but the input is {dtype}; parameters and buffers must "
-            "match the input's dtype (convert the module with .to(x.dtype) or the input with "
-            f".to({t.dtype})), or be float32 for float16/bfloat16 input"
-        )
-
-
 def validate_residual(x: Tensor, residual: Tensor | None) -> None:
     if residual is None:
         return
@@ -119,7 +83,9 @@ def validate_residual(x: Tensor, residual: Tensor | None) -> None:
 
 def validate_training_batch(x: Tensor) -> None:
     """Training needs two values per channel or more (an empty batch is handled apart)."""
-    validate_training_batch_count(x.numel() // x.shape[1], x.shape)
+    count = x.numel() // x.shape[1]
+    if count <= 1:
+        validate_training_batch_count(count, x.shape)
 
 
 def validate_training_batch_count(count: int, shape: tuple[int, ...], masked: bool = False) -> None:
@@ -147,18 +113,47 @@ def validate_global_count(count: int, local_shape: tuple[int, ...]) -> None:
         )
 
 
-def validate_eps(eps: float) -> None:
-    """eps keeps the division finite for a constant channel: it must be a positive number."""
+def validate_scalars(momentum: float | None, eps: float) -> None:
+    """eps keeps the division finite for a constant channel: a positive number. momentum: a
+    real number or None (cumulative average); as torch, any value is taken: the running
+    update `old + momentum (batch - old)` is defined for all of them (torch's tests use -1.2)."""
     if not (isinstance(eps, (int, float)) and 0.0 < float(eps) < float("inf")):
         raise ValueError(f"eps must be positive and finite, got {eps!r}; torch's default is 1e-5")
-
-
-def validate_momentum(momentum: float | None) -> None:
-    """A real number or None (cumulative average). As torch, any value is taken: the running
-    update `old + momentum (batch - old)` is defined for all of them (torch's tests use -1.2)."""
     if momentum is not None and not isinstance(momentum, (int, float)):
         raise TypeError(f"momentum must be a number or None (cumulative average), got {momentum!r}")
 
 
-def validate_activation(name: str | None) -> str | None:
-    return activations.check(name)
+def validate_arguments(x: Tensor, weight, bias, running_mean, running_var, momentum, eps, activation=None) -> None:
+    """Every argument of a batch-norm call but the input itself (`validate_input`), the
+    residual and the extras: momentum, eps, the activation, and the per-channel tensors.
+    Each given per-channel tensor has C elements, a floating dtype usable with x, and x's
+    device. The running statistics must be 1-D (C,), as torch's kernels require; a weight or
+    bias of C elements in another shape (torch's layer takes (C, 1)) is read as (C,)."""
+    validate_scalars(momentum, eps)
+    if activation not in activations.NAMES:  # the usual case costs one lookup, no call
+        activations.check(activation)
+    c, dtype, device = (x.shape[1] if x.dim() > 1 else 0), x.dtype, x.device  # C; 0 for torch's empty 1-D batch
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if t is None:
+            continue
+        if t.numel() != c:
+            raise InputError(f"{name} has {t.numel()} elements but the input has {c} channels")
+        if name.startswith("running") and t.dim() != 1:
+            raise InputError(
+                f"{name} has shape {tuple(t.shape)}; running statistics must be 1-D with one value per "
+                f"channel ({c},), as torch's layer requires; reshape the buffer with .view(-1)"
+            )
+        if t.device != device:
+            raise InputError(
+                f"{name} is on {t.device} but the input is on {device}; move the module "
+                f"with .to({str(device)!r}) or the input with .to({str(t.device)!r})"
+            )
+        if t.dtype is dtype or (t.dtype is torch.float32 and dtype in _HALF):  # decided at once
+            continue
+        if not t.is_floating_point():
+            raise InputTypeError(f"{name} must be floating point, got {t.dtype}")
+        raise InputTypeError(
+            f"{name} is {t.dtype} but the input is {dtype}; parameters and buffers must "
+            "match the input's dtype (convert the module with .to(x.dtype) or the input with "
+            f".to({t.dtype})), or be float32 for float16/bfloat16 input"
+        )

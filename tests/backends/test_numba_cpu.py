@@ -39,7 +39,7 @@ def whole_op(x, weight, bias, running_mean, running_var, eps, activation, residu
     """The numba whole op through the eager op layer's autograd: (y, mean, invstd) with the
     batch's statistics, or (y, None, None) normalized with the running statistics."""
     training = running_mean is None
-    args = (x, weight, bias, residual, running_mean, running_var, eps, activation, training, "numba")
+    args = (x, weight, bias, residual, running_mean, running_var, eps, activation, training, backends.get("numba"))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
         y, params = ops._BatchNormFunction.apply(*args)
     else:
@@ -220,7 +220,7 @@ def test_fp32_statistics_are_as_accurate_as_torchs(shape, fmt):
         x = x.contiguous(memory_format=torch.channels_last)
     dims = [d for d in range(x.dim()) if d != 1]
     mean64, var64 = x.double().mean(dims), x.double().var(dims, unbiased=False)
-    p = ops.forward_kernels(x, None, None, None, None, None, 1e-5, None, True, "numba")[1].double()
+    p = ops.forward_kernels(x, None, None, None, None, None, 1e-5, None, True, backends.get("numba"))[1].double()
     mean = p[CENTER] - p[XHAT_SHIFT] / p[INVSTD]
     _, torch_mean, torch_invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, 1e-5)
     ours, theirs = float((mean - mean64).abs().max()), float((torch_mean.double() - mean64).abs().max())

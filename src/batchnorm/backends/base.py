@@ -18,6 +18,10 @@ and dx = scale (d - mean_d - xhat mean_d_xhat). scale = gamma invstd and shift =
 the mean is always subtracted from x first (never folded into the shift), which keeps fp32
 exact enough for a channel with mean 1e4 and spread 1e-2. `reference.py` states each
 equation.
+
+The op layer (ops.py) calls only the whole op (`forward`, `backward`, below); the four
+functions are its default here, and `stats` is also the statistics step of ghost batches,
+renormalization and SyncBatchNorm (functional.py).
 """
 
 from __future__ import annotations
@@ -105,44 +109,34 @@ class Backend:
         y = self.apply(x, mean, scale, shift, activation, residual)
         return y, torch.stack([mean, scale, shift, invstd, torch.zeros_like(mean), var])
 
-    def backward(self, dy, x, residual, params, training, activation, needs, weight_dtype, bias_dtype):
+    def backward(
+        self, dy, x, residual, params, training, activation, needs, weight_dtype, bias_dtype, sums_to_means=None
+    ):  # fmt: skip
         """The gradients of `forward`: (dx, dweight, dbias, dresidual), each None unless
         `needs` (four bools, in that order) asks for it. dx = scale (d - mean_d - xhat
         mean_d_xhat), the mean terms in training only; dweight = sum d xhat, dbias = sum d.
-        Here: `contract_gradients`; fused backends override it."""
+        (mean_d, mean_d_xhat) = `sums_to_means((sum d, sum d xhat))`, the stacked (2, C)
+        sums made means over the batch behind the statistics (SyncBatchNorm: all processes'
+        batches, an all_reduce between the backward's two passes); by default this view's
+        sums over its own values per channel.
+        Here: the contract's two backward functions; fused backends override it."""
         need_x, need_w, need_b, need_r = needs
         mean, scale, shift, invstd = params[CENTER], params[SCALE], params[SHIFT], params[INVSTD]
-        sums, dx, dres = self.contract_gradients(
-            dy, x, mean, invstd, scale, shift, activation, residual, batch_stats=training,
-            need_sums=need_w or need_b, need_input=need_x or need_r, count=x.numel() // x.shape[1],
-        )  # fmt: skip
+        need_input = need_x or need_r
+        sums = dx = dres = None
+        if need_w or need_b or (training and need_input):
+            sums = self.backward_reduce(dy, x, mean, invstd, scale, shift, activation, residual)
+        if need_input:
+            if training:
+                stacked = torch.stack(sums)
+                means = stacked / (x.numel() // x.shape[1]) if sums_to_means is None else sums_to_means(stacked)
+                mean_d, mean_dxh = means
+            else:  # the statistics are constants: no mean terms
+                mean_d = mean_dxh = torch.zeros_like(mean)
+            dx, dres = self.backward_apply(dy, x, mean, invstd, scale, shift, mean_d, mean_dxh, activation, residual)
         dweight = sums[1].to(weight_dtype) if need_w else None
         dbias = sums[0].to(bias_dtype) if need_b else None
         return (dx if need_x else None), dweight, dbias, (dres if need_r else None)
-
-    def contract_gradients(
-        self, dy, x, mean, invstd, scale, shift, activation, residual, *, batch_stats, need_sums, need_input,
-        count, reduce=None,
-    ):  # fmt: skip
-        """The backward of `apply` through the contract: (sums, dx, dresidual).
-
-        sums = (sum d, sum d xhat), two (C,) tensors, computed when `need_sums` (the
-        parameters' gradients) or when the input gradients need the batch's mean terms
-        (`batch_stats`); dx = scale (d - mean_d - xhat mean_d_xhat) and dresidual = d when
-        `need_input`, with (mean_d, mean_d_xhat) = sums / count (a number or (C,): values per
-        channel behind the statistics), after `reduce` (SyncBatchNorm's all_reduce of the
-        sums stacked (2, C)), and zero when the statistics are constants (evaluation)."""
-        sums = dx = dres = None
-        if need_sums or (batch_stats and need_input):
-            sums = self.backward_reduce(dy, x, mean, invstd, scale, shift, activation, residual)
-        if need_input:
-            if batch_stats:
-                stacked = torch.stack(sums)
-                mean_d, mean_dxh = (stacked if reduce is None else reduce(stacked)) / count
-            else:
-                mean_d = mean_dxh = torch.zeros_like(mean)
-            dx, dres = self.backward_apply(dy, x, mean, invstd, scale, shift, mean_d, mean_dxh, activation, residual)
-        return sums, dx, dres
 
     def __repr__(self) -> str:
         return f"<batchnorm backend {self.name!r}>"

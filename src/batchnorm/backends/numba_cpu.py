@@ -20,7 +20,6 @@ from torch import Tensor
 
 from .. import activations, layout
 from ..modes import Mode
-from ..channel_params import acc_dtype
 from . import numba_kernels as kernels
 from . import numba_warmup
 from .base import CENTER, INVSTD, N_PARAMS, SCALE, SHIFT, VAR, XHAT_SHIFT, Backend
@@ -103,11 +102,6 @@ def _allocate(count: int, dtype: np.dtype) -> np.ndarray:
 OUTPUTS = OutputPool(_allocate)
 
 
-def _empty_like(a: np.ndarray) -> np.ndarray:
-    """An uninitialized array like `a` (C-contiguous), from the output pool."""
-    return OUTPUTS.empty(a.shape, a.dtype)
-
-
 def _mc_scratch(xv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Zeroed scratch for the (M, C) kernels: per-block partial sums s1, s2 (blocks, C) in x's
     dtype and their float64 (2, C) merge (allocated here, not in the kernels, so that
@@ -117,24 +111,21 @@ def _mc_scratch(xv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return s1, s2, np.zeros((2, channels))
 
 
-def _ncl_lanes(xv: np.ndarray) -> np.ndarray:
-    """(C, 2, L) float64 lane scratch for the (N, C, L) statistics on rows shorter than LANES
-    (the kernel zeroes what it uses), (C, 2, 0) for longer rows."""
-    _, channels, length = xv.shape
-    return np.empty((channels, 2, length if length < kernels.LANES else 0), np.float64)
-
-
 def _forward(xv, rv, *, activation, train, write, gamma, beta, eps, channel: ChannelParams, size=None):
     """Run the forward kernel of xv's view. `train`: compute the batch's statistics into
     `channel`, else normalize with it; `write`: produce y; `size`: the element count that
     picks the threaded kernel or not (xv's own by default). Returns (y or None, m2)."""
     m2 = np.empty(xv.shape[1], xv.dtype)
-    y = _empty_like(xv) if write else xv  # never written when not `write`
+    y = OUTPUTS.empty(xv.shape, xv.dtype) if write else xv  # never written when not `write`
     has_res, code = rv is not None, _ACT_CODE[activation]
     args = (xv, xv if rv is None else rv, has_res, code, train, write, gamma, beta, eps, *channel, m2, y)
     size = xv.size if size is None else size
     if xv.ndim == 3:
-        kernels.kernel("ncl_forward", size, has_res, code)(*args, _ncl_lanes(xv), np.empty((2, xv.shape[1])))
+        # (C, 2, L) float64 lane scratch for the statistics of rows shorter than LANES (the
+        # kernel zeroes what it uses), (C, 2, 0) for longer rows
+        _, channels, length = xv.shape
+        lanes = np.empty((channels, 2, length if length < kernels.LANES else 0), np.float64)
+        kernels.kernel("ncl_forward", size, has_res, code)(*args, lanes, np.empty((2, channels)))
     else:
         kernels.kernel("mc_forward", size, has_res, code)(*args, *_mc_scratch(xv))
     return (y if write else None), m2
@@ -149,8 +140,8 @@ def _backward(
     dres or None) as numpy."""
     channels = xv.shape[1]
     sum_d, sum_dxh = np.zeros((2, channels), xv.dtype)
-    dx = _empty_like(xv) if write else xv  # never written when not `write`
-    dres = _empty_like(xv) if write and rv is not None else dx
+    dx = OUTPUTS.empty(xv.shape, xv.dtype) if write else xv  # never written when not `write`
+    dres = OUTPUTS.empty(xv.shape, xv.dtype) if write and rv is not None else dx
     has_res, code = rv is not None, _ACT_CODE[activation]
     args = (dyv, xv, xv if rv is None else rv, has_res, code, *channel,
             reduce, write, batch_stats, sum_d, sum_dxh, mean_d, mean_dxh, dx, dres)  # fmt: skip
@@ -255,7 +246,7 @@ class NumbaBackend(Backend):
         residual."""
         xv = _np(x)
         rv = None if residual is None else _np(residual)
-        acc = acc_dtype(x.dtype)
+        acc = x.dtype  # float32 and float64 accumulate in their own dtype (channel_params.acc_dtype)
         channels = xv.shape[1]
         gamma, beta = _vec(weight, channels, acc, 1.0), _vec(bias, channels, acc, 0.0)
         params = np.empty((N_PARAMS, channels), xv.dtype)
@@ -269,22 +260,35 @@ class NumbaBackend(Backend):
             channel=ChannelParams.rows_of(params),
         )  # fmt: skip
         if training:
-            params[VAR] = m2 / layout.values_per_channel(x)
+            params[VAR] = m2 / (xv.size // channels)  # over the values per channel
         return torch.from_numpy(y), torch.from_numpy(params)
 
-    def backward(self, dy, x, residual, params, training, activation, needs, weight_dtype, bias_dtype):
-        """One backward kernel call (base.py): the reductions and dx, dresidual together."""
+    def backward(
+        self, dy, x, residual, params, training, activation, needs, weight_dtype, bias_dtype, sums_to_means=None
+    ):  # fmt: skip
+        """One backward kernel call (base.py): the reductions and dx, dresidual together; two
+        with `sums_to_means` (the sums leave the kernel to be made means over every
+        process's batch, then dx is written from those)."""
         need_x, need_w, need_b, need_r = needs
         xv, dyv, p = _np(x), _np(dy), _np(params)
         rv = None if residual is None else _np(residual)
+        channel = ChannelParams.rows_of(p)
         # the kernel writes (mean_d, mean_dxh) from the batch statistics; evaluation's are 0
         mean_d, mean_dxh = np.zeros((2, xv.shape[1]), xv.dtype)
         write = need_x or need_r
         reduce = need_w or need_b or (training and write)
+        in_one_call = sums_to_means is None or not (training and write)
         sum_d, sum_dxh, dxv, dresv = _backward(
-            dyv, xv, rv, activation=activation, channel=ChannelParams.rows_of(p), reduce=reduce, write=write,
-            batch_stats=training, mean_d=mean_d, mean_dxh=mean_dxh,
+            dyv, xv, rv, activation=activation, channel=channel, reduce=reduce, write=write and in_one_call,
+            batch_stats=training and in_one_call, mean_d=mean_d, mean_dxh=mean_dxh,
         )  # fmt: skip
+        if not in_one_call:
+            means = sums_to_means(torch.from_numpy(np.stack([sum_d, sum_dxh])))
+            mean_d, mean_dxh = means.to(_TORCH_DTYPES[xv.dtype]).numpy()
+            _, _, dxv, dresv = _backward(
+                dyv, xv, rv, activation=activation, channel=channel, reduce=False, write=True, batch_stats=False,
+                mean_d=np.ascontiguousarray(mean_d), mean_dxh=np.ascontiguousarray(mean_dxh),
+            )  # fmt: skip
         return (
             torch.from_numpy(dxv) if need_x else None,
             torch.from_numpy(sum_dxh).to(weight_dtype) if need_w else None,

@@ -185,11 +185,6 @@ KINDS = (IDENTITY, RELU, SMOOTH, RELU6, HARDSWISH)
 _KIND_NAMES = {IDENTITY: "identity", RELU: "relu", SMOOTH: "smooth", RELU6: "relu6", HARDSWISH: "hardswish"}
 
 
-def kind_of(code: int) -> int:
-    """The kind (compiled case) of the activation `code`."""
-    return code if code in KINDS else SMOOTH
-
-
 @functools.cache
 def _case_loop(loop, has_res: bool, kind: int):
     """`loop(args, has_res, code)` (one of `_LOOPS`) compiled for one case: `has_res`, and the
@@ -639,5 +634,5 @@ def threaded(size: int) -> bool:
 
 def kernel(name: str, size: int, has_res: bool, code: int):
     """The compiled kernel for a call on `size` elements (`threaded` or not), the case of
-    `has_res` and the activation `code`."""
-    return compiled(name, threaded(size), has_res, kind_of(code))
+    `has_res` and the activation `code` (its own kind where KINDS has it, else SMOOTH)."""
+    return compiled(name, threaded(size), has_res, code if code in KINDS else SMOOTH)

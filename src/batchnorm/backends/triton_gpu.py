@@ -617,8 +617,15 @@ class TritonBackend(Backend):
         params = torch.stack([f.mean, f.scale, f.shift, f.invstd, torch.zeros_like(f.mean), var])
         return f.y, params
 
-    def backward(self, dy, x, residual, params, training, activation, needs, weight_dtype, bias_dtype):
-        """`backward` above (base.py's whole op)."""
+    def backward(
+        self, dy, x, residual, params, training, activation, needs, weight_dtype, bias_dtype, sums_to_means=None
+    ):  # fmt: skip
+        """`backward` above (base.py's whole op); with `sums_to_means`, base.py's, whose two
+        passes leave the sums between them."""
+        if sums_to_means is not None:
+            return super().backward(
+                dy, x, residual, params, training, activation, needs, weight_dtype, bias_dtype, sums_to_means
+            )
         need_x, need_w, need_b, need_r = needs
         grads = backward(
             dy, x, params[CENTER], params[INVSTD], params[SCALE], params[SHIFT], activation, residual,

@@ -71,7 +71,7 @@ class Activation(nn.Module):
                 "unfolded model with fold(model, example_input=x) so fold sees the shapes"
             )
         validation.validate_residual(x, residual)
-        y = activations.forward(x if residual is None else x + residual, validation.validate_activation(activation))
+        y = activations.forward(x if residual is None else x + residual, activations.check(activation))
         for module in self.children():
             y = module(y)
         return y
