@@ -97,6 +97,7 @@ def test_compiled_equals_eager_over_training_steps(extra, backend):
 
 
 @pytest.mark.parametrize("backend", ["aten", "numba"])
+@pytest.mark.slow
 def test_renorm_compiles_without_breaks_and_equals_eager(backend):
     """Batch renormalization in one graph: its correction reads the running statistics that
     the same forward updates, and the gradients must still be eager's, step after step
@@ -110,6 +111,7 @@ def test_renorm_compiles_without_breaks_and_equals_eager(backend):
         _assert_same_state(compiled, eager)
 
 
+@pytest.mark.slow
 def test_residual_and_mask_compile_without_breaks():
     g = torch.Generator().manual_seed(1)
     x, r = torch.randn(6, 4, 5, 5, generator=g), torch.randn(6, 4, 5, 5, generator=g)
@@ -272,6 +274,7 @@ def test_non_finite_batch_is_refused_and_counted_in_a_compiled_graph():
     ("reference", ("relu", True)), ("triton", ("relu", True)),
 ])  # fmt: skip
 @pytest.mark.parametrize("training", [True, False])
+@pytest.mark.slow
 def test_opcheck(backend, training, extras):
     be = bn.backends.get(backend)
     if be.unavailable() or be.unsupported(torch.empty(5, 3, 7)):  # triton: on CPU only in its interpreter

@@ -134,6 +134,7 @@ def test_fx_sees_the_batch_norm_and_the_activation():
     torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_compiles_without_graph_breaks():
     layer = bn.BatchNormAct(bn.BatchNorm2d(8), "relu")
     x = torch.randn(4, 8, 5, 5)

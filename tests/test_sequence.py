@@ -124,6 +124,7 @@ def test_tools_see_an_ordinary_batch_norm_over_rows():
     torch.testing.assert_close(per_token(x), x + model.fc2(F.gelu(model.fc1(h))))
 
 
+@pytest.mark.slow
 def test_a_model_holding_it_traces_folds_reverts_compiles_and_exports():
     torch.manual_seed(5)
     model = Block(8, bn.SequenceBatchNorm(8))

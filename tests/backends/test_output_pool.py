@@ -86,6 +86,7 @@ def test_small_outputs_are_not_pooled():
 
 
 @pytest.mark.skipif(numba_cpu.NumbaBackend().unavailable() is not None, reason="numba is not importable")
+@pytest.mark.slow
 def test_numba_outputs_stay_correct_while_their_memory_is_reused():
     """Three steps of an input above the pool's threshold: each step's outputs equal a fresh
     computation, and a step's output kept alive is not overwritten by the next step."""

@@ -338,6 +338,7 @@ def test_workspace_rows_are_program_regions_merged_in_order(shape, tiling):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.slow
 def test_deterministic_bitwise(dtype):
     case = Case((4, 3, 33), dtype, tg.Tiling(2, 8, 2), 1.0, 2.0, seed=11)
     mean, invstd, scale, shift = case.vectors
@@ -524,6 +525,7 @@ def test_whole_op_launches(monkeypatch, path, forward_launches, backward_launche
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.slow
 def test_whole_op_deterministic_bitwise(path):
     case = Case((4, 3, 33), torch.bfloat16, tg.Tiling(2, 8, 2), 1.0, 2.0, seed=12)
     runs = []

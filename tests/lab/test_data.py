@@ -37,6 +37,7 @@ def test_teacher_is_deterministic_and_learnable_shape():
     assert len(np.unique(a.y_train)) > 5
 
 
+@pytest.mark.slow
 def test_mnist1d_generated_offline_and_global_rng_untouched(monkeypatch):
     import mnist1d.data
 

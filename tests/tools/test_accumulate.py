@@ -164,6 +164,7 @@ def test_an_exception_or_evaluation_mode_updates_nothing():
     assert layer._forward_pre_hooks == {}
 
 
+@pytest.mark.slow
 def test_a_compiled_model_gets_the_same_updates():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), bn.BatchNorm2d(4))
@@ -271,6 +272,7 @@ def accuracy_experiment(micro: int = 2, k: int = 8, steps: int = 300, seed: int 
     return out
 
 
+@pytest.mark.slow
 def test_accumulated_statistics_are_closer_to_the_population():
     result = accuracy_experiment(micro=2, k=8, steps=60)  # same weights both ways (same gradients)
     assert result["accumulate_precise_accuracy"] == result["per_micro_batch_precise_accuracy"]

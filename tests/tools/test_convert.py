@@ -400,6 +400,7 @@ class _Untraceable(nn.Module):
 
 @pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("wrap", [False, True])
+@pytest.mark.slow
 def test_torchvision_style_blocks_train_like_torch_on_the_fast_path(fuse, wrap):
     """The torchvision ResNet block pattern (ReLU(inplace=True) after bn1, `out += identity`
     after bn2) at sizes where our layer runs its fused kernels: several SGD steps give torch's

@@ -14,6 +14,7 @@ from .models import FrozenBatchNorm2d, ResNet, randomize
 from .test_accumulate import _digits
 
 
+@pytest.mark.slow
 def test_resnet_in_group_norm_treats_each_example_alone_and_trains_at_batch_2():
     torch.manual_seed(0)
     model = randomize(ResNet(classes=10))

@@ -66,6 +66,7 @@ def test_every_experiment_is_tested():
 
 
 @pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.slow
 def test_record_is_well_formed(records, name):
     out, done = records
     record, config, ticks = done[name]
