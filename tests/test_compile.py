@@ -201,6 +201,26 @@ def test_no_graph_breaks_in_a_converted_cnn():
             torch._dynamo.reset()
 
 
+def test_tracing_our_code_warns_about_nothing():
+    """Dynamo warns about code it traces that it does not trust (a functools.cache wrapper,
+    say): a user compiling a model with our layers must see none of that from this package,
+    at either size and in both modes."""
+    import warnings
+
+    layer = bn.BatchNorm2d(8)
+    for shape in ((4, 8, 4, 4), (64, 8, 32, 32)):
+        x = torch.randn(shape, requires_grad=True)
+        for training in (True, False):
+            layer.train(training)
+            torch._dynamo.reset()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.compile(layer, backend="aot_eager", fullgraph=True)(x).sum().backward()
+            ours = [str(w.message) for w in caught if "batchnorm" in str(w.message) or "batchnorm" in w.filename]
+            assert not ours, ours
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_inductor_numba_op_matches_eager_and_does_not_recompile_for_a_new_batch_size():
     eager, compiled, _ = _pair({"activation": "relu"}, "numba", channels_last=False)

@@ -11,7 +11,6 @@ package and no size decision pins a dynamic dimension).
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import NamedTuple
 
@@ -88,18 +87,12 @@ def resolve(
         # preferred() first: it is the cheap question, and usually the deciding one
         if (
             backend.preferred(x, mode)
-            and _runs_here(backend)
+            and backend.unavailable() is None
             and backend.unsupported(x) is None
             and backend.ready(x, activation, has_residual, mode)
         ):
             return Choice(backend, "auto")
     return Choice(fallback, "auto")
-
-
-@functools.cache
-def _runs_here(backend: Backend) -> bool:
-    """Whether `backend` can run on this machine: asked once, as the answer is the machine's."""
-    return backend.unavailable() is None
 
 
 def backend_for(spec: str | Backend | None, x: Tensor) -> Backend:
