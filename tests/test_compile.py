@@ -111,6 +111,25 @@ def test_renorm_compiles_without_breaks_and_equals_eager(backend):
         _assert_same_state(compiled, eager)
 
 
+@pytest.mark.parametrize("extra", [{"virtual_batch_size": 16}, {"renorm": bn.Renorm()}], ids=["ghost", "renorm"])
+def test_ghost_batches_and_renorm_trace_our_op(extra):
+    """Traced, ghost batches and renorm hand their statistics to the same custom op as plain
+    batch norm (its `given` form), as they do in eager mode: the graph holds our op, once
+    per ghost chunk, and not torch's batch norm."""
+    layer = bn.BatchNorm2d(16, backend="numba", **extra)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(layer, backend=capture, fullgraph=True)(torch.randn(64, 16, 8, 8))
+    (graph,) = graphs
+    ops_called = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    assert ops_called.count("batchnorm.batch_norm") == (4 if "virtual_batch_size" in extra else 1), ops_called
+    assert not any("batch_norm" in t and "batchnorm" not in t for t in ops_called), ops_called
+
+
 @pytest.mark.slow
 def test_residual_and_mask_compile_without_breaks():
     g = torch.Generator().manual_seed(1)

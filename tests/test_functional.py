@@ -306,10 +306,17 @@ def test_plan_names_the_path_of_each_kind_of_call():
 
     @torch.compile(backend="eager", fullgraph=True)
     def traced(x):
-        return (x, plan(x=x, virtual_batch_size=2) is F.Path.TORCH_OPS,
-                plan(x=x, sync=sync) is F.Path.SYNC_OUTSIDE_GRAPH, plan(x=x) is F.Path.OP)
+        return (x, plan(x=x, virtual_batch_size=2) is F.Path.KERNELS, plan(x=x, renorm=bn.Renorm()) is F.Path.KERNELS,
+                plan(x=x, mask=mask) is F.Path.TORCH_OPS, plan(x=x, sync=sync) is F.Path.SYNC_OUTSIDE_GRAPH,
+                plan(x=x) is F.Path.OP)  # fmt: skip
 
-    assert traced(x)[1:] == (True, True, True)
+    assert traced(x)[1:] == (True, True, True, True, True)
+
+    def transformed(x):  # torch.func: the extras as torch ops, which it can differentiate
+        assert plan(x=x, virtual_batch_size=2) is F.Path.TORCH_OPS
+        return x.sum()
+
+    torch.func.grad(transformed)(x)
 
 
 @pytest.mark.skipif("numba" not in backends.available(), reason="numba is not installed")

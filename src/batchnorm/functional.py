@@ -7,11 +7,11 @@ It validates the input, bundles the call (`Call`), names the path that computes 
 - `Path.OP`: plain batch norm (with the fused activation and residual) and every
   evaluation, through the op layer (ops.py), which picks the kernels by mode and backend;
 - `Path.KERNELS`: ghost batches, batch renormalization and synchronization across
-  processes, in eager mode: the same op, its statistics step done here (each chunk's
-  statistics, made global across processes, renormalization's correction folded into
-  weight and bias) and handed to it (`ops.batch_norm`'s `stats` and `sums_to_means`);
-- `Path.TORCH_OPS`: masks, and those same extras while a graph is traced: differentiable
-  torch ops;
+  processes: the same op, its statistics step done here (each chunk's statistics, made
+  global across processes, renormalization's correction folded into weight and bias) and
+  handed to it (`ops.batch_norm`'s `stats` and `sums_to_means`), eager or traced;
+- `Path.TORCH_OPS`: masks, and ghost batches and renorm under torch.func transforms:
+  differentiable torch ops;
 - `Path.SYNC_OUTSIDE_GRAPH`: SyncBatchNorm while a graph is traced: eagerly, outside it.
 
 Every path but `Path.EMPTY` then folds the batch into the running statistics once, in
@@ -180,9 +180,10 @@ def plan(call: Call) -> Path:
     policy = call.sync is not None or call.mask is not None or call.virtual_batch_size is not None
     if not call.batch_stats or not (policy or call.renorm is not None):
         return Path.OP
-    if call.mode.traced:
-        return Path.SYNC_OUTSIDE_GRAPH if call.sync is not None else Path.TORCH_OPS
-    return Path.TORCH_OPS if call.mask is not None else Path.KERNELS
+    if call.sync is not None and call.mode.traced:
+        return Path.SYNC_OUTSIDE_GRAPH
+    # torch.func's transforms cannot run the op's kernels on their tensors
+    return Path.TORCH_OPS if call.mask is not None or call.mode.transformed else Path.KERNELS
 
 
 def _op(call: Call) -> Tensor:
@@ -254,8 +255,9 @@ def _policy(call: Call, normalize) -> Tensor:
 def _outside_the_graph(call: Call) -> Tensor:
     """`Path.SYNC_OUTSIDE_GRAPH`: SyncBatchNorm in a compiled model runs eagerly, a graph
     break per layer (so fullgraph=True refuses it): its two reductions are collectives
-    between the forward's statistics and the backward's sums, which a traced graph would drop."""
-    return _policy(call, _normalize_one)
+    between the forward's statistics and the backward's sums, which a traced graph would drop.
+    The call's Mode was asked while tracing; here, outside the graph, it runs as eager."""
+    return _policy(call._replace(mode=modes.current()), _normalize_one)
 
 
 def _renormalized(weight, bias, correction) -> tuple[Tensor | None, Tensor | None]:
@@ -280,14 +282,15 @@ def _normalize_one(call: Call, limits, be) -> tuple[Tensor, Stats]:
     if sync is None:
         validation.validate_training_batch(x)
     with torch.no_grad():
-        batch = _local_stats(x, be)
+        # traced, the statistics are the reference's torch ops, which a graph can hold
+        batch = _local_stats(x, backends.get("reference") if call.mode.traced else be)
         if sync is not None:
             batch = sync.reduce_stats(batch)
             # Every process holds the same global count, so all raise together.
             validation.validate_global_count(int(batch.count[0]) if batch.count.numel() else 0, x.shape)
         correction = None
         if limits is not None:
-            correction = variants.renorm_correction(batch, call.running_mean, call.running_var, call.eps, *limits)
+            correction = ops.renorm_correction(batch, call.running_mean, call.running_var, call.eps, *limits)
     weight, bias = _renormalized(call.weight, call.bias, correction)
     y, _ = ops.batch_norm(
         x, weight, bias, call.residual, None, None, training=True, eps=call.eps, activation=call.activation,

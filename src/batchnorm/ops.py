@@ -25,7 +25,8 @@ size and layout):
   kernels are traced instead (triton_ops.py: the same functions as `torch.library.triton_op`s,
   whose graphs hold the kernels themselves; `TRITON_OPS` says whether they are registered).
   The running update is `update_running`'s tensor ops there, traced into the graph, with no
-  host synchronization.
+  host synchronization. Ghost batches and renorm call the same op with their statistics
+  (`stats`), which its `given` argument marks.
 - exported in evaluation, and under torch.func transforms (`Mode.transformed`: grad,
   vmap, jvp), at every size: torch's batch norm and the extras in standard aten ops, so an
   exported program runs where this package is not installed and the transforms see ops
@@ -111,6 +112,9 @@ def batch_norm(
         or (residual is not None and residual.requires_grad)
     )
     if stats is not None:
+        if mode.traced:
+            op = torch.ops.batchnorm.triton_batch_norm if be.name == "triton" and TRITON_OPS else torch.ops.batchnorm.batch_norm
+            return op(x, weight, bias, residual, stats[0], stats[1], eps, activation, training, be.name, True)[0], None
         args = (x, weight, bias, residual, stats[0], stats[1], eps, activation, training, be)
         if differentiated:
             return _BatchNormFunction.apply(*args, True, sums_to_means)[0], None
@@ -294,16 +298,18 @@ def _batch_norm_op(
     activation: Optional[str],
     training: bool,
     backend: str,
+    given: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(y, params): the backend's whole-op forward; the running statistics are only read
     (in evaluation): the update is traced apart, so that this op is functional. `backend`:
-    a name, as a schema holds it."""
+    a name, as a schema holds it; `given`: running_mean and running_var are the statistics
+    step's (`batch_norm`'s `stats`), as in forward_kernels."""
     be = backends.get(backend)
-    return forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, be)
+    return forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, be, given)
 
 
 @_batch_norm_op.register_fake
-def _batch_norm_fake(x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend):
+def _batch_norm_fake(x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend, given=False):
     return layout.empty_output(x), x.new_empty((N_PARAMS, x.shape[1]), dtype=acc_dtype(x.dtype))
 
 
@@ -347,7 +353,7 @@ def _own(t: Tensor, inputs) -> Tensor:
 
 def setup_context(ctx, inputs, output):
     """The autograd context of a forward op (this module's or triton_ops.py's)."""
-    x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend = inputs
+    x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend = inputs[:10]
     _save(ctx, x, weight, bias, residual, running_mean, running_var, output[1], eps, activation, training, backend)
 
 
@@ -360,7 +366,7 @@ def backward_formula(backward_op):
         return tuple(g if need else None for g, need in zip(grads, needs))
 
     def backward(ctx, dy, _dparams):
-        return (*_gradients(ctx, dy, kernels), None, None, None, None, None, None)
+        return (*_gradients(ctx, dy, kernels), None, None, None, None, None, None, None)
 
     return backward
 

@@ -48,11 +48,14 @@ def triton_batch_norm(
     activation: Optional[str],
     training: bool,
     backend: str,
+    given: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(y, params): the triton backend's whole-op forward; the running statistics are only
     read (in evaluation), as in batchnorm::batch_norm. Its body is also its fake implementation."""
     with traceable_launches():
-        return forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, _TRITON)
+        return forward_kernels(
+            x, weight, bias, residual, running_mean, running_var, eps, activation, training, _TRITON, given
+        )  # fmt: skip
 
 
 @torch.library.triton_op("batchnorm::triton_batch_norm_backward", mutates_args=())

@@ -147,7 +147,7 @@ def masked_normalize(
 ) -> Tensor:
     """y = g((x - mu) * scale + shift + residual) at every position, mu and var from the valid
     ones (all of them when mask is None: then this is plain batch norm in differentiable torch
-    ops, what a traced graph runs for ghost batches and renorm).
+    ops, what torch.func's transforms run for ghost batches and renorm).
 
     `batch` is differentiable in x (masked_stats); `scale_of(invstd)` builds the per-channel
     scale. Outputs at masked positions use detached statistics, so their gradients reach x
