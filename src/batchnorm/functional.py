@@ -116,14 +116,14 @@ def batch_norm(
         raise ValueError("masks and ghost batches are not supported together with SyncBatchNorm")
     mode = modes.current()  # once: every layer below reads this answer
     be = backends.resolve(backend, x, activation, residual is not None, mode).backend  # once: every path and chunk runs it
-    batch_stats = training or running_mean is None
+    training = training or running_mean is None  # torch's rule: batch statistics without running ones
     call = Call(
         x=x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias,
-        batch_stats=batch_stats, momentum=momentum, eps=eps, activation=activation, residual=residual,
+        training=training, momentum=momentum, eps=eps, activation=activation, residual=residual,
         backend=be, num_batches_tracked=num_batches_tracked, guard=guard or _DEFAULT_GUARD, sync=sync,
         mask=mask, virtual_batch_size=virtual_batch_size, renorm=renorm,
         unbiased_running_var=unbiased_running_var, mode=mode,
-        update=batch_stats and running_mean is not None and running_var is not None and not mode.recomputing,
+        update=training and running_mean is not None and running_var is not None and not mode.recomputing,
     )  # fmt: skip
     if activation is not None and activation not in be.fused_activations:
         # this backend's fused form of the activation is slower than torch's own op after it
@@ -143,7 +143,7 @@ class Path(enum.Enum):
 
 
 class Call(NamedTuple):
-    """One call of `batch_norm`, validated: torch's arguments (`batch_stats`: whether the
+    """One call of `batch_norm`, validated: torch's arguments (`training`: whether the
     batch's statistics normalize, torch's rule), the extras, and what a module plugs in."""
 
     x: Tensor
@@ -151,7 +151,7 @@ class Call(NamedTuple):
     running_var: Tensor | None
     weight: Tensor | None
     bias: Tensor | None
-    batch_stats: bool
+    training: bool
     momentum: float | None
     eps: float
     activation: str | None = None
@@ -175,10 +175,10 @@ def plan(call: Call) -> Path:
     """Which path computes `call`: by its extras, whether batch statistics normalize (the
     extras are training-only: evaluation is plain batch norm with the running statistics)
     and whether a graph is being traced."""
-    if call.x.numel() == 0 and not (call.batch_stats and call.sync is not None):
+    if call.x.numel() == 0 and not (call.training and call.sync is not None):
         return Path.EMPTY  # SyncBatchNorm's empty part still joins the other processes' reductions
     policy = call.sync is not None or call.mask is not None or call.virtual_batch_size is not None
-    if not call.batch_stats or not (policy or call.renorm is not None):
+    if not call.training or not (policy or call.renorm is not None):
         return Path.OP
     if call.sync is not None and call.mode.traced:
         return Path.SYNC_OUTSIDE_GRAPH
@@ -188,17 +188,17 @@ def plan(call: Call) -> Path:
 
 def _op(call: Call) -> Tensor:
     """`Path.OP`: the op layer; then the batch folded into the running statistics."""
-    if call.batch_stats:
+    if call.training:
         validation.validate_training_batch(call.x)
-    reads_running = not call.batch_stats  # evaluation normalizes with them; training only updates them
+    reads_running = not call.training  # evaluation normalizes with them; training only updates them
     tracked = call.running_mean is not None and call.running_var is not None
     y, batch = ops.batch_norm(
         call.x, call.weight, call.bias, call.residual,
         call.running_mean if reads_running else None, call.running_var if reads_running else None,
-        training=call.batch_stats, eps=call.eps, activation=call.activation, backend=call.backend, mode=call.mode,
+        training=call.training, eps=call.eps, activation=call.activation, backend=call.backend, mode=call.mode,
         # whether the statistics are tracked, not `update`: a forward that checkpointing
         # recomputes must run (and save for backward) exactly what the first one did
-        want_stats=call.batch_stats and tracked,
+        want_stats=call.training and tracked,
     )  # fmt: skip
     if call.update:
         _update_running(call, batch)
