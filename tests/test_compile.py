@@ -220,6 +220,7 @@ def test_no_graph_breaks_in_a_converted_cnn():
             torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_tracing_our_code_warns_about_nothing():
     """Dynamo warns about code it traces that it does not trust (a functools.cache wrapper,
     say): a user compiling a model with our layers must see none of that from this package,
