@@ -96,14 +96,19 @@ def batch_norm(
     the caller's `modes.Mode` for this call (None: asked here).
 
     The statistics step, for the callers that compute it themselves (functional.py's ghost
-    batches, batch renormalization and SyncBatchNorm, in eager mode): `stats`, a (2, C)
+    batches, batch renormalization and SyncBatchNorm): `stats`, a (2, C)
     tensor (mean, biased variance) that normalizes in training instead of the batch's own,
     still differentiated as the batch's statistics (functions of x); `sums_to_means`, the
     backward's hook between its two passes (backends/base.py), for statistics over more
-    than x (SyncBatchNorm's all_reduce). Neither returns statistics: the caller has them.
+    than x (SyncBatchNorm's all_reduce; eager only, as a graph's op has no such hook).
+    Neither returns statistics: the caller has them.
     """
     mode = modes.current() if mode is None else mode
     be = backend if isinstance(backend, Backend) else backends.resolve(backend, x, mode=mode).backend
+    if mode.traced and stats is not None:
+        return _graph_op(be)(x, weight, bias, residual, stats[0], stats[1], eps, activation, training, be.name, True)[0], None
+    if mode.traced:
+        return _traced(x, weight, bias, residual, running_mean, running_var, training, eps, activation, be, want_stats, mode)
     # whether autograd records this call (else a Function would only cost time)
     differentiated = torch.is_grad_enabled() and (
         x.requires_grad
@@ -112,15 +117,10 @@ def batch_norm(
         or (residual is not None and residual.requires_grad)
     )
     if stats is not None:
-        if mode.traced:
-            op = torch.ops.batchnorm.triton_batch_norm if be.name == "triton" and TRITON_OPS else torch.ops.batchnorm.batch_norm
-            return op(x, weight, bias, residual, stats[0], stats[1], eps, activation, training, be.name, True)[0], None
         args = (x, weight, bias, residual, stats[0], stats[1], eps, activation, training, be)
         if differentiated:
             return _BatchNormFunction.apply(*args, True, sums_to_means)[0], None
         return forward_kernels(*args, given=True)[0], None
-    if mode.traced:
-        return _traced(x, weight, bias, residual, running_mean, running_var, training, eps, activation, be, want_stats, mode)
     plain_evaluation = not training and activation is None and residual is None
     if isinstance(be, AtenBackend) or (plain_evaluation and not be.takes_plain_evaluation(x)):
         return _native(x, weight, bias, residual, running_mean, running_var, training, eps, activation, want_stats)
@@ -137,10 +137,14 @@ def _traced(x, weight, bias, residual, running_mean, running_var, training, eps,
     runs it: only ops a graph can hold."""
     if isinstance(be, AtenBackend) or mode.transformed or (not training and mode.exporting):
         return _native(x, weight, bias, residual, running_mean, running_var, training, eps, activation, want_stats)
-    traced_triton = be.name == "triton" and TRITON_OPS
-    op = torch.ops.batchnorm.triton_batch_norm if traced_triton else torch.ops.batchnorm.batch_norm
-    y, params = op(x, weight, bias, residual, running_mean, running_var, eps, activation, training, be.name)
+    y, params = _graph_op(be)(x, weight, bias, residual, running_mean, running_var, eps, activation, training, be.name)
     return y, (_from_params(params.detach(), x) if training and want_stats else None)
+
+
+def _graph_op(be: Backend):
+    """The forward op a graph holds for backend `be`: triton's traceable ops where they are
+    registered (`TRITON_OPS`), else the opaque batchnorm::batch_norm."""
+    return torch.ops.batchnorm.triton_batch_norm if be.name == "triton" and TRITON_OPS else torch.ops.batchnorm.batch_norm
 
 
 def _native(x, weight, bias, residual, running_mean, running_var, training, eps, activation, want_stats):
