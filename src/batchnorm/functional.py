@@ -344,9 +344,8 @@ def _empty(call: Call) -> Tensor:
     x, weight, bias = call.x, call.weight, call.bias
     if x.dim() < 2:  # torch's empty 1-D batch: no channel dimension, so nothing to scale
         weight = bias = None
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    y = x if weight is None else x * weight.view(shape)
-    y = y if bias is None else y + bias.view(shape)
+    y = x if weight is None else x * layout.per_channel(weight, x)
+    y = y if bias is None else y + layout.per_channel(bias, x)
     y = y if call.residual is None else y + call.residual
     return activations.forward(y, call.activation).to(x.dtype)
 

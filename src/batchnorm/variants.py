@@ -118,11 +118,10 @@ def masked_stats(x: Tensor, mask: Tensor | None) -> Stats:
     """(count, mean, m2) over the valid positions only (every position when mask is None);
     differentiable in x."""
     dims = layout.reduce_dims(x)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
     if mask is None:
         xa = x.to(acc_dtype(x.dtype))
         mean = xa.mean(dims)
-        centred = xa - mean.view(shape)
+        centred = xa - layout.per_channel(mean, x)
         count = torch.full_like(mean, x.numel() // x.shape[1])
         return Stats(count, mean, (centred * centred).sum(dims))
     m = _mask_like(x, mask)
@@ -131,7 +130,7 @@ def masked_stats(x: Tensor, mask: Tensor | None) -> Stats:
     xa = torch.where(valid, x.to(m.dtype), 0.0)
     count = m.sum(dims).expand(x.shape[1])
     mean = xa.sum(dims) / count.clamp(min=1)
-    centred = torch.where(valid, xa - mean.view(shape), 0.0)
+    centred = torch.where(valid, xa - layout.per_channel(mean, x), 0.0)
     return Stats(count, mean, (centred * centred).sum(dims))
 
 
@@ -153,14 +152,13 @@ def masked_normalize(
     scale. Outputs at masked positions use detached statistics, so their gradients reach x
     and the parameters but never the statistics.
     """
-    shape = (1, -1) + (1,) * (x.dim() - 2)
     invstd = torch.rsqrt(batch.var + eps)
-    mean, scale = batch.mean.view(shape), scale_of(invstd).view(shape)
+    mean, scale = layout.per_channel(batch.mean, x), layout.per_channel(scale_of(invstd), x)
     if mask is not None:
         valid = mask.unsqueeze(1)
-        mean = torch.where(valid, mean, batch.mean.detach().view(shape))
-        scale = torch.where(valid, scale, scale_of(invstd.detach()).view(shape))
-    u = (x.to(mean.dtype) - mean) * scale + shift.view(shape)
+        mean = torch.where(valid, mean, layout.per_channel(batch.mean.detach(), x))
+        scale = torch.where(valid, scale, layout.per_channel(scale_of(invstd.detach()), x))
+    u = (x.to(mean.dtype) - mean) * scale + layout.per_channel(shift, x)
     if residual is not None:
         u = u + residual.to(u.dtype)
     return activations.forward(u, activation).to(x.dtype)

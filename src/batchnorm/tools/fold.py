@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import activations, validation
+from .. import activations, layout, validation
 from ..channel_params import affine
 from ._common import (
     Changes, is_batchnorm, is_frozen_style, prepare, replace, require_batchnorm, rest_of_forward, run_example,
@@ -90,8 +90,8 @@ class ChannelAffine(Activation):
 
     def forward(self, x: Tensor, residual: Tensor | None = None, *, activation: str | None = None) -> Tensor:
         validation.validate_input(x, self.scale.numel())
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return super().forward(x * self.scale.view(shape) + self.shift.view(shape), residual, activation=activation)
+        scale, shift = layout.per_channel(self.scale, x), layout.per_channel(self.shift, x)
+        return super().forward(x * scale + shift, residual, activation=activation)
 
     def extra_repr(self) -> str:
         return str(self.scale.numel())
