@@ -186,9 +186,13 @@ def update_running_stats(
         viewable = not traced and _fold_running_cpu is not None
         for t in (running_mean, running_var, mean, var):
             viewable = viewable and t.is_cpu and t.dtype in _NUMPY_DTYPES and t.is_contiguous() and not t.requires_grad
-        # numba_warmup.py: the rule compiles in the background meanwhile, and the tensor ops serve
-        rule = ("fold_running", mean.dtype, running_mean.dtype)
-        if viewable and numba_warmup.ready(rule, functools.partial(_compile_rule, mean.dtype, running_mean.dtype)):
+        # numba_warmup.py: the rule compiles in the helper process meanwhile (compiled in this
+        # one, numba's compiler would hold the interpreter lock from the training loop for a
+        # second), and the tensor ops serve
+        dtypes = [str(mean.dtype).removeprefix("torch."), str(running_mean.dtype).removeprefix("torch.")]
+        rule = ("fold_running", *dtypes)
+        compile_here = functools.partial(compile_rule, *dtypes)
+        if viewable and numba_warmup.ready(rule, compile_here, ahead=(__name__, "compile_rule", dtypes)):
             factor = momentum_factor(momentum, num_batches_tracked)
             accepted = bool(_fold_running_cpu(mean.numpy(), var.numpy(), factor, running_mean.numpy(), running_var.numpy()))
             if accepted and num_batches_tracked is not None:
@@ -201,9 +205,10 @@ def update_running_stats(
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
-def _compile_rule(stats_dtype: torch.dtype, running_dtype: torch.dtype) -> None:
-    """Compile the rule's numba form (numba_kernels.fold_running) for these dtypes."""
-    a, b = (np.float64 if t == torch.float64 else np.float32 for t in (stats_dtype, running_dtype))
+def compile_rule(stats_dtype: str, running_dtype: str) -> None:
+    """Compile the rule's numba form (numba_kernels.fold_running) for these dtypes
+    ("float32" or "float64"), or load it from numba's disk cache."""
+    a, b = (np.dtype(name) for name in (stats_dtype, running_dtype))
     _fold_running_cpu(np.zeros(1, a), np.ones(1, a), 0.1, np.zeros(1, b), np.ones(1, b))
 
 
@@ -308,12 +313,25 @@ def _batch_norm_op(
     (in evaluation): the update is traced apart, so that this op is functional. `backend`:
     a name, as a schema holds it; `given`: running_mean and running_var are the statistics
     step's (`batch_norm`'s `stats`), as in forward_kernels."""
-    be = backends.get(backend)
+    be = _runnable(backend, x, activation, residual)
     return forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, be, given)
+
+
+def _runnable(name: str, x: Tensor, activation: str | None, residual: Tensor | None) -> Backend:
+    """The backend a graph's op names, or aten's whole op while that backend's kernels for
+    this call are not compiled yet (numba_warmup.py: they compile in the background
+    meanwhile, or here with BATCHNORM_COMPILE=blocking). The whole op's (6, C) parameters
+    mean the same for every backend, so a backward may run kernels that became ready on
+    the parameters of a forward that ran aten's."""
+    be = backends.get(name)
+    return be if be.ready(x, activation, residual is not None, modes.current()) else backends.get("aten")
 
 
 @_batch_norm_op.register_fake
 def _batch_norm_fake(x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend, given=False):
+    # run as plain Python while a graph holding the op is built (Dynamo's own tracing of this
+    # package's code cannot start a compilation without a graph break)
+    backends.get(backend).prepare(x, activation, residual is not None)
     return layout.empty_output(x), x.new_empty((N_PARAMS, x.shape[1]), dtype=acc_dtype(x.dtype))
 
 
@@ -332,7 +350,7 @@ def _batch_norm_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dresidual): the backend's whole-op backward; a gradient that
     `needs` does not ask for is an empty tensor (an op returns tensors, never None)."""
-    be = backends.get(backend)
+    be = _runnable(backend, x, activation, residual)
     grads = backward_kernels(dy, x, weight, bias, residual, params, training, activation, be, needs)
     inputs = (dy, x, weight, bias, residual, params)
     return tuple(_own(g, inputs) if g is not None else x.new_empty(0) for g in grads)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .bench import bench_app
 from .bench_accuracy import accuracy_command
+from .bench_first_use import first_use_command
 from .bench_memory import memory_command
 from .bench_step import step_command
 from .bench_train import train_bench_command
@@ -150,6 +151,7 @@ def check_command(
 bench_app.command("train")(train_bench_command)
 bench_app.command("accuracy")(accuracy_command)
 bench_app.command("memory")(memory_command)
+bench_app.command("first-use")(first_use_command)
 bench_app.command("step")(step_command)
 app.add_typer(bench_app, name="bench")
 app.command("check")(check_command)

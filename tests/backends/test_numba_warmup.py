@@ -13,22 +13,33 @@ import textwrap
 import warnings
 
 import pytest
+import torch
 
 pytest.importorskip("numba")
 
 _FIRST_STEPS = textwrap.dedent(
     """
+    import threading
     import torch, batchnorm as bn
     from batchnorm import backends
-    from batchnorm.backends import numba_warmup
+    from batchnorm.backends import numba_kernels, numba_warmup
 
+    # Hold the helper until the first calls are done (they run before any kernel is ready
+    # whatever the machine's speed); then see that this process compiled nothing itself.
+    gate = threading.Event()
+    run = numba_warmup._HELPER.run
+    numba_warmup._HELPER.run = lambda request: (gate.wait(), run(request))
     torch.manual_seed(0)
     x = torch.randn(64, 16, 16, 16)
     ours, theirs = bn.BatchNormAct(bn.BatchNorm2d(16), "relu"), torch.nn.BatchNorm2d(16)
     before = backends.resolve("auto", x, "relu", False).backend.name
     ys = [ours(x.requires_grad_()) for _ in range(3)]  # first calls: nothing compiled yet
     ys[0].sum().backward()
+    gate.set()
     numba_warmup.wait()
+    # the running update's rule: loaded from the disk cache (a hit), not compiled here (a miss)
+    rule = numba_kernels.fold_running.stats
+    compiled_here = f"{sum(rule.cache_misses.values())}/{sum(rule.cache_hits.values())}"
     after = backends.resolve("auto", x, "relu", False).backend.name
     y_numba = ours(x)
     y_numba.sum().backward()
@@ -37,7 +48,7 @@ _FIRST_STEPS = textwrap.dedent(
     print(before, after, ours.bn.num_batches_tracked.item(),
           float((ys[0] - y_torch).abs().max()), float((y_numba - y_torch).abs().max()),
           float((ours.bn.running_var - theirs.running_var).abs().max()),
-          numba_warmup._HELPER._process is not None)
+          numba_warmup._HELPER._process is not None, compiled_here)
     """
 )
 
@@ -47,8 +58,10 @@ def test_first_calls_run_torchs_kernel_until_numba_has_compiled(tmp_path):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), BATCHNORM_COMPILE="background")
     done = subprocess.run([sys.executable, "-c", _FIRST_STEPS], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    before, after, count, first_error, numba_error, running_error, helper = done.stdout.split()
-    assert (before, after) == ("aten", "numba") and helper == "True"  # compiled by the helper process
+    before, after, count, first_error, numba_error, running_error, helper, compiled_here = done.stdout.split()
+    # compiled by the helper process, the kernels and the running update's rule alike (numba's
+    # compiler in this process would hold the interpreter lock from the calls)
+    assert (before, after) == ("aten", "numba") and helper == "True" and compiled_here == "0/1"
     assert int(count) == 4  # every call folded in once, on either side of the swap
     assert float(first_error) < 1e-5 and float(numba_error) < 1e-5 and float(running_error) < 1e-6
 
@@ -90,3 +103,94 @@ def test_the_helper_process_runs_each_request_and_reports_failures():
         helper._process.stdin.close()
         helper._process.wait(timeout=60)
     assert helper._process.returncode == 0
+
+
+_COMPILED_FIRST_STEPS = textwrap.dedent(
+    """
+    import threading
+    import torch, batchnorm as bn
+    from torch._dynamo.utils import counters
+    from batchnorm.backends import numba_warmup
+    from batchnorm.backends.aten import AtenBackend
+    from batchnorm.backends.numba_cpu import NumbaBackend
+
+    # Hold the helper until the first steps are done, so that they run before any kernel
+    # is ready whatever the machine's speed; count which backend's whole op each call runs.
+    gate, ran = threading.Event(), []
+    run = numba_warmup._HELPER.run
+    numba_warmup._HELPER.run = lambda request: (gate.wait(), run(request))
+    for cls in (AtenBackend, NumbaBackend):
+        for name in ("forward", "backward"):
+            def counted(self, *args, _inner=getattr(cls, name), _tag=cls.name + "." + name):
+                ran.append(_tag)
+                return _inner(self, *args)
+            setattr(cls, name, counted)
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 16, 16, 16)
+    ours, theirs = bn.BatchNormAct(bn.BatchNorm2d(16), "relu"), torch.nn.BatchNorm2d(16)
+    step = torch.compile(ours, fullgraph=True)
+    y_first = step(x.requires_grad_())
+    y_first.sum().backward()
+    first = sorted(set(ran))
+    frames = counters["frames"]["ok"]
+    gate.set()
+    numba_warmup.wait()
+    ran.clear()
+    y_numba = step(x)
+    y_numba.sum().backward()
+    for _ in range(2):
+        y_torch = torch.relu(theirs(x))
+    print(",".join(first), ",".join(sorted(set(ran))), counters["frames"]["ok"] - frames,
+          ours.bn.num_batches_tracked.item(), float((y_first - y_torch).abs().max()),
+          float((y_numba - y_torch).abs().max()), float((ours.bn.running_var - theirs.running_var).abs().max()))
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_compiled_graph_runs_atens_whole_op_until_numba_has_compiled(tmp_path):
+    """torch.compile puts our op in the graph; until its kernels are compiled (in the helper
+    process) the op runs the aten backend's whole op, then numba's, with no recompile."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), BATCHNORM_COMPILE="background")
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILED_FIRST_STEPS], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, then, recompiled, count, first_error, numba_error, running_error = done.stdout.split()
+    assert first == "aten.backward,aten.forward" and then == "numba.backward,numba.forward"
+    assert int(recompiled) == 0 and int(count) == 2
+    assert float(first_error) < 1e-5 and float(numba_error) < 1e-5 and float(running_error) < 1e-6
+
+
+@pytest.mark.parametrize("size", [(2, 16, 4, 4), (64, 16, 16, 16), "dynamic batch"])
+def test_building_a_graph_with_our_op_starts_its_kernels_compiling(monkeypatch, size):
+    """The op's fake implementation, which runs while a graph holding it is compiled, asks for
+    the kernels of the call's case, so that they compile while Inductor compiles the graph
+    (both thread counts for a symbolic size, without a guard on it); in the blocking mode
+    the op compiles them at its first run instead."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    from batchnorm.backends import numba_kernels, numba_warmup
+
+    def asked_in(mode):
+        asked = []
+        monkeypatch.setenv(numba_warmup.ENV_VAR, mode)
+        monkeypatch.setattr(numba_warmup, "ready", lambda key, compile, ahead=None: asked.append((key, ahead)))
+        fake = FakeTensorMode(shape_env=ShapeEnv())
+        real = torch.empty((64, 16, 16, 16) if size == "dynamic batch" else size).to(memory_format=torch.channels_last)
+        dims = [DimDynamic.DYNAMIC if size == "dynamic batch" else DimDynamic.STATIC] + [DimDynamic.STATIC] * 3
+        x = fake.from_tensor(real, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+        with fake:
+            torch.ops.batchnorm.batch_norm(x, None, None, x, None, None, 1e-5, "relu6", True, "numba")
+        assert not fake.shape_env.guards
+        return asked
+
+    assert asked_in("blocking") == []
+    asked = asked_in("background")
+    threads = [False, True] if size == "dynamic batch" else [numba_kernels.threaded(torch.Size(size).numel())]
+    assert [case.threads for case, _ in asked] == threads
+    for case, (_, function, args) in asked:
+        assert (case.dtype, case.ndim, case.has_res, case.code) == (torch.float32, 2, True, 7)
+        assert function == "compile_case" and args == ["float32", 2, case.threads, True, 7]

@@ -70,6 +70,11 @@ class Backend:
         use); `auto` takes another backend meanwhile. May start that work in the background."""
         return True
 
+    def prepare(self, x: Tensor, activation: str | None, has_residual: bool) -> None:
+        """A graph that calls this backend's kernels for such input is being compiled: start
+        compiling them in the background now, so that they are ready, or nearly, when the
+        graph first runs (until then its op runs aten's, ops.py)."""
+
     def takes_plain_evaluation(self, x: Tensor) -> bool:
         """Whether evaluation with nothing fused (no activation, no residual), one affine pass,
         should run here rather than in torch's kernel (cheaper to call) for input x."""

@@ -111,14 +111,14 @@ def _mc_scratch(xv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return s1, s2, np.zeros((2, channels))
 
 
-def _forward(xv, rv, *, activation, train, write, gamma, beta, eps, channel: ChannelParams, size=None):
-    """Run the forward kernel of xv's view. `train`: compute the batch's statistics into
+def _forward(xv, rv, *, activation, training, write, gamma, beta, eps, channel: ChannelParams, size=None):
+    """Run the forward kernel of xv's view. `training`: compute the batch's statistics into
     `channel`, else normalize with it; `write`: produce y; `size`: the element count that
     picks the threaded kernel or not (xv's own by default). Returns (y or None, m2)."""
     m2 = np.empty(xv.shape[1], xv.dtype)
     y = OUTPUTS.empty(xv.shape, xv.dtype) if write else xv  # never written when not `write`
     has_res, code = rv is not None, _ACT_CODE[activation]
-    args = (xv, xv if rv is None else rv, has_res, code, train, write, gamma, beta, eps, *channel, m2, y)
+    args = (xv, xv if rv is None else rv, has_res, code, training, write, gamma, beta, eps, *channel, m2, y)
     size = xv.size if size is None else size
     if xv.ndim == 3:
         # (C, 2, L) float64 lane scratch for the statistics of rows shorter than LANES (the
@@ -132,9 +132,9 @@ def _forward(xv, rv, *, activation, train, write, gamma, beta, eps, channel: Cha
 
 
 def _backward(
-    dyv, xv, rv, *, activation, channel: ChannelParams, reduce, write, batch_stats, mean_d, mean_dxh, size=None
+    dyv, xv, rv, *, activation, channel: ChannelParams, reduce, write, local_means, mean_d, mean_dxh, size=None
 ):  # fmt: skip
-    """Run the backward kernel: `reduce` the sums (sum_d, sum_dxh), and with `batch_stats`
+    """Run the backward kernel: `reduce` the sums (sum_d, sum_dxh), and with `local_means`
     write their means into mean_d and mean_dxh; `write` dx (and dres with a residual) from
     mean_d and mean_dxh; `size` as for `_forward`. Returns (sum_d, sum_dxh, dx or None,
     dres or None) as numpy."""
@@ -144,7 +144,7 @@ def _backward(
     dres = OUTPUTS.empty(xv.shape, xv.dtype) if write and rv is not None else dx
     has_res, code = rv is not None, _ACT_CODE[activation]
     args = (dyv, xv, xv if rv is None else rv, has_res, code, *channel,
-            reduce, write, batch_stats, sum_d, sum_dxh, mean_d, mean_dxh, dx, dres)  # fmt: skip
+            reduce, write, local_means, sum_d, sum_dxh, mean_d, mean_dxh, dx, dres)  # fmt: skip
     size = xv.size if size is None else size
     if xv.ndim == 3:
         kernels.kernel("ncl_backward", size, has_res, code)(*args, np.empty((2, channels)))
@@ -180,9 +180,9 @@ def _compile_case(case: Case) -> None:
     ones, size = np.ones(3, dtype), kernels.PARALLEL_NUMEL if case.threads else 0
     channel = ChannelParams.empty(3, xv.dtype)
     activation = activations.NAMES[case.code]
-    _forward(xv, rv, activation=activation, train=True, write=True, gamma=ones, beta=ones, eps=1e-5,
+    _forward(xv, rv, activation=activation, training=True, write=True, gamma=ones, beta=ones, eps=1e-5,
              channel=channel, size=size)  # fmt: skip
-    _backward(xv, xv, rv, activation=activation, channel=channel, reduce=True, write=True, batch_stats=True,
+    _backward(xv, xv, rv, activation=activation, channel=channel, reduce=True, write=True, local_means=True,
               mean_d=ones.copy(), mean_dxh=ones.copy(), size=size)  # fmt: skip
 
 
@@ -225,13 +225,28 @@ class NumbaBackend(Backend):
 
     def ready(self, x: Tensor, activation: str | None, has_residual: bool, mode: Mode) -> bool:
         """Whether this call's kernels are compiled (numba_warmup.py: until then `auto` runs
-        torch's kernel and they compile in the background). A traced call compiles in the op."""
+        torch's kernel and they compile in the background). A traced call puts our op in the
+        graph, which asks again when it runs (ops.py)."""
         if mode.traced:
             return True
+        return self._ready(self._case(x, activation, has_residual, kernels.threaded(x.numel())))
+
+    def prepare(self, x: Tensor, activation: str | None, has_residual: bool) -> None:
+        """In the background mode: both thread counts when x's size is symbolic (choosing
+        one would guard on it)."""
+        if numba_warmup.blocking():
+            return  # the op compiles its kernels at its first run
+        size = x.numel()
+        for threads in (kernels.threaded(size),) if isinstance(size, int) else (False, True):
+            self._ready(self._case(x, activation, has_residual, threads))
+
+    def _case(self, x: Tensor, activation: str | None, has_residual: bool, threads: bool) -> Case:
         code = _ACT_CODE[activation if activation in self.fused_activations else None]
-        ndim = 3 if layout.kind_of(x) == "ncl" else 2
-        case = Case(x.dtype, ndim, kernels.threaded(x.numel()), has_residual, code)
-        ahead = (__name__, "compile_case", [str(x.dtype).removeprefix("torch."), *case[1:]])
+        return Case(x.dtype, 3 if layout.kind_of(x) == "ncl" else 2, threads, has_residual, code)
+
+    @staticmethod
+    def _ready(case: Case) -> bool:
+        ahead = (__name__, "compile_case", [str(case.dtype).removeprefix("torch."), *case[1:]])
         return numba_warmup.ready(case, lambda: _compile_case(case), ahead)
 
     def takes_plain_evaluation(self, x: Tensor) -> bool:
@@ -256,7 +271,7 @@ class NumbaBackend(Backend):
             params[INVSTD] = 1.0 / np.sqrt(params[VAR] + eps)
             params[SCALE], params[SHIFT], params[XHAT_SHIFT] = gamma * params[INVSTD], beta, 0.0
         y, m2 = _forward(
-            xv, rv, activation=activation, train=training, write=True, gamma=gamma, beta=beta, eps=eps,
+            xv, rv, activation=activation, training=training, write=True, gamma=gamma, beta=beta, eps=eps,
             channel=ChannelParams.rows_of(params),
         )  # fmt: skip
         if training:
@@ -280,13 +295,13 @@ class NumbaBackend(Backend):
         in_one_call = sums_to_means is None or not (training and write)
         sum_d, sum_dxh, dxv, dresv = _backward(
             dyv, xv, rv, activation=activation, channel=channel, reduce=reduce, write=write and in_one_call,
-            batch_stats=training and in_one_call, mean_d=mean_d, mean_dxh=mean_dxh,
+            local_means=training and in_one_call, mean_d=mean_d, mean_dxh=mean_dxh,
         )  # fmt: skip
         if not in_one_call:
             means = sums_to_means(torch.from_numpy(np.stack([sum_d, sum_dxh])))
             mean_d, mean_dxh = means.to(_TORCH_DTYPES[xv.dtype]).numpy()
             _, _, dxv, dresv = _backward(
-                dyv, xv, rv, activation=activation, channel=channel, reduce=False, write=True, batch_stats=False,
+                dyv, xv, rv, activation=activation, channel=channel, reduce=False, write=True, local_means=False,
                 mean_d=np.ascontiguousarray(mean_d), mean_dxh=np.ascontiguousarray(mean_dxh),
             )  # fmt: skip
         return (
@@ -302,7 +317,7 @@ class NumbaBackend(Backend):
         ones, zeros = np.ones(xv.shape[1], xv.dtype), np.zeros(xv.shape[1], xv.dtype)
         channel = ChannelParams.empty(xv.shape[1], xv.dtype)
         _, m2 = _forward(
-            xv, None, activation=None, train=True, write=False, gamma=ones, beta=zeros, eps=0.0, channel=channel
+            xv, None, activation=None, training=True, write=False, gamma=ones, beta=zeros, eps=0.0, channel=channel
         )  # fmt: skip
         mean = torch.from_numpy(channel.center)
         return torch.full_like(mean, layout.values_per_channel(x)), mean, torch.from_numpy(m2)
@@ -312,7 +327,7 @@ class NumbaBackend(Backend):
         zeros = np.zeros(xv.shape[1], xv.dtype)
         channel = ChannelParams.plain(_np(mean), _np(scale), _np(shift), invstd=zeros)  # invstd: not read
         y, _ = _forward(
-            xv, None if residual is None else _np(residual), activation=activation, train=False, write=True,
+            xv, None if residual is None else _np(residual), activation=activation, training=False, write=True,
             gamma=zeros, beta=zeros, eps=0.0, channel=channel,
         )  # fmt: skip
         return torch.from_numpy(y)
@@ -322,7 +337,7 @@ class NumbaBackend(Backend):
         unused = np.zeros_like(channel.center)  # mean_d, mean_dxh: neither read nor written
         sum_d, sum_dxh, _, _ = _backward(
             _np(dy), _np(x), None if residual is None else _np(residual), activation=activation, channel=channel,
-            reduce=True, write=False, batch_stats=False, mean_d=unused, mean_dxh=unused,
+            reduce=True, write=False, local_means=False, mean_d=unused, mean_dxh=unused,
         )  # fmt: skip
         return torch.from_numpy(sum_d), torch.from_numpy(sum_dxh)
 
@@ -332,6 +347,6 @@ class NumbaBackend(Backend):
         channel = ChannelParams.plain(_np(mean), _np(scale), _np(shift), _np(invstd))
         _, _, dx, dres = _backward(
             _np(dy), _np(x), None if residual is None else _np(residual), activation=activation, channel=channel,
-            reduce=False, write=True, batch_stats=False, mean_d=_np(mean_d), mean_dxh=_np(mean_d_xhat),
+            reduce=False, write=True, local_means=False, mean_d=_np(mean_d), mean_dxh=_np(mean_d_xhat),
         )  # fmt: skip
         return torch.from_numpy(dx), None if dres is None else torch.from_numpy(dres)

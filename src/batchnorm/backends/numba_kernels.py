@@ -367,10 +367,10 @@ def _ncl_normalize(args, has_res, code):
 
 
 def ncl_forward(
-    x, res, has_res, code, train, write, gamma, beta, eps, center, scale, shift, invstd, xhat_shift, m2, y,
+    x, res, has_res, code, training, write, gamma, beta, eps, center, scale, shift, invstd, xhat_shift, m2, y,
     lanes, acc,
 ):  # fmt: skip
-    """Per group of channels (`_ncl_group`): statistics when `train` (into center, scale,
+    """Per group of channels (`_ncl_group`): statistics when `training` (into center, scale,
     shift, invstd, xhat_shift and m2, see `_set_params`), then, when `write`,
     y = g((x - center) scale + shift + res) while the group is still in cache. `lanes`:
     (C, 2, L) float64 scratch for rows shorter than LANES ((C, 2, 0) otherwise); `acc`:
@@ -379,7 +379,7 @@ def ncl_forward(
     per = _ncl_group(n_rows, channels, length, x.itemsize)
     for k in _prange((channels + per - 1) // per):
         c0, c1 = k * per, min(channels, (k + 1) * per)
-        if train:
+        if training:
             _ncl_stats(x, c0, c1, lanes, acc)
             for c in range(c0, c1):
                 _set_params(c, acc[0, c], acc[1, c], n_rows * length, eps, gamma, beta,
@@ -435,14 +435,14 @@ def _ncl_grad_apply(args, has_res, code):
 
 
 def ncl_backward(
-    dy, x, res, has_res, code, center, scale, shift, invstd, xhat_shift, reduce, write, batch_stats,
+    dy, x, res, has_res, code, center, scale, shift, invstd, xhat_shift, reduce, write, local_means,
     sum_d, sum_dxh, mean_d, mean_dxh, dx, dres, acc,
 ):  # fmt: skip
     """Per group of channels (`_ncl_group`): when `reduce`, sum_d = sum d, sum_dxh = sum d
-    xhat (and, with `batch_stats`, mean_d, mean_dxh = those / n); then, when `write`,
-    dx = scale (d - mean_d - xhat mean_dxh) and dres = d; d = dy g'(u),
-    xhat = (x - center) invstd + xhat_shift.
-    `acc`: float64 (2, C) scratch."""
+    xhat (and, with `local_means`, mean_d, mean_dxh = those / n, n this input's values per
+    channel: the training form's means when no other process shares the batch); then, when
+    `write`, dx = scale (d - mean_d - xhat mean_dxh) and dres = d; d = dy g'(u),
+    xhat = (x - center) invstd + xhat_shift. `acc`: float64 (2, C) scratch."""
     n_rows, channels, length = x.shape
     per = _ncl_group(n_rows, channels, length, x.itemsize)
     for k in _prange((channels + per - 1) // per):
@@ -452,7 +452,7 @@ def ncl_backward(
             _ncl_grad_sums(args, has_res, code)
             for c in range(c0, c1):
                 sum_d[c], sum_dxh[c] = acc[0, c], acc[1, c]
-                if batch_stats:
+                if local_means:
                     mean_d[c], mean_dxh[c] = acc[0, c] / (n_rows * length), acc[1, c] / (n_rows * length)
         if write:
             args = (dy, x, res, dx, dres, c0, c1, center, scale, shift, invstd, xhat_shift, mean_d, mean_dxh)
@@ -482,7 +482,7 @@ def _mc_normalize(args, has_res, code):
 
 
 def mc_forward(
-    x, res, has_res, code, train, write, gamma, beta, eps, center, scale, shift, invstd, xhat_shift, m2, y,
+    x, res, has_res, code, training, write, gamma, beta, eps, center, scale, shift, invstd, xhat_shift, m2, y,
     s1, s2, merged,
 ):  # fmt: skip
     """`ncl_forward` for (M, C): per-block sums of x - x[0] in parallel (into the zeroed
@@ -491,7 +491,7 @@ def mc_forward(
     merge (blocks x C Chan updates) vectorizes across channels."""
     rows, channels = x.shape
     per, blocks = mc_blocks(rows, channels)
-    if train:
+    if training:
         pivot = x[0]
         for k in _prange(blocks):
             s1k, s2k = s1[k], s2[k]
@@ -560,7 +560,7 @@ def _mc_grad_apply(args, has_res, code):
 
 
 def mc_backward(
-    dy, x, res, has_res, code, center, scale, shift, invstd, xhat_shift, reduce, write, batch_stats,
+    dy, x, res, has_res, code, center, scale, shift, invstd, xhat_shift, reduce, write, local_means,
     sum_d, sum_dxh, mean_d, mean_dxh, dx, dres, s1, s2, merged,
 ):  # fmt: skip
     """`ncl_backward` for (M, C): per-block partial sums in parallel (into the zeroed
@@ -581,7 +581,7 @@ def mc_backward(
                 sdx[c] += float(s2k[c])
         for c in range(channels):
             sum_d[c], sum_dxh[c] = sd[c], sdx[c]
-            if batch_stats:
+            if local_means:
                 mean_d[c], mean_dxh[c] = sd[c] / rows, sdx[c] / rows
     if write:
         for k in _prange(blocks):

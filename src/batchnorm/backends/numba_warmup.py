@@ -4,14 +4,17 @@ Under `backend="auto"`, a call whose numba kernels are not compiled yet in this 
 runs torch's kernel instead, and the kernels are compiled (or loaded from numba's on-disk
 cache) in the background; later calls take numba once they are ready. Both give the same
 results up to fp32 rounding and follow the same running-statistics rule, so the swap is
-invisible to a training run. A backend named explicitly (`backend="numba"`) and a traced
-call compile at once, as before: the caller asked for those kernels.
+invisible to a training run. A backend named explicitly (`backend="numba"`) compiles at
+once in eager calls: the caller asked for those kernels. A compiled graph holds our op
+whichever way numba was chosen, and the op asks the same question when it runs: until its
+kernels are ready it runs the aten backend's whole op (ops.py), so a compiled model's first
+steps wait for Inductor only.
 
 Where the background is: numba's compiler is Python code, which holds the interpreter lock
 while it runs, and it takes a core from torch's own threads, which slow down far more than
 in proportion when one of them waits for a core. A case that says how to compile it
 elsewhere (`ahead`) is compiled instead in a helper process (one per process that needs it,
-started at the first such case) at a lower scheduling priority (`HELPER_NICENESS`), which
+started at the first such case) at the lowest scheduling priority (`_LOWEST_PRIORITY`), which
 writes the machine code to numba's disk cache; this process then only loads it from there.
 So the training steps keep torch's speed, and the kernels arrive when the machine has a
 core to spare (on a machine kept busy, later; and a later process finds them on disk).
@@ -36,9 +39,20 @@ import warnings
 from collections.abc import Callable, Hashable
 
 ENV_VAR = "BATCHNORM_COMPILE"
-# The helper process's niceness: low enough that torch's threads keep their cores while the
-# training loop runs (docs/performance.md, the numba backend's "Cases" has the trade-off).
-HELPER_NICENESS = 10
+# The helper process's first statements: the lowest scheduling priority, before it imports
+# anything. Under Linux's SCHED_IDLE it runs only on a core nothing else wants, and a waking
+# thread of torch's takes the core back at once; niceness 10 (the fallback where there is no
+# SCHED_IDLE) still took enough from torch's threads to slow the first training steps
+# (docs/performance.md, the numba backend's "Cases", has both). Set by the child itself,
+# not by a preexec_fn: that forces a fork of this (large) process, whose pages then copy on
+# every write until the child has started.
+_LOWEST_PRIORITY = """
+import os
+try:
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+except (AttributeError, OSError):
+    os.nice(10)
+"""
 
 _ready: set[Hashable] = set()
 _running: dict[Hashable, threading.Thread] = {}
@@ -121,9 +135,8 @@ class _Helper:
     def _start(self) -> subprocess.Popen:
         if self._process is None:
             self._process = subprocess.Popen(
-                [sys.executable, "-c", f"import {__name__} as helper; helper._serve()"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                text=True, preexec_fn=lambda: os.nice(HELPER_NICENESS),
+                [sys.executable, "-c", _LOWEST_PRIORITY + f"import {__name__} as helper; helper._serve()"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             )  # fmt: skip
         return self._process
 
