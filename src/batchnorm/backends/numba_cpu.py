@@ -229,7 +229,7 @@ class NumbaBackend(Backend):
         graph, which asks again when it runs (ops.py)."""
         if mode.traced:
             return True
-        return self._ready(self._case(x, activation, has_residual, kernels.threaded(x.numel())))
+        return self._case_ready(x, activation, has_residual, kernels.threaded(x.numel()))
 
     def prepare(self, x: Tensor, activation: str | None, has_residual: bool) -> None:
         """In the background mode: both thread counts when x's size is symbolic (choosing
@@ -238,15 +238,13 @@ class NumbaBackend(Backend):
             return  # the op compiles its kernels at its first run
         size = x.numel()
         for threads in (kernels.threaded(size),) if isinstance(size, int) else (False, True):
-            self._ready(self._case(x, activation, has_residual, threads))
+            self._case_ready(x, activation, has_residual, threads)
 
-    def _case(self, x: Tensor, activation: str | None, has_residual: bool, threads: bool) -> Case:
+    def _case_ready(self, x: Tensor, activation: str | None, has_residual: bool, threads: bool) -> bool:
+        """numba_warmup.ready for the kernel case of such a call."""
         code = _ACT_CODE[activation if activation in self.fused_activations else None]
-        return Case(x.dtype, 3 if layout.kind_of(x) == "ncl" else 2, threads, has_residual, code)
-
-    @staticmethod
-    def _ready(case: Case) -> bool:
-        ahead = (__name__, "compile_case", [str(case.dtype).removeprefix("torch."), *case[1:]])
+        case = Case(x.dtype, 3 if layout.kind_of(x) == "ncl" else 2, threads, has_residual, code)
+        ahead = (__name__, "compile_case", [str(x.dtype).removeprefix("torch."), *case[1:]])
         return numba_warmup.ready(case, lambda: _compile_case(case), ahead)
 
     def takes_plain_evaluation(self, x: Tensor) -> bool:
