@@ -117,6 +117,31 @@ def cases(draw):
                "activation": "tanh", "residual": True, "affine": False, "training": True,
                "offset": 0.0, "parallel": True, "seed": 8697})  # fmt: skip
 def test_normalize_and_gradients_match_reference(case):
+    check_against_reference(case)
+
+
+# One activation of each compiled kind (numba_kernels.KINDS; silu stands for the smooth ones).
+_KIND_ACTIVATIONS = {numba_kernels.IDENTITY: None, numba_kernels.RELU: "relu", numba_kernels.SMOOTH: "silu",
+                     numba_kernels.RELU6: "relu6", numba_kernels.HARDSWISH: "hardswish"}  # fmt: skip
+
+
+@pytest.mark.parametrize("activation", list(_KIND_ACTIVATIONS.values()))
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "threads"])
+@pytest.mark.parametrize("fmt", ["ncl", "channels_last"])  # the (N, C, L) and the (M, C) kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_compiled_case_matches_reference(dtype, fmt, parallel, residual, activation):
+    """Each compiled case (numba_kernels.compiled: dtype, view, threads, residual, activation
+    kind) forward and backward at least once, whatever the random draws above pick."""
+    assert set(_KIND_ACTIVATIONS) == set(numba_kernels.KINDS)
+    check_against_reference(dict(fmt=fmt, n=3, c=5, length=37, dtype=dtype, activation=activation,
+                                 residual=residual, affine=True, training=True, offset=30.0,
+                                 parallel=parallel, seed=7))  # fmt: skip
+
+
+def check_against_reference(case):
+    """The whole op on `case`'s input (the keys of `cases`) in training or evaluation, forward
+    and gradients, against the float64 reference, with every allocation poisoned."""
     gen = torch.Generator().manual_seed(case["seed"])
     dtype, c = case["dtype"], case["c"]
     x = make_input(case["fmt"], case["n"], c, case["length"], dtype, gen, case["offset"])
