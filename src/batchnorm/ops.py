@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from . import backends, layout, modes, variants
-from .backends.aten import AtenBackend, differentiable_grads, native_batch_norm
+from .backends.aten import AtenBackend, NativeStandIn, differentiable_grads, native_batch_norm
 from .backends.base import CENTER, N_PARAMS, VAR, Backend
 from .channel_params import acc_dtype
 from .stats import Stats, momentum_factor, update_running
@@ -317,14 +317,17 @@ def _batch_norm_op(
     return forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, be, given)
 
 
+_STAND_IN = NativeStandIn()
+
+
 def _runnable(name: str, x: Tensor, activation: str | None, residual: Tensor | None) -> Backend:
-    """The backend a graph's op names, or aten's whole op while that backend's kernels for
-    this call are not compiled yet (numba_warmup.py: they compile in the background
-    meanwhile, or here with BATCHNORM_COMPILE=blocking). The whole op's (6, C) parameters
-    mean the same for every backend, so a backward may run kernels that became ready on
-    the parameters of a forward that ran aten's."""
+    """The backend a graph's op names, or torch's own kernels (aten.NativeStandIn) while that
+    backend's kernels for this call are not compiled yet (numba_warmup.py: they compile in
+    the background meanwhile, or here with BATCHNORM_COMPILE=blocking). The whole op's
+    (6, C) parameters mean the same for every backend, so a backward may run kernels that
+    became ready on the parameters of a forward that ran the stand-in."""
     be = backends.get(name)
-    return be if be.ready(x, activation, residual is not None, modes.current()) else backends.get("aten")
+    return be if be.ready(x, activation, residual is not None, modes.current()) else _STAND_IN
 
 
 @_batch_norm_op.register_fake

@@ -557,26 +557,33 @@ def test_a_call_compiles_only_its_own_case():
     assert pick(activations.NAMES.index("relu"), False) is not pick(activations.NAMES.index("relu"), True)
 
 
+@pytest.mark.parametrize("activation", [None, "relu", "hardswish"])
 @pytest.mark.parametrize("training", [True, False], ids=["training", "evaluation"])
 @pytest.mark.parametrize("shape", [(4, 6, 50), (300, 6)], ids=["ncl", "mc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_numba_backward_takes_the_parameters_of_atens_whole_op(dtype, shape, training):
-    """A compiled graph's op runs aten's whole op while numba's kernels compile (ops._runnable),
-    and its backward may find them ready: numba's backward on the (6, C) parameters of aten's
-    forward gives what it gives on its own forward's, and the two forwards agree."""
+def test_the_stand_in_matches_numba_and_each_takes_the_others_parameters(dtype, shape, training, activation):
+    """A compiled graph's op runs torch's kernels (aten.NativeStandIn) while numba's compile
+    (ops._runnable), and its backward may find them ready: the stand-in's forward and
+    backward equal numba's, and numba's backward on the stand-in's (6, C) parameters equals
+    numba's on its own (and the other way round)."""
+    from batchnorm.backends.aten import NativeStandIn
+
     gen = torch.Generator().manual_seed(3)
     x, dy, residual = ((torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 5).to(dtype) for _ in range(3))
     c = shape[1]
     weight, bias = torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype)
     running = (None, None) if training else (torch.randn(c, dtype=dtype) + 5, torch.rand(c, dtype=dtype) + 0.5)
-    aten, numba_be = backends.get("aten"), backends.get("numba")
+    stand_in, numba_be = NativeStandIn(), backends.get("numba")
+    needs = (True, True, True, True)
     with poisoned_allocations():
-        y_aten, params_aten = aten.forward(x, weight, bias, residual, *running, 1e-5, "relu", training)
-        y_numba, params_numba = numba_be.forward(x, weight, bias, residual, *running, 1e-5, "relu", training)
-        needs = (True, True, True, True)
-        grads = [numba_be.backward(dy, x, residual, p, training, "relu", needs, dtype, dtype)
-                 for p in (params_aten, params_numba)]  # fmt: skip
-    close(y_aten, y_numba, dtype)
+        y_in, params_in = stand_in.forward(x, weight, bias, residual, *running, 1e-5, activation, training)
+        y_nb, params_nb = numba_be.forward(x, weight, bias, residual, *running, 1e-5, activation, training)
+        grads = [be.backward(dy, x, residual, p, training, activation, needs, dtype, dtype)
+                 for be in (stand_in, numba_be) for p in (params_in, params_nb)]  # fmt: skip
+    close(y_in, y_nb, dtype)
+    for row in (CENTER, VAR, INVSTD):
+        close(params_in[row], params_nb[row], dtype, scale=10.0)
     n = x.numel() // c
-    for name, from_aten, from_numba in zip(("x", "weight", "bias", "residual"), *grads):
-        close(from_aten, from_numba, dtype, scale={"weight": 4 * n, "bias": n}.get(name, 8.0))
+    for other in grads[:3]:
+        for name, got, want in zip(("x", "weight", "bias", "residual"), other, grads[3]):
+            close(got, want, dtype, scale={"weight": 4 * n, "bias": n}.get(name, 8.0))

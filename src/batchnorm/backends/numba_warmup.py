@@ -7,7 +7,7 @@ results up to fp32 rounding and follow the same running-statistics rule, so the 
 invisible to a training run. A backend named explicitly (`backend="numba"`) compiles at
 once in eager calls: the caller asked for those kernels. A compiled graph holds our op
 whichever way numba was chosen, and the op asks the same question when it runs: until its
-kernels are ready it runs the aten backend's whole op (ops.py), so a compiled model's first
+kernels are ready it runs torch's kernels (aten.NativeStandIn), so a compiled model's first
 steps wait for Inductor only.
 
 Where the background is: numba's compiler is Python code, which holds the interpreter lock
