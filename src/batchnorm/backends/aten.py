@@ -31,49 +31,41 @@ class NativeStandIn(AtenBackend):
     """The whole op (base.py) on torch's own kernels, for fp32 and fp64 views: what a
     compiled graph's op runs in place of a backend whose kernels for the call are still
     compiling (ops.py's `_runnable`). The whole op it inherits runs the contract's torch
-    ops, several passes more (docs/performance.md, the numba backend's "Cases"). Same
-    (6, C) parameters, so either backend's backward takes the other's forward's."""
+    ops, several passes more (docs/performance.md, the numba backend's "Cases"); it keeps
+    that for the evaluation form's backward (one pass of d scale and two sums either way).
+    Same (6, C) parameters, so either backend's backward takes the other's forward's."""
 
     def forward(self, x, weight, bias, residual, running_mean, running_var, eps, activation, training):
         if x.dtype not in (torch.float32, torch.float64):
             return super().forward(x, weight, bias, residual, running_mean, running_var, eps, activation, training)
         w, b = (None if t is None else t.detach().to(x.dtype) for t in (weight, bias))
+        y, mean, unbiased_var = native_batch_norm(x, w, b, running_mean, running_var, eps, activation, residual, training)
         if training:
-            # torch's kernel writes the batch's mean and unbiased variance into zeroed rows
-            # with momentum 1 (as native_batch_norm below does for the eager path)
-            batch = torch.zeros(2, x.shape[1], dtype=x.dtype)
-            y, mean, invstd = torch.native_batch_norm(x, w, b, batch[0], batch[1], True, 1.0, eps)
             n = layout.values_per_channel(x)
-            var = batch[1] * ((n - 1) / n)  # biased, as the parameters hold it
+            var = unbiased_var * ((n - 1) / n)  # biased, as the parameters hold it
         else:
             mean, var = running_mean.detach().to(x.dtype), running_var.detach().to(x.dtype)
-            y = torch.native_batch_norm(x, w, b, mean, var, False, 0.0, eps)[0]
-            invstd = torch.rsqrt(var + eps)
+        invstd = torch.rsqrt(var + eps)
         scale, shift = affine(invstd, w, b)
-        return _finish(y, activation, residual), torch.stack([mean, scale, shift, invstd, torch.zeros_like(mean), var])
+        return y, torch.stack([mean, scale, shift, invstd, torch.zeros_like(mean), var])
 
     def backward(
         self, dy, x, residual, params, training, activation, needs, weight_dtype, bias_dtype, sums_to_means=None
     ):  # fmt: skip
-        if sums_to_means is not None or x.dtype not in (torch.float32, torch.float64):
+        if not training or sums_to_means is not None or x.dtype not in (torch.float32, torch.float64):
             return super().backward(
                 dy, x, residual, params, training, activation, needs, weight_dtype, bias_dtype, sums_to_means
             )  # fmt: skip
         need_x, need_w, need_b, need_r = needs
-        mean, scale, shift, invstd = (layout.per_channel(params[row], x) for row in (CENTER, SCALE, SHIFT, INVSTD))
         d = dy
         if activation is not None:  # d = dy g'(u), u recomputed from x
+            mean, scale, shift = (layout.per_channel(params[row], x) for row in (CENTER, SCALE, SHIFT))
             u = (x - mean) * scale + shift
             d = dy * activations.derivative(u if residual is None else u + residual, activation)
-        if training:
-            gamma = params[SCALE] / params[INVSTD]  # the parameters hold gamma invstd
-            dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-                d, x, gamma, None, None, params[CENTER], params[INVSTD], True, 0.0, [need_x, need_w, need_b]
-            )  # fmt: skip
-        else:  # the statistics are constants: dx = d scale
-            dx = d * scale if need_x else None
-            dw = (d * (x - mean) * invstd).sum(layout.reduce_dims(x)) if need_w else None
-            db = d.sum(layout.reduce_dims(x)) if need_b else None
+        gamma = params[SCALE] / params[INVSTD]  # the parameters hold gamma invstd
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+            d, x, gamma, None, None, params[CENTER], params[INVSTD], True, 0.0, [need_x, need_w, need_b]
+        )  # fmt: skip
         return (
             dx if need_x else None, dw.to(weight_dtype) if need_w else None, db.to(bias_dtype) if need_b else None,
             d if need_r else None,

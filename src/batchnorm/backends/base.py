@@ -73,7 +73,7 @@ class Backend:
     def prepare(self, x: Tensor, activation: str | None, has_residual: bool) -> None:
         """A graph that calls this backend's kernels for such input is being compiled: start
         compiling them in the background now, so that they are ready, or nearly, when the
-        graph first runs (until then its op runs aten's, ops.py)."""
+        graph first runs (until then its op runs torch's kernels, ops.py's `_runnable`)."""
 
     def takes_plain_evaluation(self, x: Tensor) -> bool:
         """Whether evaluation with nothing fused (no activation, no residual), one affine pass,
