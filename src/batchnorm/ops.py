@@ -189,10 +189,7 @@ def update_running_stats(
         # numba_warmup.py: the rule compiles in the helper process meanwhile (compiled in this
         # one, numba's compiler would hold the interpreter lock from the training loop for a
         # second), and the tensor ops serve
-        dtypes = [str(mean.dtype).removeprefix("torch."), str(running_mean.dtype).removeprefix("torch.")]
-        rule = ("fold_running", *dtypes)
-        compile_here = functools.partial(compile_rule, *dtypes)
-        if viewable and numba_warmup.ready(rule, compile_here, ahead=(__name__, "compile_rule", dtypes)):
+        if viewable and numba_warmup.ready(_rule_request(mean.dtype, running_mean.dtype)):
             factor = momentum_factor(momentum, num_batches_tracked)
             accepted = bool(_fold_running_cpu(mean.numpy(), var.numpy(), factor, running_mean.numpy(), running_var.numpy()))
             if accepted and num_batches_tracked is not None:
@@ -202,7 +199,14 @@ def update_running_stats(
         return bool(accepted) if not traced and accepted.device.type == "cpu" else accepted
 
 
-_NUMPY_DTYPES = (torch.float32, torch.float64)
+_NUMPY_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+@functools.cache
+def _rule_request(stats_dtype: torch.dtype, running_dtype: torch.dtype) -> numba_warmup.Request:
+    """numba_warmup's request that compiles the rule for these dtypes (built once per pair:
+    the running update asks it at every call)."""
+    return numba_warmup.Request(__name__, "compile_rule", (_NUMPY_DTYPES[stats_dtype], _NUMPY_DTYPES[running_dtype]))
 
 
 def compile_rule(stats_dtype: str, running_dtype: str) -> None:

@@ -66,14 +66,24 @@ def test_first_calls_run_torchs_kernel_until_numba_has_compiled(tmp_path):
     assert float(first_error) < 1e-5 and float(numba_error) < 1e-5 and float(running_error) < 1e-6
 
 
+_RAN: list[int] = []
+
+
+def _record(value: int) -> None:
+    """A request's function: what a compile would be, as something the test can see."""
+    _RAN.append(value)
+
+
 def test_blocking_mode_compiles_at_the_first_call(monkeypatch):
     from batchnorm.backends import numba_warmup
 
     monkeypatch.setenv(numba_warmup.ENV_VAR, "blocking")
-    compiled = []
-    assert numba_warmup.ready(("test", "blocking"), lambda: compiled.append(1))
-    assert compiled == [1] and numba_warmup.ready(("test", "blocking"), lambda: compiled.append(2))
-    assert compiled == [1]
+    monkeypatch.setattr(numba_warmup, "_ready", set())
+    _RAN.clear()
+    request = numba_warmup.Request(__name__, "_record", (1,))
+    assert numba_warmup.ready(request) and _RAN == [1]
+    assert numba_warmup.ready(request) and _RAN == [1]  # once per request
+    assert numba_warmup.ready(request._replace(args=(2,))) and _RAN == [1, 2]
 
 
 def test_a_bad_mode_is_named(monkeypatch):
@@ -81,7 +91,7 @@ def test_a_bad_mode_is_named(monkeypatch):
 
     monkeypatch.setenv(numba_warmup.ENV_VAR, "eager")
     with pytest.raises(ValueError, match="BATCHNORM_COMPILE must be"):
-        numba_warmup.ready(("test", "mode"), lambda: None)
+        numba_warmup.ready(numba_warmup.Request(__name__, "_record", (3,)))
 
 
 @pytest.mark.slow
@@ -94,10 +104,10 @@ def test_the_helper_process_runs_each_request_and_reports_failures():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # "ok": nothing to say
-            helper.run(("math", "sqrt", [4.0]))
+            helper.run(numba_warmup.Request("math", "sqrt", (4.0,)))
         with pytest.warns(RuntimeWarning, match="compile helper failed.*TypeError"):
-            helper.run(("math", "sqrt", ["four"]))
-        helper.run(("math", "sqrt", [9.0]))
+            helper.run(numba_warmup.Request("math", "sqrt", ("four",)))
+        helper.run(numba_warmup.Request("math", "sqrt", (9.0,)))
         assert helper._process.poll() is None  # still serving
     finally:
         helper._process.stdin.close()
@@ -178,7 +188,7 @@ def test_building_a_graph_with_our_op_starts_its_kernels_compiling(monkeypatch, 
     def asked_in(mode):
         asked = []
         monkeypatch.setenv(numba_warmup.ENV_VAR, mode)
-        monkeypatch.setattr(numba_warmup, "ready", lambda key, compile, ahead=None: asked.append((key, ahead)))
+        monkeypatch.setattr(numba_warmup, "ready", asked.append)
         fake = FakeTensorMode(shape_env=ShapeEnv())
         real = torch.empty((64, 16, 16, 16) if size == "dynamic batch" else size).to(memory_format=torch.channels_last)
         dims = [DimDynamic.DYNAMIC if size == "dynamic batch" else DimDynamic.STATIC] + [DimDynamic.STATIC] * 3
@@ -191,7 +201,7 @@ def test_building_a_graph_with_our_op_starts_its_kernels_compiling(monkeypatch, 
     assert asked_in("blocking") == []
     asked = asked_in("background")
     threads = [False, True] if size == "dynamic batch" else [numba_kernels.threaded(torch.Size(size).numel())]
-    assert [case.threads for case, _ in asked] == threads
-    for case, (_, function, args) in asked:
-        assert (case.dtype, case.ndim, case.has_res, case.code) == (torch.float32, 2, True, 7)
-        assert function == "compile_case" and args == ["float32", 2, case.threads, True, 7]
+    assert [request.args.threads for request in asked] == threads
+    for request in asked:
+        assert request.function == "compile_case" and request.module == "batchnorm.backends.numba_cpu"
+        assert request.args == ("float32", 2, request.args.threads, True, 7)

@@ -28,8 +28,8 @@ from .output_pool import OutputPool
 _HUGE_BYTES = 1 << 25  # outputs from this size use numpy's allocator (`_allocate`)
 _SMALL_BYTES = 1 << 16  # outputs below this size also use numpy's (`_allocate`)
 _ACT_CODE = {name: code for code, name in enumerate(activations.NAMES)}
-_DTYPES = (torch.float32, torch.float64)
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
 
 #: `auto` takes numba from this many elements: the smallest size of the (N, 64, L) fp32
 #: BN + ReLU forward + backward sweep (docs/benchmarks.md) from which numba is never slower
@@ -154,11 +154,12 @@ def _backward(
 
 
 class Case(NamedTuple):
-    """What selects one compiled variant of the kernels (numba_kernels.py): the dtype, the
-    canonical view's rank (3: (N, C, L), 2: (M, C)), threads or not, residual or not, and the
-    activation's code."""
+    """What selects one compiled variant of the kernels (numba_kernels.py), in plain values
+    (numba_warmup's request for it): the dtype ("float32" or "float64"), the canonical view's
+    rank (3: (N, C, L), 2: (M, C)), threads or not, residual or not, and the activation's
+    code."""
 
-    dtype: torch.dtype
+    dtype: str
     ndim: int
     threads: bool
     has_res: bool
@@ -166,20 +167,15 @@ class Case(NamedTuple):
 
 
 def compile_case(dtype: str, ndim: int, threads: bool, has_res: bool, code: int) -> None:
-    """`_compile_case` from plain values (what numba_warmup's helper process, and the test
-    suite's precompile, pass)."""
-    _compile_case(Case(getattr(torch, dtype), ndim, threads, has_res, code))
-
-
-def _compile_case(case: Case) -> None:
-    """Compile (or load from numba's cache) a case's forward and backward kernels by running
-    them on a tiny input of its dtype and rank (numba compiles for argument types, not sizes)."""
-    dtype = np.float64 if case.dtype == torch.float64 else np.float32
-    xv = np.ones((2, 3, 4) if case.ndim == 3 else (4, 3), dtype)
-    rv = xv.copy() if case.has_res else None
-    ones, size = np.ones(3, dtype), kernels.PARALLEL_NUMEL if case.threads else 0
+    """Compile (or load from numba's cache) a `Case`'s forward and backward kernels by running
+    them on a tiny input of its dtype and rank (numba compiles for argument types, not
+    sizes). What numba_warmup runs, in its helper process and here, and the test suite's
+    precompile."""
+    xv = np.ones((2, 3, 4) if ndim == 3 else (4, 3), np.dtype(dtype))
+    rv = xv.copy() if has_res else None
+    ones, size = np.ones(3, xv.dtype), kernels.PARALLEL_NUMEL if threads else 0
     channel = ChannelParams.empty(3, xv.dtype)
-    activation = activations.NAMES[case.code]
+    activation = activations.NAMES[code]
     _forward(xv, rv, activation=activation, training=True, write=True, gamma=ones, beta=ones, eps=1e-5,
              channel=channel, size=size)  # fmt: skip
     _backward(xv, xv, rv, activation=activation, channel=channel, reduce=True, write=True, local_means=True,
@@ -205,7 +201,7 @@ class NumbaBackend(Backend):
     def unsupported(self, x: Tensor) -> str | None:
         if x.device.type != "cpu":
             return f"numba runs on the CPU only, the input is on {x.device}"
-        if x.dtype not in _DTYPES:
+        if x.dtype not in _DTYPE_NAMES:
             return f"numba kernels take float32 and float64, the input is {x.dtype}"
         if x.numel() == 0:
             return "the input is empty"
@@ -243,9 +239,8 @@ class NumbaBackend(Backend):
     def _case_ready(self, x: Tensor, activation: str | None, has_residual: bool, threads: bool) -> bool:
         """numba_warmup.ready for the kernel case of such a call."""
         code = _ACT_CODE[activation if activation in self.fused_activations else None]
-        case = Case(x.dtype, 3 if layout.kind_of(x) == "ncl" else 2, threads, has_residual, code)
-        ahead = (__name__, "compile_case", [str(x.dtype).removeprefix("torch."), *case[1:]])
-        return numba_warmup.ready(case, lambda: _compile_case(case), ahead)
+        case = Case(_DTYPE_NAMES[x.dtype], 3 if layout.kind_of(x) == "ncl" else 2, threads, has_residual, code)
+        return numba_warmup.ready(numba_warmup.Request(__name__, "compile_case", case))
 
     def takes_plain_evaluation(self, x: Tensor) -> bool:
         """Plain evaluation is one affine pass with nothing to fuse: below _HUGE_BYTES torch's

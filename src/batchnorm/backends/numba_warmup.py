@@ -10,16 +10,19 @@ whichever way numba was chosen, and the op asks the same question when it runs: 
 kernels are ready it runs torch's kernels (aten.NativeStandIn), so a compiled model's first
 steps wait for Inductor only.
 
+What to compile is a `Request`: a function named by its module and name, and the plain
+(JSON-able) arguments of its call, which compiles the kernels or loads them from numba's
+disk cache. The request is also the key under which they are ready.
+
 Where the background is: numba's compiler is Python code, which holds the interpreter lock
 while it runs, and it takes a core from torch's own threads, which slow down far more than
-in proportion when one of them waits for a core. A case that says how to compile it
-elsewhere (`ahead`) is compiled instead in a helper process (one per process that needs it,
-started at the first such case) at the lowest scheduling priority (`_LOWEST_PRIORITY`), which
-writes the machine code to numba's disk cache; this process then only loads it from there.
+in proportion when one of them waits for a core. So a request runs first in a helper
+process (one per process that needs it, started at the first request) at the lowest
+scheduling priority (`_LOWEST_PRIORITY`), which writes the machine code to numba's disk
+cache; a thread of this process then runs the same request, which only loads it from there.
 So the training steps keep torch's speed, and the kernels arrive when the machine has a
 core to spare (on a machine kept busy, later; and a later process finds them on disk).
-docs/performance.md (the numba backend, "Cases") has the measurements. Anything else
-compiles in a thread.
+docs/performance.md (the numba backend, "Cases") has the measurements.
 
 The environment variable BATCHNORM_COMPILE chooses: "background" (the default) or
 "blocking" (compile at the first call that needs a kernel, the old behaviour, which the test
@@ -36,7 +39,7 @@ import subprocess
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Hashable
+from typing import NamedTuple
 
 ENV_VAR = "BATCHNORM_COMPILE"
 # The helper process's first statements: the lowest scheduling priority, before it imports
@@ -54,8 +57,23 @@ except (AttributeError, OSError):
     os.nice(10)
 """
 
-_ready: set[Hashable] = set()
-_running: dict[Hashable, threading.Thread] = {}
+
+
+class Request(NamedTuple):
+    """`module.function(*args)`: compiles kernels in the process that runs it, or loads them
+    from numba's disk cache. `args` are plain values (a tuple, so that the request can be a
+    key; the helper receives them as JSON)."""
+
+    module: str
+    function: str
+    args: tuple
+
+    def run(self) -> None:
+        getattr(importlib.import_module(self.module), self.function)(*self.args)
+
+
+_ready: set[Request] = set()
+_running: dict[Request, threading.Thread] = {}
 _lock = threading.Lock()
 
 
@@ -67,40 +85,34 @@ def blocking() -> bool:
     return mode == "blocking"
 
 
-def ready(key: Hashable, compile: Callable[[], None], ahead: tuple[str, str, list] | None = None) -> bool:
-    """Whether the kernels named by `key` are compiled in this process. If not, they are
-    compiled in the background, once per key, and the answer is False until they are; with
-    BATCHNORM_COMPILE=blocking `compile` runs here and the answer is True.
-
-    compile: compiles the kernels in this process (or loads them from numba's disk cache).
-    ahead: (module, function, JSON-able arguments) whose call compiles the same kernels in
-        another process, into the disk cache; None: a thread runs `compile`."""
-    if key in _ready:
+def ready(request: Request) -> bool:
+    """Whether the kernels `request` compiles are compiled in this process. If not, they are
+    compiled in the background (the helper process, then a load here), once per request,
+    and the answer is False until they are; with BATCHNORM_COMPILE=blocking the request
+    runs here and the answer is True."""
+    if request in _ready:
         return True
     if blocking():
-        compile()
-        _ready.add(key)
+        request.run()
+        _ready.add(request)
         return True
     with _lock:
-        if key not in _running:
-            thread = threading.Thread(
-                target=_compile, args=(key, compile, ahead), name=f"batchnorm-compile-{key}", daemon=True
-            )
-            _running[key] = thread
+        if request not in _running:
+            thread = threading.Thread(target=_compile, args=(request,), name=f"batchnorm-compile-{request}", daemon=True)
+            _running[request] = thread
             thread.start()
     return False
 
 
-def _compile(key: Hashable, compile: Callable[[], None], ahead: tuple[str, str, list] | None) -> None:
+def _compile(request: Request) -> None:
     try:
-        if ahead is not None:
-            _HELPER.run(ahead)  # then `compile` below loads what it wrote to the disk cache
-        compile()
+        _HELPER.run(request)  # then request.run() below loads what it wrote to the disk cache
+        request.run()
     except Exception as error:  # noqa: BLE001 - a kernel that cannot compile leaves torch's kernel in use
-        warnings.warn(f"batchnorm: compiling the numba kernels for {key} failed ({error!r}); torch's kernel "
+        warnings.warn(f"batchnorm: compiling the numba kernels for {request} failed ({error!r}); torch's kernel "
                       "runs those calls instead", RuntimeWarning, stacklevel=1)  # fmt: skip
         return
-    _ready.add(key)
+    _ready.add(request)
 
 
 def wait(timeout: float | None = None) -> None:
@@ -110,16 +122,16 @@ def wait(timeout: float | None = None) -> None:
 
 
 class _Helper:
-    """The helper process: one JSON request per line on its stdin, (module, function, args),
+    """The helper process: one JSON request per line on its stdin, [module, function, args],
     answered by one line on its stdout, "ok" or the error. Requests are served one at a time
     (a lock), in the order the threads ask. A failed helper (it could not start, or died) is
-    not retried: the threads' `compile` then compiles in this process."""
+    not retried: the threads' `request.run()` then compiles in this process."""
 
     def __init__(self) -> None:
         self._process: subprocess.Popen | None = None
         self._lock = threading.Lock()
 
-    def run(self, request: tuple[str, str, list]) -> None:
+    def run(self, request: Request) -> None:
         with self._lock:
             try:
                 process = self._start()
@@ -156,7 +168,7 @@ def _serve() -> None:
     for line in sys.stdin:
         module, function, args = json.loads(line)
         try:
-            getattr(importlib.import_module(module), function)(*args)
+            Request(module, function, tuple(args)).run()
             answer = "ok"
         except Exception as error:  # noqa: BLE001 - reported to the parent, which compiles itself
             answer = repr(error).replace("\n", " ")
