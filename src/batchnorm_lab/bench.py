@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ from batchnorm.tools.monitor import monitor
 
 from .bench_grid import MODES, VARIANTS, grid
 from .files import RESULTS
-from .timing import bench_row, machine_info, minimal_bytes, runner, time_medians
+from .timing import bench_row, load_average, machine_info, minimal_bytes, runner, time_medians
 
 bench_app = typer.Typer(help="Benchmarks against torch: kernels, whole training steps.", no_args_is_help=True)
 
@@ -299,7 +298,7 @@ def run(
     from batchnorm.backends import numba_cpu
 
     pairs = grid(device, quick)
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_before = load_average()
     rows = []
     with_compile = device == "cuda" if with_compile is None else with_compile
     total = len(pairs) * len(MODES) * len(VARIANTS) * len(dtypes)
@@ -319,7 +318,7 @@ def run(
         machine=machine_info(device), repeats=repeats, quick=quick, backend_requested=backend, rows=rows,
         summary=summarize(rows), crossover=cross, crossover_setting=numba_cpu.CROSSOVER_NUMEL,
         crossover_channels_last=cross_cl, crossover_setting_channels_last=numba_cpu.CROSSOVER_NUMEL_CHANNELS_LAST,
-        load_before=load_before, load_after=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        load_before=load_before, load_after=load_average(),
     )  # fmt: skip
 
 

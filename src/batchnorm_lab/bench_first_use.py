@@ -28,6 +28,7 @@ from pathlib import Path
 import typer
 
 from .files import RESULTS, write_atomic
+from .timing import load_average
 
 ARMS = ("ours", "torch")
 BATCH, SIZE = 64, 32
@@ -75,14 +76,10 @@ def run_once(arm: str, compiled: bool, steps: int, batch: int = BATCH, size: int
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _load() -> list[float] | None:
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
 def run(rounds: int, steps: int, modes: tuple[str, ...], batch: int = BATCH, size: int = SIZE, echo=print) -> dict:
     """`rounds` alternating runs of each arm per mode ("eager", "compiled"). Returns the step
     times of every run and, per mode, the medians of the runs' totals and their ratio."""
-    load_before, started = _load(), time.perf_counter()
+    load_before, started = load_average(), time.perf_counter()
     result = {"batch": batch, "size": size, "steps": steps, "rounds": rounds, "modes": {}}
     for mode in modes:
         runs = {arm: [] for arm in ARMS}
@@ -100,7 +97,7 @@ def run(rounds: int, steps: int, modes: tuple[str, ...], batch: int = BATCH, siz
             "ratio": medians["ours"] / medians["torch"],
             "round_ratios": [o / t for o, t in zip(totals["ours"], totals["torch"])],
         }
-    result.update(load_before=load_before, load_after=_load(), seconds=time.perf_counter() - started)
+    result.update(load_before=load_before, load_after=load_average(), seconds=time.perf_counter() - started)
     return result
 
 

@@ -30,7 +30,6 @@ import contextlib
 import copy
 import itertools
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -46,7 +45,7 @@ from batchnorm.norm_act import BatchNormAct
 from batchnorm.tools import convert
 
 from .files import RESULTS
-from .timing import machine_info, time_medians
+from .timing import load_average, machine_info, time_medians
 
 ARMS = ("torch eager", "torch compiled", "ours eager", "ours compiled")
 #: (speed-up name, torch's arm, our arm): speed-up = torch's median / ours.
@@ -264,7 +263,7 @@ def run(device: str, quick: bool, repeats: int, compile: bool = True, progress: 
 
     arms = ARMS if compile else tuple(a for a in ARMS if not a.endswith("compiled"))
     grid = configurations(device, quick)
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_before = load_average()
     rows = []
     # cudnn picks its fastest convolutions, as a training script would: the same for every arm
     with torch.backends.cudnn.flags(enabled=True, benchmark=True), Progress(disable=not progress) as bar:
@@ -280,7 +279,7 @@ def run(device: str, quick: bool, repeats: int, compile: bool = True, progress: 
             bar.update(task, advance=1, description=f"{name}: timed")
     return dict(
         machine=machine_info(device), repeats=repeats, quick=quick, compile=compile, warmup_steps=WARMUP_STEPS,
-        rows=rows, load_before=load_before, load_after=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        rows=rows, load_before=load_before, load_after=load_average(),
     )  # fmt: skip
 
 

@@ -138,6 +138,12 @@ def _fmt(x):
     return torch.channels_last if x.dim() == 4 and not x.is_contiguous() else torch.contiguous_format
 
 
+def load_average() -> tuple[float, float, float] | None:
+    """The host's 1, 5 and 15 minute load averages (None where the OS has none): every
+    benchmark reports them beside its timings, as the share of the machine it had."""
+    return os.getloadavg() if hasattr(os, "getloadavg") else None
+
+
 def machine_info(device: str) -> dict:
     cpu = platform.processor()
     try:
@@ -148,7 +154,7 @@ def machine_info(device: str) -> dict:
     info = dict(
         cpu=cpu, cores=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads(),
         python=platform.python_version(), device=device,
-        load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        load_average=load_average(),
     )  # fmt: skip
     try:
         import numba
