@@ -40,9 +40,9 @@ are bitwise the same with 1 or 2 threads):
 Compiled with `fastmath={"reassoc", "contract"}` only: LLVM vectorizes the sums and fuses
 multiply-adds, NaN and Inf still propagate. In a case's compiled kernel, the residual flag
 and the activation of the piecewise kinds (identity, ReLU, ReLU6, Hardswish: compares,
-selects and multiplies, in x's dtype) are constants (`_case_loop`): each loop compiles to
-branch-free vector code with no call inside; the smooth activations share one loop and are
-computed in float64 and rounded once. `code` is the activation's index in
+selects and multiplies, in x's dtype) are fixed (`_case_loop`: the kind's own functions, its
+code a constant): each loop compiles to branch-free vector code with no call inside; the
+smooth activations share one loop and are computed in float64 and rounded once. `code` is the activation's index in
 activations.NAMES. Compiling per case is what keeps a first call short: a kernel holding
 all ten cases compiles all of their loops, where a model needs two or three cases
 (docs/performance.md, "The `numba` backend (CPU)", Cases, has the compile times).
@@ -102,24 +102,60 @@ _prange = range if numba is None else numba.prange
 
 
 # Activations (`activations.py` has the equations) ---------------------------------------
+# A pair per kind, value and slope, all with one signature (u, code, f): each piecewise
+# activation has its own, the smooth ones (and leaky ReLU) share one in which `code` picks.
+# The loops call `_act` and `_d` (which calls `_grad`), the smooth pair, and `_case_loop`
+# binds a piecewise kind's own pair there. One pair for every code would serve, but numba
+# copies an inlined function's whole body into every call site, and types it, before the
+# constant code folds the other branches away: each case's compile would copy every
+# activation (docs/performance.md, "The `numba` backend (CPU)", Cases, has the times).
 @_jit(inline=True)
-def _relu6(u, f):
+def _identity(u, code, f):
+    return u
+
+
+@_jit(inline=True)
+def _identity_grad(dy, u, code, f):
+    return dy
+
+
+@_jit(inline=True)
+def _relu(u, code, f):
+    return u if not u <= 0 else f(0)  # NaN stays NaN
+
+
+@_jit(inline=True)
+def _relu_grad(dy, u, code, f):
+    return dy if u > 0 else f(0)
+
+
+@_jit(inline=True)
+def _relu6(u, code, f):
     """min(max(u, 0), 6) in x's dtype `f`; NaN stays NaN (both tests are false for it)."""
     r = u if not u <= 0 else f(0)
     return r if not r >= 6 else f(6)
 
 
 @_jit(inline=True)
-def _act(u, code, f):
-    """g(u) as dtype `f` for the activation `code` (index in activations.NAMES)."""
-    if code == 0:
-        return u
-    if code == 1:
-        return u if not u <= 0 else f(0)  # NaN stays NaN
-    if code == 7:
-        return _relu6(u, f)
-    if code == 8:
-        return u * _relu6(u + f(3), f) / f(6)  # in x's dtype, as torch's hardswish rounds it
+def _relu6_grad(dy, u, code, f):
+    return dy if u > 0 and u < 6 else f(0)  # torch's slopes at the breakpoints: 0 at u = 0 and u = 6
+
+
+@_jit(inline=True)
+def _hardswish(u, code, f):
+    return u * _relu6(u + f(3), code, f) / f(6)  # in x's dtype, as torch's hardswish rounds it
+
+
+@_jit(inline=True)
+def _hardswish_grad(dy, u, code, f):
+    # 0 at u = -3 and 1 at u = 3, as torch's hardswish_backward
+    return f(0) if u <= -3 else (dy * (u / f(3) + f(0.5)) if u < 3 else dy)
+
+
+@_jit(inline=True)
+def _smooth(u, code, f):
+    """g(u) as dtype `f` for the smooth activation `code` (index in activations.NAMES), and
+    leaky ReLU: computed in float64, rounded once."""
     v = float(u)
     if code == 2:
         return u if not u <= 0 else f(v * activations.LEAKY_SLOPE)
@@ -133,16 +169,8 @@ def _act(u, code, f):
 
 
 @_jit(inline=True)
-def _grad(dy, u, code, f):
-    """d = dy g'(u) as dtype `f`."""
-    if code == 0:
-        return dy
-    if code == 1:
-        return dy if u > 0 else f(0)
-    if code == 7:  # torch's slopes at the breakpoints: 0 at u = 0 and u = 6
-        return dy if u > 0 and u < 6 else f(0)
-    if code == 8:  # 0 at u = -3 and 1 at u = 3, as torch's hardswish_backward
-        return f(0) if u <= -3 else (dy * (u / f(3) + f(0.5)) if u < 3 else dy)
+def _smooth_grad(dy, u, code, f):
+    """d = dy g'(u) as dtype `f` for the smooth activation `code`, and leaky ReLU."""
     v = float(u)
     if code == 2:
         return dy if u > 0 else f(dy * activations.LEAKY_SLOPE)
@@ -157,6 +185,9 @@ def _grad(dy, u, code, f):
         return f(dy * (sg * (1.0 + v * (1.0 - sg))))
     cdf = 0.5 * (1.0 + math.erf(v * 0.7071067811865476))
     return f(dy * (cdf + v * math.exp(-0.5 * v * v) * 0.3989422804014327))
+
+
+_act, _grad = _smooth, _smooth_grad  # what the loops call, unless `_case_loop` binds another pair
 
 
 @_jit(inline=True)
@@ -185,10 +216,24 @@ KINDS = (IDENTITY, RELU, SMOOTH, RELU6, HARDSWISH)
 _KIND_NAMES = {IDENTITY: "identity", RELU: "relu", SMOOTH: "smooth", RELU6: "relu6", HARDSWISH: "hardswish"}
 
 
+# Each kind's (value, slope) pair.
+_PAIRS = {IDENTITY: (_identity, _identity_grad), RELU: (_relu, _relu_grad), RELU6: (_relu6, _relu6_grad),
+          HARDSWISH: (_hardswish, _hardswish_grad), SMOOTH: (_smooth, _smooth_grad)}  # fmt: skip
+
+
+def _rebound(dispatcher, **names):
+    """An inlined function like `dispatcher`'s, whose global `names` are bound to other
+    functions (numba reads an inlined function's globals when it copies its body)."""
+    fn = dispatcher.py_func
+    copy = types.FunctionType(fn.__code__, dict(fn.__globals__, **names), fn.__name__, fn.__defaults__, fn.__closure__)
+    return _jit(inline=True)(copy)
+
+
 @functools.cache
 def _case_loop(loop, has_res: bool, kind: int):
     """`loop(args, has_res, code)` (one of `_LOOPS`) compiled for one case: `has_res`, and the
-    code of a piecewise kind (identity, ReLU, ReLU6, Hardswish), are constants there (numba folds a closure's values), so its
+    code of a piecewise kind (identity, ReLU, ReLU6, Hardswish), are constants there (numba
+    folds a closure's values), and the loop calls that kind's own pair (`_PAIRS`), so its
     machine code holds that case's loop only; the smooth kinds keep `code` a run-time value.
     A function of its own, not inlined: the serial and the parallel kernel of a case share
     one compilation, and numba's parallel passes, slow on large loop bodies, see only a call.
@@ -196,15 +241,17 @@ def _case_loop(loop, has_res: bool, kind: int):
     case's own name (numba_cache.unique_name: under a name shared by the cases, two
     processes could give two cases one symbol, and a third that loads both kernels from
     the cache would run one kernel with the other's loop)."""
+    act, grad = _PAIRS[kind]
+    body = _rebound(loop, _act=act, _d=_rebound(_d, _grad=grad))
     if kind == SMOOTH:
 
         def case(args, _has_res, code):
-            return loop(args, has_res, code)
+            return body(args, has_res, code)
 
     else:
 
         def case(args, _has_res, _code):
-            return loop(args, has_res, kind)
+            return body(args, has_res, kind)
 
     name = f"{loop.__name__}_{'residual' if has_res else 'plain'}_{_KIND_NAMES[kind]}"
     return numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True)(numba_cache.unique_name(case, name))
