@@ -69,6 +69,62 @@ def test_func_vmap_in_evaluation(shape):
     _close(vmap(ours)(stacked), vmap(theirs)(stacked))
 
 
+def test_func_vmap_over_a_model_ensemble_in_training(shape):
+    """torch.func's model ensembling: each member's parameters and buffers stacked, one vmap
+    over the members, in training. Every member's output and running statistics as torch's
+    layer gives them, and a member whose batch is not finite keeps its statistics while the
+    others update."""
+    x = torch.randn(shape)
+    stacks = []
+    for cls in (bn.BatchNorm2d, torch.nn.BatchNorm2d):
+        torch.manual_seed(0)
+        members = [cls(shape[1]) for _ in range(3)]
+        for m in members:
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+        params, buffers = torch.func.stack_module_state(members)
+        base = copy.deepcopy(members[0]).to("meta")
+        ensemble = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)), in_dims=(0, 0, None))
+        y = ensemble(params, buffers, x)
+        stacks.append((y, buffers))
+    (ours, ours_buffers), (theirs, theirs_buffers) = stacks
+    _close(ours, theirs)
+    for name in ("running_mean", "running_var"):
+        _close(ours_buffers[name], theirs_buffers[name])
+    assert ours_buffers["num_batches_tracked"].tolist() == [1, 1, 1]
+
+    params, buffers = torch.func.stack_module_state([bn.BatchNorm2d(shape[1]) for _ in range(3)])
+    base = copy.deepcopy(bn.BatchNorm2d(shape[1])).to("meta")
+    xs = torch.stack([x, x.clone().fill_(float("inf")), x])
+    vmap(lambda p, b, x: functional_call(base, (p, b), (x,)), in_dims=(0, 0, 0))(params, buffers, xs)
+    assert buffers["num_batches_tracked"].tolist() == [1, 0, 1]
+    assert torch.equal(buffers["running_mean"][1], torch.zeros(shape[1]))
+    assert bool(torch.isfinite(buffers["running_var"]).all())
+    # the refusal is not counted (its flag lives inside the transform), and nothing of the
+    # transform is left behind in the module
+    assert base.nonfinite_skips == 0
+
+
+@pytest.mark.parametrize("extra", ["ghost batches", "renorm", "mask", "cumulative average"])
+def test_func_vmap_over_a_model_ensemble_with_the_extras(shape, extra):
+    """The same ensemble with our extras (which torch's layer has not): each member as the
+    member alone, eager."""
+    kwargs = {"ghost batches": dict(virtual_batch_size=shape[0] // 2), "renorm": dict(renorm=bn.Renorm()),
+              "mask": {}, "cumulative average": dict(momentum=None)}[extra]  # fmt: skip
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    call = {"mask": torch.rand(shape[0], *shape[2:]) > 0.3} if extra == "mask" else {}
+    members = [bn.BatchNorm2d(shape[1], **kwargs) for _ in range(2)]
+    alone = [copy.deepcopy(m) for m in members]
+    params, buffers = torch.func.stack_module_state(members)
+    base = copy.deepcopy(members[0]).to("meta")
+    y = vmap(lambda p, b, x: functional_call(base, (p, b), (x,), call), in_dims=(0, 0, None))(params, buffers, x)
+    for i, m in enumerate(alone):
+        _close(y[i], m(x, **call))
+        for name, t in m.named_buffers():
+            _close(buffers[name][i], t)
+
+
 def test_export_with_a_dynamic_batch_runs_without_batchnorm(shape):
     ours, theirs = _pair(shape)
     ours.eval()

@@ -287,3 +287,19 @@ def test_a_bad_eps_is_refused_at_construction(eps):
         bn.BatchNorm2d(4, eps=eps)
     with pytest.raises(ValueError, match="eps must be positive"):
         bn.LazyBatchNorm1d(eps=eps)
+
+
+def test_torchscript_is_refused_with_what_works_instead():
+    """torch.jit.script cannot compile our layers: it is refused with the way that works (the
+    model reverted to torch's layers scripts and gives the same outputs), not with
+    TorchScript's complaint about the forward's signature."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), bn.BatchNorm2d(8), torch.nn.ReLU()).eval()
+    with pytest.raises(TypeError, match=r"cannot compile batchnorm's BatchNorm2d.*batchnorm\.revert\(model\)"):
+        torch.jit.script(model)
+    with pytest.raises(TypeError, match="cannot compile batchnorm's BatchNormAct"):
+        torch.jit.script(bn.BatchNormAct(torch.nn.BatchNorm2d(8), "relu"))
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    reverted, _ = bn.revert(model)
+    torch.testing.assert_close(torch.jit.script(reverted)(x), expected)

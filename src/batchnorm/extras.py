@@ -29,6 +29,7 @@ import copy
 import inspect
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
+from typing import NoReturn
 
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -120,7 +121,8 @@ class BatchNormExtras:
 
     @property
     def nonfinite_skips(self) -> int:
-        """How many running-statistic updates were skipped for a non-finite batch statistic."""
+        """How many running-statistic updates were skipped for a non-finite batch statistic
+        (inside torch.func transforms the update is refused the same way but not counted)."""
         return self._guard.count
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -166,6 +168,16 @@ class BatchNormExtras:
         """Reductions across processes for this call (SyncBatchNorm's); None: this process only."""
         return None
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script asks each module this before compiling it: TorchScript cannot
+        compile this forward (the kernels, the extras in Python), so it is refused with what
+        works instead, rather than with TorchScript's complaint about the signature."""
+        refuse_scripting(
+            self, "Script the model after batchnorm.revert(model) (torch's own layers with the same parameters "
+            "and buffers; layers using ghost batches, renorm or other extras stay ours), or use torch.compile "
+            "or torch.export, which run these layers"
+        )  # fmt: skip
+
     def extra_repr(self) -> str:
         text = super().extra_repr()
         if self.backend not in ("auto", None):
@@ -177,6 +189,11 @@ class BatchNormExtras:
         if not self.unbiased_running_var:
             text += ", unbiased_running_var=False"
         return text
+
+
+def refuse_scripting(module: nn.Module, instead: str) -> NoReturn:
+    """Raise torch.jit.script's error for one of our modules, saying what works `instead`."""
+    raise TypeError(f"torch.jit.script cannot compile batchnorm's {type(module).__name__}. {instead}")
 
 
 def plain_forward(module: nn.Module) -> bool:

@@ -192,17 +192,27 @@ def _op(call: Call) -> Tensor:
         validation.validate_training_batch(call.x)
     reads_running = not call.training  # evaluation normalizes with them; training only updates them
     tracked = call.running_mean is not None and call.running_var is not None
+    want_stats = call.training and tracked
     y, batch = ops.batch_norm(
         call.x, call.weight, call.bias, call.residual,
         call.running_mean if reads_running else None, call.running_var if reads_running else None,
         training=call.training, eps=call.eps, activation=call.activation, backend=call.backend, mode=call.mode,
         # whether the statistics are tracked, not `update`: a forward that checkpointing
         # recomputes must run (and save for backward) exactly what the first one did
-        want_stats=call.training and tracked,
+        want_stats=want_stats,
+        batch_rows=_rows_like(call) if want_stats and call.mode.transformed else None,
     )  # fmt: skip
     if call.update:
         _update_running(call, batch)
     return y
+
+
+def _rows_like(call: Call) -> tuple[Tensor, Tensor]:
+    """Zeroed (C,) rows for the batch's statistics, made like the running statistics (so that
+    under torch.func's vmap they are batched exactly when those are: ops.batch_norm's
+    `batch_rows`)."""
+    dtype = acc_dtype(call.x.dtype)
+    return torch.zeros_like(call.running_mean, dtype=dtype), torch.zeros_like(call.running_var, dtype=dtype)
 
 
 def _update_running(call: Call, batch: ops.Batch) -> None:
@@ -212,7 +222,8 @@ def _update_running(call: Call, batch: ops.Batch) -> None:
         call.running_mean, call.running_var, call.num_batches_tracked, batch, call.momentum, call.unbiased_running_var,
         traced=call.mode.traced,
     )
-    call.guard.record(accepted)
+    if not call.mode.transformed:  # inside a torch.func transform the flag cannot be kept past it
+        call.guard.record(accepted)
 
 
 def _policy(call: Call, normalize) -> Tensor:

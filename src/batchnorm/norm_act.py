@@ -28,7 +28,7 @@ from __future__ import annotations
 from torch import Tensor, fx, nn
 
 from . import activations
-from .extras import BatchNormExtras
+from .extras import BatchNormExtras, refuse_scripting
 from .sequence import SequenceBatchNorm
 
 
@@ -52,6 +52,13 @@ class BatchNormAct(nn.Module):
             return self.bn(x, residual, activation=name)
         y = self.bn(x)
         return self.act(y if residual is None else y + residual)
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script's question before compiling (extras.refuse_scripting)."""
+        refuse_scripting(
+            self, "It fuses the activation and the residual add into the layer in Python, which TorchScript "
+            "cannot compile; use torch.compile or torch.export, which run it"
+        )  # fmt: skip
 
 
 def fuses(bn: nn.Module) -> bool:

@@ -85,6 +85,7 @@ def batch_norm(
     mode: modes.Mode | None = None,
     stats: Tensor | None = None,
     sums_to_means: Callable[[Tensor], Tensor] | None = None,
+    batch_rows: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Batch | None]:
     """y = g(gamma (x - mu) / sqrt(var + eps) + beta + residual), and in training the batch's
     statistics for the caller's running update (None in evaluation, or when not `want_stats`).
@@ -102,13 +103,22 @@ def batch_norm(
     backward's hook between its two passes (backends/base.py), for statistics over more
     than x (SyncBatchNorm's all_reduce; eager only, as a graph's op has no such hook).
     Neither returns statistics: the caller has them.
+
+    `batch_rows`: the (mean, variance) tensors, each (C,) in the accumulation dtype, into
+    which torch's kernel writes a training batch's statistics (fresh zeros by default). Under
+    torch.func's vmap, tensors written in place must be batched where the input is, so the
+    caller makes these like the running statistics it will update: batched exactly when
+    those are (a model ensemble's stacked buffers).
     """
     mode = modes.current() if mode is None else mode
     be = backend if isinstance(backend, Backend) else backends.resolve(backend, x, mode=mode).backend
     if mode.traced and stats is not None:
         return _graph_op(be)(x, weight, bias, residual, stats[0], stats[1], eps, activation, training, be.name, True)[0], None
     if mode.traced:
-        return _traced(x, weight, bias, residual, running_mean, running_var, training, eps, activation, be, want_stats, mode)
+        return _traced(
+            x, weight, bias, residual, running_mean, running_var, training, eps, activation, be, want_stats, mode,
+            batch_rows,
+        )  # fmt: skip
     # whether autograd records this call (else a Function would only cost time)
     differentiated = torch.is_grad_enabled() and (
         x.requires_grad
@@ -132,11 +142,11 @@ def batch_norm(
     return y, (_from_params(params, x) if training and want_stats else None)
 
 
-def _traced(x, weight, bias, residual, running_mean, running_var, training, eps, activation, be, want_stats, mode):
+def _traced(x, weight, bias, residual, running_mean, running_var, training, eps, activation, be, want_stats, mode, rows):
     """`batch_norm` while torch.compile or torch.export traces it, or a torch.func transform
     runs it: only ops a graph can hold."""
     if isinstance(be, AtenBackend) or mode.transformed or (not training and mode.exporting):
-        return _native(x, weight, bias, residual, running_mean, running_var, training, eps, activation, want_stats)
+        return _native(x, weight, bias, residual, running_mean, running_var, training, eps, activation, want_stats, rows)
     y, params = _graph_op(be)(x, weight, bias, residual, running_mean, running_var, eps, activation, training, be.name)
     return y, (_from_params(params.detach(), x) if training and want_stats else None)
 
@@ -147,11 +157,12 @@ def _graph_op(be: Backend):
     return torch.ops.batchnorm.triton_batch_norm if be.name == "triton" and TRITON_OPS else torch.ops.batchnorm.batch_norm
 
 
-def _native(x, weight, bias, residual, running_mean, running_var, training, eps, activation, want_stats):
-    """torch's kernel (backends/aten.py), its batch statistics handed on as they come."""
+def _native(x, weight, bias, residual, running_mean, running_var, training, eps, activation, want_stats, rows=None):
+    """torch's kernel (backends/aten.py), its batch statistics handed on as they come (written
+    into `rows`, (mean, variance) each (C,), where the caller gives them)."""
     y, mean, var = native_batch_norm(
         x, weight, bias, None if training else running_mean, None if training else running_var,
-        eps, activation, residual, training, want_stats=want_stats,
+        eps, activation, residual, training, rows, want_stats=want_stats,
     )  # fmt: skip
     return y, (None if mean is None else Batch(mean, var, layout.values_per_channel(x)))
 
