@@ -5,6 +5,7 @@ that disagree. Each is compared with torch's own layer where torch has the featu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
 
@@ -14,6 +15,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 import batchnorm as bn
 from batchnorm.backends import numba_cpu
+from batchnorm.modes import EAGER
 
 SIZES = {"small": (8, 4, 4, 4), "fast": (64, 16, 16, 16)}
 assert 64 * 16 * 16 * 16 >= numba_cpu.CROSSOVER_NUMEL
@@ -123,6 +125,56 @@ def test_func_vmap_over_a_model_ensemble_with_the_extras(shape, extra):
         _close(y[i], m(x, **call))
         for name, t in m.named_buffers():
             _close(buffers[name][i], t)
+
+
+def test_fake_tensor_mode_runs_like_torchs_layer(shape):
+    """Under FakeTensorMode (memory estimators, shape propagation) a tensor's memory cannot be
+    read: the layer runs the ops a graph holds (their fake implementations), forward and
+    backward, and gives torch's shapes and memory format, in training and evaluation."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        results = []
+        ours, theirs = _pair(shape)
+        for m in (ours, theirs):
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                x = mode.from_tensor(torch.randn(shape).contiguous(memory_format=memory_format)).requires_grad_()
+                y = m.train()(x)
+                y.sum().backward()
+                y_eval = m.eval()(x)
+            assert isinstance(y, FakeTensor) and isinstance(x.grad, FakeTensor)
+            results.append([(t.shape, t.dtype, t.stride()) for t in (y, x.grad, y_eval)])
+        assert results[0] == results[1]
+        assert ours.nonfinite_skips == 0  # nothing fake was kept by the layer
+
+
+def test_a_dispatch_mode_sees_every_op_and_changes_no_result(shape):
+    """Under a Python dispatch mode (a logging or counting mode) every op reaches the mode, ours
+    as one op where the numba kernels run, and the results are those without the mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    results = []
+    for watched in (False, True):
+        ours, _ = _pair(shape)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        seen = Seen()
+        with seen if watched else contextlib.nullcontext():
+            y = ours(x)
+            y.square().sum().backward()
+        results.append((y, x.grad, ours.running_mean, ours.running_var, ours.num_batches_tracked))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    kernel = "batchnorm.batch_norm" if numba_cpu.NumbaBackend().preferred(x, EAGER) else "aten.native_batch_norm"
+    assert {kernel, kernel + "_backward"} <= seen.ops
 
 
 def test_export_with_a_dynamic_batch_runs_without_batchnorm(shape):
