@@ -127,6 +127,23 @@ def test_func_vmap_over_a_model_ensemble_with_the_extras(shape, extra):
             _close(buffers[name][i], t)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_mode_ad_gives_torchs_tangents(shape, training):
+    """torch.autograd.forward_ad's dual tensors: the output and its tangent as torch's layer
+    gives them, and the running statistics updated once."""
+    import torch.autograd.forward_ad as forward_ad
+
+    x, tangent = torch.randn(shape), torch.randn(shape)
+    results = []
+    for m in _pair(shape):
+        m.train(training)
+        with forward_ad.dual_level():
+            y = forward_ad.unpack_dual(m(forward_ad.make_dual(x, tangent)))
+        results.append((y.primal, y.tangent, m.running_mean, m.running_var, m.num_batches_tracked))
+    for a, b in zip(*results):
+        _close(a, b)
+
+
 def test_fake_tensor_mode_runs_like_torchs_layer(shape):
     """Under FakeTensorMode (memory estimators, shape propagation) a tensor's memory cannot be
     read: the layer runs the ops a graph holds (their fake implementations), forward and

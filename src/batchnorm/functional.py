@@ -222,7 +222,7 @@ def _update_running(call: Call, batch: ops.Batch) -> None:
         call.running_mean, call.running_var, call.num_batches_tracked, batch, call.momentum, call.unbiased_running_var,
         traced=call.mode.traced,
     )
-    if not (call.mode.transformed or call.mode.fake):  # there the flag is no value to keep past the call
+    if not call.mode.wrapped:  # a wrapped or fake flag is no value to keep past the call
         call.guard.record(accepted)
 
 

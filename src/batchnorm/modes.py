@@ -6,7 +6,8 @@ traces or transforms a function. `Mode.traced` is true for all of those:
 
 - torch.compile and torch.export (Dynamo traces with fake tensors);
 - torch.func transforms (grad, vmap, jvp, jacrev, functional_call inside them), whose
-  tensors are wrappers without storage;
+  tensors are wrappers without storage, and forward-mode AD (`torch.autograd.forward_ad`),
+  whose dual tensors need ops with forward derivatives (`Mode.transformed` for both);
 - a Python dispatch mode (FakeTensorMode, which memory estimators and shape propagation run
   a model under; a logging or counting mode), under which a tensor's memory cannot be read
   from Python (`.numpy()` refuses) and every op should reach the mode.
@@ -29,40 +30,44 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.autograd import forward_ad
 
 
 class Mode(NamedTuple):
     """How torch runs the current call: traced by torch.compile / torch.export (`compiling`,
-    and `exporting` for torch.export), inside a torch.func transform (`transformed`), or
-    recomputed by activation checkpointing (`recomputing`, never while compiled or
-    transformed); `traced`: compiling, transformed or under a Python dispatch mode, so only
-    graph-safe torch ops may run; `fake`: eager under FakeTensorMode (tensors without data,
-    whose values cannot be kept past the call)."""
+    and `exporting` for torch.export), inside a torch.func transform or a forward-AD level
+    (`transformed`: torch's own ops, which carry the transforms' rules), or recomputed by
+    activation checkpointing (`recomputing`, never while compiled or transformed); `traced`:
+    compiling, transformed or under a Python dispatch mode, so only graph-safe torch ops may
+    run; `wrapped`: the tensors are torch.func's wrappers or FakeTensorMode's fakes, whose
+    values cannot be kept past the call."""
 
     compiling: bool
     exporting: bool
     transformed: bool
     recomputing: bool
     traced: bool
-    fake: bool
+    wrapped: bool
 
 
-EAGER = Mode(compiling=False, exporting=False, transformed=False, recomputing=False, traced=False, fake=False)
+EAGER = Mode(compiling=False, exporting=False, transformed=False, recomputing=False, traced=False, wrapped=False)
 
 
 def current() -> Mode:
     """The Mode of the call being made now."""
-    compiling, transformed = torch.compiler.is_compiling(), torch._C._are_functorch_transforms_active()
+    compiling, functorch = torch.compiler.is_compiling(), torch._C._are_functorch_transforms_active()
+    transformed = functorch or forward_ad._current_level >= 0
     # a dispatch mode runs eagerly, and may run during a recompute (selective checkpointing's)
     recomputing = not (compiling or transformed) and torch._C._current_graph_task_id() != -1
     dispatched = not compiling and torch._C._len_torch_dispatch_stack() > 0
+    fake = dispatched and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
     return Mode(
         compiling=compiling,
         exporting=compiling and torch.compiler.is_exporting(),
         transformed=transformed,
         recomputing=recomputing,
         traced=compiling or transformed or dispatched,
-        fake=dispatched and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None,
+        wrapped=functorch or fake,
     )
 
 

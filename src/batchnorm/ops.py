@@ -27,10 +27,10 @@ size and layout):
   The running update is `update_running`'s tensor ops there, traced into the graph, with no
   host synchronization. Ghost batches and renorm call the same op with their statistics
   (`stats`), which its `given` argument marks.
-- exported in evaluation, and under torch.func transforms (`Mode.transformed`: grad,
-  vmap, jvp), at every size: torch's batch norm and the extras in standard aten ops, so an
-  exported program runs where this package is not installed and the transforms see ops
-  they know how to differentiate and batch.
+- exported in evaluation, and under torch.func transforms and forward-mode AD
+  (`Mode.transformed`: grad, vmap, jvp, dual tensors), at every size: torch's batch norm and
+  the extras in standard aten ops, so an exported program runs where this package is not
+  installed and the transforms see ops they know how to differentiate and batch.
 
 A custom op costs more per eager call than an autograd Function, more than a small layer's
 whole kernel (docs/performance.md): that is why eager calls do not go through the custom ops.
