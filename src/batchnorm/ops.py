@@ -142,11 +142,16 @@ def batch_norm(
     return y, (_from_params(params, x) if training and want_stats else None)
 
 
-def _traced(x, weight, bias, residual, running_mean, running_var, training, eps, activation, be, want_stats, mode, rows):
-    """`batch_norm` while torch.compile or torch.export traces it, or a torch.func transform
-    runs it: only ops a graph can hold."""
+def _traced(
+    x, weight, bias, residual, running_mean, running_var, training, eps, activation, be, want_stats, mode, batch_rows
+):  # fmt: skip
+    """`batch_norm` while torch.compile or torch.export traces it, a torch.func transform or
+    forward-mode AD runs it, or a Python dispatch mode sees it (`Mode.traced`): only ops a
+    graph can hold."""
     if isinstance(be, AtenBackend) or mode.transformed or (not training and mode.exporting):
-        return _native(x, weight, bias, residual, running_mean, running_var, training, eps, activation, want_stats, rows)
+        return _native(
+            x, weight, bias, residual, running_mean, running_var, training, eps, activation, want_stats, batch_rows
+        )  # fmt: skip
     y, params = _graph_op(be)(x, weight, bias, residual, running_mean, running_var, eps, activation, training, be.name)
     return y, (_from_params(params.detach(), x) if training and want_stats else None)
 
@@ -157,12 +162,14 @@ def _graph_op(be: Backend):
     return torch.ops.batchnorm.triton_batch_norm if be.name == "triton" and TRITON_OPS else torch.ops.batchnorm.batch_norm
 
 
-def _native(x, weight, bias, residual, running_mean, running_var, training, eps, activation, want_stats, rows=None):
+def _native(
+    x, weight, bias, residual, running_mean, running_var, training, eps, activation, want_stats, batch_rows=None
+):  # fmt: skip
     """torch's kernel (backends/aten.py), its batch statistics handed on as they come (written
-    into `rows`, (mean, variance) each (C,), where the caller gives them)."""
+    into `batch_rows`, (mean, variance) each (C,), where the caller gives them)."""
     y, mean, var = native_batch_norm(
         x, weight, bias, None if training else running_mean, None if training else running_var,
-        eps, activation, residual, training, rows, want_stats=want_stats,
+        eps, activation, residual, training, batch_rows, want_stats=want_stats,
     )  # fmt: skip
     return y, (None if mean is None else Batch(mean, var, layout.values_per_channel(x)))
 
