@@ -194,6 +194,49 @@ def test_a_dispatch_mode_sees_every_op_and_changes_no_result(shape):
     assert {kernel, kernel + "_backward"} <= seen.ops
 
 
+class _Wrapped(torch.Tensor):
+    """A tensor subclass that runs its ops itself, as DTensor does: unwrap, run, wrap again;
+    it records the ops it saw."""
+
+    seen: set = set()
+
+    @staticmethod
+    def __new__(cls, elem):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, elem.shape, strides=elem.stride(), dtype=elem.dtype, device=elem.device, requires_grad=elem.requires_grad
+        )
+
+    def __init__(self, elem):
+        self.elem = elem
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        cls.seen.add(str(func.overloadpacket))
+        unwrap = lambda t: t.elem if isinstance(t, _Wrapped) else t  # noqa: E731
+        out = func(*torch.utils._pytree.tree_map(unwrap, args), **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+        return torch.utils._pytree.tree_map(lambda t: _Wrapped(t) if type(t) is torch.Tensor else t, out)
+
+
+def test_a_tensor_subclass_with_its_own_dispatch_runs_the_layer(shape):
+    """An input that dispatches its ops itself (DTensor, a logging tensor) cannot be read from
+    Python: it sees every op, ours as one where the numba kernels run, and the results are
+    those of the plain tensor."""
+    results = []
+    _Wrapped.seen.clear()
+    for wrapped in (False, True):
+        ours, _ = _pair(shape)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        x = (_Wrapped(x) if wrapped else x).requires_grad_()
+        y = ours(x)
+        y.square().sum().backward()
+        unwrap = (lambda t: t.elem) if wrapped else (lambda t: t)
+        results.append((unwrap(y), unwrap(x.grad), ours.running_mean, ours.running_var, ours.num_batches_tracked))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    kernel = "batchnorm.batch_norm" if numba_cpu.NumbaBackend().preferred(results[0][0], EAGER) else "aten.native_batch_norm"
+    assert {kernel, kernel + "_backward"} <= _Wrapped.seen
+
+
 def test_export_with_a_dynamic_batch_runs_without_batchnorm(shape):
     ours, theirs = _pair(shape)
     ours.eval()

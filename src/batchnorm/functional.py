@@ -114,7 +114,7 @@ def batch_norm(
         variants.chunks(max(x.shape[0], 1), virtual_batch_size, 1)  # validates k
     if sync is not None and (mask is not None or virtual_batch_size is not None):
         raise ValueError("masks and ghost batches are not supported together with SyncBatchNorm")
-    mode = modes.current()  # once: every layer below reads this answer
+    mode = modes.current(x)  # once: every layer below reads this answer
     be = backends.resolve(backend, x, activation, residual is not None, mode).backend  # once: every path and chunk runs it
     training = training or running_mean is None  # torch's rule: batch statistics without running ones
     call = Call(
@@ -268,7 +268,7 @@ def _outside_the_graph(call: Call) -> Tensor:
     break per layer (so fullgraph=True refuses it): its two reductions are collectives
     between the forward's statistics and the backward's sums, which a traced graph would drop.
     The call's Mode was asked while tracing; here, outside the graph, it runs as eager."""
-    return _policy(call._replace(mode=modes.current()), _normalize_one)
+    return _policy(call._replace(mode=modes.current(call.x)), _normalize_one)
 
 
 def _renormalized(weight, bias, correction) -> tuple[Tensor | None, Tensor | None]:

@@ -9,8 +9,9 @@ traces or transforms a function. `Mode.traced` is true for all of those:
   tensors are wrappers without storage, and forward-mode AD (`torch.autograd.forward_ad`),
   whose dual tensors need ops with forward derivatives (`Mode.transformed` for both);
 - a Python dispatch mode (FakeTensorMode, which memory estimators and shape propagation run
-  a model under; a logging or counting mode), under which a tensor's memory cannot be read
-  from Python (`.numpy()` refuses) and every op should reach the mode.
+  a model under; a logging or counting mode), or an input that is a tensor subclass with a
+  dispatch of its own (DTensor, a logging tensor): a tensor's memory cannot be read from
+  Python there (`.numpy()` refuses), and every op should reach the mode or the subclass.
 
 A traced call takes only ops a graph can hold (ops.py says which), so that every feature
 works the same at every input size.
@@ -53,13 +54,13 @@ class Mode(NamedTuple):
 EAGER = Mode(compiling=False, exporting=False, transformed=False, recomputing=False, traced=False, wrapped=False)
 
 
-def current() -> Mode:
-    """The Mode of the call being made now."""
+def current(x: torch.Tensor | None = None) -> Mode:
+    """The Mode of the call being made now; `x`, the call's input where there is one."""
     compiling, functorch = torch.compiler.is_compiling(), torch._C._are_functorch_transforms_active()
     transformed = functorch or forward_ad._current_level >= 0
     # a dispatch mode runs eagerly, and may run during a recompute (selective checkpointing's)
     recomputing = not (compiling or transformed) and torch._C._current_graph_task_id() != -1
-    dispatched = not compiling and torch._C._len_torch_dispatch_stack() > 0
+    dispatched = not compiling and (torch._C._len_torch_dispatch_stack() > 0 or _dispatches(x))
     fake = dispatched and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
     return Mode(
         compiling=compiling,
@@ -69,6 +70,15 @@ def current() -> Mode:
         traced=compiling or transformed or dispatched,
         wrapped=functorch or fake,
     )
+
+
+def _dispatches(x: torch.Tensor | None) -> bool:
+    """Whether `x` is a tensor subclass that dispatches its ops itself (`__torch_dispatch__`;
+    torch's own tensors and Parameters do not)."""
+    return x is not None and type(x) is not torch.Tensor and type(x).__torch_dispatch__ is not _PLAIN_DISPATCH
+
+
+_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
 
 
 def compiling() -> bool:
