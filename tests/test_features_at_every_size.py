@@ -237,6 +237,35 @@ def test_a_tensor_subclass_with_its_own_dispatch_runs_the_layer(shape):
     assert {kernel, kernel + "_backward"} <= _Wrapped.seen
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_jit_trace_records_torchs_ops_and_saves(shape, training):
+    """torch.jit.trace records torch's ops only: a traced fused layer holds aten::batch_norm,
+    saves and loads as TorchScript, gives the module's outputs on another input and, in
+    training, updates its running statistics as the module does."""
+    import io
+    import warnings
+
+    torch.manual_seed(0)
+    ours = bn.BatchNormAct(bn.BatchNorm2d(shape[1]), "relu").train(training)
+    with torch.no_grad():
+        ours.bn.running_mean.normal_()
+        ours.bn.running_var.uniform_(0.5, 2.0)
+    traced_copy = copy.deepcopy(ours)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(traced_copy, torch.randn(shape), check_trace=False)
+    assert "aten::batch_norm" in {node.kind() for node in traced.bn.graph.nodes()}
+    saved = io.BytesIO()
+    torch.jit.save(traced, saved)
+    saved.seek(0)
+    loaded = torch.jit.load(saved)
+    loaded.bn.load_state_dict(ours.bn.state_dict())  # the trace's own call moved the copy's statistics
+    x = torch.randn(shape) * 2 + 1
+    _close(loaded(x), ours(x))
+    _close(loaded.bn.running_mean, ours.bn.running_mean)
+    _close(loaded.bn.running_var, ours.bn.running_var)
+
+
 def test_export_with_a_dynamic_batch_runs_without_batchnorm(shape):
     ours, theirs = _pair(shape)
     ours.eval()

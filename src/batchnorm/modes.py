@@ -6,8 +6,9 @@ traces or transforms a function. `Mode.traced` is true for all of those:
 
 - torch.compile and torch.export (Dynamo traces with fake tensors);
 - torch.func transforms (grad, vmap, jvp, jacrev, functional_call inside them), whose
-  tensors are wrappers without storage, and forward-mode AD (`torch.autograd.forward_ad`),
-  whose dual tensors need ops with forward derivatives (`Mode.transformed` for both);
+  tensors are wrappers without storage, forward-mode AD (`torch.autograd.forward_ad`),
+  whose dual tensors need ops with forward derivatives, and torch.jit.trace, which records
+  only torch's ops (`Mode.transformed` for all three);
 - a Python dispatch mode (FakeTensorMode, which memory estimators and shape propagation run
   a model under; a logging or counting mode), or an input that is a tensor subclass with a
   dispatch of its own (DTensor, a logging tensor): a tensor's memory cannot be read from
@@ -36,8 +37,9 @@ from torch.autograd import forward_ad
 
 class Mode(NamedTuple):
     """How torch runs the current call: traced by torch.compile / torch.export (`compiling`,
-    and `exporting` for torch.export), inside a torch.func transform or a forward-AD level
-    (`transformed`: torch's own ops, which carry the transforms' rules), or recomputed by
+    and `exporting` for torch.export), inside a torch.func transform, a forward-AD level or
+    torch.jit.trace (`transformed`: torch's own ops, which carry the transforms' rules and
+    which a trace records), or recomputed by
     activation checkpointing (`recomputing`, never while compiled or transformed); `traced`:
     compiling, transformed or under a Python dispatch mode, so only graph-safe torch ops may
     run; `wrapped`: the tensors are torch.func's wrappers or FakeTensorMode's fakes, whose
@@ -57,7 +59,7 @@ EAGER = Mode(compiling=False, exporting=False, transformed=False, recomputing=Fa
 def current(x: torch.Tensor | None = None) -> Mode:
     """The Mode of the call being made now; `x`, the call's input where there is one."""
     compiling, functorch = torch.compiler.is_compiling(), torch._C._are_functorch_transforms_active()
-    transformed = functorch or forward_ad._current_level >= 0
+    transformed = functorch or forward_ad._current_level >= 0 or torch._C._get_tracing_state() is not None
     # a dispatch mode runs eagerly, and may run during a recompute (selective checkpointing's)
     recomputing = not (compiling or transformed) and torch._C._current_graph_task_id() != -1
     dispatched = not compiling and (torch._C._len_torch_dispatch_stack() > 0 or _dispatches(x))
