@@ -54,22 +54,25 @@ class Mode(NamedTuple):
 
 
 EAGER = Mode(compiling=False, exporting=False, transformed=False, recomputing=False, traced=False, wrapped=False)
+_RECOMPUTING = EAGER._replace(recomputing=True)
 
 
 def current(x: torch.Tensor | None = None) -> Mode:
     """The Mode of the call being made now; `x`, the call's input where there is one."""
     compiling, functorch = torch.compiler.is_compiling(), torch._C._are_functorch_transforms_active()
     transformed = functorch or forward_ad._current_level >= 0 or torch._C._get_tracing_state() is not None
+    dispatched = not compiling and (torch._C._len_torch_dispatch_stack() > 0 or _dispatches(x))
     # a dispatch mode runs eagerly, and may run during a recompute (selective checkpointing's)
     recomputing = not (compiling or transformed) and torch._C._current_graph_task_id() != -1
-    dispatched = not compiling and (torch._C._len_torch_dispatch_stack() > 0 or _dispatches(x))
+    if not (compiling or transformed or dispatched):  # plain eager, nearly every call: no new Mode
+        return _RECOMPUTING if recomputing else EAGER
     fake = dispatched and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
     return Mode(
         compiling=compiling,
         exporting=compiling and torch.compiler.is_exporting(),
         transformed=transformed,
         recomputing=recomputing,
-        traced=compiling or transformed or dispatched,
+        traced=True,
         wrapped=functorch or fake,
     )
 
