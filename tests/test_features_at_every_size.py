@@ -71,11 +71,19 @@ def test_func_vmap_in_evaluation(shape):
     _close(vmap(ours)(stacked), vmap(theirs)(stacked))
 
 
+def _ensemble(members, x, x_dim=None, **call):
+    """torch.func's model ensembling: the members' parameters and buffers stacked, one vmap
+    over the members, on the same x (`x_dim` None) or on x split along `x_dim`. Returns the
+    outputs, the stacked buffers (updated in training) and the meta module the vmap calls."""
+    params, buffers = torch.func.stack_module_state(members)
+    base = copy.deepcopy(members[0]).to("meta")
+    y = vmap(lambda p, b, x: functional_call(base, (p, b), (x,), call), in_dims=(0, 0, x_dim))(params, buffers, x)
+    return y, buffers, base
+
+
 def test_func_vmap_over_a_model_ensemble_in_training(shape):
-    """torch.func's model ensembling: each member's parameters and buffers stacked, one vmap
-    over the members, in training. Every member's output and running statistics as torch's
-    layer gives them, and a member whose batch is not finite keeps its statistics while the
-    others update."""
+    """Each member's output and running statistics as torch's layer gives them, in training,
+    and a member whose batch is not finite keeps its statistics while the others update."""
     x = torch.randn(shape)
     stacks = []
     for cls in (bn.BatchNorm2d, torch.nn.BatchNorm2d):
@@ -84,21 +92,15 @@ def test_func_vmap_over_a_model_ensemble_in_training(shape):
         for m in members:
             with torch.no_grad():
                 m.weight.uniform_(0.5, 1.5)
-        params, buffers = torch.func.stack_module_state(members)
-        base = copy.deepcopy(members[0]).to("meta")
-        ensemble = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)), in_dims=(0, 0, None))
-        y = ensemble(params, buffers, x)
-        stacks.append((y, buffers))
+        stacks.append(_ensemble(members, x)[:2])
     (ours, ours_buffers), (theirs, theirs_buffers) = stacks
     _close(ours, theirs)
     for name in ("running_mean", "running_var"):
         _close(ours_buffers[name], theirs_buffers[name])
     assert ours_buffers["num_batches_tracked"].tolist() == [1, 1, 1]
 
-    params, buffers = torch.func.stack_module_state([bn.BatchNorm2d(shape[1]) for _ in range(3)])
-    base = copy.deepcopy(bn.BatchNorm2d(shape[1])).to("meta")
     xs = torch.stack([x, x.clone().fill_(float("inf")), x])
-    vmap(lambda p, b, x: functional_call(base, (p, b), (x,)), in_dims=(0, 0, 0))(params, buffers, xs)
+    _, buffers, base = _ensemble([bn.BatchNorm2d(shape[1]) for _ in range(3)], xs, x_dim=0)
     assert buffers["num_batches_tracked"].tolist() == [1, 0, 1]
     assert torch.equal(buffers["running_mean"][1], torch.zeros(shape[1]))
     assert bool(torch.isfinite(buffers["running_var"]).all())
@@ -118,9 +120,7 @@ def test_func_vmap_over_a_model_ensemble_with_the_extras(shape, extra):
     call = {"mask": torch.rand(shape[0], *shape[2:]) > 0.3} if extra == "mask" else {}
     members = [bn.BatchNorm2d(shape[1], **kwargs) for _ in range(2)]
     alone = [copy.deepcopy(m) for m in members]
-    params, buffers = torch.func.stack_module_state(members)
-    base = copy.deepcopy(members[0]).to("meta")
-    y = vmap(lambda p, b, x: functional_call(base, (p, b), (x,), call), in_dims=(0, 0, None))(params, buffers, x)
+    y, buffers, _ = _ensemble(members, x, **call)
     for i, m in enumerate(alone):
         _close(y[i], m(x, **call))
         for name, t in m.named_buffers():

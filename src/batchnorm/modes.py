@@ -39,11 +39,11 @@ class Mode(NamedTuple):
     """How torch runs the current call: traced by torch.compile / torch.export (`compiling`,
     and `exporting` for torch.export), inside a torch.func transform, a forward-AD level or
     torch.jit.trace (`transformed`: torch's own ops, which carry the transforms' rules and
-    which a trace records), or recomputed by
-    activation checkpointing (`recomputing`, never while compiled or transformed); `traced`:
-    compiling, transformed or under a Python dispatch mode, so only graph-safe torch ops may
-    run; `wrapped`: the tensors are torch.func's wrappers or FakeTensorMode's fakes, whose
-    values cannot be kept past the call."""
+    which a trace records), or recomputed by activation checkpointing (`recomputing`, never
+    while compiled or transformed); `traced`: compiling, transformed or under a Python
+    dispatch mode, so only graph-safe torch ops may run; `wrapped`: the tensors are
+    torch.func's wrappers or FakeTensorMode's fakes, whose values cannot be kept past the
+    call."""
 
     compiling: bool
     exporting: bool

@@ -57,6 +57,7 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; the torch rule serves without it
     _fold_running_cpu = None
 from .backends import numba_warmup
+from .backends.numba_cpu import DTYPE_NAMES
 
 
 class Batch(NamedTuple):
@@ -203,7 +204,7 @@ def update_running_stats(
         # contiguous tensors without grad
         viewable = not traced and _fold_running_cpu is not None
         for t in (running_mean, running_var, mean, var):
-            viewable = viewable and t.is_cpu and t.dtype in _NUMPY_DTYPES and t.is_contiguous() and not t.requires_grad
+            viewable = viewable and t.is_cpu and t.dtype in DTYPE_NAMES and t.is_contiguous() and not t.requires_grad
         # numba_warmup.py: the rule compiles in the helper process meanwhile (compiled in this
         # one, numba's compiler would hold the interpreter lock from the training loop for a
         # second), and the tensor ops serve
@@ -217,14 +218,11 @@ def update_running_stats(
         return bool(accepted) if not traced and accepted.device.type == "cpu" else accepted
 
 
-_NUMPY_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
-
-
 @functools.cache
 def _rule_request(stats_dtype: torch.dtype, running_dtype: torch.dtype) -> numba_warmup.Request:
     """numba_warmup's request that compiles the rule for these dtypes (built once per pair:
     the running update asks it at every call)."""
-    return numba_warmup.Request(__name__, "compile_rule", (_NUMPY_DTYPES[stats_dtype], _NUMPY_DTYPES[running_dtype]))
+    return numba_warmup.Request(__name__, "compile_rule", (DTYPE_NAMES[stats_dtype], DTYPE_NAMES[running_dtype]))
 
 
 def compile_rule(stats_dtype: str, running_dtype: str) -> None:

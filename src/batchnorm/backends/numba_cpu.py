@@ -29,7 +29,8 @@ _HUGE_BYTES = 1 << 25  # outputs from this size use numpy's allocator (`_allocat
 _SMALL_BYTES = 1 << 16  # outputs below this size also use numpy's (`_allocate`)
 _ACT_CODE = {name: code for code, name in enumerate(activations.NAMES)}
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
-_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
+#: The dtypes the kernels take, by the name numba_warmup's requests and numpy use.
+DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
 
 #: `auto` takes numba from this many elements: the smallest size of the (N, 64, L) fp32
 #: BN + ReLU forward + backward sweep (docs/benchmarks.md) from which numba is never slower
@@ -201,7 +202,7 @@ class NumbaBackend(Backend):
     def unsupported(self, x: Tensor) -> str | None:
         if x.device.type != "cpu":
             return f"numba runs on the CPU only, the input is on {x.device}"
-        if x.dtype not in _DTYPE_NAMES:
+        if x.dtype not in DTYPE_NAMES:
             return f"numba kernels take float32 and float64, the input is {x.dtype}"
         if x.numel() == 0:
             return "the input is empty"
@@ -239,7 +240,7 @@ class NumbaBackend(Backend):
     def _case_ready(self, x: Tensor, activation: str | None, has_residual: bool, threads: bool) -> bool:
         """numba_warmup.ready for the kernel case of such a call."""
         code = _ACT_CODE[activation if activation in self.fused_activations else None]
-        case = Case(_DTYPE_NAMES[x.dtype], 3 if layout.kind_of(x) == "ncl" else 2, threads, has_residual, code)
+        case = Case(DTYPE_NAMES[x.dtype], 3 if layout.kind_of(x) == "ncl" else 2, threads, has_residual, code)
         return numba_warmup.ready(numba_warmup.Request(__name__, "compile_case", case))
 
     def takes_plain_evaluation(self, x: Tensor) -> bool:

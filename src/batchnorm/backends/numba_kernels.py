@@ -42,8 +42,8 @@ multiply-adds, NaN and Inf still propagate. In a case's compiled kernel, the res
 and the activation of the piecewise kinds (identity, ReLU, ReLU6, Hardswish: compares,
 selects and multiplies, in x's dtype) are fixed (`_case_loop`: the kind's own functions, its
 code a constant): each loop compiles to branch-free vector code with no call inside; the
-smooth activations share one loop and are computed in float64 and rounded once. `code` is the activation's index in
-activations.NAMES. Compiling per case is what keeps a first call short: a kernel holding
+smooth activations share one loop and are computed in float64 and rounded once. `code` is
+the activation's index in activations.NAMES. Compiling per case is what keeps a first call short: a kernel holding
 all ten cases compiles all of their loops, where a model needs two or three cases
 (docs/performance.md, "The `numba` backend (CPU)", Cases, has the compile times).
 """
@@ -221,12 +221,17 @@ _PAIRS = {IDENTITY: (_identity, _identity_grad), RELU: (_relu, _relu_grad), RELU
           HARDSWISH: (_hardswish, _hardswish_grad), SMOOTH: (_smooth, _smooth_grad)}  # fmt: skip
 
 
+def _with_globals(fn, **names):
+    """A copy of the Python function `fn` whose global `names` are bound to other objects
+    (numba compiles a function with the globals it finds when it compiles it)."""
+    return types.FunctionType(fn.__code__, dict(fn.__globals__, **names), fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 def _rebound(dispatcher, **names):
-    """An inlined function like `dispatcher`'s, whose global `names` are bound to other
-    functions (numba reads an inlined function's globals when it copies its body)."""
-    fn = dispatcher.py_func
-    copy = types.FunctionType(fn.__code__, dict(fn.__globals__, **names), fn.__name__, fn.__defaults__, fn.__closure__)
-    return _jit(inline=True)(copy)
+    """An inlined function like `dispatcher`'s, with its global `names` bound to other
+    functions (`_with_globals`: numba reads an inlined function's globals when it copies its
+    body into a caller)."""
+    return _jit(inline=True)(_with_globals(dispatcher.py_func, **names))
 
 
 @functools.cache
@@ -652,7 +657,7 @@ def compiled(name: str, parallel: bool, has_res: bool, kind: int):
     descheduled thread (milliseconds). Compiles on its first call."""
     fn = _TEMPLATES[name]
     loops = {loop.__name__: _case_loop(loop, has_res, kind) for loop in _LOOPS}
-    copy = types.FunctionType(fn.__code__, dict(fn.__globals__, **loops), fn.__name__, fn.__defaults__, fn.__closure__)
+    copy = _with_globals(fn, **loops)
     threads = "parallel" if parallel else "serial"
     name = f"{fn.__qualname__}_{threads}_{'residual' if has_res else 'plain'}_{_KIND_NAMES[kind]}"
     return _jit(parallel=parallel)(numba_cache.unique_name(copy, name))

@@ -58,7 +58,6 @@ except (AttributeError, OSError):
 """
 
 
-
 class Request(NamedTuple):
     """`module.function(*args)`: compiles kernels in the process that runs it, or loads them
     from numba's disk cache. `args` are plain values (a tuple, so that the request can be a
