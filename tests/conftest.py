@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
 
 
 # Compiling the numba backend's kernels is most of what a first run of the suite costs: a
-# case per dtype, rank, threads, residual and activation kind (numba_kernels.compiled), each
+# case per dtype, rank, threads, residual and activation (numba_kernels.compiled), each
 # seconds of one core, compiled one after another at first use in one process.
 # When the whole suite (or its fast tier) runs, i.e. pytest is given no paths, they are
 # compiled first into numba's cache by a few processes side by side, and each test (and each
@@ -42,8 +42,8 @@ for case in sys.argv[1:]:
 
 
 def _numba_cases() -> list[str]:
-    """Every compiled case as "dtype,ndim,threads,has_res,code" (a code per activation kind:
-    numba_kernels.KINDS; the smooth activations share one)."""
+    """Every compiled case as "dtype,ndim,threads,has_res,code" (the code of each activation
+    the kernels fuse: numba_kernels.KINDS)."""
     import itertools
 
     from batchnorm.backends import numba_kernels

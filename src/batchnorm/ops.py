@@ -345,8 +345,12 @@ def _runnable(name: str, x: Tensor, activation: str | None, residual: Tensor | N
     backend's kernels for this call are not compiled yet (numba_warmup.py: they compile in
     the background meanwhile, or here with BATCHNORM_COMPILE=blocking). The whole op's
     (6, C) parameters mean the same for every backend, so a backward may run kernels that
-    became ready on the parameters of a forward that ran the stand-in."""
+    became ready on the parameters of a forward that ran the stand-in. The stand-in also
+    takes an activation the backend does not fuse (functional.py never hands one over; the
+    op called directly may)."""
     be = backends.get(name)
+    if activation not in be.fused_activations:
+        return _STAND_IN
     return be if be.ready(x, activation, residual is not None, modes.current()) else _STAND_IN
 
 

@@ -18,7 +18,17 @@ from .poison import poisoned_allocations
 
 # Without a GPU, triton runs in Triton's CPU interpreter (slow): `make check` leaves it to
 # tests/backends/test_triton_gpu.py, which tests the same four functions on tiny shapes.
-BACKENDS = [pytest.param(n, marks=pytest.mark.slow) if n == "triton" else n for n in backends.available() if n != "reference"]
+_NAMES = [n for n in backends.available() if n != "reference"]
+
+
+def _param(name, *values):
+    return pytest.param(name, *values, marks=[pytest.mark.slow] if name == "triton" else [])
+
+
+BACKENDS = [_param(n) for n in _NAMES]
+# Each backend's kernels take the activations it fuses (Backend.fused_activations); functional.py
+# applies any other after them, as torch's op.
+BACKEND_ACTIVATIONS = [_param(n, a) for n in _NAMES for a in backends.get(n).fused_activations]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # Tolerance relative to the size of the quantity, per input dtype: the kernels accumulate
 # in fp32 (fp64 for fp64), so the output's own rounding dominates.
@@ -91,9 +101,8 @@ def _affine_for(x, seed):
     return [t.to(acc) for t in (mean, invstd, scale, shift)]
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize(("name", "activation"), BACKEND_ACTIVATIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("activation", activations.NAMES)
 @given(case=views(), with_residual=st.booleans())
 def test_apply(name, dtype, activation, case, with_residual):
     x = make(*case, dtype)
@@ -110,9 +119,8 @@ def test_apply(name, dtype, activation, case, with_residual):
     close(y, expected, dtype)
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize(("name", "activation"), BACKEND_ACTIVATIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("activation", activations.NAMES)
 @given(case=views(), with_residual=st.booleans(), training=st.booleans())
 def test_backward(name, dtype, activation, case, with_residual, training):
     x = make(*case, dtype)

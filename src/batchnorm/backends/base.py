@@ -17,7 +17,8 @@ with d = dy * g'(u), u = (x - mean) scale + shift + residual, xhat = (x - mean) 
 and dx = scale (d - mean_d - xhat mean_d_xhat). scale = gamma invstd and shift = beta:
 the mean is always subtracted from x first (never folded into the shift), which keeps fp32
 exact enough for a channel with mean 1e4 and spread 1e-2. `reference.py` states each
-equation.
+equation. g is one of the backend's `fused_activations` (functional.py applies any other
+after the kernels, as torch's op).
 
 The op layer (ops.py) calls only the whole op (`forward`, `backward`, below); the four
 functions are its default here, and `stats` is also the statistics step of ghost batches,
@@ -48,9 +49,9 @@ class Backend:
     """One implementation of the kernel contract. Subclasses override what they provide."""
 
     name: str = ""
-    #: The activations worth fusing into this backend's kernels. Every backend computes all
-    #: of them (the contract), but where a fused one is slower than torch's own vectorized
-    #: op, functional.py runs the kernel without it and applies torch's op after.
+    #: The activations this backend's kernels take (the whole op and the contract
+    #: functions): those worth fusing. For any other, functional.py runs the kernel without
+    #: it and applies torch's own op after.
     fused_activations: tuple[str | None, ...] = activations.NAMES
 
     def unavailable(self) -> str | None:

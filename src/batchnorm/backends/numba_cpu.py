@@ -119,7 +119,7 @@ def _forward(xv, rv, *, activation, training, write, gamma, beta, eps, channel: 
     m2 = np.empty(xv.shape[1], xv.dtype)
     y = OUTPUTS.empty(xv.shape, xv.dtype) if write else xv  # never written when not `write`
     has_res, code = rv is not None, _ACT_CODE[activation]
-    args = (xv, xv if rv is None else rv, has_res, code, training, write, gamma, beta, eps, *channel, m2, y)
+    args = (xv, xv if rv is None else rv, has_res, training, write, gamma, beta, eps, *channel, m2, y)
     size = xv.size if size is None else size
     if xv.ndim == 3:
         # (C, 2, L) float64 lane scratch for the statistics of rows shorter than LANES (the
@@ -144,7 +144,7 @@ def _backward(
     dx = OUTPUTS.empty(xv.shape, xv.dtype) if write else xv  # never written when not `write`
     dres = OUTPUTS.empty(xv.shape, xv.dtype) if write and rv is not None else dx
     has_res, code = rv is not None, _ACT_CODE[activation]
-    args = (dyv, xv, xv if rv is None else rv, has_res, code, *channel,
+    args = (dyv, xv, xv if rv is None else rv, has_res, *channel,
             reduce, write, local_means, sum_d, sum_dxh, mean_d, mean_dxh, dx, dres)  # fmt: skip
     size = xv.size if size is None else size
     if xv.ndim == 3:
@@ -187,14 +187,13 @@ class NumbaBackend(Backend):
     """Fused numba kernels on CPU for contiguous fp32/fp64 views; aten takes everything else."""
 
     name = "numba"
-    # The smooth activations cost a scalar libm call per value here (numba has no vector
-    # math library on this build), so fused they are slower than torch's BN and vectorized
-    # activation; our identity kernel then torch's activation is faster (docs/performance.md,
-    # "The `numba` backend (CPU)", Smooth activations are not fused). The piecewise ones
-    # (ReLU, ReLU6, Hardswish) are compares, selects and multiplies in vector code: fused,
-    # they save the activation's own passes over memory (same section, the ReLU6 and
-    # Hardswish table).
-    fused_activations = (None, "relu", "relu6", "hardswish")
+    # The piecewise activations (ReLU, ReLU6, Hardswish) are compares, selects and multiplies
+    # in vector code: fused, they save the activation's own passes over memory
+    # (docs/performance.md, "The `numba` backend (CPU)", the ReLU6 and Hardswish table). The
+    # smooth ones would cost a scalar libm call per value here (numba has no vector math
+    # library on this build): our identity kernel then torch's vectorized op is faster (same
+    # section, Smooth activations are not fused), so the kernels have no case for them.
+    fused_activations = tuple(activations.NAMES[kind] for kind in kernels.KINDS)
 
     def unavailable(self) -> str | None:
         return kernels.MISSING

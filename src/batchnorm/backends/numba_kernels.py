@@ -2,9 +2,9 @@
 
 Two kernels per view, written once as Python functions and compiled, on first use, once per
 case: threads or not (without for inputs under `PARALLEL_NUMEL` elements: the same
-arithmetic, so the same bits), residual or not, and the activation's kind (identity, ReLU,
-ReLU6, Hardswish, or one of the smooth ones), each for the dtypes it meets (numba caches the machine code on
-disk). `kernel(name, size, has_res, code)` picks one.
+arithmetic, so the same bits), residual or not, and the activation (identity, ReLU, ReLU6 or
+Hardswish), each for the dtypes it meets (numba caches the machine code on disk).
+`kernel(name, size, has_res, code)` picks one.
 
 - forward: per-channel statistics (optional), then y = g((x - center) scale + shift + residual)
   (the running update is made once per call above the kernels, ops.update_running_stats,
@@ -39,12 +39,10 @@ are bitwise the same with 1 or 2 threads):
 
 Compiled with `fastmath={"reassoc", "contract"}` only: LLVM vectorizes the sums and fuses
 multiply-adds, NaN and Inf still propagate. In a case's compiled kernel, the residual flag
-and the activation of the piecewise kinds (identity, ReLU, ReLU6, Hardswish: compares,
-selects and multiplies, in x's dtype) are fixed (`_case_loop`: the kind's own functions, its
-code a constant): each loop compiles to branch-free vector code with no call inside; the
-smooth activations share one loop and are computed in float64 and rounded once. `code` is
-the activation's index in activations.NAMES. Compiling per case is what keeps a first call short: a kernel holding
-all ten cases compiles all of their loops, where a model needs two or three cases
+and the activation (compares, selects and multiplies, in x's dtype) are fixed (`_case_loop`:
+the kind's own functions): each loop compiles to branch-free vector code with no call
+inside. Compiling per case is what keeps a first call short: a kernel holding all eight
+cases compiles all of their loops, where a model needs two or three cases
 (docs/performance.md, "The `numba` backend (CPU)", Cases, has the compile times).
 """
 
@@ -102,102 +100,65 @@ _prange = range if numba is None else numba.prange
 
 
 # Activations (`activations.py` has the equations) ---------------------------------------
-# A pair per kind, value and slope, all with one signature (u, code, f): each piecewise
-# activation has its own, the smooth ones (and leaky ReLU) share one in which `code` picks.
-# The loops call `_act` and `_d` (which calls `_grad`), the smooth pair, and `_case_loop`
-# binds a piecewise kind's own pair there. One pair for every code would serve, but numba
-# copies an inlined function's whole body into every call site, and types it, before the
-# constant code folds the other branches away: each case's compile would copy every
-# activation (docs/performance.md, "The `numba` backend (CPU)", Cases, has the times).
+# A pair per kind, value and slope, each in x's dtype `f`. The loops call `_act` and `_d`
+# (which calls `_grad`), and `_case_loop` binds the case's pair there: numba copies an
+# inlined function's whole body into every call site, and types it, so one pair holding
+# every activation would be copied whole into each case before the constant code folded the
+# others away (docs/performance.md, "The `numba` backend (CPU)", Cases, has the times).
 @_jit(inline=True)
-def _identity(u, code, f):
+def _identity(u, f):
     return u
 
 
 @_jit(inline=True)
-def _identity_grad(dy, u, code, f):
+def _identity_grad(dy, u, f):
     return dy
 
 
 @_jit(inline=True)
-def _relu(u, code, f):
+def _relu(u, f):
     return u if not u <= 0 else f(0)  # NaN stays NaN
 
 
 @_jit(inline=True)
-def _relu_grad(dy, u, code, f):
+def _relu_grad(dy, u, f):
     return dy if u > 0 else f(0)
 
 
 @_jit(inline=True)
-def _relu6(u, code, f):
+def _relu6(u, f):
     """min(max(u, 0), 6) in x's dtype `f`; NaN stays NaN (both tests are false for it)."""
     r = u if not u <= 0 else f(0)
     return r if not r >= 6 else f(6)
 
 
 @_jit(inline=True)
-def _relu6_grad(dy, u, code, f):
+def _relu6_grad(dy, u, f):
     return dy if u > 0 and u < 6 else f(0)  # torch's slopes at the breakpoints: 0 at u = 0 and u = 6
 
 
 @_jit(inline=True)
-def _hardswish(u, code, f):
-    return u * _relu6(u + f(3), code, f) / f(6)  # in x's dtype, as torch's hardswish rounds it
+def _hardswish(u, f):
+    return u * _relu6(u + f(3), f) / f(6)  # in x's dtype, as torch's hardswish rounds it
 
 
 @_jit(inline=True)
-def _hardswish_grad(dy, u, code, f):
+def _hardswish_grad(dy, u, f):
     # 0 at u = -3 and 1 at u = 3, as torch's hardswish_backward
     return f(0) if u <= -3 else (dy * (u / f(3) + f(0.5)) if u < 3 else dy)
 
 
-@_jit(inline=True)
-def _smooth(u, code, f):
-    """g(u) as dtype `f` for the smooth activation `code` (index in activations.NAMES), and
-    leaky ReLU: computed in float64, rounded once."""
-    v = float(u)
-    if code == 2:
-        return u if not u <= 0 else f(v * activations.LEAKY_SLOPE)
-    if code == 3:
-        return f(1.0 / (1.0 + math.exp(-v)))
-    if code == 4:
-        return f(math.tanh(v))
-    if code == 5:
-        return f(v / (1.0 + math.exp(-v)))
-    return f(0.5 * v * (1.0 + math.erf(v * 0.7071067811865476)))
+_act, _grad = _identity, _identity_grad  # what the loops call; `_case_loop` binds the case's pair
 
 
 @_jit(inline=True)
-def _smooth_grad(dy, u, code, f):
-    """d = dy g'(u) as dtype `f` for the smooth activation `code`, and leaky ReLU."""
-    v = float(u)
-    if code == 2:
-        return dy if u > 0 else f(dy * activations.LEAKY_SLOPE)
-    if code == 3:
-        sg = 1.0 / (1.0 + math.exp(-v))
-        return f(dy * (sg * (1.0 - sg)))
-    if code == 4:
-        th = math.tanh(v)
-        return f(dy * (1.0 - th * th))
-    if code == 5:
-        sg = 1.0 / (1.0 + math.exp(-v))
-        return f(dy * (sg * (1.0 + v * (1.0 - sg))))
-    cdf = 0.5 * (1.0 + math.erf(v * 0.7071067811865476))
-    return f(dy * (cdf + v * math.exp(-0.5 * v * v) * 0.3989422804014327))
-
-
-_act, _grad = _smooth, _smooth_grad  # what the loops call, unless `_case_loop` binds another pair
-
-
-@_jit(inline=True)
-def _d(dy, t, scale, shift, res, has_res, code, f):
+def _d(dy, t, scale, shift, res, has_res, f):
     """d = dy g'(u), the activation's slope at u = t scale + shift (+ res) recomputed from t = x - center
     (the backward's two passes both need it; nothing the size of x is saved)."""
     u = t * scale + shift
     if has_res:
         u += res
-    return _grad(dy, u, code, f)
+    return _grad(dy, u, f)
 
 
 @_jit(inline=True)
@@ -206,19 +167,19 @@ def _dx(d, t, scale, invstd, xhat_shift, mean_d, mean_dxh):
     return scale * (d - mean_d - (t * invstd + xhat_shift) * mean_dxh)
 
 
-# Activation kinds, each compiled as its own case. A kind is the code of an activation of
-# that kind: the piecewise ones (no libm call, so vector code like ReLU's) are each their
-# own kind, their code a constant in their case; the smooth ones (leaky_relu's float64 path
-# included) share SMOOTH, their code a run-time value there.
-IDENTITY, RELU, SMOOTH = 0, 1, 2
+# Activation kinds, each compiled as its own case: a kind is the activation's index in
+# activations.NAMES. The piecewise activations only: compares, selects and multiplies in x's
+# dtype, which LLVM vectorizes. The others cost a scalar libm call per value here, slower
+# fused than torch's vectorized op after our identity kernel, so the backend does not fuse
+# them (numba_cpu.NumbaBackend.fused_activations; docs/performance.md, "The `numba` backend
+# (CPU)", Smooth activations are not fused).
+IDENTITY, RELU = activations.NAMES.index(None), activations.NAMES.index("relu")
 RELU6, HARDSWISH = activations.NAMES.index("relu6"), activations.NAMES.index("hardswish")
-KINDS = (IDENTITY, RELU, SMOOTH, RELU6, HARDSWISH)
-_KIND_NAMES = {IDENTITY: "identity", RELU: "relu", SMOOTH: "smooth", RELU6: "relu6", HARDSWISH: "hardswish"}
-
-
 # Each kind's (value, slope) pair.
 _PAIRS = {IDENTITY: (_identity, _identity_grad), RELU: (_relu, _relu_grad), RELU6: (_relu6, _relu6_grad),
-          HARDSWISH: (_hardswish, _hardswish_grad), SMOOTH: (_smooth, _smooth_grad)}  # fmt: skip
+          HARDSWISH: (_hardswish, _hardswish_grad)}  # fmt: skip
+KINDS = tuple(_PAIRS)
+_KIND_NAMES = {IDENTITY: "identity", RELU: "relu", RELU6: "relu6", HARDSWISH: "hardswish"}
 
 
 def _with_globals(fn, **names):
@@ -236,10 +197,9 @@ def _rebound(dispatcher, **names):
 
 @functools.cache
 def _case_loop(loop, has_res: bool, kind: int):
-    """`loop(args, has_res, code)` (one of `_LOOPS`) compiled for one case: `has_res`, and the
-    code of a piecewise kind (identity, ReLU, ReLU6, Hardswish), are constants there (numba
-    folds a closure's values), and the loop calls that kind's own pair (`_PAIRS`), so its
-    machine code holds that case's loop only; the smooth kinds keep `code` a run-time value.
+    """`loop(args, has_res)` (one of `_LOOPS`) compiled for one case: `has_res` is a constant
+    there (numba folds a closure's values), and the loop calls the kind's own pair
+    (`_PAIRS`), so its machine code holds that case's loop only.
     A function of its own, not inlined: the serial and the parallel kernel of a case share
     one compilation, and numba's parallel passes, slow on large loop bodies, see only a call.
     Not cached on disk itself: a kernel's cached machine code includes it, under this
@@ -248,15 +208,9 @@ def _case_loop(loop, has_res: bool, kind: int):
     the cache would run one kernel with the other's loop)."""
     act, grad = _PAIRS[kind]
     body = _rebound(loop, _act=act, _d=_rebound(_d, _grad=grad))
-    if kind == SMOOTH:
 
-        def case(args, _has_res, code):
-            return body(args, has_res, code)
-
-    else:
-
-        def case(args, _has_res, _code):
-            return body(args, has_res, kind)
+    def case(args, _has_res):
+        return body(args, has_res)
 
     name = f"{loop.__name__}_{'residual' if has_res else 'plain'}_{_KIND_NAMES[kind]}"
     return numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True)(numba_cache.unique_name(case, name))
@@ -404,7 +358,7 @@ def _ncl_stats(x, c0, c1, lanes, acc):
 
 
 @_jit(inline=True)
-def _ncl_normalize(args, has_res, code):
+def _ncl_normalize(args, has_res):
     """y[:, c] = g((x[:, c] - center) scale + shift (+ res[:, c])) for the channels c0:c1."""
     x, res, y, c0, c1, center, scale, shift = args
     f = x.dtype.type
@@ -415,11 +369,11 @@ def _ncl_normalize(args, has_res, code):
                 u = (xr[j] - mc) * ac + bc
                 if has_res:
                     u += rr[j]
-                yr[j] = _act(u, code, f)
+                yr[j] = _act(u, f)
 
 
 def ncl_forward(
-    x, res, has_res, code, training, write, gamma, beta, eps, center, scale, shift, invstd, xhat_shift, m2, y,
+    x, res, has_res, training, write, gamma, beta, eps, center, scale, shift, invstd, xhat_shift, m2, y,
     lanes, acc,
 ):  # fmt: skip
     """Per group of channels (`_ncl_group`): statistics when `training` (into center, scale,
@@ -437,11 +391,11 @@ def ncl_forward(
                 _set_params(c, acc[0, c], acc[1, c], n_rows * length, eps, gamma, beta,
                             center, scale, shift, invstd, xhat_shift, m2)  # fmt: skip
         if write:
-            _ncl_normalize((x, res, y, c0, c1, center, scale, shift), has_res, code)
+            _ncl_normalize((x, res, y, c0, c1, center, scale, shift), has_res)
 
 
 @_jit(inline=True)
-def _ncl_grad_sums(args, has_res, code):
+def _ncl_grad_sums(args, has_res):
     """(sum d, sum d xhat) of channels c0:c1 in float64 into acc[0, c], acc[1, c] (each row
     summed in x's dtype, rows added in order)."""
     dy, x, res, c0, c1, center, scale, shift, invstd, xhat_shift, acc = args
@@ -455,7 +409,7 @@ def _ncl_grad_sums(args, has_res, code):
             s1, s2 = f(0), f(0)
             for j in range(xr.shape[0]):
                 t = xr[j] - mc
-                g = _d(dyr[j], t, ac, bc, rr[j], has_res, code, f)
+                g = _d(dyr[j], t, ac, bc, rr[j], has_res, f)
                 s1 += g
                 s2 += g * (t * ic + hc)
             acc[0, c] += float(s1)
@@ -463,7 +417,7 @@ def _ncl_grad_sums(args, has_res, code):
 
 
 @_jit(inline=True)
-def _ncl_grad_apply(args, has_res, code):
+def _ncl_grad_apply(args, has_res):
     """dx[:, c] = scale (d - mean_d - xhat mean_dxh), dres[:, c] = d, for the channels c0:c1."""
     dy, x, res, dx, dres, c0, c1, center, scale, shift, invstd, xhat_shift, mean_d, mean_dxh = args
     f = x.dtype.type
@@ -474,20 +428,20 @@ def _ncl_grad_apply(args, has_res, code):
             mdc, mdxc = mean_d[c], mean_dxh[c]
             if has_res and xr.shape[0] >= LANES:  # see `_mc_grad_apply`
                 for j in range(xr.shape[0]):
-                    drr[j] = _d(dyr[j], xr[j] - mc, ac, bc, rr[j], True, code, f)
+                    drr[j] = _d(dyr[j], xr[j] - mc, ac, bc, rr[j], True, f)
                 for j in range(xr.shape[0]):
                     dxr[j] = _dx(drr[j], xr[j] - mc, ac, ic, hc, mdc, mdxc)
             else:
                 for j in range(xr.shape[0]):
                     t = xr[j] - mc
-                    g = _d(dyr[j], t, ac, bc, rr[j], has_res, code, f)
+                    g = _d(dyr[j], t, ac, bc, rr[j], has_res, f)
                     dxr[j] = _dx(g, t, ac, ic, hc, mdc, mdxc)
                     if has_res:
                         drr[j] = g
 
 
 def ncl_backward(
-    dy, x, res, has_res, code, center, scale, shift, invstd, xhat_shift, reduce, write, local_means,
+    dy, x, res, has_res, center, scale, shift, invstd, xhat_shift, reduce, write, local_means,
     sum_d, sum_dxh, mean_d, mean_dxh, dx, dres, acc,
 ):  # fmt: skip
     """Per group of channels (`_ncl_group`): when `reduce`, sum_d = sum d, sum_dxh = sum d
@@ -501,14 +455,14 @@ def ncl_backward(
         c0, c1 = k * per, min(channels, (k + 1) * per)
         if reduce:
             args = (dy, x, res, c0, c1, center, scale, shift, invstd, xhat_shift, acc)
-            _ncl_grad_sums(args, has_res, code)
+            _ncl_grad_sums(args, has_res)
             for c in range(c0, c1):
                 sum_d[c], sum_dxh[c] = acc[0, c], acc[1, c]
                 if local_means:
                     mean_d[c], mean_dxh[c] = acc[0, c] / (n_rows * length), acc[1, c] / (n_rows * length)
         if write:
             args = (dy, x, res, dx, dres, c0, c1, center, scale, shift, invstd, xhat_shift, mean_d, mean_dxh)
-            _ncl_grad_apply(args, has_res, code)
+            _ncl_grad_apply(args, has_res)
 
 
 # (M, C) --------------------------------------------------------------------------------
@@ -520,7 +474,7 @@ def mc_blocks(rows, channels):
 
 
 @_jit(inline=True)
-def _mc_normalize(args, has_res, code):
+def _mc_normalize(args, has_res):
     """y[lo:hi] = g((x[lo:hi] - center) scale + shift (+ res[lo:hi])), per channel."""
     x, res, y, lo, hi, center, scale, shift = args
     f = x.dtype.type
@@ -530,11 +484,11 @@ def _mc_normalize(args, has_res, code):
             u = (xr[c] - center[c]) * scale[c] + shift[c]
             if has_res:
                 u += rr[c]
-            yr[c] = _act(u, code, f)
+            yr[c] = _act(u, f)
 
 
 def mc_forward(
-    x, res, has_res, code, training, write, gamma, beta, eps, center, scale, shift, invstd, xhat_shift, m2, y,
+    x, res, has_res, training, write, gamma, beta, eps, center, scale, shift, invstd, xhat_shift, m2, y,
     s1, s2, merged,
 ):  # fmt: skip
     """`ncl_forward` for (M, C): per-block sums of x - x[0] in parallel (into the zeroed
@@ -567,11 +521,11 @@ def mc_forward(
     if write:
         for k in _prange(blocks):
             args = (x, res, y, k * per, min(rows, (k + 1) * per), center, scale, shift)
-            _mc_normalize(args, has_res, code)
+            _mc_normalize(args, has_res)
 
 
 @_jit(inline=True)
-def _mc_grad_sums(args, has_res, code):
+def _mc_grad_sums(args, has_res):
     """s1 += d, s2 += d xhat over rows lo:hi, per channel (vectors of x's dtype)."""
     dy, x, res, lo, hi, center, scale, shift, invstd, xhat_shift, s1, s2 = args
     f = x.dtype.type
@@ -579,13 +533,13 @@ def _mc_grad_sums(args, has_res, code):
         xr, dyr, rr = x[r], dy[r], res[r]
         for c in range(xr.shape[0]):
             t = xr[c] - center[c]
-            g = _d(dyr[c], t, scale[c], shift[c], rr[c], has_res, code, f)
+            g = _d(dyr[c], t, scale[c], shift[c], rr[c], has_res, f)
             s1[c] += g
             s2[c] += g * (t * invstd[c] + xhat_shift[c])
 
 
 @_jit(inline=True)
-def _mc_grad_apply(args, has_res, code):
+def _mc_grad_apply(args, has_res):
     """dx = scale (d - mean_d - xhat mean_dxh), dres = d over rows lo:hi."""
     dy, x, res, dx, dres, lo, hi, center, scale, shift, invstd, xhat_shift, mean_d, mean_dxh = args
     f = x.dtype.type
@@ -598,21 +552,21 @@ def _mc_grad_apply(args, has_res, code):
             # shorter than LANES the second loop's overhead outweighs it (docs/performance.md,
             # "The `numba` backend (CPU)", the `(M, C)` item).
             for c in range(xr.shape[0]):
-                drr[c] = _d(dyr[c], xr[c] - center[c], scale[c], shift[c], rr[c], True, code, f)
+                drr[c] = _d(dyr[c], xr[c] - center[c], scale[c], shift[c], rr[c], True, f)
             for c in range(xr.shape[0]):
                 t = xr[c] - center[c]
                 dxr[c] = _dx(drr[c], t, scale[c], invstd[c], xhat_shift[c], mean_d[c], mean_dxh[c])
         else:
             for c in range(xr.shape[0]):
                 t = xr[c] - center[c]
-                g = _d(dyr[c], t, scale[c], shift[c], rr[c], has_res, code, f)
+                g = _d(dyr[c], t, scale[c], shift[c], rr[c], has_res, f)
                 dxr[c] = _dx(g, t, scale[c], invstd[c], xhat_shift[c], mean_d[c], mean_dxh[c])
                 if has_res:
                     drr[c] = g
 
 
 def mc_backward(
-    dy, x, res, has_res, code, center, scale, shift, invstd, xhat_shift, reduce, write, local_means,
+    dy, x, res, has_res, center, scale, shift, invstd, xhat_shift, reduce, write, local_means,
     sum_d, sum_dxh, mean_d, mean_dxh, dx, dres, s1, s2, merged,
 ):  # fmt: skip
     """`ncl_backward` for (M, C): per-block partial sums in parallel (into the zeroed
@@ -624,7 +578,7 @@ def mc_backward(
         for k in _prange(blocks):
             lo, hi = k * per, min(rows, (k + 1) * per)
             args = (dy, x, res, lo, hi, center, scale, shift, invstd, xhat_shift, s1[k], s2[k])
-            _mc_grad_sums(args, has_res, code)
+            _mc_grad_sums(args, has_res)
         sd, sdx = merged[0], merged[1]
         for k in range(blocks):
             s1k, s2k = s1[k], s2[k]
@@ -639,7 +593,7 @@ def mc_backward(
         for k in _prange(blocks):
             lo, hi = k * per, min(rows, (k + 1) * per)
             args = (dy, x, res, dx, dres, lo, hi, center, scale, shift, invstd, xhat_shift, mean_d, mean_dxh)
-            _mc_grad_apply(args, has_res, code)
+            _mc_grad_apply(args, has_res)
 
 
 _TEMPLATES = {k.__name__: k for k in (ncl_forward, mc_forward, ncl_backward, mc_backward)}
@@ -686,5 +640,10 @@ def threaded(size: int) -> bool:
 
 def kernel(name: str, size: int, has_res: bool, code: int):
     """The compiled kernel for a call on `size` elements (`threaded` or not), the case of
-    `has_res` and the activation `code` (its own kind where KINDS has it, else SMOOTH)."""
-    return compiled(name, threaded(size), has_res, code if code in KINDS else SMOOTH)
+    `has_res` and the activation `code` (its index in activations.NAMES, one of KINDS)."""
+    if code not in _PAIRS:
+        raise ValueError(
+            f"the numba kernels fuse {', '.join(_KIND_NAMES.values())} only, "
+            f"not {activations.NAMES[code]}: apply it after (functional.py does)"
+        )
+    return compiled(name, threaded(size), has_res, code)
