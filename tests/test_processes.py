@@ -1,5 +1,6 @@
 """The layer in the processes users run it in: DataLoader workers forked from a process whose
-kernels ran threads, and installs where nothing next to the package (nor HOME) is writable."""
+kernels ran threads, threads making a model's first calls at once, and installs where nothing
+next to the package (nor HOME) is writable."""
 
 from __future__ import annotations
 
@@ -83,3 +84,46 @@ def test_a_read_only_install_imports_and_runs(tmp_path, temp_writable):
         assert any(temp.glob("batchnorm-numba-cache-*/**/*.nbi"))
     else:
         assert done.stderr.count("no writable folder for numba's cache") == 1, done.stderr[-3000:]
+
+
+# A fresh process (no kernel built in it yet) whose threads all make their first call of a
+# layer at once, with the kernels compiled at first use: each thread asks for the same kernel
+# case at the same moment.
+_FIRST_CALLS_AT_ONCE = textwrap.dedent(
+    """
+    import os, threading
+    os.environ["BATCHNORM_COMPILE"] = "blocking"
+    import torch, batchnorm as bn
+    layer = bn.BatchNorm2d(16, backend="numba")
+    x = torch.randn(16, 16, 16, 16)  # the threaded kernel's size
+    start, outputs, errors = threading.Barrier(8), [None] * 8, []
+
+    def first_call(i):
+        start.wait()
+        try:
+            with torch.no_grad():
+                outputs[i] = layer(x)
+        except Exception as error:
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=first_call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    with torch.no_grad():
+        alone = layer(x)
+    assert all(torch.equal(y, alone) for y in outputs)
+    assert int(layer.num_batches_tracked) == 9
+    print("ran")
+    """
+)
+
+
+def test_threads_making_their_first_calls_at_once_each_get_the_kernel():
+    """Each kernel case is built once per process, whichever thread asks first: the others
+    wait for it (built twice, the second would have been refused, and that thread's call
+    failed)."""
+    done = subprocess.run([sys.executable, "-c", _FIRST_CALLS_AT_ONCE], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "ran" in done.stdout, done.stderr[-3000:]

@@ -51,6 +51,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 import types
 
 import numpy as np
@@ -188,6 +189,25 @@ def _with_globals(fn, **names):
     return types.FunctionType(fn.__code__, dict(fn.__globals__, **names), fn.__name__, fn.__defaults__, fn.__closure__)
 
 
+def _once(build):
+    """`build`, memoized like functools.cache, but each key built only once even when threads
+    ask for it at the same moment (a model's first calls from several threads): a second
+    build would register its kernel's name again, which numba_cache.unique_name refuses."""
+    built, lock = {}, threading.Lock()
+
+    @functools.wraps(build)
+    def get(*key):
+        try:
+            return built[key]
+        except KeyError:
+            with lock:
+                if key not in built:
+                    built[key] = build(*key)
+            return built[key]
+
+    return get
+
+
 def _rebound(dispatcher, **names):
     """An inlined function like `dispatcher`'s, with its global `names` bound to other
     functions (`_with_globals`: numba reads an inlined function's globals when it copies its
@@ -195,7 +215,7 @@ def _rebound(dispatcher, **names):
     return _jit(inline=True)(_with_globals(dispatcher.py_func, **names))
 
 
-@functools.cache
+@_once
 def _case_loop(loop, has_res: bool, kind: int):
     """`loop(args, has_res)` (one of `_LOOPS`) compiled for one case: `has_res` is a constant
     there (numba folds a closure's values), and the loop calls the kind's own pair
@@ -601,7 +621,7 @@ _TEMPLATES = {k.__name__: k for k in (ncl_forward, mc_forward, ncl_backward, mc_
 _LOOPS = (_ncl_normalize, _ncl_grad_sums, _ncl_grad_apply, _mc_normalize, _mc_grad_sums, _mc_grad_apply)
 
 
-@functools.cache
+@_once
 def compiled(name: str, parallel: bool, has_res: bool, kind: int):
     """The kernel `name` for one case: a copy of its function whose loops are the case's
     (`_case_loop`), under its own name (numba keys its on-disk cache by name and line, not by
