@@ -127,3 +127,46 @@ def test_threads_making_their_first_calls_at_once_each_get_the_kernel():
     failed)."""
     done = subprocess.run([sys.executable, "-c", _FIRST_CALLS_AT_ONCE], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "ran" in done.stdout, done.stderr[-3000:]
+
+
+# A fresh process whose torch runs one thread (as each of several processes sharing a machine
+# should): the kernels start no thread of their own, and give the bits they give on two.
+_ONE_THREAD = textwrap.dedent(
+    """
+    import os
+    os.environ["BATCHNORM_COMPILE"] = "blocking"
+    import numba, torch, batchnorm as bn
+    torch.set_num_threads(1)
+    layer = bn.BatchNorm2d(16, backend="numba")
+    x = torch.randn(16, 16, 16, 16, requires_grad=True)  # the threaded kernel's size
+
+    def step():
+        x.grad = None
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+        return y.detach(), x.grad
+
+    y1, dx1 = step()
+    try:
+        numba.threading_layer()
+    except ValueError:  # "not initialized": no parallel region ran
+        pass
+    else:
+        raise AssertionError("a kernel started numba's threads under torch.set_num_threads(1)")
+    torch.set_num_threads(2)
+    y2, dx2 = step()
+    assert numba.get_num_threads() == 2
+    assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
+    print("ran")
+    """
+)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores")
+def test_the_kernels_run_on_as_many_threads_as_torch():
+    """Processes sharing a machine each give torch one thread (or a few): the kernels follow
+    torch.get_num_threads() (on two processes of one thread each, ignoring it made a
+    (32, 64, 32, 32) training step 16 ms, five times its time alone and slower than torch's
+    kernel), and the thread count does not change the result."""
+    done = subprocess.run([sys.executable, "-c", _ONE_THREAD], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "ran" in done.stdout, done.stderr[-3000:]

@@ -548,7 +548,7 @@ def test_every_compiled_case_has_its_own_cache_entry():
 def test_a_call_compiles_only_its_own_case():
     """The activation and the residual pick the compiled case: identity, ReLU, ReLU6 and
     Hardswish, each with and without a residual."""
-    pick = lambda code, has_res: numba_kernels.kernel("ncl_forward", 1 << 20, has_res, code)  # noqa: E731
+    pick = lambda code, has_res: numba_kernels.kernel("ncl_forward", 2, has_res, code)  # noqa: E731
     assert len({pick(code, has_res) for code in numba_kernels.KINDS for has_res in (True, False)}) == 8
     assert pick(activations.NAMES.index("relu6"), False) is not pick(activations.NAMES.index("hardswish"), False)
     assert pick(activations.NAMES.index("relu"), False) is not pick(activations.NAMES.index("relu"), True)
@@ -594,3 +594,11 @@ def test_the_stand_in_matches_numba_and_each_takes_the_others_parameters(dtype, 
     for other in grads[:3]:
         for name, got, want in zip(("x", "weight", "bias", "residual"), other, grads[3]):
             close(got, want, dtype, scale={"weight": 4 * n, "bias": n}.get(name, 8.0))
+
+
+def test_a_call_runs_on_torchs_thread_count_within_numbas_pool():
+    pool, big = numba.config.NUMBA_NUM_THREADS, numba_kernels.PARALLEL_NUMEL
+    assert numba_kernels.threads(big - 1, pool) == 1  # below the threaded size: serial
+    assert numba_kernels.threads(big, 1) == 1  # torch on one thread: serial
+    assert numba_kernels.threads(big, 2) == min(2, pool)
+    assert numba_kernels.threads(big, pool + 5) == pool  # never more than numba's pool

@@ -112,32 +112,39 @@ def _mc_scratch(xv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return s1, s2, np.zeros((2, channels))
 
 
-def _forward(xv, rv, *, activation, training, write, gamma, beta, eps, channel: ChannelParams, size=None):
+def _threads(size: int) -> int:
+    """The threads a kernel call on `size` elements runs (numba_kernels.threads): as many as
+    torch's own kernels would (torch.get_num_threads(), e.g. one per process when several
+    share the machine: more would make them wait on each other)."""
+    return kernels.threads(size, torch.get_num_threads())
+
+
+def _forward(xv, rv, *, activation, training, write, gamma, beta, eps, channel: ChannelParams, threads=None):
     """Run the forward kernel of xv's view. `training`: compute the batch's statistics into
-    `channel`, else normalize with it; `write`: produce y; `size`: the element count that
-    picks the threaded kernel or not (xv's own by default). Returns (y or None, m2)."""
+    `channel`, else normalize with it; `write`: produce y; `threads`: how many threads run
+    it (`_threads` of xv's size by default). Returns (y or None, m2)."""
     m2 = np.empty(xv.shape[1], xv.dtype)
     y = OUTPUTS.empty(xv.shape, xv.dtype) if write else xv  # never written when not `write`
     has_res, code = rv is not None, _ACT_CODE[activation]
     args = (xv, xv if rv is None else rv, has_res, training, write, gamma, beta, eps, *channel, m2, y)
-    size = xv.size if size is None else size
+    threads = _threads(xv.size) if threads is None else threads
     if xv.ndim == 3:
         # (C, 2, L) float64 lane scratch for the statistics of rows shorter than LANES (the
         # kernel zeroes what it uses), (C, 2, 0) for longer rows
         _, channels, length = xv.shape
         lanes = np.empty((channels, 2, length if length < kernels.LANES else 0), np.float64)
-        kernels.kernel("ncl_forward", size, has_res, code)(*args, lanes, np.empty((2, channels)))
+        kernels.kernel("ncl_forward", threads, has_res, code)(*args, lanes, np.empty((2, channels)))
     else:
-        kernels.kernel("mc_forward", size, has_res, code)(*args, *_mc_scratch(xv))
+        kernels.kernel("mc_forward", threads, has_res, code)(*args, *_mc_scratch(xv))
     return (y if write else None), m2
 
 
 def _backward(
-    dyv, xv, rv, *, activation, channel: ChannelParams, reduce, write, local_means, mean_d, mean_dxh, size=None
+    dyv, xv, rv, *, activation, channel: ChannelParams, reduce, write, local_means, mean_d, mean_dxh, threads=None
 ):  # fmt: skip
     """Run the backward kernel: `reduce` the sums (sum_d, sum_dxh), and with `local_means`
     write their means into mean_d and mean_dxh; `write` dx (and dres with a residual) from
-    mean_d and mean_dxh; `size` as for `_forward`. Returns (sum_d, sum_dxh, dx or None,
+    mean_d and mean_dxh; `threads` as for `_forward`. Returns (sum_d, sum_dxh, dx or None,
     dres or None) as numpy."""
     channels = xv.shape[1]
     sum_d, sum_dxh = np.zeros((2, channels), xv.dtype)
@@ -146,11 +153,11 @@ def _backward(
     has_res, code = rv is not None, _ACT_CODE[activation]
     args = (dyv, xv, xv if rv is None else rv, has_res, *channel,
             reduce, write, local_means, sum_d, sum_dxh, mean_d, mean_dxh, dx, dres)  # fmt: skip
-    size = xv.size if size is None else size
+    threads = _threads(xv.size) if threads is None else threads
     if xv.ndim == 3:
-        kernels.kernel("ncl_backward", size, has_res, code)(*args, np.empty((2, channels)))
+        kernels.kernel("ncl_backward", threads, has_res, code)(*args, np.empty((2, channels)))
     else:
-        kernels.kernel("mc_backward", size, has_res, code)(*args, *_mc_scratch(xv))
+        kernels.kernel("mc_backward", threads, has_res, code)(*args, *_mc_scratch(xv))
     return sum_d, sum_dxh, (dx if write else None), (dres if write and rv is not None else None)
 
 
@@ -174,13 +181,13 @@ def compile_case(dtype: str, ndim: int, threads: bool, has_res: bool, code: int)
     precompile."""
     xv = np.ones((2, 3, 4) if ndim == 3 else (4, 3), np.dtype(dtype))
     rv = xv.copy() if has_res else None
-    ones, size = np.ones(3, xv.dtype), kernels.PARALLEL_NUMEL if threads else 0
+    ones, count = np.ones(3, xv.dtype), kernels.threads(kernels.PARALLEL_NUMEL, 2) if threads else 1
     channel = ChannelParams.empty(3, xv.dtype)
     activation = activations.NAMES[code]
     _forward(xv, rv, activation=activation, training=True, write=True, gamma=ones, beta=ones, eps=1e-5,
-             channel=channel, size=size)  # fmt: skip
+             channel=channel, threads=count)  # fmt: skip
     _backward(xv, xv, rv, activation=activation, channel=channel, reduce=True, write=True, local_means=True,
-              mean_d=ones.copy(), mean_dxh=ones.copy(), size=size)  # fmt: skip
+              mean_d=ones.copy(), mean_dxh=ones.copy(), threads=count)  # fmt: skip
 
 
 class NumbaBackend(Backend):
@@ -225,7 +232,7 @@ class NumbaBackend(Backend):
         graph, which asks again when it runs (ops.py)."""
         if mode.traced:
             return True
-        return self._case_ready(x, activation, has_residual, kernels.threaded(x.numel()))
+        return self._case_ready(x, activation, has_residual, _threads(x.numel()) > 1)
 
     def prepare(self, x: Tensor, activation: str | None, has_residual: bool) -> None:
         """In the background mode: both thread counts when x's size is symbolic (choosing
@@ -233,7 +240,7 @@ class NumbaBackend(Backend):
         if numba_warmup.blocking():
             return  # the op compiles its kernels at its first run
         size = x.numel()
-        for threads in (kernels.threaded(size),) if isinstance(size, int) else (False, True):
+        for threads in (_threads(size) > 1,) if isinstance(size, int) else (False, True):
             self._case_ready(x, activation, has_residual, threads)
 
     def _case_ready(self, x: Tensor, activation: str | None, has_residual: bool, threads: bool) -> bool:

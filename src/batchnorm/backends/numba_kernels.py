@@ -1,8 +1,8 @@
 """The numba backend's kernels: fused batch norm over the canonical views of layout.py.
 
 Two kernels per view, written once as Python functions and compiled, on first use, once per
-case: threads or not (without for inputs under `PARALLEL_NUMEL` elements: the same
-arithmetic, so the same bits), residual or not, and the activation (identity, ReLU, ReLU6 or
+case: threads or not (without for inputs under `PARALLEL_NUMEL` elements and when the caller
+wants one thread, `threads`: the same arithmetic, so the same bits), residual or not, and the activation (identity, ReLU, ReLU6 or
 Hardswish), each for the dtypes it meets (numba caches the machine code on disk).
 `kernel(name, size, has_res, code)` picks one.
 
@@ -652,18 +652,30 @@ def _mark_forked() -> None:
 os.register_at_fork(after_in_child=_mark_forked)
 
 
-def threaded(size: int) -> bool:
-    """Whether a call on `size` elements runs the threaded kernel: from PARALLEL_NUMEL
-    elements on, and never in a forked child."""
-    return size >= PARALLEL_NUMEL and not _forked
+def threads(size: int, wanted: int) -> int:
+    """How many threads a call on `size` elements runs: `wanted` (the caller's count, torch's
+    intra-op threads), at most numba's pool, from PARALLEL_NUMEL elements on; 1 (the serial
+    kernel) below that, for `wanted` 1, and in a forked child."""
+    if size < PARALLEL_NUMEL or wanted < 2 or _forked:
+        return 1
+    return min(wanted, numba.config.NUMBA_NUM_THREADS)
 
 
-def kernel(name: str, size: int, has_res: bool, code: int):
-    """The compiled kernel for a call on `size` elements (`threaded` or not), the case of
-    `has_res` and the activation `code` (its index in activations.NAMES, one of KINDS)."""
+# The thread count this Python thread last gave numba (numba keeps one per thread; asking
+# numba for it costs about 1 us a call, this about 40 ns).
+_given = threading.local()
+
+
+def kernel(name: str, threads: int, has_res: bool, code: int):
+    """The compiled kernel for a call on `threads` threads (`threads()`: the serial kernel for
+    1, the threaded one on that many otherwise), the case of `has_res` and the activation
+    `code` (its index in activations.NAMES, one of KINDS)."""
     if code not in _PAIRS:
         raise ValueError(
             f"the numba kernels fuse {', '.join(_KIND_NAMES.values())} only, "
             f"not {activations.NAMES[code]}: apply it after (functional.py does)"
         )
-    return compiled(name, threaded(size), has_res, code)
+    if threads > 1 and getattr(_given, "threads", None) != threads:
+        numba.set_num_threads(threads)
+        _given.threads = threads
+    return compiled(name, threads > 1, has_res, code)
