@@ -33,7 +33,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numba
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -111,13 +110,11 @@ def _group(rank: int, world: int, port: int | None):
     saving was aborted (SIGABRT, "terminate called without an active exception"), about one
     run in four. The group is destroyed on every exit.
 
-    Each process gets its share of the cores, in torch's thread pool and in numba's (the
-    numba backend's kernels are parallel): oversubscribed pools spin against each other
-    and made a 2-process step several times slower on 2 cores (docs/performance.md, "Costs
+    Each process gets its share of the cores in torch's thread pool, which the numba
+    backend's parallel kernels follow: oversubscribed pools spin against each other and
+    made a 2-process step several times slower on 2 cores (docs/performance.md, "Costs
     around the kernels")."""
-    threads = max(1, (os.cpu_count() or 1) // world)
-    torch.set_num_threads(threads)
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if world > 1:
         init = "env://" if port is None else f"tcp://127.0.0.1:{port}"
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=GLOO_TIMEOUT)

@@ -284,15 +284,15 @@ def test_bitwise_same_result_with_one_or_two_threads(shape, fmt):
         y, mean, invstd = whole_op(xg, wg, None, None, None, 1e-5, "relu", r)
         return (y, mean, invstd, *torch.autograd.grad(y, (xg, wg), dy), *BE.stats(x.view(shape[0], shape[1], -1)))
 
-    before = numba.get_num_threads()
+    before = torch.get_num_threads()
     try:
-        with kernels(parallel=True):
-            numba.set_num_threads(1)
-            one = run()
-            numba.set_num_threads(2)
+        with kernels(parallel=True):  # the threaded kernel from any size, on torch's thread count
+            torch.set_num_threads(1)
+            one = run()  # one thread: the serial kernel
+            torch.set_num_threads(2)
             two = run()
     finally:
-        numba.set_num_threads(before)
+        torch.set_num_threads(before)
     with kernels(parallel=False):
         serial = run()
     for a, b, c in zip(one, two, serial):

@@ -145,21 +145,13 @@ def accumulating(progress: Progress) -> Progress:
 
 @contextlib.contextmanager
 def threads(n: int):
-    """Run with n threads in torch and in numba (when installed), then put both back."""
-    try:
-        import numba
-    except ImportError:
-        numba = None
-    before = torch.get_num_threads(), numba.get_num_threads() if numba else None
+    """Run with n threads in torch (the numba kernels follow torch's count), then put it back."""
+    before = torch.get_num_threads()
     torch.set_num_threads(n)
-    if numba:
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     try:
         yield
     finally:
-        torch.set_num_threads(before[0])
-        if numba:
-            numba.set_num_threads(before[1])
+        torch.set_num_threads(before)
 
 
 def save_plots(module, record: dict, out: Path) -> list[str]:
