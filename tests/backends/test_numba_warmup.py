@@ -206,3 +206,35 @@ def test_building_a_graph_with_our_op_starts_its_kernels_compiling(monkeypatch, 
     for request in asked:
         assert request.function == "compile_case" and request.module == "batchnorm.backends.numba_cpu"
         assert request.args == ("float32", 2, request.args.threads, True, 7)
+
+
+# A compilation still running in the background when the process forks (a DataLoader worker
+# forked during the first steps); the child then asks for the same kernels.
+_FORK_DURING_A_COMPILE = textwrap.dedent(
+    """
+    import os, time
+    os.environ["BATCHNORM_COMPILE"] = "background"
+    from batchnorm.backends import numba_warmup
+
+    request = numba_warmup.Request("time", "sleep", (1.0,))  # a compilation that takes a second
+    assert not numba_warmup.ready(request)
+    pid = os.fork()
+    if pid == 0:
+        deadline = time.monotonic() + 60
+        while not numba_warmup.ready(request) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os._exit(0 if numba_warmup.ready(request) else 1)
+    _, status = os.waitpid(pid, 0)
+    numba_warmup.wait()
+    print(numba_warmup.ready(request), os.waitstatus_to_exitcode(status))
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_during_a_compile_compiles_what_it_asks_for():
+    """The parent's compiling thread is not in the child: the child's request starts its own
+    compilation there (it was left waiting for the parent's for good) and becomes ready."""
+    done = subprocess.run([sys.executable, "-c", _FORK_DURING_A_COMPILE], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "0"], done.stdout + done.stderr[-3000:]

@@ -157,7 +157,20 @@ class _Helper:
 
 
 _HELPER = _Helper()
-os.register_at_fork(after_in_child=_HELPER.forget)
+
+
+def _forget_the_parents_threads() -> None:
+    """A forked child (a DataLoader worker, say, forked while the first steps' kernels still
+    compile) has none of the parent's threads: a compilation running in the parent is not
+    running here (left in `_running`, its request would never be ready in the child), and a
+    lock one of them held would never be released."""
+    global _lock
+    _lock = threading.Lock()
+    _running.clear()
+    _HELPER.forget()
+
+
+os.register_at_fork(after_in_child=_forget_the_parents_threads)
 
 
 def _serve() -> None:
