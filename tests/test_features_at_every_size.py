@@ -165,6 +165,31 @@ def test_fake_tensor_mode_runs_like_torchs_layer(shape):
         assert ours.nonfinite_skips == 0  # nothing fake was kept by the layer
 
 
+def test_a_run_on_the_meta_device_gives_torchs_shapes_and_leaves_nothing_behind(shape):
+    """A model built on the meta device and run there for its shapes (before its weights
+    exist), then made real: the layer runs like torch's on meta, forward and backward, in
+    both modes, and counts nothing it cannot know (a skipped update needs values); after
+    `to_empty` it trains and counts as any layer."""
+    results = []
+    for m in _pair(shape):
+        m = m.to("meta")
+        x = torch.randn(shape, device="meta", requires_grad=True)
+        y = m.train()(x)
+        y.sum().backward()
+        y_eval = m.eval()(x)
+        results.append([(t.shape, t.device, t.stride()) for t in (y, x.grad, y_eval, m.running_mean)])
+    assert results[0] == results[1]
+    ours = _pair(shape)[0].to("meta")
+    ours(torch.randn(shape, device="meta"))
+    ours.to_empty(device="cpu").reset_parameters()
+    assert ours.nonfinite_skips == 0
+    bad = torch.randn(shape)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        ours.train()(bad)
+    assert ours.nonfinite_skips == 1
+
+
 def test_a_dispatch_mode_sees_every_op_and_changes_no_result(shape):
     """Under a Python dispatch mode (a logging or counting mode) every op reaches the mode, ours
     as one op where the numba kernels run, and the results are those without the mode."""

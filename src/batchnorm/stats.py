@@ -170,10 +170,13 @@ class NonFiniteGuard:
     def record(self, accepted: bool | Tensor) -> None:
         """Count one update: `accepted` as `ops.update_running_stats` returns it: a bool is
         counted at once; a tensor (on an accelerator, or inside a compiled graph) is kept on
-        its device until `count` is read."""
+        its device until `count` is read; one on the meta device (a run for shapes only) has
+        no value, and is not counted."""
         if isinstance(accepted, bool):
             if not accepted:
                 self._add(1)
+            return
+        if accepted.device.type == "meta":
             return
         self._pending = self._pending + (~accepted).to(torch.int64)
 
