@@ -637,6 +637,20 @@ def test_convert_keeps_state_extras_and_parameters_and_revert_restores_classes()
     assert not any(isinstance(m, SyncBatchNorm) for m in reverted.modules())
 
 
+def test_convert_under_torchs_name_keeps_our_layers_where_torchs_drops_them():
+    """Scripts written for torch call `SyncBatchNorm.convert_sync_batchnorm(model)`: ours takes
+    that name too and keeps our layers' extras; torch's replaces our layers with its own (our
+    layers are torch's _BatchNorm subclasses), dropping them: what the guide warns about."""
+    def net():
+        return torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), bn.BatchNorm2d(4, renorm=bn.Renorm()))
+
+    ours = SyncBatchNorm.convert_sync_batchnorm(net())
+    assert isinstance(ours[1], SyncBatchNorm) and ours[1].renorm == bn.Renorm()
+    assert type(SyncBatchNorm.convert(net())[1]) is type(ours[1])
+    theirs = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net())
+    assert type(theirs[1]) is torch.nn.SyncBatchNorm and not hasattr(theirs[1], "renorm")
+
+
 def test_convert_a_single_layer_and_revert_with_a_default():
     layer = bn.BatchNorm3d(3).eval()
     sync = SyncBatchNorm.convert(layer)

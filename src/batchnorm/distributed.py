@@ -241,6 +241,11 @@ class SyncBatchNorm(BatchNormExtras, _BatchNorm):
         _check_rebuilds(module, target)
         return _map_modules(module, to_sync)
 
+    #: torch.nn.SyncBatchNorm's name for `convert`, so that a script written against torch's
+    #: class runs with this one. (torch's own `convert_sync_batchnorm` replaces this package's
+    #: layers too, by torch's SyncBatchNorm: our kernels and extras would be gone.)
+    convert_sync_batchnorm = convert
+
     @classmethod
     def revert(cls, module: torch.nn.Module, default: type | None = None) -> torch.nn.Module:
         """Replace every SyncBatchNorm in `module` by the class it was converted from.
