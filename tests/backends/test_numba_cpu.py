@@ -557,11 +557,15 @@ def test_a_call_compiles_only_its_own_case():
 @pytest.mark.parametrize("activation", ["leaky_relu", "sigmoid", "tanh", "silu", "gelu"])
 def test_the_kernels_refuse_an_activation_they_do_not_fuse(activation):
     """The kernels have no case for the smooth activations (nor leaky ReLU): asked for one,
-    they say which they fuse, instead of running another's."""
+    they say which they fuse, instead of running another's. The custom op called directly
+    with one and numba runs torch's kernels (functional.py never hands one over)."""
     assert activation not in BE.fused_activations
     x = torch.randn(4, 3, 8)
     with pytest.raises(ValueError, match="fuse identity, relu, relu6, hardswish only, not " + activation):
         BE.forward(x, None, None, None, None, None, 1e-5, activation, True)
+    y, _ = torch.ops.batchnorm.batch_norm(x, None, None, None, None, None, 1e-5, activation, True, "numba")
+    expected = activations.forward(torch.nn.functional.batch_norm(x, None, None, training=True), activation)
+    torch.testing.assert_close(y, expected)
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "hardswish"])
