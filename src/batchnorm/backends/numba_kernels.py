@@ -190,22 +190,20 @@ def _with_globals(fn, **names):
 
 
 def _once(build):
-    """`build`, memoized like functools.cache, but each key built only once even when threads
-    ask for it at the same moment (a model's first calls from several threads): a second
-    build would register its kernel's name again, which numba_cache.unique_name refuses."""
+    """`build`, memoized like functools.cache (a hit is that cache's C lookup), but each key
+    built only once even when threads ask for it at the same moment (a model's first calls
+    from several threads): a second build would register its kernel's name again, which
+    numba_cache.unique_name refuses."""
     built, lock = {}, threading.Lock()
 
     @functools.wraps(build)
-    def get(*key):
-        try:
-            return built[key]
-        except KeyError:
-            with lock:
-                if key not in built:
-                    built[key] = build(*key)
+    def build_once(*key):
+        with lock:
+            if key not in built:
+                built[key] = build(*key)
             return built[key]
 
-    return get
+    return functools.cache(build_once)
 
 
 def _rebound(dispatcher, **names):
