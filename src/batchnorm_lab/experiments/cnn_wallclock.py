@@ -136,13 +136,14 @@ def warm_up(models: dict, data: common.Data, batch_size: int) -> None:
 
 def compile_kernels(config: dict) -> None:
     """One forward + backward of our arm's network, on a random batch of the run's shape, on
-    one thread: numba compiles the kernels this experiment runs (seconds each on a cold
-    cache) into its on-disk cache. The command line runs it in a process of its own from the
-    start of a plan in which other experiments come first (`commands.compile_ahead`), on the
-    core their single-threaded training leaves idle; `warm_up` then loads the kernels."""
+    the run's thread count (the kernels follow it: the serial ones on one thread): numba
+    compiles the kernels this experiment runs (seconds each on a cold cache) into its
+    on-disk cache. The command line runs it in a process of its own from the start of a plan
+    in which other experiments come first (`commands.compile_ahead`), on the core their
+    single-threaded training leaves idle; `warm_up` then loads the kernels."""
     if config["device"] != "cpu" or "numba" not in backends.available():
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(config["threads"])
     model = convnets.resnet((8, 8), 10, channels=config["channels"], blocks=config["blocks"], batchnorm=True)
     model(torch.randn(config["batch_size"], 8 * 8)).sum().backward()  # digits come flattened
 
