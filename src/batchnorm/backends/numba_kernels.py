@@ -71,6 +71,7 @@ _BLOCK = 4096  # (N, C, L): values per statistics block (16 KiB of fp32, summed 
 LANES = 128  # (N, C, L): rows shorter than this are summed in per-position lanes (float64 scratch from the caller)
 _GROUP_SPAN = 1024  # (N, C, L) short rows: contiguous values per example in a group of channels
 _GROUP_BYTES = 1 << 19  # (N, C, L) short rows: a group's slab stays under this (L2 is 2 MiB)
+_SWEEP_SPAN = 16384  # (N, C, L) sweeps in memory order: contiguous values per piece (64 KiB of fp32)
 _MC_BLOCK = 32768  # (M, C): values per row block (128 KiB of fp32, in L2)
 # (M, C): rows per block at most. Each channel's block sum is a sequential sum in x's dtype
 # (the vector lanes run across channels), merged with the other blocks in float64: with few
@@ -320,6 +321,15 @@ def _ncl_group(rows, channels, length, itemsize):
     return max(1, per)
 
 
+@_jit(inline=True)
+def _ncl_sweep_groups(channels, length):
+    """(channels per piece, pieces per row) of a sweep in memory order (`ncl_forward`'s
+    evaluation): pieces of about `_SWEEP_SPAN` contiguous values, so that a piece's loop
+    overhead is small against its values and a single example still splits across threads."""
+    per = min(channels, max(1, (_SWEEP_SPAN + length - 1) // length))
+    return per, (channels + per - 1) // per
+
+
 @_jit()
 def _ncl_stats(x, c0, c1, lanes, acc):
     """(mean, m2) in float64 of channels c0:c1 into acc[0, c], acc[1, c]: blocks of about
@@ -377,10 +387,11 @@ def _ncl_stats(x, c0, c1, lanes, acc):
 
 @_jit(inline=True)
 def _ncl_normalize(args, has_res):
-    """y[:, c] = g((x[:, c] - center) scale + shift (+ res[:, c])) for the channels c0:c1."""
-    x, res, y, c0, c1, center, scale, shift = args
+    """y[n, c] = g((x[n, c] - center) scale + shift (+ res[n, c])) for the rows n0:n1 and
+    the channels c0:c1."""
+    x, res, y, n0, n1, c0, c1, center, scale, shift = args
     f = x.dtype.type
-    for n in range(x.shape[0] - 1, -1, -1):  # last rows first: the statistics read them last
+    for n in range(n1 - 1, n0 - 1, -1):  # last rows first: the statistics read them last
         for c in range(c0, c1):
             xr, rr, yr, mc, ac, bc = x[n, c], res[n, c], y[n, c], center[c], scale[c], shift[c]
             for j in range(xr.shape[0]):
@@ -396,20 +407,32 @@ def ncl_forward(
 ):  # fmt: skip
     """Per group of channels (`_ncl_group`): statistics when `training` (into center, scale,
     shift, invstd, xhat_shift and m2, see `_set_params`), then, when `write`,
-    y = g((x - center) scale + shift + res) while the group is still in cache. `lanes`:
+    y = g((x - center) scale + shift + res) while the group is still in cache (in
+    evaluation, one sweep over x in memory order). `lanes`:
     (C, 2, L) float64 scratch for rows shorter than LANES ((C, 2, 0) otherwise); `acc`:
     float64 (2, C) scratch."""
     n_rows, channels, length = x.shape
     per = _ncl_group(n_rows, channels, length, x.itemsize)
-    for k in _prange((channels + per - 1) // per):
-        c0, c1 = k * per, min(channels, (k + 1) * per)
-        if training:
+    groups = (channels + per - 1) // per
+    if training:
+        for k in _prange(groups):
+            c0, c1 = k * per, min(channels, (k + 1) * per)
             _ncl_stats(x, c0, c1, lanes, acc)
             for c in range(c0, c1):
                 _set_params(c, acc[0, c], acc[1, c], n_rows * length, eps, gamma, beta,
                             center, scale, shift, invstd, xhat_shift, m2)  # fmt: skip
-        if write:
-            _ncl_normalize((x, res, y, c0, c1, center, scale, shift), has_res)
+            if write:
+                _ncl_normalize((x, res, y, 0, n_rows, c0, c1, center, scale, shift), has_res)
+    elif write:
+        # Evaluation: no statistics to keep in cache between passes, so one sweep in memory
+        # order, a row's pieces one after another, which the prefetcher streams (channel by
+        # channel jumps across memory at every row; docs/performance.md, "The `numba`
+        # backend (CPU)", Evaluation, has the times)
+        per, groups = _ncl_sweep_groups(channels, length)
+        for k in _prange(n_rows * groups):
+            n, g = k // groups, k % groups
+            c0, c1 = g * per, min(channels, (g + 1) * per)
+            _ncl_normalize((x, res, y, n, n + 1, c0, c1, center, scale, shift), has_res)
 
 
 @_jit(inline=True)
@@ -436,10 +459,11 @@ def _ncl_grad_sums(args, has_res):
 
 @_jit(inline=True)
 def _ncl_grad_apply(args, has_res):
-    """dx[:, c] = scale (d - mean_d - xhat mean_dxh), dres[:, c] = d, for the channels c0:c1."""
-    dy, x, res, dx, dres, c0, c1, center, scale, shift, invstd, xhat_shift, mean_d, mean_dxh = args
+    """dx[n, c] = scale (d - mean_d - xhat mean_dxh), dres[n, c] = d, for the rows n0:n1 and
+    the channels c0:c1."""
+    dy, x, res, dx, dres, n0, n1, c0, c1, center, scale, shift, invstd, xhat_shift, mean_d, mean_dxh = args
     f = x.dtype.type
-    for n in range(x.shape[0] - 1, -1, -1):  # last rows first: the reduction read them last
+    for n in range(n1 - 1, n0 - 1, -1):  # last rows first: the reduction read them last
         for c in range(c0, c1):
             xr, dyr, rr, dxr, drr = x[n, c], dy[n, c], res[n, c], dx[n, c], dres[n, c]
             mc, ac, bc, ic, hc = center[c], scale[c], shift[c], invstd[c], xhat_shift[c]
@@ -465,21 +489,32 @@ def ncl_backward(
     """Per group of channels (`_ncl_group`): when `reduce`, sum_d = sum d, sum_dxh = sum d
     xhat (and, with `local_means`, mean_d, mean_dxh = those / n, n this input's values per
     channel: the training form's means when no other process shares the batch); then, when
-    `write`, dx = scale (d - mean_d - xhat mean_dxh) and dres = d; d = dy g'(u),
+    `write`, dx = scale (d - mean_d - xhat mean_dxh) and dres = d (without `reduce`, one
+    sweep in memory order, as `ncl_forward`'s evaluation); d = dy g'(u),
     xhat = (x - center) invstd + xhat_shift. `acc`: float64 (2, C) scratch."""
     n_rows, channels, length = x.shape
     per = _ncl_group(n_rows, channels, length, x.itemsize)
-    for k in _prange((channels + per - 1) // per):
-        c0, c1 = k * per, min(channels, (k + 1) * per)
-        if reduce:
+    groups = (channels + per - 1) // per
+    if reduce:
+        for k in _prange(groups):
+            c0, c1 = k * per, min(channels, (k + 1) * per)
             args = (dy, x, res, c0, c1, center, scale, shift, invstd, xhat_shift, acc)
             _ncl_grad_sums(args, has_res)
             for c in range(c0, c1):
                 sum_d[c], sum_dxh[c] = acc[0, c], acc[1, c]
                 if local_means:
                     mean_d[c], mean_dxh[c] = acc[0, c] / (n_rows * length), acc[1, c] / (n_rows * length)
-        if write:
-            args = (dy, x, res, dx, dres, c0, c1, center, scale, shift, invstd, xhat_shift, mean_d, mean_dxh)
+            if write:
+                args = (dy, x, res, dx, dres, 0, n_rows, c0, c1, center, scale, shift, invstd, xhat_shift, mean_d,
+                        mean_dxh)  # fmt: skip
+                _ncl_grad_apply(args, has_res)
+    elif write:
+        per, groups = _ncl_sweep_groups(channels, length)
+        for k in _prange(n_rows * groups):
+            n, g = k // groups, k % groups
+            c0, c1 = g * per, min(channels, (g + 1) * per)
+            args = (dy, x, res, dx, dres, n, n + 1, c0, c1, center, scale, shift, invstd, xhat_shift, mean_d,
+                    mean_dxh)  # fmt: skip
             _ncl_grad_apply(args, has_res)
 
 
