@@ -322,12 +322,11 @@ def _ncl_group(rows, channels, length, itemsize):
 
 
 @_jit(inline=True)
-def _ncl_sweep_groups(channels, length):
-    """(channels per piece, pieces per row) of a sweep in memory order (`ncl_forward`'s
-    evaluation): pieces of about `_SWEEP_SPAN` contiguous values, so that a piece's loop
-    overhead is small against its values and a single example still splits across threads."""
-    per = min(channels, max(1, (_SWEEP_SPAN + length - 1) // length))
-    return per, (channels + per - 1) // per
+def _ncl_piece(channels, length):
+    """Channels per piece of a sweep in memory order (the kernels' evaluation form): about
+    `_SWEEP_SPAN` contiguous values, so that a piece's loop overhead is small against its
+    values and a single example still splits across threads."""
+    return min(channels, max(1, (_SWEEP_SPAN + length - 1) // length))
 
 
 @_jit()
@@ -412,27 +411,27 @@ def ncl_forward(
     (C, 2, L) float64 scratch for rows shorter than LANES ((C, 2, 0) otherwise); `acc`:
     float64 (2, C) scratch."""
     n_rows, channels, length = x.shape
-    per = _ncl_group(n_rows, channels, length, x.itemsize)
+    # Training: a task per group of channels, whose slice stays in cache from the statistics
+    # to the normalization. Evaluation: nothing to keep between passes, so a task per piece
+    # of one sweep in memory order, a row's pieces one after another, which the prefetcher
+    # streams (channel by channel jumps across memory at every row; docs/performance.md,
+    # "The `numba` backend (CPU)", Evaluation, has the times). One parallel loop for both:
+    # numba lowers and compiles each prange on its own.
+    per = _ncl_group(n_rows, channels, length, x.itemsize) if training else _ncl_piece(channels, length)
     groups = (channels + per - 1) // per
-    if training:
-        for k in _prange(groups):
-            c0, c1 = k * per, min(channels, (k + 1) * per)
+    tasks = groups * (1 if training else n_rows)
+    for k in _prange(tasks):
+        g, n0, n1 = k % groups, k // groups, k // groups + 1  # training: g = k, one task per group
+        if training:
+            n0, n1 = 0, n_rows
+        c0, c1 = g * per, min(channels, (g + 1) * per)
+        if training:
             _ncl_stats(x, c0, c1, lanes, acc)
             for c in range(c0, c1):
                 _set_params(c, acc[0, c], acc[1, c], n_rows * length, eps, gamma, beta,
                             center, scale, shift, invstd, xhat_shift, m2)  # fmt: skip
-            if write:
-                _ncl_normalize((x, res, y, 0, n_rows, c0, c1, center, scale, shift), has_res)
-    elif write:
-        # Evaluation: no statistics to keep in cache between passes, so one sweep in memory
-        # order, a row's pieces one after another, which the prefetcher streams (channel by
-        # channel jumps across memory at every row; docs/performance.md, "The `numba`
-        # backend (CPU)", Evaluation, has the times)
-        per, groups = _ncl_sweep_groups(channels, length)
-        for k in _prange(n_rows * groups):
-            n, g = k // groups, k % groups
-            c0, c1 = g * per, min(channels, (g + 1) * per)
-            _ncl_normalize((x, res, y, n, n + 1, c0, c1, center, scale, shift), has_res)
+        if write:
+            _ncl_normalize((x, res, y, n0, n1, c0, c1, center, scale, shift), has_res)
 
 
 @_jit(inline=True)
@@ -493,27 +492,24 @@ def ncl_backward(
     sweep in memory order, as `ncl_forward`'s evaluation); d = dy g'(u),
     xhat = (x - center) invstd + xhat_shift. `acc`: float64 (2, C) scratch."""
     n_rows, channels, length = x.shape
-    per = _ncl_group(n_rows, channels, length, x.itemsize)
+    # per group of channels with the sums, a sweep in memory order without (as ncl_forward)
+    per = _ncl_group(n_rows, channels, length, x.itemsize) if reduce else _ncl_piece(channels, length)
     groups = (channels + per - 1) // per
-    if reduce:
-        for k in _prange(groups):
-            c0, c1 = k * per, min(channels, (k + 1) * per)
+    tasks = groups * (1 if reduce else n_rows)
+    for k in _prange(tasks):
+        g, n0, n1 = k % groups, k // groups, k // groups + 1  # with the sums: g = k, one task per group
+        if reduce:
+            n0, n1 = 0, n_rows
+        c0, c1 = g * per, min(channels, (g + 1) * per)
+        if reduce:
             args = (dy, x, res, c0, c1, center, scale, shift, invstd, xhat_shift, acc)
             _ncl_grad_sums(args, has_res)
             for c in range(c0, c1):
                 sum_d[c], sum_dxh[c] = acc[0, c], acc[1, c]
                 if local_means:
                     mean_d[c], mean_dxh[c] = acc[0, c] / (n_rows * length), acc[1, c] / (n_rows * length)
-            if write:
-                args = (dy, x, res, dx, dres, 0, n_rows, c0, c1, center, scale, shift, invstd, xhat_shift, mean_d,
-                        mean_dxh)  # fmt: skip
-                _ncl_grad_apply(args, has_res)
-    elif write:
-        per, groups = _ncl_sweep_groups(channels, length)
-        for k in _prange(n_rows * groups):
-            n, g = k // groups, k % groups
-            c0, c1 = g * per, min(channels, (g + 1) * per)
-            args = (dy, x, res, dx, dres, n, n + 1, c0, c1, center, scale, shift, invstd, xhat_shift, mean_d,
+        if write:
+            args = (dy, x, res, dx, dres, n0, n1, c0, c1, center, scale, shift, invstd, xhat_shift, mean_d,
                     mean_dxh)  # fmt: skip
             _ncl_grad_apply(args, has_res)
 
