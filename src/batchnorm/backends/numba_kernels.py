@@ -2,9 +2,9 @@
 
 Two kernels per view, written once as Python functions and compiled, on first use, once per
 case: threads or not (without for inputs under `PARALLEL_NUMEL` elements and when the caller
-wants one thread, `threads`: the same arithmetic, so the same bits), residual or not, and the activation (identity, ReLU, ReLU6 or
-Hardswish), each for the dtypes it meets (numba caches the machine code on disk).
-`kernel(name, size, has_res, code)` picks one.
+wants one thread, `threads`: the same arithmetic, so the same bits), residual or not, and
+the activation (identity, ReLU, ReLU6 or Hardswish), each for the dtypes it meets (numba
+caches the machine code on disk). `kernel(name, threads, has_res, code)` picks one.
 
 - forward: per-channel statistics (optional), then y = g((x - center) scale + shift + residual)
   (the running update is made once per call above the kernels, ops.update_running_stats,
@@ -181,7 +181,7 @@ RELU6, HARDSWISH = activations.NAMES.index("relu6"), activations.NAMES.index("ha
 _PAIRS = {IDENTITY: (_identity, _identity_grad), RELU: (_relu, _relu_grad), RELU6: (_relu6, _relu6_grad),
           HARDSWISH: (_hardswish, _hardswish_grad)}  # fmt: skip
 KINDS = tuple(_PAIRS)
-_KIND_NAMES = {IDENTITY: "identity", RELU: "relu", RELU6: "relu6", HARDSWISH: "hardswish"}
+_KIND_NAMES = {kind: activations.NAMES[kind] or "identity" for kind in KINDS}  # in the kernels' names
 
 
 def _with_globals(fn, **names):
