@@ -55,13 +55,19 @@ class Mode(NamedTuple):
 
 EAGER = Mode(compiling=False, exporting=False, transformed=False, recomputing=False, traced=False, wrapped=False)
 _RECOMPUTING = EAGER._replace(recomputing=True)
+_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
 
 
 def current(x: torch.Tensor | None = None) -> Mode:
     """The Mode of the call being made now; `x`, the call's input where there is one."""
     compiling, functorch = torch.compiler.is_compiling(), torch._C._are_functorch_transforms_active()
     transformed = functorch or forward_ad._current_level >= 0 or torch._C._get_tracing_state() is not None
-    dispatched = not compiling and (torch._C._len_torch_dispatch_stack() > 0 or _dispatches(x))
+    dispatched = not compiling and (
+        torch._C._len_torch_dispatch_stack() > 0
+        # x, a tensor subclass that dispatches its ops itself (`__torch_dispatch__`; torch's
+        # own tensors and Parameters do not)
+        or (x is not None and type(x) is not torch.Tensor and type(x).__torch_dispatch__ is not _PLAIN_DISPATCH)
+    )
     # a dispatch mode runs eagerly, and may run during a recompute (selective checkpointing's)
     recomputing = not (compiling or transformed) and torch._C._current_graph_task_id() != -1
     if not (compiling or transformed or dispatched):  # plain eager, nearly every call: no new Mode
@@ -75,15 +81,6 @@ def current(x: torch.Tensor | None = None) -> Mode:
         traced=True,
         wrapped=functorch or fake,
     )
-
-
-def _dispatches(x: torch.Tensor | None) -> bool:
-    """Whether `x` is a tensor subclass that dispatches its ops itself (`__torch_dispatch__`;
-    torch's own tensors and Parameters do not)."""
-    return x is not None and type(x) is not torch.Tensor and type(x).__torch_dispatch__ is not _PLAIN_DISPATCH
-
-
-_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
 
 
 def compiling() -> bool:

@@ -351,7 +351,7 @@ def _runnable(name: str, x: Tensor, activation: str | None, residual: Tensor | N
     be = backends.get(name)
     if activation not in be.fused_activations:
         return _STAND_IN
-    return be if be.ready(x, activation, residual is not None, modes.current()) else _STAND_IN
+    return be if be.ready(x, activation, residual is not None) else _STAND_IN
 
 
 @_batch_norm_op.register_fake

@@ -4,9 +4,10 @@
 input: an explicit name (or the environment variable BATCHNORM_BACKEND) forces it, and
 when the forced backend cannot take the input it falls back to `aten` (the dispatcher says
 so with `reason`); "auto" asks the registered backends in priority order and takes the
-first that is available, supports the input and prefers it, except while torch.export
-traces: then "auto" is `aten` (torch's standard ops, so that the program runs without this
-package and no size decision pins a dynamic dimension).
+first that is available, is meant for the input's device (`Backend.auto_devices`), supports
+the input, prefers it and is ready for it, except while torch.export traces: then "auto" is
+`aten` (torch's standard ops, so that the program runs without this package and no size
+decision pins a dynamic dimension).
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ ENV_VAR = "BATCHNORM_BACKEND"
 
 _REGISTRY: dict[str, Backend] = {}
 _PRIORITY: dict[str, int] = {}  # backends auto may choose, lower asked first
-_AUTO_ORDER: list[Backend] = []  # those backends in the order auto asks them
+# Per device type, the backends auto asks for its inputs, in order: those that run on that
+# device and are available on this machine (neither changes while the process runs, so it is
+# asked once per device type, not at every call).
+_AUTO_ORDER: dict[str, tuple[Backend, ...]] = {}
 
 
 def register(backend: Backend, *, auto_priority: int | None = None) -> None:
@@ -36,7 +40,17 @@ def register(backend: Backend, *, auto_priority: int | None = None) -> None:
     _REGISTRY[backend.name] = backend
     if auto_priority is not None:
         _PRIORITY[backend.name] = auto_priority
-    _AUTO_ORDER[:] = [_REGISTRY[n] for n in sorted(_PRIORITY, key=_PRIORITY.__getitem__)]
+    _AUTO_ORDER.clear()
+
+
+def _auto_order(device_type: str) -> tuple[Backend, ...]:
+    """The backends `auto` asks for an input on `device_type`, lower priority first (kept in
+    _AUTO_ORDER)."""
+    ranked = (_REGISTRY[n] for n in sorted(_PRIORITY, key=_PRIORITY.__getitem__))
+    order = _AUTO_ORDER[device_type] = tuple(
+        b for b in ranked if (b.auto_devices is None or device_type in b.auto_devices) and b.unavailable() is None
+    )
+    return order
 
 
 def get(name: str) -> Backend:
@@ -83,13 +97,14 @@ def resolve(
         # An exported program is meant to run where this package is not installed, and a
         # choice by size would pin a dynamic batch dimension to one side of a crossover.
         return Choice(fallback, "export: torch's standard ops")
-    for backend in _AUTO_ORDER:
+    # (aten takes every device: an order is never empty)
+    for backend in _AUTO_ORDER.get(x.device.type) or _auto_order(x.device.type):
         # preferred() first: it is the cheap question, and usually the deciding one
         if (
             backend.preferred(x, mode)
-            and backend.unavailable() is None
             and backend.unsupported(x) is None
-            and backend.ready(x, activation, has_residual, mode)
+            # traced, the graph's op asks when it runs (ops.py's `_runnable`)
+            and (mode.traced or backend.ready(x, activation, has_residual))
         ):
             return Choice(backend, "auto")
     return Choice(fallback, "auto")

@@ -53,6 +53,9 @@ class Backend:
     #: functions): those worth fusing. For any other, functional.py runs the kernel without
     #: it and applies torch's own op after.
     fused_activations: tuple[str | None, ...] = activations.NAMES
+    #: The device types (torch.device.type) whose inputs `auto` may give this backend; None:
+    #: every device. A forced backend is asked `unsupported` instead.
+    auto_devices: tuple[str, ...] | None = None
 
     def unavailable(self) -> str | None:
         """Why this backend cannot run on this machine at all, or None when it can."""
@@ -66,9 +69,10 @@ class Backend:
         """Whether `auto` should choose this backend for `x` in `mode` (e.g. above a measured size)."""
         return False
 
-    def ready(self, x: Tensor, activation: str | None, has_residual: bool, mode: Mode) -> bool:
-        """Whether this backend can run such a call now without waiting (a compiler's first
-        use); `auto` takes another backend meanwhile. May start that work in the background."""
+    def ready(self, x: Tensor, activation: str | None, has_residual: bool) -> bool:
+        """Whether this backend can run such an eager call now without waiting (a compiler's
+        first use); `auto` takes another backend meanwhile. May start that work in the
+        background. (A traced call is not asked: the graph's op asks when it runs, ops.py.)"""
         return True
 
     def prepare(self, x: Tensor, activation: str | None, has_residual: bool) -> None:

@@ -47,18 +47,14 @@ CROSSOVER_NUMEL_CHANNELS_LAST = 1 << 21
 class ChannelParams(NamedTuple):
     """The kernels' per-channel parameters, each (C,) in x's dtype (numba_kernels.py defines
     them): the forward fills them in training and reads them otherwise, the backward reads
-    them."""
+    them. The fields are the first rows of the whole op's (N_PARAMS, C) params, in base.py's
+    order, so `ChannelParams(*params[: XHAT_SHIFT + 1])` views them."""
 
     center: np.ndarray
     scale: np.ndarray
     shift: np.ndarray
     invstd: np.ndarray
     xhat_shift: np.ndarray
-
-    @classmethod
-    def rows_of(cls, params: np.ndarray) -> "ChannelParams":
-        """Views of the rows of a (N_PARAMS, C) params array (base.py's row names)."""
-        return cls(params[CENTER], params[SCALE], params[SHIFT], params[INVSTD], params[XHAT_SHIFT])
 
     @classmethod
     def plain(cls, mean: np.ndarray, scale: np.ndarray, shift: np.ndarray, invstd: np.ndarray) -> "ChannelParams":
@@ -112,22 +108,15 @@ def _mc_scratch(xv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return s1, s2, np.zeros((2, channels))
 
 
-def _threads(size: int) -> int:
-    """The threads a kernel call on `size` elements runs (numba_kernels.threads): as many as
-    torch's own kernels would (torch.get_num_threads(), e.g. one per process when several
-    share the machine: more would make them wait on each other)."""
-    return kernels.threads(size, torch.get_num_threads())
-
-
 def _forward(xv, rv, *, activation, training, write, gamma, beta, eps, channel: ChannelParams, threads=None):
     """Run the forward kernel of xv's view. `training`: compute the batch's statistics into
     `channel`, else normalize with it; `write`: produce y; `threads`: how many threads run
-    it (`_threads` of xv's size by default). Returns (y or None, m2)."""
+    it (numba_kernels.threads of xv's size by default). Returns (y or None, m2)."""
     m2 = np.empty(xv.shape[1], xv.dtype)
     y = OUTPUTS.empty(xv.shape, xv.dtype) if write else xv  # never written when not `write`
     has_res, code = rv is not None, _ACT_CODE[activation]
     args = (xv, xv if rv is None else rv, has_res, training, write, gamma, beta, eps, *channel, m2, y)
-    threads = _threads(xv.size) if threads is None else threads
+    threads = kernels.threads(xv.size) if threads is None else threads
     if xv.ndim == 3:
         # (C, 2, L) float64 lane scratch for the statistics of rows shorter than LANES (the
         # kernel zeroes what it uses), (C, 2, 0) for longer rows
@@ -153,7 +142,7 @@ def _backward(
     has_res, code = rv is not None, _ACT_CODE[activation]
     args = (dyv, xv, xv if rv is None else rv, has_res, *channel,
             reduce, write, local_means, sum_d, sum_dxh, mean_d, mean_dxh, dx, dres)  # fmt: skip
-    threads = _threads(xv.size) if threads is None else threads
+    threads = kernels.threads(xv.size) if threads is None else threads
     if xv.ndim == 3:
         kernels.kernel("ncl_backward", threads, has_res, code)(*args, np.empty((2, channels)))
     else:
@@ -201,6 +190,7 @@ class NumbaBackend(Backend):
     # library on this build): our identity kernel then torch's vectorized op is faster (same
     # section, Smooth activations are not fused), so the kernels have no case for them.
     fused_activations = tuple(activations.NAMES[kind] for kind in kernels.KINDS)
+    auto_devices = ("cpu",)
 
     def unavailable(self) -> str | None:
         return kernels.MISSING
@@ -226,13 +216,15 @@ class NumbaBackend(Backend):
         channels_last = x.dim() > 2 and not x.is_contiguous() and not mode.compiling
         return x.numel() >= (CROSSOVER_NUMEL_CHANNELS_LAST if channels_last else CROSSOVER_NUMEL)
 
-    def ready(self, x: Tensor, activation: str | None, has_residual: bool, mode: Mode) -> bool:
+    def ready(self, x: Tensor, activation: str | None, has_residual: bool, threads: bool | None = None) -> bool:
         """Whether this call's kernels are compiled (numba_warmup.py: until then `auto` runs
-        torch's kernel and they compile in the background). A traced call puts our op in the
-        graph, which asks again when it runs (ops.py)."""
-        if mode.traced:
-            return True
-        return self._case_ready(x, activation, has_residual, _threads(x.numel()) > 1)
+        torch's kernel and they compile in the background); `threads`: whether the case is
+        the threaded one (None: the one x's size runs)."""
+        if threads is None:
+            threads = kernels.threads(x.numel()) > 1
+        code = _ACT_CODE[activation if activation in self.fused_activations else None]
+        case = Case(DTYPE_NAMES[x.dtype], 3 if layout.kind_of(x) == "ncl" else 2, threads, has_residual, code)
+        return numba_warmup.ready(numba_warmup.Request(__name__, "compile_case", case))
 
     def prepare(self, x: Tensor, activation: str | None, has_residual: bool) -> None:
         """In the background mode: both thread counts when x's size is symbolic (choosing
@@ -240,14 +232,8 @@ class NumbaBackend(Backend):
         if numba_warmup.blocking():
             return  # the op compiles its kernels at its first run
         size = x.numel()
-        for threads in (_threads(size) > 1,) if isinstance(size, int) else (False, True):
-            self._case_ready(x, activation, has_residual, threads)
-
-    def _case_ready(self, x: Tensor, activation: str | None, has_residual: bool, threads: bool) -> bool:
-        """numba_warmup.ready for the kernel case of such a call."""
-        code = _ACT_CODE[activation if activation in self.fused_activations else None]
-        case = Case(DTYPE_NAMES[x.dtype], 3 if layout.kind_of(x) == "ncl" else 2, threads, has_residual, code)
-        return numba_warmup.ready(numba_warmup.Request(__name__, "compile_case", case))
+        for threads in (kernels.threads(size) > 1,) if isinstance(size, int) else (False, True):
+            self.ready(x, activation, has_residual, threads)
 
     def takes_plain_evaluation(self, x: Tensor) -> bool:
         """Plain evaluation is one affine pass with nothing to fuse: below _HUGE_BYTES torch's
@@ -272,7 +258,7 @@ class NumbaBackend(Backend):
             params[SCALE], params[SHIFT], params[XHAT_SHIFT] = gamma * params[INVSTD], beta, 0.0
         y, m2 = _forward(
             xv, rv, activation=activation, training=training, write=True, gamma=gamma, beta=beta, eps=eps,
-            channel=ChannelParams.rows_of(params),
+            channel=ChannelParams(*params[: XHAT_SHIFT + 1]),
         )  # fmt: skip
         if training:
             params[VAR] = m2 / (xv.size // channels)  # over the values per channel
@@ -287,7 +273,7 @@ class NumbaBackend(Backend):
         need_x, need_w, need_b, need_r = needs
         xv, dyv, p = _np(x), _np(dy), _np(params)
         rv = None if residual is None else _np(residual)
-        channel = ChannelParams.rows_of(p)
+        channel = ChannelParams(*p[: XHAT_SHIFT + 1])
         # the kernel writes (mean_d, mean_dxh) from the batch statistics; evaluation's are 0
         mean_d, mean_dxh = np.zeros((2, xv.shape[1]), xv.dtype)
         write = need_x or need_r

@@ -55,6 +55,7 @@ import threading
 import types
 
 import numpy as np
+import torch
 
 from .. import activations, stats
 from . import numba_cache
@@ -681,10 +682,14 @@ def _mark_forked() -> None:
 os.register_at_fork(after_in_child=_mark_forked)
 
 
-def threads(size: int, wanted: int) -> int:
-    """How many threads a call on `size` elements runs: `wanted` (the caller's count, torch's
-    intra-op threads), at most numba's pool, from PARALLEL_NUMEL elements on; 1 (the serial
-    kernel) below that, for `wanted` 1, and in a forked child."""
+def threads(size: int, wanted: int | None = None) -> int:
+    """How many threads a call on `size` elements runs: `wanted`, by default as many as
+    torch's own kernels would (torch.get_num_threads(), e.g. one per process when several
+    share the machine: more would make them wait on each other), at most numba's pool, from
+    PARALLEL_NUMEL elements on; 1 (the serial kernel) below that, for one wanted, and in a
+    forked child."""
+    if wanted is None:
+        wanted = torch.get_num_threads()
     if size < PARALLEL_NUMEL or wanted < 2 or _forked:
         return 1
     return min(wanted, numba.config.NUMBA_NUM_THREADS)

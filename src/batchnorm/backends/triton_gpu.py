@@ -587,6 +587,7 @@ class TritonBackend(Backend):
     shape classes where a recorded GPU benchmark has it at or above torch eager (gpu_rule)."""
 
     name = "triton"
+    auto_devices = ("cuda",)  # on CPU only in Triton's interpreter, for tests: never chosen there
 
     def unavailable(self) -> str | None:
         return _missing()
