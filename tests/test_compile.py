@@ -201,6 +201,33 @@ def test_a_compiled_channels_last_layer_takes_our_op_from_the_contiguous_crossov
     assert "batchnorm.batch_norm" in str(graphs[0].graph)
 
 
+@pytest.mark.parametrize("backend", ["auto", "numba"])
+@pytest.mark.parametrize("numel", [numba_cpu.CROSSOVER_NUMEL, 1 << 23], ids=["crossover", "huge"])
+def test_a_compiled_evaluation_graph_holds_torchs_batch_norm(backend, numel):
+    """In evaluation a compiled graph holds torch's batch norm, at every size and whatever the
+    backend, so that Inductor can fuse its affine pass with the ops around it (freezing folds
+    it into the convolution); training takes our op. Same outputs as eager."""
+    x = torch.randn(numel // (64 * 16 * 16), 64, 16, 16)
+    layer = bn.BatchNormAct(bn.BatchNorm2d(64, backend=backend), "relu")
+    layer.bn.running_mean.normal_()
+    layer.bn.running_var.uniform_(0.5, 2.0)
+    graphs = []
+
+    def capture(gm, _inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    for training in (False, True):
+        layer.train(training)
+        torch._dynamo.reset()
+        got = torch.compile(layer, backend=capture, fullgraph=True)(x)
+        if not training:
+            torch.testing.assert_close(got, layer(x), rtol=1e-6, atol=1e-6)
+    evaluation, training = graphs
+    assert "torch.batch_norm" in evaluation and "batchnorm.batch_norm" not in evaluation
+    assert "batchnorm.batch_norm" in training
+
+
 @pytest.mark.slow
 def test_no_graph_breaks_in_a_converted_cnn():
     model = torch.nn.Sequential(

@@ -17,7 +17,7 @@ size and layout):
 - eager, a fused backend (numba, triton): `_BatchNormFunction`, an autograd Function over the
   backend's whole-op `forward`/`backward` (base.py). Under no_grad the kernels run without
   the Function.
-- compiled or exported (`Mode.compiling`): the custom operators
+- compiled or exported in training (`Mode.compiling`): the custom operators
   `batchnorm::batch_norm` and `batchnorm::batch_norm_backward` (torch.library), which call
   the very same backend functions, so Inductor sees one opaque op with a fake (meta)
   implementation and a registered autograd formula; `aten` stays torch's decomposable
@@ -27,10 +27,11 @@ size and layout):
   The running update is `update_running`'s tensor ops there, traced into the graph, with no
   host synchronization. Ghost batches and renorm call the same op with their statistics
   (`stats`), which its `given` argument marks.
-- exported in evaluation, and under torch.func transforms and forward-mode AD
+- compiled or exported in evaluation, and under torch.func transforms and forward-mode AD
   (`Mode.transformed`: grad, vmap, jvp, dual tensors), at every size: torch's batch norm and
-  the extras in standard aten ops, so an exported program runs where this package is not
-  installed and the transforms see ops they know how to differentiate and batch.
+  the extras in standard aten ops, so that Inductor fuses evaluation's one affine pass into
+  the ops around it, an exported program runs where this package is not installed, and the
+  transforms see ops they know how to differentiate and batch.
 
 A custom op costs more per eager call than an autograd Function, more than a small layer's
 whole kernel (docs/performance.md): that is why eager calls do not go through the custom ops.
@@ -148,8 +149,11 @@ def _traced(
 ):  # fmt: skip
     """`batch_norm` while torch.compile or torch.export traces it, a torch.func transform or
     forward-mode AD runs it, or a Python dispatch mode sees it (`Mode.traced`): only ops a
-    graph can hold."""
-    if isinstance(be, AtenBackend) or mode.transformed or (not training and mode.exporting):
+    graph can hold. Evaluation in a graph (compiled or exported) is torch's batch norm,
+    whatever the backend: Inductor fuses its one affine pass into the ops around it (the
+    activation, the residual add, a pooling after it; with freezing, the convolution's
+    weights), which an opaque op would prevent."""
+    if isinstance(be, AtenBackend) or mode.transformed or (not training and mode.compiling):
         return _native(
             x, weight, bias, residual, running_mean, running_var, training, eps, activation, want_stats, batch_rows
         )  # fmt: skip
