@@ -696,8 +696,8 @@ def threads(size: int, wanted: int | None = None) -> int:
 
 
 # The thread count this Python thread last gave numba (numba keeps one per thread; asking
-# numba for it costs about 1 us a call, this about 40 ns). A count given to
-# numba.set_num_threads elsewhere in between stays until torch's count changes.
+# numba for it costs far more than this lookup, docs/performance.md, Thread count). A count
+# given to numba.set_num_threads elsewhere in between stays until torch's count changes.
 _given = threading.local()
 
 
