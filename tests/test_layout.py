@@ -13,6 +13,10 @@ from batchnorm import layout
         (lambda: torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last), "mc"),
         (lambda: torch.randn(2, 3, 2, 4, 5).to(memory_format=torch.channels_last_3d), "mc"),
         (lambda: torch.randn(2, 3, 8, 5)[:, :, ::2], None),
+        # one value per row (after a global pooling): the (N, C) memory, as 2-D input
+        (lambda: torch.randn(4, 3, 1, 1), "mc"),
+        (lambda: torch.randn(4, 3, 1), "mc"),
+        (lambda: torch.randn(4, 3, 1, 1).to(memory_format=torch.channels_last), "mc"),
     ],
 )
 def test_views_are_taken_without_copies_and_restore(make, kind):

@@ -3,7 +3,7 @@
 Every kernel sees one of these two shapes and nothing else. A view is taken without a
 copy whenever the memory allows it:
 
-- 2-D input `(N, C)`                              -> `(M=N, C)`        kind "mc"
+- 2-D input `(N, C)`, and contiguous `(N, C, 1, ...)` -> `(M=N, C)`   kind "mc"
 - contiguous `(N, C, *S)`                         -> `(N, C, L=prod S)` kind "ncl"
 - channels-last `(N, *S, C)` in memory            -> `(M=N*prod S, C)` kind "mc"
 
@@ -34,11 +34,14 @@ def _channels_last_order(x: Tensor) -> Tensor:
 
 
 def kind_of(x: Tensor) -> str | None:
-    """"ncl", "mc", or None when `x` cannot be viewed without a copy."""
+    """"ncl", "mc", or None when `x` cannot be viewed without a copy. Contiguous input with
+    one value per row ((N, C, 1, 1), after a global pooling) is "mc": the same memory as
+    (N, C), and an "ncl" view's rows of one value would leave the kernels' row loops
+    nothing to vectorize."""
     if x.dim() == 2:
         return "mc" if x.stride(1) == 1 or x.shape[1] == 1 else None
     if x.is_contiguous():
-        return "ncl"
+        return "mc" if math.prod(x.shape[2:]) == 1 else "ncl"
     if _channels_last_order(x).is_contiguous():
         return "mc"
     return None

@@ -465,6 +465,15 @@ def test_auto_picks_numba_above_the_crossover_and_aten_elsewhere():
         assert backends.resolve("auto", cl).backend.name == want
         assert backends.resolve("auto", cl.contiguous()).backend.name == "numba"
     assert backends.resolve("auto", torch.empty(numba_cpu.CROSSOVER_NUMEL // 64, 64)).backend.name == "numba"  # 2-D
+    # contiguous rows shorter than SHORT_ROW values have a lower crossover: torch's kernel is slow there
+    assert numba_cpu.CROSSOVER_NUMEL_SHORT_ROWS < numba_cpu.CROSSOVER_NUMEL
+    for length, want in ((numba_cpu.SHORT_ROW - 1, "numba"), (numba_cpu.SHORT_ROW, "aten"), (1, "aten")):
+        rows = torch.empty(numba_cpu.CROSSOVER_NUMEL_SHORT_ROWS // (64 * length) + 1, 64, length)
+        assert numba_cpu.CROSSOVER_NUMEL_SHORT_ROWS <= rows.numel() < numba_cpu.CROSSOVER_NUMEL
+        assert backends.resolve("auto", rows).backend.name == want, length
+    two_by_two = torch.empty(numba_cpu.CROSSOVER_NUMEL_SHORT_ROWS // (64 * 4), 64, 2, 2)
+    assert backends.resolve("auto", two_by_two).backend.name == "numba"
+    assert backends.resolve("auto", two_by_two[:-1]).backend.name == "aten"  # below the short-row crossover
     small = torch.randn(4, 3, 5)
     assert backends.resolve("auto", small).backend.name == "aten"
     for other in (big.bfloat16(), big[:, :, ::2], big[:0]):

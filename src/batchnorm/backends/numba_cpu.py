@@ -12,6 +12,7 @@ reuses their memory from step to step instead of faulting in fresh pages.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -42,6 +43,12 @@ CROSSOVER_NUMEL = 1 << 18
 #: values, slower, so numba pays off only from a larger size (same section for the ratios).
 #: 2-D (N, C) input is not affected: CROSSOVER_NUMEL.
 CROSSOVER_NUMEL_CHANNELS_LAST = 1 << 21
+#: The same for contiguous input whose rows (the spatial values of one example's channel)
+#: hold fewer than SHORT_ROW values, 2 to 7 (2x2 maps at the end of a CNN): torch's kernel
+#: vectorizes along a row and is several times slower per value on such rows, so numba
+#: pays off from a smaller size (same section).
+CROSSOVER_NUMEL_SHORT_ROWS = 1 << 17
+SHORT_ROW = 8
 
 
 class ChannelParams(NamedTuple):
@@ -212,9 +219,14 @@ class NumbaBackend(Backend):
         # While a graph is traced the alternative is Inductor's code, not torch's kernel, and
         # Inductor's is slower than our op on channels-last input as on contiguous input
         # (docs/performance.md, "Which backend runs: the dispatch rules"): there the
-        # contiguous crossover holds for both.
-        channels_last = x.dim() > 2 and not x.is_contiguous() and not mode.compiling
-        return x.numel() >= (CROSSOVER_NUMEL_CHANNELS_LAST if channels_last else CROSSOVER_NUMEL)
+        # contiguous crossover holds for every layout.
+        crossover = CROSSOVER_NUMEL
+        if x.dim() > 2 and not mode.compiling:
+            if not x.is_contiguous():
+                crossover = CROSSOVER_NUMEL_CHANNELS_LAST
+            elif 1 < math.prod(x.shape[2:]) < SHORT_ROW:
+                crossover = CROSSOVER_NUMEL_SHORT_ROWS
+        return x.numel() >= crossover
 
     def ready(self, x: Tensor, activation: str | None, has_residual: bool, threads: bool | None = None) -> bool:
         """Whether this call's kernels are compiled (numba_warmup.py: until then `auto` runs
