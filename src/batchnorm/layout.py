@@ -33,6 +33,11 @@ def _channels_last_order(x: Tensor) -> Tensor:
     return x.permute(0, *range(2, x.dim()), 1)
 
 
+def _one_per_row(x: Tensor) -> bool:
+    """(N, C, 1, ...): one value per example and channel, the memory of (N, C) when dense."""
+    return x.dim() > 2 and math.prod(x.shape[2:]) == 1
+
+
 def kind_of(x: Tensor) -> str | None:
     """"ncl", "mc", or None when `x` cannot be viewed without a copy. Contiguous input with
     one value per row ((N, C, 1, 1), after a global pooling) is "mc": the same memory as
@@ -41,7 +46,7 @@ def kind_of(x: Tensor) -> str | None:
     if x.dim() == 2:
         return "mc" if x.stride(1) == 1 or x.shape[1] == 1 else None
     if x.is_contiguous():
-        return "mc" if math.prod(x.shape[2:]) == 1 else "ncl"
+        return "mc" if _one_per_row(x) else "ncl"
     if _channels_last_order(x).is_contiguous():
         return "mc"
     return None
@@ -66,7 +71,7 @@ def restore(data: Tensor, like: Tensor, kind: str) -> Tensor:
     refuses in-place ops (`y += r`, `relu_()`, the ResNet block's) on a view made inside a
     Function. While torch traces (a triton_op's body) there is no autograd view to escape, and
     a storage swap cannot be traced: the view itself is returned."""
-    if like.dim() == 2 or kind == "ncl":
+    if like.dim() == 2 or kind == "ncl" or _one_per_row(like):  # contiguous strides, as torch gives
         shaped = data.view(like.shape)
     else:
         n, c = like.shape[0], like.shape[1]
@@ -80,9 +85,10 @@ def restore(data: Tensor, like: Tensor, kind: str) -> Tensor:
 
 def empty_output(x: Tensor) -> Tensor:
     """An uninitialized tensor shaped like x with the strides `restore` gives x's output:
-    channels-last when x's canonical view is (M, C) with spatial dims, contiguous otherwise.
+    channels-last when x's canonical view is (M, C) with spatial dims holding more than one
+    value, contiguous otherwise.
     (What the custom operators' fake implementations return.)"""
-    if x.dim() > 2 and kind_of(x) == "mc":
+    if x.dim() > 2 and kind_of(x) == "mc" and not _one_per_row(x):
         shape = x.shape
         stride = [0] * x.dim()
         stride[1], step = 1, shape[1]

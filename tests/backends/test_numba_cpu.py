@@ -9,6 +9,7 @@ kernel forgets to write fails the NaN check in `close`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 
 import pytest
@@ -17,7 +18,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import batchnorm as bn
-from batchnorm import activations, backends
+from batchnorm import activations, backends, layout
 from batchnorm import functional as F
 from batchnorm import ops
 from batchnorm.backends import numba_cpu, numba_kernels
@@ -615,3 +616,29 @@ def test_a_call_runs_on_torchs_thread_count_within_numbas_pool():
     assert numba_kernels.threads(big, 1) == 1  # torch on one thread: serial
     assert numba_kernels.threads(big, 2) == min(2, pool)
     assert numba_kernels.threads(big, pool + 5) == pool  # never more than numba's pool
+
+
+@pytest.mark.parametrize("shape", [(64, 32, 1, 1), (64, 32, 1)])
+def test_one_value_per_row_runs_the_mc_kernels_with_torchs_strides(shape):
+    """(N, C, 1, ...) input (a batch norm after a global pooling) is viewed as (M, C), the
+    same memory, whose kernels vectorize across channels; outputs, gradients and strides are
+    torch's, eager and compiled."""
+    assert layout.kind_of(torch.empty(shape)) == "mc"
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+    make = (lambda c: torch.nn.BatchNorm2d(c)) if len(shape) == 4 else (lambda c: torch.nn.BatchNorm1d(c))
+    ours = (bn.BatchNorm2d if len(shape) == 4 else bn.BatchNorm1d)(32, backend="numba").double()
+    theirs = make(32).double()
+    compiled = torch.compile(copy.deepcopy(ours), backend="aot_eager", fullgraph=True)
+    results = []
+    for module in (theirs, ours, compiled):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        y.backward(dy)
+        results.append((y, xi.grad, module.running_mean, module.running_var))
+    want = results[0]
+    for got in results[1:]:
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+            assert a.stride() == b.stride()

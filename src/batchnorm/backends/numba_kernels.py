@@ -551,7 +551,18 @@ def mc_forward(
         pivot = x[0]
         for k in _prange(blocks):
             s1k, s2k = s1[k], s2[k]
-            for r in range(k * per, min(rows, (k + 1) * per)):
+            lo, hi = k * per, min(rows, (k + 1) * per)
+            # Four rows a step: the sums are a row of C values in memory, not registers, and
+            # loading and storing them for every value cost more than reading x
+            # (docs/performance.md, "The `numba` backend (CPU)", the `(M, C)` item).
+            for r in range(lo, hi - 3, 4):
+                x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+                for c in range(channels):
+                    p = pivot[c]
+                    t0, t1, t2, t3 = x0[c] - p, x1[c] - p, x2[c] - p, x3[c] - p
+                    s1k[c] += (t0 + t1) + (t2 + t3)
+                    s2k[c] += (t0 * t0 + t1 * t1) + (t2 * t2 + t3 * t3)
+            for r in range(hi - (hi - lo) % 4, hi):
                 xr = x[r]
                 for c in range(channels):
                     t = xr[c] - pivot[c]
