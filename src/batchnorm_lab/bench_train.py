@@ -14,7 +14,9 @@ same initial weights and fed the same sequence of batches:
 - `ours compiled`: `torch.compile` of the converted model.
 
 Each arm is first warmed up alone (`WARMUP_STEPS` steps; the first one, compilation
-included, is reported as `first_step_s`), then the arms are timed in interleaved rounds
+included, is reported as `first_step_s`; then, once the numba kernels that its first steps
+asked for are compiled or loaded in the background, one more step: the rounds time the
+steady state, `bench first-use` the first steps), then the arms are timed in interleaved rounds
 (one step of each per round, `bench.time_medians`) so all see the same machine load. An arm
 that raises, while being built, warmed up or timed, is recorded with its error message and
 left out of the rounds; the others go on.
@@ -41,6 +43,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import models
+from batchnorm.backends import numba_warmup
 from batchnorm.norm_act import BatchNormAct
 from batchnorm.tools import convert
 
@@ -215,6 +218,10 @@ def bench_config(
                 loss = step()
                 if i == 0:
                     rec.update(first_step_s=_now(device) - t0, first_loss=loss.item())
+            # Until its kernels are ready a call runs torch's (numba_warmup.py); the helper
+            # process compiling or loading them only gets the cores the timed rounds leave.
+            numba_warmup.wait()
+            step()
             steps[arm] = step
             rec["status"] = "ok"
         except Exception as e:

@@ -162,17 +162,21 @@ def test_train_bench_records_failing_arms(monkeypatch):
     def fake_compile(model):
         if isinstance(model, torch.fx.GraphModule):  # ours: convert rewrote the graph
             raise RuntimeError("ours cannot compile\nsecond line")
-        # the warm-up steps and time_medians' own warm-up pass, the first timed round fails
-        return FailsOnCall(model, bench_train.WARMUP_STEPS + 1)
+        # the warm-up steps, the step once the kernels are ready and time_medians' own
+        # warm-up pass; the first timed round fails
+        return FailsOnCall(model, bench_train.WARMUP_STEPS + 2)
 
+    waits = []  # the arms wait for the kernels their warm-up asked for before they are timed
+    monkeypatch.setattr(bench_train.numba_warmup, "wait", lambda: waits.append(len(waits)))
     monkeypatch.setattr(torch, "compile", fake_compile)
     cfg = dict(model="resnet20", batch=4, format="contiguous", dtype="fp32")
     row = bench_train.bench_config(cfg, "cpu", repeats=2)
+    assert len(waits) == 3  # every arm that warmed up: all but ours compiled
     arms = row["arms"]
     assert arms["ours compiled"]["status"] == "error" and arms["ours compiled"]["phase"] == "build or warm-up"
     assert arms["ours compiled"]["error"].startswith("RuntimeError: ours cannot compile")
     assert arms["torch compiled"]["status"] == "error" and arms["torch compiled"]["phase"] == "timed rounds"
-    assert arms["torch compiled"]["error"] == f"RuntimeError: call {bench_train.WARMUP_STEPS + 2} failed"
+    assert arms["torch compiled"]["error"] == f"RuntimeError: call {bench_train.WARMUP_STEPS + 3} failed"
     assert arms["torch compiled"]["first_step_s"] > 0 and arms["torch compiled"]["ms"] is None
     for arm in ("torch eager", "ours eager"):
         assert arms[arm]["status"] == "ok" and arms[arm]["ms"] > 0
