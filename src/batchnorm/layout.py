@@ -46,7 +46,7 @@ def kind_of(x: Tensor) -> str | None:
     if x.dim() == 2:
         return "mc" if x.stride(1) == 1 or x.shape[1] == 1 else None
     if x.is_contiguous():
-        return "mc" if math.prod(x.shape[2:]) == 1 else "ncl"
+        return "mc" if _one_per_row(x) else "ncl"
     if _channels_last_order(x).is_contiguous():
         return "mc"
     return None
