@@ -36,14 +36,14 @@ _PRECOMPILE = """
 import sys
 from batchnorm.backends import numba_cpu
 for case in sys.argv[1:]:
-    dtype, ndim, threads, has_res, code = case.split(",")
-    numba_cpu.compile_case(dtype, int(ndim), threads == "1", has_res == "1", int(code))
+    dtype, ndim, threads, has_res, kind = case.split(",")
+    numba_cpu.compile_case(dtype, int(ndim), threads == "1", has_res == "1", kind)
 """
 
 
 def _numba_cases() -> list[str]:
-    """Every compiled case as "dtype,ndim,threads,has_res,code" (the code of each activation
-    the kernels fuse: numba_kernels.KINDS)."""
+    """Every compiled case as "dtype,ndim,threads,has_res,kind" (each activation kind the
+    kernels compile: numba_kernels.KINDS)."""
     import itertools
 
     from batchnorm.backends import numba_kernels

@@ -20,9 +20,9 @@ import pytest
 
 numba = pytest.importorskip("numba")
 
-# Four cases that between them take four activations, each residual flag and each size
+# Four cases that between them take both activation kinds, each residual flag and each size
 # class, every two of them different: without unique names any two cases compiled apart
-# collide. (That every one of the 64 compiled cases has a cache entry of its own is
+# collide. (That every one of the 32 compiled cases has a cache entry of its own is
 # test_numba_cpu.py's test_every_compiled_case_has_its_own_cache_entry.)
 CASES = [
     {"activation": None, "residual": False, "parallel": False},

@@ -121,20 +121,15 @@ def test_normalize_and_gradients_match_reference(case):
     check_against_reference(case)
 
 
-# The activation of each compiled kind (numba_kernels.KINDS).
-_KIND_ACTIVATIONS = {numba_kernels.IDENTITY: None, numba_kernels.RELU: "relu", numba_kernels.RELU6: "relu6",
-                     numba_kernels.HARDSWISH: "hardswish"}  # fmt: skip
-
-
-@pytest.mark.parametrize("activation", list(_KIND_ACTIVATIONS.values()))
+@pytest.mark.parametrize("activation", list(numba_kernels.FUSED))
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "threads"])
 @pytest.mark.parametrize("fmt", ["ncl", "channels_last"])  # the (N, C, L) and the (M, C) kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_every_compiled_case_matches_reference(dtype, fmt, parallel, residual, activation):
     """Each compiled case (numba_kernels.compiled: dtype, view, threads, residual, activation
-    kind) forward and backward at least once, whatever the random draws above pick."""
-    assert set(_KIND_ACTIVATIONS) == set(numba_kernels.KINDS)
+    kind) with each fused activation's bounds, forward and backward at least once, whatever
+    the random draws above pick."""
     check_against_reference(dict(fmt=fmt, n=3, c=5, length=37, dtype=dtype, activation=activation,
                                  residual=residual, affine=True, training=True, offset=30.0,
                                  parallel=parallel, seed=7))  # fmt: skip
@@ -552,16 +547,43 @@ def test_every_compiled_case_has_its_own_cache_entry():
         for kind in numba_kernels.KINDS
     ]
     paths = {case._cache._cache_file._index_path for case in cases}
-    assert len(paths) == len(cases) == 64
+    assert len(paths) == len(cases) == 32
 
 
 def test_a_call_compiles_only_its_own_case():
-    """The activation and the residual pick the compiled case: identity, ReLU, ReLU6 and
-    Hardswish, each with and without a residual."""
-    pick = lambda code, has_res: numba_kernels.kernel("ncl_forward", 2, has_res, code)  # noqa: E731
-    assert len({pick(code, has_res) for code in numba_kernels.KINDS for has_res in (True, False)}) == 8
-    assert pick(activations.NAMES.index("relu6"), False) is not pick(activations.NAMES.index("hardswish"), False)
-    assert pick(activations.NAMES.index("relu"), False) is not pick(activations.NAMES.index("relu"), True)
+    """The activation's kind and the residual pick the compiled case: identity, ReLU and
+    ReLU6 share the clamp case (their bounds are arguments), Hardswish has its own, each with
+    and without a residual."""
+    pick = lambda activation, has_res: numba_kernels.kernel("ncl_forward", 2, has_res, activation)[0]  # noqa: E731
+    assert len({pick(a, has_res) for a in numba_kernels.FUSED for has_res in (True, False)}) == 4
+    assert pick(None, False) is pick("relu", False) is pick("relu6", False)
+    assert pick("relu6", False) is not pick("hardswish", False)
+    assert pick("relu", False) is not pick("relu", True)
+
+
+@pytest.mark.parametrize("activation", list(numba_kernels.FUSED))
+@pytest.mark.parametrize("shape", [(4, 3, 50), (200, 3)], ids=["ncl", "mc"])
+def test_a_nan_before_the_activation_gets_the_references_slope(shape, activation):
+    """A NaN residual value makes u NaN there (y is NaN at that position only): the slope
+    there is the reference's for each activation sharing the clamp case (0 for ReLU and
+    ReLU6, whose bounds are numbers; 1 for the identity, whose bounds are NaN), and for
+    Hardswish, so dresidual there is 0 or dy as the reference's and the channel's other
+    gradients stay finite."""
+    gen = torch.Generator().manual_seed(5)
+    x, residual, dy = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3))
+    residual[1, 1] = float("nan")  # a whole row of L values for (N, C, L), one value for (M, C)
+    grads = {}
+    for backend in ("numba", "reference"):
+        xs, rs = x.clone().requires_grad_(), residual.clone().requires_grad_()
+        with poisoned_allocations():
+            y = F.batch_norm(xs, None, None, training=True, activation=activation, residual=rs, backend=backend)
+        grads[backend] = (y, *torch.autograd.grad(y, (xs, rs), dy))
+    for ours, theirs in zip(grads["numba"], grads["reference"]):
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+    y, dx, dres = grads["numba"]
+    assert y.isnan().sum() == residual.isnan().sum() and dx.isfinite().all()
+    passed = activation in (None, "hardswish")
+    torch.testing.assert_close(dres[1, 1], dy[1, 1] if passed else torch.zeros_like(dy[1, 1]))
 
 
 @pytest.mark.parametrize("activation", ["leaky_relu", "sigmoid", "tanh", "silu", "gelu"])

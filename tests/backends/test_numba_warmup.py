@@ -205,7 +205,7 @@ def test_building_a_graph_with_our_op_starts_its_kernels_compiling(monkeypatch, 
     assert [request.args.threads for request in asked] == threads
     for request in asked:
         assert request.function == "compile_case" and request.module == "batchnorm.backends.numba_cpu"
-        assert request.args == ("float32", 2, request.args.threads, True, 7)
+        assert request.args == ("float32", 2, request.args.threads, True, "clamp")
 
 
 # A compilation still running in the background when the process forks (a DataLoader worker

@@ -120,8 +120,8 @@ def test_bad_input_is_refused(tmp_path):
 def test_compile_ahead_fills_numba_cache_with_the_kernels_cnn_wallclock_runs(tmp_path, monkeypatch):
     """The background process (one per experiment that has `compile_kernels`) leaves on disk
     the kernels the run's layers call: the (N, C, L) forward and backward of BN + ReLU and of
-    BN + add + ReLU, serial on the run's one thread (a cold cache of its own here: the process
-    compiles them)."""
+    BN + add + ReLU (the clamp kind's cases), serial on the run's one thread (a cold cache of
+    its own here: the process compiles them)."""
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
     plan = [(name, config_for(name, quick=True)) for name in ("speed", "cnn-wallclock")]
     assert plan[1][1]["threads"] == 1
@@ -131,5 +131,5 @@ def test_compile_ahead_fills_numba_cache_with_the_kernels_cnn_wallclock_runs(tmp
     assert started["cnn-wallclock"].exitcode == 0
     cached = {path.name.split("-")[0] for path in tmp_path.rglob("*.nbi")}
     for name in ("ncl_forward", "ncl_backward"):
-        for case in ("plain_relu", "residual_relu"):
+        for case in ("plain_clamp", "residual_clamp"):
             assert f"numba_kernels.{name}_serial_{case}" in cached, sorted(cached)

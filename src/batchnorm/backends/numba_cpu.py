@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import activations, layout
+from .. import layout
 from ..modes import Mode
 from . import numba_kernels as kernels
 from . import numba_warmup
@@ -28,7 +28,6 @@ from .output_pool import OutputPool
 
 _HUGE_BYTES = 1 << 25  # outputs from this size use numpy's allocator (`_allocate`)
 _SMALL_BYTES = 1 << 16  # outputs below this size also use numpy's (`_allocate`)
-_ACT_CODE = {name: code for code, name in enumerate(activations.NAMES)}
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 #: The dtypes the kernels take, by the name numba_warmup's requests and numpy use.
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
@@ -121,17 +120,18 @@ def _forward(xv, rv, *, activation, training, write, gamma, beta, eps, channel: 
     it (numba_kernels.threads of xv's size by default). Returns (y or None, m2)."""
     m2 = np.empty(xv.shape[1], xv.dtype)
     y = OUTPUTS.empty(xv.shape, xv.dtype) if write else xv  # never written when not `write`
-    has_res, code = rv is not None, _ACT_CODE[activation]
-    args = (xv, xv if rv is None else rv, has_res, training, write, gamma, beta, eps, *channel, m2, y)
+    has_res = rv is not None
     threads = kernels.threads(xv.size) if threads is None else threads
+    run, lo, hi = kernels.kernel("ncl_forward" if xv.ndim == 3 else "mc_forward", threads, has_res, activation)
+    args = (xv, xv if rv is None else rv, has_res, lo, hi, training, write, gamma, beta, eps, *channel, m2, y)
     if xv.ndim == 3:
         # (C, 2, L) float64 lane scratch for the statistics of rows shorter than LANES (the
         # kernel zeroes what it uses), (C, 2, 0) for longer rows
         _, channels, length = xv.shape
         lanes = np.empty((channels, 2, length if length < kernels.LANES else 0), np.float64)
-        kernels.kernel("ncl_forward", threads, has_res, code)(*args, lanes, np.empty((2, channels)))
+        run(*args, lanes, np.empty((2, channels)))
     else:
-        kernels.kernel("mc_forward", threads, has_res, code)(*args, *_mc_scratch(xv))
+        run(*args, *_mc_scratch(xv))
     return (y if write else None), m2
 
 
@@ -146,14 +146,15 @@ def _backward(
     sum_d, sum_dxh = np.zeros((2, channels), xv.dtype)
     dx = OUTPUTS.empty(xv.shape, xv.dtype) if write else xv  # never written when not `write`
     dres = OUTPUTS.empty(xv.shape, xv.dtype) if write and rv is not None else dx
-    has_res, code = rv is not None, _ACT_CODE[activation]
-    args = (dyv, xv, xv if rv is None else rv, has_res, *channel,
-            reduce, write, local_means, sum_d, sum_dxh, mean_d, mean_dxh, dx, dres)  # fmt: skip
+    has_res = rv is not None
     threads = kernels.threads(xv.size) if threads is None else threads
+    run, lo, hi = kernels.kernel("ncl_backward" if xv.ndim == 3 else "mc_backward", threads, has_res, activation)
+    args = (dyv, xv, xv if rv is None else rv, has_res, lo, hi, *channel,
+            reduce, write, local_means, sum_d, sum_dxh, mean_d, mean_dxh, dx, dres)  # fmt: skip
     if xv.ndim == 3:
-        kernels.kernel("ncl_backward", threads, has_res, code)(*args, np.empty((2, channels)))
+        run(*args, np.empty((2, channels)))
     else:
-        kernels.kernel("mc_backward", threads, has_res, code)(*args, *_mc_scratch(xv))
+        run(*args, *_mc_scratch(xv))
     return sum_d, sum_dxh, (dx if write else None), (dres if write and rv is not None else None)
 
 
@@ -161,16 +162,16 @@ class Case(NamedTuple):
     """What selects one compiled variant of the kernels (numba_kernels.py), in plain values
     (numba_warmup's request for it): the dtype ("float32" or "float64"), the canonical view's
     rank (3: (N, C, L), 2: (M, C)), threads or not, residual or not, and the activation's
-    code."""
+    kind (numba_kernels.KINDS)."""
 
     dtype: str
     ndim: int
     threads: bool
     has_res: bool
-    code: int
+    kind: str
 
 
-def compile_case(dtype: str, ndim: int, threads: bool, has_res: bool, code: int) -> None:
+def compile_case(dtype: str, ndim: int, threads: bool, has_res: bool, kind: str) -> None:
     """Compile (or load from numba's cache) a `Case`'s forward and backward kernels by running
     them on a tiny input of its dtype and rank (numba compiles for argument types, not
     sizes). What numba_warmup runs, in its helper process and here, and the test suite's
@@ -179,7 +180,7 @@ def compile_case(dtype: str, ndim: int, threads: bool, has_res: bool, code: int)
     rv = xv.copy() if has_res else None
     ones, count = np.ones(3, xv.dtype), kernels.threads(kernels.PARALLEL_NUMEL, 2) if threads else 1
     channel = ChannelParams.empty(3, xv.dtype)
-    activation = activations.NAMES[code]
+    activation = next(a for a, (k, _, _) in kernels.FUSED.items() if k == kind)  # one of the kind's
     _forward(xv, rv, activation=activation, training=True, write=True, gamma=ones, beta=ones, eps=1e-5,
              channel=channel, threads=count)  # fmt: skip
     _backward(xv, xv, rv, activation=activation, channel=channel, reduce=True, write=True, local_means=True,
@@ -196,7 +197,7 @@ class NumbaBackend(Backend):
     # smooth ones would cost a scalar libm call per value here (numba has no vector math
     # library on this build): our identity kernel then torch's vectorized op is faster (same
     # section, Smooth activations are not fused), so the kernels have no case for them.
-    fused_activations = tuple(activations.NAMES[kind] for kind in kernels.KINDS)
+    fused_activations = tuple(kernels.FUSED)
     auto_devices = ("cpu",)
 
     def unavailable(self) -> str | None:
@@ -234,8 +235,8 @@ class NumbaBackend(Backend):
         the threaded one (None: the one x's size runs)."""
         if threads is None:
             threads = kernels.threads(x.numel()) > 1
-        code = _ACT_CODE[activation if activation in self.fused_activations else None]
-        case = Case(DTYPE_NAMES[x.dtype], 3 if layout.kind_of(x) == "ncl" else 2, threads, has_residual, code)
+        kind = kernels.FUSED[activation if activation in self.fused_activations else None][0]
+        case = Case(DTYPE_NAMES[x.dtype], 3 if layout.kind_of(x) == "ncl" else 2, threads, has_residual, kind)
         return numba_warmup.ready(numba_warmup.Request(__name__, "compile_case", case))
 
     def prepare(self, x: Tensor, activation: str | None, has_residual: bool) -> None:

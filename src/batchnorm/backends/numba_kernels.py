@@ -3,8 +3,9 @@
 Two kernels per view, written once as Python functions and compiled, on first use, once per
 case: threads or not (without for inputs under `PARALLEL_NUMEL` elements and when the caller
 wants one thread, `threads`: the same arithmetic, so the same bits), residual or not, and
-the activation (identity, ReLU, ReLU6 or Hardswish), each for the dtypes it meets (numba
-caches the machine code on disk). `kernel(name, threads, has_res, code)` picks one.
+the activation's kind (a clamp to bounds given at run time: identity, ReLU and ReLU6; or
+Hardswish), each for the dtypes it meets (numba caches the machine code on disk).
+`kernel(name, threads, has_res, activation)` picks one and gives the activation's bounds.
 
 - forward: per-channel statistics (optional), then y = g((x - center) scale + shift + residual)
   (the running update is made once per call above the kernels, ops.update_running_stats,
@@ -39,10 +40,10 @@ are bitwise the same with 1 or 2 threads):
 
 Compiled with `fastmath={"reassoc", "contract"}` only: LLVM vectorizes the sums and fuses
 multiply-adds, NaN and Inf still propagate. In a case's compiled kernel, the residual flag
-and the activation (compares, selects and multiplies, in x's dtype) are fixed (`_case_loop`:
-the kind's own functions): each loop compiles to branch-free vector code with no call
-inside. Compiling per case is what keeps a first call short: a kernel holding all eight
-cases compiles all of their loops, where a model needs two or three cases
+and the activation's kind (compares, selects and multiplies, in x's dtype) are fixed
+(`_case_loop`: the kind's own functions): each loop compiles to branch-free vector code
+with no call inside. Compiling per case is what keeps a first call short: a kernel holding
+all four cases compiles all of their loops, where a model needs one or two cases
 (docs/performance.md, "The `numba` backend (CPU)", Cases, has the compile times).
 """
 
@@ -57,7 +58,7 @@ import types
 import numpy as np
 import torch
 
-from .. import activations, stats
+from .. import stats
 from . import numba_cache
 
 try:
@@ -103,65 +104,52 @@ _prange = range if numba is None else numba.prange
 
 
 # Activations (`activations.py` has the equations) ---------------------------------------
-# A pair per kind, value and slope, each in x's dtype `f`. The loops call `_act` and `_d`
-# (which calls `_grad`), and `_case_loop` binds the case's pair there: numba copies an
-# inlined function's whole body into every call site, and types it, so one pair holding
-# every activation would be copied whole into each case before the constant code folded the
-# others away (docs/performance.md, "The `numba` backend (CPU)", Cases, has the times).
+# Two kinds, each a pair of functions, value and slope, in x's dtype `f`; the loops call
+# `_act` and `_d` (which calls `_grad`), and `_case_loop` binds the case's pair there. The
+# kind is compiled into a case, the bounds (lo, hi) are arguments: identity, ReLU and ReLU6
+# are one compiled case, a clamp to [lo, hi] where a NaN bound is no bound (every compare
+# with NaN is false), so that a model's layers share the case their residual flag picks.
+# numba copies an inlined function's whole body into every call site, and types it: one
+# pair holding both kinds would be copied whole into each case before the constant kind
+# folded the other away (docs/performance.md, "The `numba` backend (CPU)", Cases, has the
+# times).
 @_jit(inline=True)
-def _identity(u, f):
-    return u
-
-
-@_jit(inline=True)
-def _identity_grad(dy, u, f):
-    return dy
-
-
-@_jit(inline=True)
-def _relu(u, f):
-    return u if not u <= 0 else f(0)  # NaN stays NaN
+def _clamp(u, lo, hi, f):
+    """u clamped to [lo, hi] (a NaN bound is none); NaN stays NaN (both tests are false for it)."""
+    r = u if not u <= lo else lo
+    return r if not r >= hi else hi
 
 
 @_jit(inline=True)
-def _relu_grad(dy, u, f):
-    return dy if u > 0 else f(0)
+def _clamp_grad(dy, u, lo, hi, f):
+    # torch's slopes at the breakpoints: 0 at u = lo and u = hi. At a NaN u, 0 where there
+    # is a bound (as activations.derivative) and dy without (the identity's). The tests of
+    # a NaN bound (lo != lo) do not depend on u: LLVM hoists them out of the loop.
+    return dy if (u > lo or lo != lo) and (u < hi or hi != hi) else f(0)
 
 
 @_jit(inline=True)
-def _relu6(u, f):
-    """min(max(u, 0), 6) in x's dtype `f`; NaN stays NaN (both tests are false for it)."""
-    r = u if not u <= 0 else f(0)
-    return r if not r >= 6 else f(6)
+def _hardswish(u, lo, hi, f):
+    return u * _clamp(u + f(3), f(0), f(6), f) / f(6)  # in x's dtype, as torch's hardswish rounds it
 
 
 @_jit(inline=True)
-def _relu6_grad(dy, u, f):
-    return dy if u > 0 and u < 6 else f(0)  # torch's slopes at the breakpoints: 0 at u = 0 and u = 6
-
-
-@_jit(inline=True)
-def _hardswish(u, f):
-    return u * _relu6(u + f(3), f) / f(6)  # in x's dtype, as torch's hardswish rounds it
-
-
-@_jit(inline=True)
-def _hardswish_grad(dy, u, f):
+def _hardswish_grad(dy, u, lo, hi, f):
     # 0 at u = -3 and 1 at u = 3, as torch's hardswish_backward
     return f(0) if u <= -3 else (dy * (u / f(3) + f(0.5)) if u < 3 else dy)
 
 
-_act, _grad = _identity, _identity_grad  # what the loops call; `_case_loop` binds the case's pair
+_act, _grad = _clamp, _clamp_grad  # what the loops call; `_case_loop` binds the case's pair
 
 
 @_jit(inline=True)
-def _d(dy, t, scale, shift, res, has_res, f):
+def _d(dy, t, scale, shift, res, has_res, lo, hi, f):
     """d = dy g'(u), the activation's slope at u = t scale + shift (+ res) recomputed from t = x - center
     (the backward's two passes both need it; nothing the size of x is saved)."""
     u = t * scale + shift
     if has_res:
         u += res
-    return _grad(dy, u, f)
+    return _grad(dy, u, lo, hi, f)
 
 
 @_jit(inline=True)
@@ -170,19 +158,20 @@ def _dx(d, t, scale, invstd, xhat_shift, mean_d, mean_dxh):
     return scale * (d - mean_d - (t * invstd + xhat_shift) * mean_dxh)
 
 
-# Activation kinds, each compiled as its own case: a kind is the activation's index in
-# activations.NAMES. The piecewise activations only: compares, selects and multiplies in x's
-# dtype, which LLVM vectorizes. The others cost a scalar libm call per value here, slower
-# fused than torch's vectorized op after our identity kernel, so the backend does not fuse
-# them (numba_cpu.NumbaBackend.fused_activations; docs/performance.md, "The `numba` backend
-# (CPU)", Smooth activations are not fused).
-IDENTITY, RELU = activations.NAMES.index(None), activations.NAMES.index("relu")
-RELU6, HARDSWISH = activations.NAMES.index("relu6"), activations.NAMES.index("hardswish")
-# Each kind's (value, slope) pair.
-_PAIRS = {IDENTITY: (_identity, _identity_grad), RELU: (_relu, _relu_grad), RELU6: (_relu6, _relu6_grad),
-          HARDSWISH: (_hardswish, _hardswish_grad)}  # fmt: skip
-KINDS = tuple(_PAIRS)
-_KIND_NAMES = {kind: activations.NAMES[kind] or "identity" for kind in KINDS}  # in the kernels' names
+# The activations the kernels fuse: the piecewise ones only, compares, selects and
+# multiplies in x's dtype, which LLVM vectorizes. The others cost a scalar libm call per value
+# here, slower fused than torch's vectorized op after our identity kernel, so the backend
+# does not fuse them (numba_cpu.NumbaBackend.fused_activations; docs/performance.md, "The
+# `numba` backend (CPU)", Smooth activations are not fused).
+_PAIRS = {"clamp": (_clamp, _clamp_grad), "hardswish": (_hardswish, _hardswish_grad)}
+KINDS = tuple(_PAIRS)  # the compiled kinds, by the names the kernels carry
+NO_BOUND = math.nan
+#: Each fused activation (activations.NAMES) as (kind, lo, hi): its compiled kind and the
+#: bounds its loops take.
+FUSED = {
+    None: ("clamp", NO_BOUND, NO_BOUND), "relu": ("clamp", 0.0, NO_BOUND), "relu6": ("clamp", 0.0, 6.0),
+    "hardswish": ("hardswish", NO_BOUND, NO_BOUND),
+}  # fmt: skip
 
 
 def _with_globals(fn, **names):
@@ -216,7 +205,7 @@ def _rebound(dispatcher, **names):
 
 
 @_once
-def _case_loop(loop, has_res: bool, kind: int):
+def _case_loop(loop, has_res: bool, kind: str):
     """`loop(args, has_res)` (one of `_LOOPS`) compiled for one case: `has_res` is a constant
     there (numba folds a closure's values), and the loop calls the kind's own pair
     (`_PAIRS`), so its machine code holds that case's loop only.
@@ -232,7 +221,7 @@ def _case_loop(loop, has_res: bool, kind: int):
     def case(args, _has_res):
         return body(args, has_res)
 
-    name = f"{loop.__name__}_{'residual' if has_res else 'plain'}_{_KIND_NAMES[kind]}"
+    name = f"{loop.__name__}_{'residual' if has_res else 'plain'}_{kind}"
     return numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True)(numba_cache.unique_name(case, name))
 
 
@@ -389,8 +378,9 @@ def _ncl_stats(x, c0, c1, lanes, acc):
 def _ncl_normalize(args, has_res):
     """y[n, c] = g((x[n, c] - center) scale + shift (+ res[n, c])) for the rows n0:n1 and
     the channels c0:c1."""
-    x, res, y, n0, n1, c0, c1, center, scale, shift = args
+    x, res, y, n0, n1, c0, c1, center, scale, shift, lo, hi = args
     f = x.dtype.type
+    lo, hi = f(lo), f(hi)
     for n in range(n1 - 1, n0 - 1, -1):  # last rows first: the statistics read them last
         for c in range(c0, c1):
             xr, rr, yr, mc, ac, bc = x[n, c], res[n, c], y[n, c], center[c], scale[c], shift[c]
@@ -398,11 +388,11 @@ def _ncl_normalize(args, has_res):
                 u = (xr[j] - mc) * ac + bc
                 if has_res:
                     u += rr[j]
-                yr[j] = _act(u, f)
+                yr[j] = _act(u, lo, hi, f)
 
 
 def ncl_forward(
-    x, res, has_res, training, write, gamma, beta, eps, center, scale, shift, invstd, xhat_shift, m2, y,
+    x, res, has_res, lo, hi, training, write, gamma, beta, eps, center, scale, shift, invstd, xhat_shift, m2, y,
     lanes, acc,
 ):  # fmt: skip
     """Per group of channels (`_ncl_group`): statistics when `training` (into center, scale,
@@ -432,15 +422,16 @@ def ncl_forward(
                 _set_params(c, acc[0, c], acc[1, c], n_rows * length, eps, gamma, beta,
                             center, scale, shift, invstd, xhat_shift, m2)  # fmt: skip
         if write:
-            _ncl_normalize((x, res, y, n0, n1, c0, c1, center, scale, shift), has_res)
+            _ncl_normalize((x, res, y, n0, n1, c0, c1, center, scale, shift, lo, hi), has_res)
 
 
 @_jit(inline=True)
 def _ncl_grad_sums(args, has_res):
     """(sum d, sum d xhat) of channels c0:c1 in float64 into acc[0, c], acc[1, c] (each row
     summed in x's dtype, rows added in order)."""
-    dy, x, res, c0, c1, center, scale, shift, invstd, xhat_shift, acc = args
+    dy, x, res, c0, c1, center, scale, shift, invstd, xhat_shift, acc, lo, hi = args
     f = x.dtype.type
+    lo, hi = f(lo), f(hi)
     for c in range(c0, c1):
         acc[0, c], acc[1, c] = 0.0, 0.0
     for n in range(x.shape[0]):
@@ -450,7 +441,7 @@ def _ncl_grad_sums(args, has_res):
             s1, s2 = f(0), f(0)
             for j in range(xr.shape[0]):
                 t = xr[j] - mc
-                g = _d(dyr[j], t, ac, bc, rr[j], has_res, f)
+                g = _d(dyr[j], t, ac, bc, rr[j], has_res, lo, hi, f)
                 s1 += g
                 s2 += g * (t * ic + hc)
             acc[0, c] += float(s1)
@@ -461,8 +452,9 @@ def _ncl_grad_sums(args, has_res):
 def _ncl_grad_apply(args, has_res):
     """dx[n, c] = scale (d - mean_d - xhat mean_dxh), dres[n, c] = d, for the rows n0:n1 and
     the channels c0:c1."""
-    dy, x, res, dx, dres, n0, n1, c0, c1, center, scale, shift, invstd, xhat_shift, mean_d, mean_dxh = args
+    dy, x, res, dx, dres, n0, n1, c0, c1, center, scale, shift, invstd, xhat_shift, mean_d, mean_dxh, lo, hi = args
     f = x.dtype.type
+    lo, hi = f(lo), f(hi)
     for n in range(n1 - 1, n0 - 1, -1):  # last rows first: the reduction read them last
         for c in range(c0, c1):
             xr, dyr, rr, dxr, drr = x[n, c], dy[n, c], res[n, c], dx[n, c], dres[n, c]
@@ -470,20 +462,20 @@ def _ncl_grad_apply(args, has_res):
             mdc, mdxc = mean_d[c], mean_dxh[c]
             if has_res and xr.shape[0] >= LANES:  # see `_mc_grad_apply`
                 for j in range(xr.shape[0]):
-                    drr[j] = _d(dyr[j], xr[j] - mc, ac, bc, rr[j], True, f)
+                    drr[j] = _d(dyr[j], xr[j] - mc, ac, bc, rr[j], True, lo, hi, f)
                 for j in range(xr.shape[0]):
                     dxr[j] = _dx(drr[j], xr[j] - mc, ac, ic, hc, mdc, mdxc)
             else:
                 for j in range(xr.shape[0]):
                     t = xr[j] - mc
-                    g = _d(dyr[j], t, ac, bc, rr[j], has_res, f)
+                    g = _d(dyr[j], t, ac, bc, rr[j], has_res, lo, hi, f)
                     dxr[j] = _dx(g, t, ac, ic, hc, mdc, mdxc)
                     if has_res:
                         drr[j] = g
 
 
 def ncl_backward(
-    dy, x, res, has_res, center, scale, shift, invstd, xhat_shift, reduce, write, local_means,
+    dy, x, res, has_res, lo, hi, center, scale, shift, invstd, xhat_shift, reduce, write, local_means,
     sum_d, sum_dxh, mean_d, mean_dxh, dx, dres, acc,
 ):  # fmt: skip
     """Per group of channels (`_ncl_group`): when `reduce`, sum_d = sum d, sum_dxh = sum d
@@ -503,7 +495,7 @@ def ncl_backward(
             n0, n1 = 0, n_rows
         c0, c1 = g * per, min(channels, (g + 1) * per)
         if reduce:
-            args = (dy, x, res, c0, c1, center, scale, shift, invstd, xhat_shift, acc)
+            args = (dy, x, res, c0, c1, center, scale, shift, invstd, xhat_shift, acc, lo, hi)
             _ncl_grad_sums(args, has_res)
             for c in range(c0, c1):
                 sum_d[c], sum_dxh[c] = acc[0, c], acc[1, c]
@@ -511,7 +503,7 @@ def ncl_backward(
                     mean_d[c], mean_dxh[c] = acc[0, c] / (n_rows * length), acc[1, c] / (n_rows * length)
         if write:
             args = (dy, x, res, dx, dres, n0, n1, c0, c1, center, scale, shift, invstd, xhat_shift, mean_d,
-                    mean_dxh)  # fmt: skip
+                    mean_dxh, lo, hi)  # fmt: skip
             _ncl_grad_apply(args, has_res)
 
 
@@ -525,20 +517,21 @@ def mc_blocks(rows, channels):
 
 @_jit(inline=True)
 def _mc_normalize(args, has_res):
-    """y[lo:hi] = g((x[lo:hi] - center) scale + shift (+ res[lo:hi])), per channel."""
-    x, res, y, lo, hi, center, scale, shift = args
+    """y[r0:r1] = g((x[r0:r1] - center) scale + shift (+ res[r0:r1])), per channel."""
+    x, res, y, r0, r1, center, scale, shift, lo, hi = args
     f = x.dtype.type
-    for r in range(lo, hi):
+    lo, hi = f(lo), f(hi)
+    for r in range(r0, r1):
         xr, rr, yr = x[r], res[r], y[r]
         for c in range(xr.shape[0]):
             u = (xr[c] - center[c]) * scale[c] + shift[c]
             if has_res:
                 u += rr[c]
-            yr[c] = _act(u, f)
+            yr[c] = _act(u, lo, hi, f)
 
 
 def mc_forward(
-    x, res, has_res, training, write, gamma, beta, eps, center, scale, shift, invstd, xhat_shift, m2, y,
+    x, res, has_res, lo, hi, training, write, gamma, beta, eps, center, scale, shift, invstd, xhat_shift, m2, y,
     s1, s2, merged,
 ):  # fmt: skip
     """`ncl_forward` for (M, C): per-block sums of x - x[0] in parallel (into the zeroed
@@ -551,18 +544,18 @@ def mc_forward(
         pivot = x[0]
         for k in _prange(blocks):
             s1k, s2k = s1[k], s2[k]
-            lo, hi = k * per, min(rows, (k + 1) * per)
+            r0, r1 = k * per, min(rows, (k + 1) * per)
             # Four rows a step: the sums are a row of C values in memory, not registers, and
             # loading and storing them for every value cost more than reading x
             # (docs/performance.md, "The `numba` backend (CPU)", the `(M, C)` item).
-            for r in range(lo, hi - 3, 4):
+            for r in range(r0, r1 - 3, 4):
                 x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
                 for c in range(channels):
                     p = pivot[c]
                     t0, t1, t2, t3 = x0[c] - p, x1[c] - p, x2[c] - p, x3[c] - p
                     s1k[c] += (t0 + t1) + (t2 + t3)
                     s2k[c] += (t0 * t0 + t1 * t1) + (t2 * t2 + t3 * t3)
-            for r in range(hi - (hi - lo) % 4, hi):
+            for r in range(r1 - (r1 - r0) % 4, r1):
                 xr = x[r]
                 for c in range(channels):
                     t = xr[c] - pivot[c]
@@ -581,30 +574,32 @@ def mc_forward(
                         m2)  # fmt: skip
     if write:
         for k in _prange(blocks):
-            args = (x, res, y, k * per, min(rows, (k + 1) * per), center, scale, shift)
+            args = (x, res, y, k * per, min(rows, (k + 1) * per), center, scale, shift, lo, hi)
             _mc_normalize(args, has_res)
 
 
 @_jit(inline=True)
 def _mc_grad_sums(args, has_res):
-    """s1 += d, s2 += d xhat over rows lo:hi, per channel (vectors of x's dtype)."""
-    dy, x, res, lo, hi, center, scale, shift, invstd, xhat_shift, s1, s2 = args
+    """s1 += d, s2 += d xhat over rows r0:r1, per channel (vectors of x's dtype)."""
+    dy, x, res, r0, r1, center, scale, shift, invstd, xhat_shift, s1, s2, lo, hi = args
     f = x.dtype.type
-    for r in range(lo, hi):
+    lo, hi = f(lo), f(hi)
+    for r in range(r0, r1):
         xr, dyr, rr = x[r], dy[r], res[r]
         for c in range(xr.shape[0]):
             t = xr[c] - center[c]
-            g = _d(dyr[c], t, scale[c], shift[c], rr[c], has_res, f)
+            g = _d(dyr[c], t, scale[c], shift[c], rr[c], has_res, lo, hi, f)
             s1[c] += g
             s2[c] += g * (t * invstd[c] + xhat_shift[c])
 
 
 @_jit(inline=True)
 def _mc_grad_apply(args, has_res):
-    """dx = scale (d - mean_d - xhat mean_dxh), dres = d over rows lo:hi."""
-    dy, x, res, dx, dres, lo, hi, center, scale, shift, invstd, xhat_shift, mean_d, mean_dxh = args
+    """dx = scale (d - mean_d - xhat mean_dxh), dres = d over rows r0:r1."""
+    dy, x, res, dx, dres, r0, r1, center, scale, shift, invstd, xhat_shift, mean_d, mean_dxh, lo, hi = args
     f = x.dtype.type
-    for r in range(lo, hi):
+    lo, hi = f(lo), f(hi)
+    for r in range(r0, r1):
         xr, dyr, rr, dxr, drr = x[r], dy[r], res[r], dx[r], dres[r]
         if has_res and xr.shape[0] >= LANES:
             # With a residual the fused loop loads five arrays and stores two: LLVM gives up
@@ -613,21 +608,21 @@ def _mc_grad_apply(args, has_res):
             # shorter than LANES the second loop's overhead outweighs it (docs/performance.md,
             # "The `numba` backend (CPU)", the `(M, C)` item).
             for c in range(xr.shape[0]):
-                drr[c] = _d(dyr[c], xr[c] - center[c], scale[c], shift[c], rr[c], True, f)
+                drr[c] = _d(dyr[c], xr[c] - center[c], scale[c], shift[c], rr[c], True, lo, hi, f)
             for c in range(xr.shape[0]):
                 t = xr[c] - center[c]
                 dxr[c] = _dx(drr[c], t, scale[c], invstd[c], xhat_shift[c], mean_d[c], mean_dxh[c])
         else:
             for c in range(xr.shape[0]):
                 t = xr[c] - center[c]
-                g = _d(dyr[c], t, scale[c], shift[c], rr[c], has_res, f)
+                g = _d(dyr[c], t, scale[c], shift[c], rr[c], has_res, lo, hi, f)
                 dxr[c] = _dx(g, t, scale[c], invstd[c], xhat_shift[c], mean_d[c], mean_dxh[c])
                 if has_res:
                     drr[c] = g
 
 
 def mc_backward(
-    dy, x, res, has_res, center, scale, shift, invstd, xhat_shift, reduce, write, local_means,
+    dy, x, res, has_res, lo, hi, center, scale, shift, invstd, xhat_shift, reduce, write, local_means,
     sum_d, sum_dxh, mean_d, mean_dxh, dx, dres, s1, s2, merged,
 ):  # fmt: skip
     """`ncl_backward` for (M, C): per-block partial sums in parallel (into the zeroed
@@ -637,8 +632,8 @@ def mc_backward(
     per, blocks = mc_blocks(rows, channels)
     if reduce:
         for k in _prange(blocks):
-            lo, hi = k * per, min(rows, (k + 1) * per)
-            args = (dy, x, res, lo, hi, center, scale, shift, invstd, xhat_shift, s1[k], s2[k])
+            args = (dy, x, res, k * per, min(rows, (k + 1) * per), center, scale, shift, invstd, xhat_shift,
+                    s1[k], s2[k], lo, hi)  # fmt: skip
             _mc_grad_sums(args, has_res)
         sd, sdx = merged[0], merged[1]
         for k in range(blocks):
@@ -652,8 +647,8 @@ def mc_backward(
                 mean_d[c], mean_dxh[c] = sd[c] / rows, sdx[c] / rows
     if write:
         for k in _prange(blocks):
-            lo, hi = k * per, min(rows, (k + 1) * per)
-            args = (dy, x, res, dx, dres, lo, hi, center, scale, shift, invstd, xhat_shift, mean_d, mean_dxh)
+            args = (dy, x, res, dx, dres, k * per, min(rows, (k + 1) * per), center, scale, shift, invstd,
+                    xhat_shift, mean_d, mean_dxh, lo, hi)  # fmt: skip
             _mc_grad_apply(args, has_res)
 
 
@@ -663,7 +658,7 @@ _LOOPS = (_ncl_normalize, _ncl_grad_sums, _ncl_grad_apply, _mc_normalize, _mc_gr
 
 
 @_once
-def compiled(name: str, parallel: bool, has_res: bool, kind: int):
+def compiled(name: str, parallel: bool, has_res: bool, kind: str):
     """The kernel `name` for one case: a copy of its function whose loops are the case's
     (`_case_loop`), under its own name (numba keys its on-disk cache by name and line, not by
     what a global is bound to, nor by `parallel`: under a shared name one case would load
@@ -674,7 +669,7 @@ def compiled(name: str, parallel: bool, has_res: bool, kind: int):
     loops = {loop.__name__: _case_loop(loop, has_res, kind) for loop in _LOOPS}
     copy = _with_globals(fn, **loops)
     threads = "parallel" if parallel else "serial"
-    name = f"{fn.__qualname__}_{threads}_{'residual' if has_res else 'plain'}_{_KIND_NAMES[kind]}"
+    name = f"{fn.__qualname__}_{threads}_{'residual' if has_res else 'plain'}_{kind}"
     return _jit(parallel=parallel)(numba_cache.unique_name(copy, name))
 
 
@@ -712,16 +707,18 @@ def threads(size: int, wanted: int | None = None) -> int:
 _given = threading.local()
 
 
-def kernel(name: str, threads: int, has_res: bool, code: int):
-    """The compiled kernel for a call on `threads` threads (`threads()`: the serial kernel for
-    1, the threaded one on that many otherwise), the case of `has_res` and the activation
-    `code` (its index in activations.NAMES, one of KINDS)."""
-    if code not in _PAIRS:
+def kernel(name: str, threads: int, has_res: bool, activation: str | None):
+    """(the compiled kernel, lo, hi) for a call on `threads` threads (`threads()`: the serial
+    kernel for 1, the threaded one on that many otherwise), with a residual or not, and the
+    `activation`: its kind's case and the bounds that case takes (`FUSED`). ValueError
+    naming the fused activations for any other."""
+    if activation not in FUSED:
         raise ValueError(
-            f"the numba kernels fuse {', '.join(_KIND_NAMES.values())} only, "
-            f"not {activations.NAMES[code]}: apply it after (functional.py does)"
+            f"the numba kernels fuse {', '.join(a or 'identity' for a in FUSED)} only, "
+            f"not {activation}: apply it after (functional.py does)"
         )
     if threads > 1 and getattr(_given, "threads", None) != threads:
         numba.set_num_threads(threads)
         _given.threads = threads
-    return compiled(name, threads > 1, has_res, code)
+    kind, lo, hi = FUSED[activation]
+    return compiled(name, threads > 1, has_res, kind), lo, hi
