@@ -301,7 +301,9 @@ def _normalize_one(call: Call, limits, be) -> tuple[Tensor, Stats]:
             validation.validate_global_count(int(batch.count[0]) if batch.count.numel() else 0, x.shape)
         correction = None
         if limits is not None:
-            correction = ops.renorm_correction(batch, call.running_mean, call.running_var, call.eps, *limits)
+            correction = ops.renorm_correction(
+                batch, call.running_mean, call.running_var, call.eps, *limits, compiling=call.mode.compiling
+            )  # fmt: skip
     weight, bias = _renormalized(call.weight, call.bias, correction)
     y, _ = ops.batch_norm(
         x, weight, bias, call.residual, None, None, training=True, eps=call.eps, activation=call.activation,
@@ -333,7 +335,9 @@ def _normalize_masked(call: Call, limits, _be) -> tuple[Tensor, Stats]:
     correction = None
     if limits is not None:
         detached = Stats(*(t.detach() for t in batch))
-        correction = ops.renorm_correction(detached, call.running_mean, call.running_var, call.eps, *limits)
+        correction = ops.renorm_correction(
+            detached, call.running_mean, call.running_var, call.eps, *limits, compiling=call.mode.compiling
+        )  # fmt: skip
     weight, bias = _renormalized(call.weight, call.bias, correction)
     shift = affine(torch.ones_like(batch.mean), None, bias)[1]
     y = variants.masked_normalize(

@@ -18,7 +18,6 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from . import modes
 
 
 class View(NamedTuple):
@@ -63,21 +62,22 @@ def canonical(x: Tensor, kind: str | None = None) -> View:
     return View(_channels_last_order(x).contiguous().view(-1, c), "mc")
 
 
-def restore(data: Tensor, like: Tensor, kind: str) -> Tensor:
+def restore(data: Tensor, like: Tensor, kind: str, traced: bool = False) -> Tensor:
     """Undo `canonical`: a tensor shaped like `like`, in the memory format of `kind`.
 
     The result shares `data`'s memory but is a tensor of its own, not an autograd view of
     `data`: outputs of autograd Functions and custom ops are restored here, and autograd
     refuses in-place ops (`y += r`, `relu_()`, the ResNet block's) on a view made inside a
-    Function. While torch traces (a triton_op's body) there is no autograd view to escape, and
-    a storage swap cannot be traced: the view itself is returned."""
+    Function. `traced`: torch is tracing the caller (a triton_op's body while a graph is
+    built): there is no autograd view to escape, and a storage swap cannot be traced, so the
+    view itself is returned."""
     if like.dim() == 2 or kind == "ncl" or _one_per_row(like):  # contiguous strides, as torch gives
         shaped = data.view(like.shape)
     else:
         n, c = like.shape[0], like.shape[1]
         spatial = like.shape[2:]
         shaped = data.view(n, *spatial, c).permute(0, like.dim() - 1, *range(1, like.dim() - 1))
-    if modes.compiling():
+    if traced:
         return shaped
     own = data.new_empty(0)
     return own.set_(data.untyped_storage(), shaped.storage_offset(), shaped.shape, shaped.stride())

@@ -24,7 +24,7 @@ a second time.
 `current()` asks all of it at once, as a `Mode`: `functional.batch_norm` asks once per call
 and hands the answer down (the backends' choice, the op layer, the running update), so that
 no layer below decides it again. `compiling()` and `recomputing()` serve code reached
-without a call's Mode (layout.restore, the custom ops' helpers, the tools).
+without a call's Mode (the triton ops' bodies, which torch calls, and the tools).
 """
 
 from __future__ import annotations

@@ -237,20 +237,25 @@ def compile_rule(stats_dtype: str, running_dtype: str) -> None:
 
 
 # The kernels, as both paths call them -----------------------------------------------------
-def forward_kernels(x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend, given=False):
+def forward_kernels(
+    x, weight, bias, residual, running_mean, running_var, eps, activation, training, backend, given=False, traced=False
+):  # fmt: skip
     """The Backend `backend`'s whole-op forward on x's canonical view: (y like x, params (6, C)).
     `given`: running_mean and running_var are the statistics step's (mean, variance), which
-    normalize in place of the batch's own (the backend's evaluation form)."""
+    normalize in place of the batch's own (the backend's evaluation form); `traced`: torch
+    traces the caller (layout.restore)."""
     view = layout.canonical(x)
     res = None if residual is None else layout.canonical(residual, view.kind).data
     batch_stats = training and not given
     y, params = backend.forward(view.data, weight, bias, res, running_mean, running_var, eps, activation, batch_stats)
-    return layout.restore(y, x, view.kind), params
+    return layout.restore(y, x, view.kind, traced), params
 
 
-def backward_kernels(dy, x, weight, bias, residual, params, training, activation, backend, needs, sums_to_means=None):
+def backward_kernels(
+    dy, x, weight, bias, residual, params, training, activation, backend, needs, sums_to_means=None, traced=False
+):  # fmt: skip
     """The Backend `backend`'s whole-op backward: (dx, dweight, dbias, dresidual), None where
-    not needed."""
+    not needed; `traced` as in forward_kernels."""
     view = layout.canonical(x)
     kind = view.kind
     res = None if residual is None else layout.canonical(residual, kind).data
@@ -258,8 +263,8 @@ def backward_kernels(dy, x, weight, bias, residual, params, training, activation
         layout.canonical(dy, kind).data, view.data, res, params, training, activation, needs,
         None if weight is None else weight.dtype, None if bias is None else bias.dtype, sums_to_means,
     )  # fmt: skip
-    dx = None if dx is None else layout.restore(dx, x, kind)
-    dres = None if dres is None else layout.restore(dres, residual, kind)
+    dx = None if dx is None else layout.restore(dx, x, kind, traced)
+    dres = None if dres is None else layout.restore(dres, residual, kind, traced)
     return dx, dw, db, dres
 
 
@@ -430,13 +435,15 @@ _batch_norm_op.register_autograd(
 
 
 # Batch renormalization's correction, for compiled graphs ---------------------------------
-def renorm_correction(batch: Stats, running_mean, running_var, eps, r_max, d_max) -> tuple[Tensor, Tensor]:
-    """variants.renorm_correction's (r, d), each (C,); while a graph is traced, as the opaque
-    op `batchnorm::renorm_correction`. Why an op: (r, d) read the running statistics, which
+def renorm_correction(
+    batch: Stats, running_mean, running_var, eps, r_max, d_max, compiling: bool
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """variants.renorm_correction's (r, d), each (C,); while a graph is compiled (`compiling`:
+    the call's Mode says so), as the opaque op `batchnorm::renorm_correction`. Why an op: (r, d) read the running statistics, which
     the same forward then updates in place; as plain tensor ops, AOTAutograd's partitioner
     may recompute them in the backward from the buffers, already updated, and the gradients
     come out wrong. An opaque op's outputs are saved for the backward, never recomputed."""
-    if not modes.compiling():
+    if not compiling:
         return variants.renorm_correction(batch, running_mean, running_var, eps, r_max, d_max)
     acc = batch.mean.dtype
     limits = [torch.as_tensor(v, dtype=acc, device=batch.mean.device) for v in (r_max, d_max)]

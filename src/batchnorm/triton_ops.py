@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, modes
 from .backends.triton_gpu import traceable_launches
 from .ops import backward_formula, backward_kernels, forward_kernels, setup_context
 
@@ -51,10 +51,12 @@ def triton_batch_norm(
     given: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(y, params): the triton backend's whole-op forward; the running statistics are only
-    read (in evaluation), as in batchnorm::batch_norm. Its body is also its fake implementation."""
+    read (in evaluation), as in batchnorm::batch_norm. Its body is also its fake implementation,
+    which torch traces while it compiles a graph holding the op."""
     with traceable_launches():
         return forward_kernels(
-            x, weight, bias, residual, running_mean, running_var, eps, activation, training, _TRITON, given
+            x, weight, bias, residual, running_mean, running_var, eps, activation, training, _TRITON, given,
+            traced=modes.compiling(),
         )  # fmt: skip
 
 
@@ -75,7 +77,9 @@ def triton_batch_norm_backward(
     `needs` does not ask for is an empty tensor. The triton backend allocates every gradient
     (none aliases an input, as an op's outputs must not)."""
     with traceable_launches():
-        grads = backward_kernels(dy, x, weight, bias, residual, params, training, activation, _TRITON, needs)
+        grads = backward_kernels(
+            dy, x, weight, bias, residual, params, training, activation, _TRITON, needs, traced=modes.compiling()
+        )  # fmt: skip
     return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
