@@ -439,10 +439,11 @@ def renorm_correction(
     batch: Stats, running_mean, running_var, eps, r_max, d_max, compiling: bool
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """variants.renorm_correction's (r, d), each (C,); while a graph is compiled (`compiling`:
-    the call's Mode says so), as the opaque op `batchnorm::renorm_correction`. Why an op: (r, d) read the running statistics, which
-    the same forward then updates in place; as plain tensor ops, AOTAutograd's partitioner
-    may recompute them in the backward from the buffers, already updated, and the gradients
-    come out wrong. An opaque op's outputs are saved for the backward, never recomputed."""
+    the call's Mode says so), as the opaque op `batchnorm::renorm_correction`. Why an op:
+    (r, d) read the running statistics, which the same forward then updates in place; as
+    plain tensor ops, AOTAutograd's partitioner may recompute them in the backward from the
+    buffers, already updated, and the gradients come out wrong. An opaque op's outputs are
+    saved for the backward, never recomputed."""
     if not compiling:
         return variants.renorm_correction(batch, running_mean, running_var, eps, r_max, d_max)
     acc = batch.mean.dtype

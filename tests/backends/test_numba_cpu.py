@@ -12,6 +12,7 @@ import contextlib
 import copy
 import gc
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -554,7 +555,9 @@ def test_a_call_compiles_only_its_own_case():
     """The activation's kind and the residual pick the compiled case: identity, ReLU and
     ReLU6 share the clamp case (their bounds are arguments), Hardswish has its own, each with
     and without a residual."""
-    pick = lambda activation, has_res: numba_kernels.kernel("ncl_forward", 2, has_res, activation)[0]  # noqa: E731
+    pick = lambda activation, has_res: numba_kernels.kernel(  # noqa: E731
+        "ncl_forward", 2, has_res, activation, np.dtype(np.float32)
+    )[0]
     assert len({pick(a, has_res) for a in numba_kernels.FUSED for has_res in (True, False)}) == 4
     assert pick(None, False) is pick("relu", False) is pick("relu6", False)
     assert pick("relu6", False) is not pick("hardswish", False)

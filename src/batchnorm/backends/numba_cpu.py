@@ -122,7 +122,7 @@ def _forward(xv, rv, *, activation, training, write, gamma, beta, eps, channel: 
     y = OUTPUTS.empty(xv.shape, xv.dtype) if write else xv  # never written when not `write`
     has_res = rv is not None
     threads = kernels.threads(xv.size) if threads is None else threads
-    run, lo, hi = kernels.kernel("ncl_forward" if xv.ndim == 3 else "mc_forward", threads, has_res, activation)
+    run, lo, hi = kernels.kernel("ncl_forward" if xv.ndim == 3 else "mc_forward", threads, has_res, activation, xv.dtype)
     args = (xv, xv if rv is None else rv, has_res, lo, hi, training, write, gamma, beta, eps, *channel, m2, y)
     if xv.ndim == 3:
         # (C, 2, L) float64 lane scratch for the statistics of rows shorter than LANES (the
@@ -148,7 +148,7 @@ def _backward(
     dres = OUTPUTS.empty(xv.shape, xv.dtype) if write and rv is not None else dx
     has_res = rv is not None
     threads = kernels.threads(xv.size) if threads is None else threads
-    run, lo, hi = kernels.kernel("ncl_backward" if xv.ndim == 3 else "mc_backward", threads, has_res, activation)
+    run, lo, hi = kernels.kernel("ncl_backward" if xv.ndim == 3 else "mc_backward", threads, has_res, activation, xv.dtype)
     args = (dyv, xv, xv if rv is None else rv, has_res, lo, hi, *channel,
             reduce, write, local_means, sum_d, sum_dxh, mean_d, mean_dxh, dx, dres)  # fmt: skip
     if xv.ndim == 3:

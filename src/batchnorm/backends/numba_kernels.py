@@ -5,7 +5,8 @@ case: threads or not (without for inputs under `PARALLEL_NUMEL` elements and whe
 wants one thread, `threads`: the same arithmetic, so the same bits), residual or not, and
 the activation's kind (a clamp to bounds given at run time: identity, ReLU and ReLU6; or
 Hardswish), each for the dtypes it meets (numba caches the machine code on disk).
-`kernel(name, threads, has_res, activation)` picks one and gives the activation's bounds.
+`kernel(name, threads, has_res, activation, dtype)` picks one and gives the activation's
+bounds.
 
 - forward: per-channel statistics (optional), then y = g((x - center) scale + shift + residual)
   (the running update is made once per call above the kernels, ops.update_running_stats,
@@ -380,7 +381,6 @@ def _ncl_normalize(args, has_res):
     the channels c0:c1."""
     x, res, y, n0, n1, c0, c1, center, scale, shift, lo, hi = args
     f = x.dtype.type
-    lo, hi = f(lo), f(hi)
     for n in range(n1 - 1, n0 - 1, -1):  # last rows first: the statistics read them last
         for c in range(c0, c1):
             xr, rr, yr, mc, ac, bc = x[n, c], res[n, c], y[n, c], center[c], scale[c], shift[c]
@@ -431,7 +431,6 @@ def _ncl_grad_sums(args, has_res):
     summed in x's dtype, rows added in order)."""
     dy, x, res, c0, c1, center, scale, shift, invstd, xhat_shift, acc, lo, hi = args
     f = x.dtype.type
-    lo, hi = f(lo), f(hi)
     for c in range(c0, c1):
         acc[0, c], acc[1, c] = 0.0, 0.0
     for n in range(x.shape[0]):
@@ -454,7 +453,6 @@ def _ncl_grad_apply(args, has_res):
     the channels c0:c1."""
     dy, x, res, dx, dres, n0, n1, c0, c1, center, scale, shift, invstd, xhat_shift, mean_d, mean_dxh, lo, hi = args
     f = x.dtype.type
-    lo, hi = f(lo), f(hi)
     for n in range(n1 - 1, n0 - 1, -1):  # last rows first: the reduction read them last
         for c in range(c0, c1):
             xr, dyr, rr, dxr, drr = x[n, c], dy[n, c], res[n, c], dx[n, c], dres[n, c]
@@ -520,7 +518,6 @@ def _mc_normalize(args, has_res):
     """y[r0:r1] = g((x[r0:r1] - center) scale + shift (+ res[r0:r1])), per channel."""
     x, res, y, r0, r1, center, scale, shift, lo, hi = args
     f = x.dtype.type
-    lo, hi = f(lo), f(hi)
     for r in range(r0, r1):
         xr, rr, yr = x[r], res[r], y[r]
         for c in range(xr.shape[0]):
@@ -583,7 +580,6 @@ def _mc_grad_sums(args, has_res):
     """s1 += d, s2 += d xhat over rows r0:r1, per channel (vectors of x's dtype)."""
     dy, x, res, r0, r1, center, scale, shift, invstd, xhat_shift, s1, s2, lo, hi = args
     f = x.dtype.type
-    lo, hi = f(lo), f(hi)
     for r in range(r0, r1):
         xr, dyr, rr = x[r], dy[r], res[r]
         for c in range(xr.shape[0]):
@@ -598,7 +594,6 @@ def _mc_grad_apply(args, has_res):
     """dx = scale (d - mean_d - xhat mean_dxh), dres = d over rows r0:r1."""
     dy, x, res, dx, dres, r0, r1, center, scale, shift, invstd, xhat_shift, mean_d, mean_dxh, lo, hi = args
     f = x.dtype.type
-    lo, hi = f(lo), f(hi)
     for r in range(r0, r1):
         xr, dyr, rr, dxr, drr = x[r], dy[r], res[r], dx[r], dres[r]
         if has_res and xr.shape[0] >= LANES:
@@ -707,18 +702,20 @@ def threads(size: int, wanted: int | None = None) -> int:
 _given = threading.local()
 
 
-def kernel(name: str, threads: int, has_res: bool, activation: str | None):
+def kernel(name: str, threads: int, has_res: bool, activation: str | None, dtype: np.dtype):
     """(the compiled kernel, lo, hi) for a call on `threads` threads (`threads()`: the serial
     kernel for 1, the threaded one on that many otherwise), with a residual or not, and the
-    `activation`: its kind's case and the bounds that case takes (`FUSED`). ValueError
-    naming the fused activations for any other."""
-    if activation not in FUSED:
+    `activation`: its kind's case and the bounds that case takes (`FUSED`), as scalars of
+    x's `dtype` (so that the loops compare in it). ValueError naming the fused activations
+    for any other."""
+    try:
+        kind, lo, hi = FUSED[activation]
+    except KeyError:
         raise ValueError(
             f"the numba kernels fuse {', '.join(a or 'identity' for a in FUSED)} only, "
             f"not {activation}: apply it after (functional.py does)"
-        )
+        ) from None
     if threads > 1 and getattr(_given, "threads", None) != threads:
         numba.set_num_threads(threads)
         _given.threads = threads
-    kind, lo, hi = FUSED[activation]
-    return compiled(name, threads > 1, has_res, kind), lo, hi
+    return compiled(name, threads > 1, has_res, kind), dtype.type(lo), dtype.type(hi)
