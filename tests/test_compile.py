@@ -376,6 +376,54 @@ def test_opcheck_renorm_correction():
     assert torch.equal(r, want[0]) and torch.equal(d, want[1])
 
 
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_the_running_update_op_is_the_rule(dtype, momentum):
+    """batchnorm::update_running_stats (what a compiled CPU graph calls) updates the buffers
+    in place exactly as stats.update_running's tensor ops (a non-finite running value takes
+    the batch's), refuses a non-finite batch without a write, and answers with a 0-d bool."""
+    g = torch.Generator().manual_seed(6)
+    running = [torch.randn(5, generator=g, dtype=dtype), torch.rand(5, generator=g, dtype=dtype) + 0.5, torch.tensor(3)]
+    running[0][0] = float("nan")
+    mean, var = torch.randn(5, generator=g, dtype=dtype), torch.rand(5, generator=g, dtype=dtype)
+    op = torch.ops.batchnorm.update_running_stats.default
+    torch.library.opcheck(op, ([t.clone() for t in running] + [mean, var, momentum]))
+    want = [t.clone() for t in running]
+    assert bool(bn.stats.update_running(want[0], want[1], mean, var, momentum, want[2]))
+    got = [t.clone() for t in running]
+    kept = op(*got, mean, var, momentum)
+    assert kept.dtype == torch.bool and kept.dim() == 0 and bool(kept)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    bad = mean.clone()
+    bad[1] = float("inf")
+    assert not bool(op(*got, bad, var, momentum))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_a_compiled_cpu_training_graph_folds_the_running_statistics_with_one_op():
+    """On CPU a compiled graph updates the running statistics with one call of
+    batchnorm::update_running_stats per layer, not the rule's tensor ops (code Inductor would
+    generate and compile for every layer), and ends with eager's buffers, bit for bit."""
+    x = torch.randn(4, 8, 6, 6)
+    eager, compiled = bn.BatchNorm2d(8, momentum=None), bn.BatchNorm2d(8, momentum=None)
+    graphs = []
+
+    def capture(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    step = torch.compile(compiled, backend=capture, fullgraph=True)
+    for scale in (1.0, 3.0):
+        step(x * scale)
+        eager(x * scale)
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert targets.count("batchnorm.update_running_stats") == 1 and "<built-in method isfinite" not in str(targets)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(compiled, name), getattr(eager, name)), name
+
+
 def test_eager_and_custom_op_paths_give_the_same_bits():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(8, 3, 6, 6, generator=g).requires_grad_()

@@ -218,9 +218,11 @@ def _rows_like(call: Call) -> tuple[Tensor, Tensor]:
 def _update_running(call: Call, batch: ops.Batch) -> None:
     """The one place a call folds its batch into the running statistics (every path comes
     here once per call, ghost chunks merged first), and the guard counts a refused update."""
+    var = batch.unbiased_var
+    if not call.unbiased_running_var:  # Keras' and Flax's convention: the biased variance
+        var = var * ((batch.count - 1) / batch.count)
     accepted = ops.update_running_stats(
-        call.running_mean, call.running_var, call.num_batches_tracked, batch, call.momentum, call.unbiased_running_var,
-        traced=call.mode.traced,
+        call.running_mean, call.running_var, call.num_batches_tracked, batch.mean, var, call.momentum, mode=call.mode
     )
     if not call.mode.wrapped:  # a wrapped or fake flag is no value to keep past the call
         call.guard.record(accepted)

@@ -163,8 +163,7 @@ def _batch_statistics(x, eps, running_mean, running_var, momentum, num_batches_t
         batch = Stats(*backends.resolve(None, x).backend.stats(layout.canonical(x).data))
         if update:
             accepted = ops.update_running_stats(
-                running_mean, running_var, num_batches_tracked,
-                ops.Batch(batch.mean, batch.unbiased_var, layout.values_per_channel(x)), momentum, True,
+                running_mean, running_var, num_batches_tracked, batch.mean, batch.unbiased_var, momentum
             )  # fmt: skip
             (guard or _DEFAULT_GUARD).record(accepted)
         return batch.mean, torch.rsqrt(batch.var + eps)

@@ -37,13 +37,6 @@ def _one_per_row(x: Tensor) -> bool:
     return x.dim() > 2 and math.prod(x.shape[2:]) == 1
 
 
-def _channels_last_output(like: Tensor, kind: str) -> bool:
-    """Whether the output of a call on `like`, whose canonical view is `kind`, has
-    channels-last strides: an (M, C) view of spatial dims holding more than one value.
-    Contiguous strides otherwise, as torch gives."""
-    return like.dim() > 2 and kind == "mc" and not _one_per_row(like)
-
-
 def kind_of(x: Tensor) -> str | None:
     """"ncl", "mc", or None when `x` cannot be viewed without a copy. Contiguous input with
     one value per row ((N, C, 1, 1), after a global pooling) is "mc": the same memory as
@@ -78,12 +71,12 @@ def restore(data: Tensor, like: Tensor, kind: str, traced: bool = False) -> Tens
     Function. `traced`: torch is tracing the caller (a triton_op's body while a graph is
     built): there is no autograd view to escape, and a storage swap cannot be traced, so the
     view itself is returned."""
-    if _channels_last_output(like, kind):
+    if like.dim() == 2 or kind != "mc" or _one_per_row(like):  # contiguous strides, as torch gives
+        shaped = data.view(like.shape)
+    else:
         n, c = like.shape[0], like.shape[1]
         spatial = like.shape[2:]
         shaped = data.view(n, *spatial, c).permute(0, like.dim() - 1, *range(1, like.dim() - 1))
-    else:
-        shaped = data.view(like.shape)
     if traced:
         return shaped
     own = data.new_empty(0)
@@ -92,16 +85,8 @@ def restore(data: Tensor, like: Tensor, kind: str, traced: bool = False) -> Tens
 
 def empty_output(x: Tensor) -> Tensor:
     """An uninitialized tensor shaped like x with the strides `restore` gives x's output
-    (`_channels_last_output`). (What the custom operators' fake implementations return.)"""
-    if _channels_last_output(x, kind_of(x)):
-        shape = x.shape
-        stride = [0] * x.dim()
-        stride[1], step = 1, shape[1]
-        for d in range(x.dim() - 1, 1, -1):
-            stride[d], step = step, step * shape[d]
-        stride[0] = step
-        return x.new_empty_strided(shape, stride)
-    return x.new_empty(x.shape)
+    (what the custom operators' fake implementations return)."""
+    return restore(x.new_empty(x.numel()), x, kind_of(x), traced=True)
 
 
 def reduce_dims(v: Tensor) -> tuple[int, ...]:

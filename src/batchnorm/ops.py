@@ -24,9 +24,10 @@ size and layout):
   batch norm, which Inductor generates code for. On a CUDA machine the triton backend's
   kernels are traced instead (triton_ops.py: the same functions as `torch.library.triton_op`s,
   whose graphs hold the kernels themselves; `TRITON_OPS` says whether they are registered).
-  The running update is `update_running`'s tensor ops there, traced into the graph, with no
-  host synchronization. Ghost batches and renorm call the same op with their statistics
-  (`stats`), which its `given` argument marks.
+  The running update is an op there too on CPU, `batchnorm::update_running_stats` (one
+  numba call per layer; `update_running_stats` says why), elsewhere `update_running`'s
+  tensor ops traced into the graph; neither synchronizes with the host. Ghost batches and
+  renorm call the same op with their statistics (`stats`), which its `given` argument marks.
 - compiled or exported in evaluation, and under torch.func transforms and forward-mode AD
   (`Mode.transformed`: grad, vmap, jvp, dual tensors), at every size: torch's batch norm and
   the extras in standard aten ops, so that Inductor fuses evaluation's one affine pass into
@@ -188,25 +189,37 @@ def _from_params(params: Tensor, x: Tensor) -> Batch:
 
 
 def update_running_stats(
-    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None, batch: Batch,
-    momentum: float | None, unbiased: bool, *, traced: bool | None = None,
+    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None, mean: Tensor, var: Tensor,
+    momentum: float | None, *, mode: modes.Mode | None = None,
 ) -> bool | Tensor:  # fmt: skip
-    """The one running update of every path: `stats.update_running`'s rule folds the batch in
-    (its unbiased variance, or the biased one when not `unbiased`: Keras' and Flax's
-    convention); returns whether it was kept. Eager on CPU with fp32/fp64 buffers, the rule
-    runs as one numba call on numpy views (numba_kernels.fold_running: the same arithmetic
-    and bits in one call, where the tensor ops are a dispatch each); otherwise as tensor ops
-    (any device, and traced into a graph without a host synchronization). Eager, a CPU
-    answer comes back as a bool; traced or on an accelerator, as a 0-d bool tensor (reading
-    it would synchronize). `traced`: the caller's `modes.Mode.traced` (None: asked here)."""
-    traced = modes.current().traced if traced is None else traced
+    """The one running update of every path: `stats.update_running`'s rule folds a batch's
+    mean and variance (as the buffers store it: the unbiased one by PyTorch's convention),
+    each (C,), into the running statistics in place; returns whether the batch was kept.
+    `mode`: the caller's `modes.Mode` (None: asked here).
+
+    Eager, the rule runs at once, and a bool comes back on CPU, a 0-d bool tensor on an
+    accelerator (reading it would synchronize): on CPU with fp32/fp64 buffers as one numba
+    call on numpy views (numba_kernels.fold_running: the same arithmetic and bits in one
+    call, where the tensor ops are a dispatch each), otherwise as the tensor ops. Traced, a
+    0-d bool tensor comes back, with no host synchronization: on CPU while torch.compile or
+    torch.export traces, the op batchnorm::update_running_stats, which runs this function
+    eagerly where the graph runs; otherwise (torch.func's transforms, other devices) the
+    tensor ops, traced into the graph."""
+    mode = modes.current() if mode is None else mode
     with torch.no_grad():
-        mean, var = batch.mean.detach(), batch.unbiased_var.detach()
-        if not unbiased:
-            var = var * ((batch.count - 1) / batch.count)
+        mean, var = mean.detach(), var.detach()
+        if mode.traced:
+            # Inductor would generate a C++ kernel for the rule's tensor ops, the updates of
+            # every layer fused into one whose compile outlasts the rest of a small model's
+            # forward graph (docs/performance.md, "Compile time"); as an op, the graph calls it.
+            if mode.compiling and running_mean.is_cpu:
+                return torch.ops.batchnorm.update_running_stats(
+                    running_mean, running_var, num_batches_tracked, mean, var, momentum
+                )  # fmt: skip
+            return update_running(running_mean, running_var, mean, var, momentum, num_batches_tracked)
         # numba's form reads numpy views, each tensor's own memory only for CPU, fp32/fp64,
         # contiguous tensors without grad
-        viewable = not traced and _fold_running_cpu is not None
+        viewable = _fold_running_cpu is not None
         for t in (running_mean, running_var, mean, var):
             viewable = viewable and t.is_cpu and t.dtype in DTYPE_NAMES and t.is_contiguous() and not t.requires_grad
         # numba_warmup.py: the rule compiles in the helper process meanwhile (compiled in this
@@ -219,7 +232,33 @@ def update_running_stats(
                 num_batches_tracked.add_(1)
             return accepted
         accepted = update_running(running_mean, running_var, mean, var, momentum, num_batches_tracked)
-        return bool(accepted) if not traced and accepted.device.type == "cpu" else accepted
+        return bool(accepted) if accepted.device.type == "cpu" else accepted
+
+
+# The rule as an op of compiled CPU graphs. Declared with torch.library's schema API rather
+# than custom_op, whose Python autograd and view-tracking layers cost three times the rule
+# itself at each call (docs/performance.md, "Compile time"): the update has no gradient and
+# mutates buffers only. The Library object must live as long as the op.
+_LIBRARY = torch.library.Library("batchnorm", "FRAGMENT")
+_LIBRARY.define(
+    "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, "
+    "Tensor mean, Tensor var, float? momentum) -> Tensor"
+)
+
+
+def _update_running_kernel(running_mean, running_var, num_batches_tracked, mean, var, momentum):
+    """batchnorm::update_running_stats on CPU: `update_running_stats` run eagerly, the buffers
+    updated in place, and whether the batch was kept as a 0-d bool tensor."""
+    kept = update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, momentum, mode=modes.EAGER)
+    return torch.tensor(kept)
+
+
+def _update_running_fake(running_mean, running_var, num_batches_tracked, mean, var, momentum):
+    return running_mean.new_empty((), dtype=torch.bool)
+
+
+_LIBRARY.impl("update_running_stats", _update_running_kernel, "CPU")
+torch.library.register_fake("batchnorm::update_running_stats", _update_running_fake, lib=_LIBRARY)
 
 
 @functools.cache

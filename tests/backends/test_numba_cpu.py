@@ -54,7 +54,7 @@ def whole_op_updating(x, weight, bias, running_mean, running_var, tracked, facto
     `factor`: (y, whether the update was kept)."""
     y, batch = ops.batch_norm(x, weight, bias, residual, None, None, training=True, eps=eps, activation=activation,
                               backend="numba")  # fmt: skip
-    return y, ops.update_running_stats(running_mean, running_var, tracked, batch, factor, True)
+    return y, ops.update_running_stats(running_mean, running_var, tracked, batch.mean, batch.unbiased_var, factor)
 
 
 def close(actual, expected, dtype, scale=1.0):
