@@ -236,9 +236,9 @@ def update_running_stats(
 
 
 # The rule as an op of compiled CPU graphs. Declared with torch.library's schema API rather
-# than custom_op, whose Python autograd and view-tracking layers cost three times the rule
-# itself at each call (docs/performance.md, "Compile time"): the update has no gradient and
-# mutates buffers only. The Library object must live as long as the op.
+# than custom_op, whose Python autograd and view-tracking layers run at every call, more than
+# twice this op's whole cost (docs/performance.md, "Compile time"): the update has no
+# gradient and mutates buffers only. The Library object must live as long as the op.
 _LIBRARY = torch.library.Library("batchnorm", "FRAGMENT")
 _LIBRARY.define(
     "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, "
