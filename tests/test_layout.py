@@ -4,7 +4,7 @@ import torch
 from batchnorm import layout
 
 
-@pytest.mark.parametrize(
+LAYOUTS = pytest.mark.parametrize(
     "make, kind",
     [
         (lambda: torch.randn(4, 3), "mc"),
@@ -19,6 +19,9 @@ from batchnorm import layout
         (lambda: torch.randn(4, 3, 1, 1).to(memory_format=torch.channels_last), "mc"),
     ],
 )
+
+
+@LAYOUTS
 def test_views_are_taken_without_copies_and_restore(make, kind):
     x = make()
     assert layout.kind_of(x) == kind
@@ -33,3 +36,14 @@ def test_views_are_taken_without_copies_and_restore(make, kind):
     flat = x.transpose(0, 1).reshape(c, -1)
     v = view.data.transpose(0, 1).reshape(c, -1) if view.kind == "ncl" else view.data.t()
     assert torch.equal(v.sort(1).values, flat.sort(1).values)
+
+
+@LAYOUTS
+def test_the_fake_output_has_the_real_outputs_shape_and_strides(make, kind):
+    """empty_output (what the custom ops' fake implementations return) is laid out as the
+    output `restore` makes from a kernel's canonical result, for every layout."""
+    x = make()
+    view = layout.canonical(x)
+    real = layout.restore(torch.empty_like(view.data), x, view.kind)
+    fake = layout.empty_output(x)
+    assert fake.shape == real.shape and fake.stride() == real.stride() and fake.dtype == x.dtype
