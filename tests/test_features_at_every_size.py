@@ -14,6 +14,7 @@ import torch
 from torch.func import functional_call, grad, jvp, vmap
 
 import batchnorm as bn
+from batchnorm import activations
 from batchnorm.backends import numba_cpu
 from batchnorm.modes import EAGER
 
@@ -140,6 +141,40 @@ def test_forward_mode_ad_gives_torchs_tangents(shape, training):
         with forward_ad.dual_level():
             y = forward_ad.unpack_dual(m(forward_ad.make_dual(x, tangent)))
         results.append((y.primal, y.tangent, m.running_mean, m.running_var, m.num_batches_tracked))
+    for a, b in zip(*results):
+        _close(a, b)
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+def test_transforms_through_a_fused_activation_give_torchs_results(shape, activation):
+    """torch's kernel behind our layer applies ReLU and ReLU6 in place on its output (and the
+    residual sum): grad, jvp, vmap, forward-mode AD and double backward through the fused
+    layer give what torch's layer and activation give."""
+    import torch.autograd.forward_ad as forward_ad
+
+    torch.manual_seed(1)
+    x, r, t = torch.randn(shape), torch.randn(shape), torch.randn(shape)
+    ours, theirs = _pair(shape, track_running_stats=False)
+    act = activations.module_for(activation)
+    fused = bn.BatchNormAct(ours, activation)
+
+    def torch_layer(x, r):
+        return act(theirs(x) + r)
+
+    def our_layer(x, r):
+        return fused(x, r)
+
+    results = []
+    for f in (our_layer, torch_layer):
+        g = grad(lambda x: f(x, r).square().sum())(x)
+        tangent = jvp(lambda x: f(x, r), (x,), (t,))[1]
+        batched = vmap(f)(torch.stack([x, 2 * x]), torch.stack([r, r]))
+        with forward_ad.dual_level():
+            dual = forward_ad.unpack_dual(f(forward_ad.make_dual(x, t), r)).tangent
+        leaf = x.clone().requires_grad_()
+        (dx,) = torch.autograd.grad(f(leaf, r).square().sum(), leaf, create_graph=True)
+        (ddx,) = torch.autograd.grad(dx.sum(), leaf)
+        results.append((g, tangent, batched, dual, dx.detach(), ddx))
     for a, b in zip(*results):
         _close(a, b)
 

@@ -77,12 +77,13 @@ def check(name: str | None) -> str | None:
     return name
 
 
-def forward(u: Tensor, name: str | None) -> Tensor:
-    """g(u), elementwise."""
+def forward(u: Tensor, name: str | None, *, overwrite: bool = False) -> Tensor:
+    """g(u), elementwise. `overwrite`: u is the caller's own fresh tensor, which ReLU and ReLU6
+    may overwrite (their backward reads their output, never u); the others make a new one."""
     if name is None:
         return u
     if name == "relu":
-        return torch.relu(u)
+        return torch.relu_(u) if overwrite else torch.relu(u)
     if name == "leaky_relu":
         return torch.nn.functional.leaky_relu(u, LEAKY_SLOPE)
     if name == "sigmoid":
@@ -94,7 +95,7 @@ def forward(u: Tensor, name: str | None) -> Tensor:
     if name == "gelu":
         return torch.nn.functional.gelu(u)
     if name == "relu6":
-        return torch.nn.functional.relu6(u)
+        return torch.nn.functional.relu6(u, inplace=overwrite)
     if name == "hardswish":
         return torch.nn.functional.hardswish(u)
     raise AssertionError(name)

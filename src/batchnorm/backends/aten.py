@@ -125,9 +125,12 @@ def _native(x, weight, bias, running_mean, running_var, training, factor, eps):
 
 
 def _finish(y: Tensor, activation: str | None, residual: Tensor | None) -> Tensor:
-    """The extras after torch's kernel: residual add, then the activation."""
+    """The extras after torch's kernel: residual add, then the activation, ReLU and ReLU6 in
+    place on that fresh tensor (as torchvision's ResNets apply theirs: batch norm's backward
+    reads its input, not its output), which saves a new tensor's pages and a pass of writes
+    (docs/performance.md, "Costs around the kernels")."""
     if activation is None and residual is None:
         return y
     if residual is not None:
         y = y + residual
-    return activations.forward(y, activation)
+    return activations.forward(y, activation, overwrite=True)
