@@ -19,7 +19,6 @@ from typing import NamedTuple
 from torch import Tensor
 
 
-
 class View(NamedTuple):
     """A canonical view and how to go back to the input's shape."""
 

@@ -131,6 +131,7 @@ def test_every_compiled_case_matches_reference(dtype, fmt, parallel, residual, a
     """Each compiled case (numba_kernels.compiled: dtype, view, threads, residual, activation
     kind) with each fused activation's bounds, forward and backward at least once, whatever
     the random draws above pick."""
+    assert {kind for kind, _, _ in numba_kernels.FUSED.values()} == set(numba_kernels.KINDS)
     check_against_reference(dict(fmt=fmt, n=3, c=5, length=37, dtype=dtype, activation=activation,
                                  residual=residual, affine=True, training=True, offset=30.0,
                                  parallel=parallel, seed=7))  # fmt: skip
