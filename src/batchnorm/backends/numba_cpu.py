@@ -180,7 +180,7 @@ def compile_case(dtype: str, ndim: int, threads: bool, has_res: bool, kind: str)
     rv = xv.copy() if has_res else None
     ones, count = np.ones(3, xv.dtype), kernels.threads(kernels.PARALLEL_NUMEL, 2) if threads else 1
     channel = ChannelParams.empty(3, xv.dtype)
-    activation = next(a for a, (k, _, _) in kernels.FUSED.items() if k == kind)  # one of the kind's
+    activation = kernels.ACTIVATION_OF_KIND[kind]
     _forward(xv, rv, activation=activation, training=True, write=True, gamma=ones, beta=ones, eps=1e-5,
              channel=channel, threads=count)  # fmt: skip
     _backward(xv, xv, rv, activation=activation, channel=channel, reduce=True, write=True, local_means=True,

@@ -173,6 +173,8 @@ FUSED = {
     None: ("clamp", NO_BOUND, NO_BOUND), "relu": ("clamp", 0.0, NO_BOUND), "relu6": ("clamp", 0.0, 6.0),
     "hardswish": ("hardswish", NO_BOUND, NO_BOUND),
 }  # fmt: skip
+#: An activation of each kind: what a call that compiles the kind's case passes.
+ACTIVATION_OF_KIND = {"clamp": None, "hardswish": "hardswish"}
 
 
 def _with_globals(fn, **names):
@@ -716,6 +718,12 @@ def kernel(name: str, threads: int, has_res: bool, activation: str | None, dtype
             f"not {activation}: apply it after (functional.py does)"
         ) from None
     if threads > 1 and getattr(_given, "threads", None) != threads:
+        torch_threads = torch.get_num_threads()
         numba.set_num_threads(threads)
+        if torch.get_num_threads() != torch_threads:
+            # numba's threading layer started just now and set OpenMP's thread count to its
+            # pool's, which torch's own kernels then take for theirs (numba's parallel
+            # regions pass their count explicitly, so torch's does not change them)
+            torch.set_num_threads(torch_threads)
         _given.threads = threads
     return compiled(name, threads > 1, has_res, kind), dtype.type(lo), dtype.type(hi)
