@@ -206,6 +206,12 @@ def update_running_stats(
     eagerly where the graph runs; otherwise (torch.func's transforms, other devices) the
     tensor ops, traced into the graph."""
     mode = modes.current() if mode is None else mode
+    if not mode.traced and _numba_rule_serves(running_mean, running_var, mean, var):
+        factor = momentum_factor(momentum, num_batches_tracked)
+        accepted = bool(_fold_running_cpu(mean.numpy(), var.numpy(), factor, running_mean.numpy(), running_var.numpy()))
+        if accepted and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return accepted
     with torch.no_grad():
         mean, var = mean.detach(), var.detach()
         if mode.traced:
@@ -217,22 +223,22 @@ def update_running_stats(
                     running_mean, running_var, num_batches_tracked, mean, var, momentum
                 )  # fmt: skip
             return update_running(running_mean, running_var, mean, var, momentum, num_batches_tracked)
-        # numba's form reads numpy views, each tensor's own memory only for CPU, fp32/fp64,
-        # contiguous tensors without grad
-        viewable = _fold_running_cpu is not None
-        for t in (running_mean, running_var, mean, var):
-            viewable = viewable and t.is_cpu and t.dtype in DTYPE_NAMES and t.is_contiguous() and not t.requires_grad
-        # numba_warmup.py: the rule compiles in the helper process meanwhile (compiled in this
-        # one, numba's compiler would hold the interpreter lock from the training loop for a
-        # second), and the tensor ops serve
-        if viewable and numba_warmup.ready(_rule_request(mean.dtype, running_mean.dtype)):
-            factor = momentum_factor(momentum, num_batches_tracked)
-            accepted = bool(_fold_running_cpu(mean.numpy(), var.numpy(), factor, running_mean.numpy(), running_var.numpy()))
-            if accepted and num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            return accepted
         accepted = update_running(running_mean, running_var, mean, var, momentum, num_batches_tracked)
         return bool(accepted) if accepted.device.type == "cpu" else accepted
+
+
+def _numba_rule_serves(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor) -> bool:
+    """Whether the eager update runs as numba's one call: it reads numpy views, each tensor's
+    own memory, so only of CPU, fp32/fp64, contiguous tensors without grad (so nothing for
+    autograd to keep out either); and only once the rule is compiled (numba_warmup.py: it
+    compiles in the helper process meanwhile, where numba's compiler does not hold the
+    interpreter lock from the training loop for a second, and the tensor ops serve)."""
+    if _fold_running_cpu is None:
+        return False
+    for t in (running_mean, running_var, mean, var):
+        if not (t.is_cpu and t.dtype in DTYPE_NAMES and t.is_contiguous() and not t.requires_grad):
+            return False
+    return numba_warmup.ready(_rule_request(mean.dtype, running_mean.dtype))
 
 
 # The rule as an op of compiled CPU graphs. Declared with torch.library's schema API rather

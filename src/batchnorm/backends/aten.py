@@ -81,8 +81,8 @@ def native_batch_norm(
 
     Training normalizes with the batch's statistics and also returns them, each (C,) in the
     accumulation dtype, exactly as torch computes them for its running update: its kernel
-    writes them, with momentum 1, into the two zeroed rows of `batch_stats` (2, C), which
-    the caller may hand in (allocated here otherwise), so that the op layer can fold them
+    writes them, with momentum 1, into `batch_stats`, a zeroed (mean, variance) pair of (C,)
+    tensors, which the caller may hand in (allocated here otherwise), so that the op layer can fold them
     in under the guard's rule; the module's buffers are never handed to torch's kernel.
     Without `want_stats` there is no running update to feed: torch's kernel gets no rows to
     write (under torch.func's vmap, rows it would write in place must be batched too), and
@@ -91,8 +91,9 @@ def native_batch_norm(
     if not training or not want_stats:
         y = _native(x, weight, bias, running_mean, running_var, training, 0.0, eps)
         return _finish(y, activation, residual), None, None
-    if batch_stats is None:
-        batch_stats = torch.zeros(2, x.shape[1], dtype=acc_dtype(x.dtype), device=x.device)
+    if batch_stats is None:  # two tensors: the rows of one (2, C) would cost an unbind more
+        dtype = acc_dtype(x.dtype)
+        batch_stats = x.new_zeros(x.shape[1], dtype=dtype), x.new_zeros(x.shape[1], dtype=dtype)
     mean, var = batch_stats
     y = _native(x, weight, bias, mean, var, True, 1.0, eps)
     return _finish(y, activation, residual), mean, var
