@@ -449,14 +449,22 @@ def test_sync_reductions_reach_both_passes(shape, channels_last):
 
 
 def test_in_place_ops_hooks_and_pickling(shape):
-    ours = bn.BatchNorm2d(shape[1])
+    ours, theirs = _pair(shape)
     seen = []
     hook = ours.register_forward_hook(lambda m, args, out: seen.append(out.shape))
-    x = torch.randn(shape, requires_grad=True)
-    y = ours(x)
-    y.relu_()  # in place on our output, as torchvision's blocks do
-    y.sum().backward()
-    assert seen == [torch.Size(shape)] and x.grad is not None
+    x = torch.randn(shape)
+    residual, dy = torch.randn(shape), torch.randn(shape)
+    outputs = []
+    for layer in (ours, theirs):
+        xg = x.clone().requires_grad_()
+        y = layer(xg)
+        y += residual  # in place on the layer's output, as torchvision's blocks do
+        y.relu_()
+        y.backward(dy)
+        outputs.append((y, xg.grad, layer.weight.grad))
+    for got, want in zip(*outputs):
+        _close(got, want)
+    assert seen == [torch.Size(shape)]
     hook.remove()  # a lambda cannot be pickled
     restored = pickle.loads(pickle.dumps(ours))
     copied = copy.deepcopy(ours)
