@@ -214,17 +214,15 @@ def update_running_stats(
         return accepted
     with torch.no_grad():
         mean, var = mean.detach(), var.detach()
-        if mode.traced:
+        if mode.compiling and running_mean.is_cpu:
             # Inductor would generate a C++ kernel for the rule's tensor ops, the updates of
             # every layer fused into one whose compile outlasts the rest of a small model's
             # forward graph (docs/performance.md, "Compile time"); as an op, the graph calls it.
-            if mode.compiling and running_mean.is_cpu:
-                return torch.ops.batchnorm.update_running_stats(
-                    running_mean, running_var, num_batches_tracked, mean, var, momentum
-                )  # fmt: skip
-            return update_running(running_mean, running_var, mean, var, momentum, num_batches_tracked)
+            return torch.ops.batchnorm.update_running_stats(
+                running_mean, running_var, num_batches_tracked, mean, var, momentum
+            )  # fmt: skip
         accepted = update_running(running_mean, running_var, mean, var, momentum, num_batches_tracked)
-        return bool(accepted) if accepted.device.type == "cpu" else accepted
+        return bool(accepted) if not mode.traced and accepted.device.type == "cpu" else accepted
 
 
 def _numba_rule_serves(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor) -> bool:

@@ -552,12 +552,6 @@ def test_every_compiled_case_has_its_own_cache_entry():
     assert len(paths) == len(cases) == 32
 
 
-def test_each_kind_is_compiled_through_an_activation_of_its_own():
-    for kind, activation in numba_kernels.ACTIVATION_OF_KIND.items():
-        assert numba_kernels.FUSED[activation][0] == kind
-    assert set(numba_kernels.ACTIVATION_OF_KIND) == set(numba_kernels.KINDS)
-
-
 def test_a_call_compiles_only_its_own_case():
     """The activation's kind and the residual pick the compiled case: identity, ReLU and
     ReLU6 share the clamp case (their bounds are arguments), Hardswish has its own, each with

@@ -173,8 +173,9 @@ FUSED = {
     None: ("clamp", NO_BOUND, NO_BOUND), "relu": ("clamp", 0.0, NO_BOUND), "relu6": ("clamp", 0.0, 6.0),
     "hardswish": ("hardswish", NO_BOUND, NO_BOUND),
 }  # fmt: skip
-#: An activation of each kind: what a call that compiles the kind's case passes.
-ACTIVATION_OF_KIND = {"clamp": None, "hardswish": "hardswish"}
+#: An activation of each kind (the first FUSED lists): what a call that compiles the kind's
+#: case passes.
+ACTIVATION_OF_KIND = {kind: activation for activation, (kind, _, _) in reversed(FUSED.items())}
 
 
 def _with_globals(fn, **names):
