@@ -111,6 +111,7 @@ def test_renorm_compiles_without_breaks_and_equals_eager(backend):
         _assert_same_state(compiled, eager)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [{"virtual_batch_size": 16}, {"renorm": bn.Renorm()}], ids=["ghost", "renorm"])
 def test_ghost_batches_and_renorm_trace_our_op(extra):
     """Traced, ghost batches and renorm hand their statistics to the same custom op as plain
@@ -201,6 +202,7 @@ def test_a_compiled_channels_last_layer_takes_our_op_from_the_contiguous_crossov
     assert "batchnorm.batch_norm" in str(graphs[0].graph)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["auto", "numba"])
 @pytest.mark.parametrize("numel", [numba_cpu.CROSSOVER_NUMEL, 1 << 23], ids=["crossover", "huge"])
 def test_a_compiled_evaluation_graph_holds_torchs_batch_norm(backend, numel):

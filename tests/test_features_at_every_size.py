@@ -346,6 +346,7 @@ def test_export_without_running_statistics_holds_standard_ops_only(shape):
     _close(program.module()(x), theirs.eval()(x))
 
 
+@pytest.mark.slow
 def test_compile_without_graph_breaks(shape):
     ours, theirs = _pair(shape)
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")

@@ -121,6 +121,7 @@ _FIRST_CALLS_AT_ONCE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_threads_making_their_first_calls_at_once_each_get_the_kernel():
     """Each kernel case is built once per process, whichever thread asks first: the others
     wait for it (built twice, the second would have been refused, and that thread's call
@@ -163,6 +164,7 @@ _ONE_THREAD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores")
 def test_the_kernels_run_on_as_many_threads_as_torch():
     """Processes sharing a machine each give torch one thread (or a few): the kernels follow

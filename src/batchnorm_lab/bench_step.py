@@ -29,7 +29,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch._inductor.config
 import typer
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -125,6 +124,8 @@ def account(model: str, batch: int, fmt: str, repeats: int, arms=ARMS) -> dict:
     """One model's row: per arm the median step ms and the ms of each category. Inductor's
     C++ kernels are compiled with a profiler scope each (named after the ops they fuse),
     without which a compiled graph's whole time would be one opaque event."""
+    import torch._inductor.config  # here: importing Inductor takes seconds, which every command would wait for
+
     with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
         return _account(model, batch, fmt, repeats, arms)
 

@@ -234,6 +234,7 @@ _FORK_DURING_A_COMPILE = textwrap.dedent(
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.slow
 def test_a_child_forked_during_a_compile_compiles_what_it_asks_for():
     """The parent's compiling thread is not in the child: the child's request starts its own
     compilation there (it was left waiting for the parent's for good) and becomes ready."""

@@ -36,8 +36,11 @@ KINKED = ("relu", "leaky_relu")  # g' jumps at u = 0
 MAX_TILE_STEPS = 48  # tile iterations per launch, to keep the interpreter fast
 EXAMPLES = settings(max_examples=12, deadline=None)
 # The interpreter evaluates sigmoid's exp(-u) in numpy, which warns where it overflows to inf
-# (the result, 1 / (1 + inf) = 0, is the right one).
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+# (the result, 1 / (1 + inf) = 0, is the right one). In the interpreter these tests are
+# slow (`make check` leaves them out; `make test` runs them).
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")] + (
+    [] if CUDA else [pytest.mark.slow]
+)
 
 
 if not CUDA and not tg.interpreting():

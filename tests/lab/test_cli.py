@@ -9,6 +9,8 @@ import gzip
 import io
 import json
 import pickle
+import subprocess
+import sys
 import textwrap
 import zipfile
 
@@ -151,3 +153,13 @@ def test_check_bad_gzip_idx_data_exits_2(factory, tmp_path):
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(good[: len(good) // 2])
     result = CliRunner().invoke(app, ["check", f"{FACTORY}:build", "--data", f"idx:{tmp_path}"])
     _assert_cannot_load(result, "t10k-labels-idx1-ubyte.gz")
+
+
+@pytest.mark.slow
+def test_the_command_line_starts_without_torchs_compiler():
+    """Every command, `--help` included, imports the command-line module first: torch's
+    compiler (Dynamo and Inductor, seconds to import) loads only in the commands that compile."""
+    code = "import sys, batchnorm_lab.cli; print(' '.join(n for n in ('torch._dynamo', 'torch._inductor') if n in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "", f"the command line loaded {done.stdout.strip()}"

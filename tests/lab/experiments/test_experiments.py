@@ -44,6 +44,7 @@ TINY = {
 }
 
 
+# Runs every experiment (about 20 s of one core): the tests that read it are marked slow.
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
@@ -95,6 +96,7 @@ def test_record_is_well_formed(records, name):
     assert not list(out.glob(".*.tmp"))  # atomic writes leave nothing behind
 
 
+@pytest.mark.slow
 def test_speed_numbers(records):
     numbers = records[1]["speed"][0]["numbers"]
     for runs in numbers["curves"].values():
@@ -103,12 +105,14 @@ def test_speed_numbers(records):
     assert 0 < numbers["target"] <= 1
 
 
+@pytest.mark.slow
 def test_learning_rate_detects_divergence(records):
     sweep = records[1]["learning-rate"][0]["numbers"]["sweep"]
     assert [p["lr"] for p in sweep["no batch norm"]] == [0.1, 100.0]
     assert sweep["no batch norm"][1]["diverged"] == 1  # lr 100 without batch norm blows up
 
 
+@pytest.mark.slow
 def test_test_time_batch_size_one_is_undefined(records):
     numbers = records[1]["test-time"][0]["numbers"]
     assert numbers["per_batch"]["1"] is None
@@ -116,12 +120,14 @@ def test_test_time_batch_size_one_is_undefined(records):
     assert {(row["momentum"], row["steps"]) for row in numbers["table"]} == {(m, n) for m in (0.1, 0.5) for n in (10, 20)}
 
 
+@pytest.mark.slow
 def test_covariate_shift_restores_source_statistics(records):
     table = records[1]["covariate-shift"][0]["numbers"]["test_acc"]
     assert table["adapted"]["clean"] == table["source"]["clean"]
     assert set(table["source"]) == {"clean", "contrast", "brightness", "noise"}
 
 
+@pytest.mark.slow
 def test_batch_size_arms(records):
     table = records[1]["batch-size"][0]["numbers"]["table"]
     labels = [row["label"] for row in table]
@@ -130,6 +136,7 @@ def test_batch_size_arms(records):
     assert steps == {2: 64, 8: 16, 32: 4}  # equal examples: 4 steps at the reference batch of 32
 
 
+@pytest.mark.slow
 def test_input_normalization_picks_each_arms_rate_on_validation(records):
     numbers = records[1]["input-normalization"][0]["numbers"]
     for arm, points in numbers["sweep"].items():
@@ -140,6 +147,7 @@ def test_input_normalization_picks_each_arms_rate_on_validation(records):
     assert set(numbers["best_lr_at_edge"]) == set(numbers["best_lr"])  # a two-point sweep has only edges
 
 
+@pytest.mark.slow
 def test_cnn_speed_judges_the_yardstick_and_reruns_the_other_init(records):
     record = records[1]["cnn-speed"][0]
     yardstick = next(c for c in record["checks"] if c["name"] == "reaches the published CNN accuracy")
@@ -152,6 +160,7 @@ def test_cnn_speed_judges_the_yardstick_and_reruns_the_other_init(records):
     assert other["numbers"]["curves"]["no batch norm"] != record["numbers"]["curves"]["no batch norm"]
 
 
+@pytest.mark.slow
 def test_cnn_learning_rate_sweep(records):
     numbers = records[1]["cnn-learning-rate"][0]["numbers"]
     for arm, points in numbers["sweep"].items():
@@ -161,6 +170,7 @@ def test_cnn_learning_rate_sweep(records):
         assert numbers["largest_rate_that_trains"][arm] == max(trains, default=None)
 
 
+@pytest.mark.slow
 def test_cnn_depth_takes_each_networks_best_rate(records):
     table = records[1]["cnn-depth"][0]["numbers"]["table"]
     for rows in table.values():
@@ -170,6 +180,7 @@ def test_cnn_depth_takes_each_networks_best_rate(records):
             assert row["best_lr"] == best["lr"] and row["train_acc"] == best["train_acc"]
 
 
+@pytest.mark.slow
 def test_cnn_wallclock_runs_our_kernels_on_the_same_math(records):
     numbers = records[1]["cnn-wallclock"][0]["numbers"]
     assert len(numbers["backends"]) == 5  # the stem and two per block
@@ -182,6 +193,7 @@ def test_cnn_wallclock_runs_our_kernels_on_the_same_math(records):
     assert set(numbers["batchnorm_part"]["per_step_ms"]) == {"ours", "torch"}
 
 
+@pytest.mark.slow
 def test_resume_lookup(records):
     out, done = records
     record, config, _ = done["noise"]
@@ -395,6 +407,7 @@ def test_judge_marks_the_checks_a_config_cannot_power_inconclusive():
         common.judge(checks(), {"unpowered": ["c"]})  # a name that is no check
 
 
+@pytest.mark.slow
 def test_every_quick_unpowered_check_exists(records):
     for name, (record, _, _) in records[1].items():
         unpowered = experiments.config_for(name, quick=True).get("unpowered", [])
@@ -425,6 +438,7 @@ def test_regularization_effect_and_its_slope_over_the_sizes_where_both_trained()
     assert batch_size.regularization(rows[:2])["slope"] is None  # one size: no slope
 
 
+@pytest.mark.slow
 def test_batch_size_judges_the_direction_on_the_mlp_and_the_cnn(records):
     record = records[1]["batch-size"][0]
     names = [c["name"] for c in record["checks"]]
@@ -454,6 +468,7 @@ def test_normed_cnn_puts_each_normalization_before_or_after_the_relu():
         convnets.normed_cnn((8, 8), 10, channels=4, depth=2, norm="batch", position="between")
 
 
+@pytest.mark.slow
 def test_bn_position_trains_both_placements_on_the_same_seeds(records):
     numbers = records[1]["bn-position"][0]["numbers"]
     assert set(numbers["curves"]) == {"before", "after"}
@@ -462,6 +477,7 @@ def test_bn_position_trains_both_placements_on_the_same_seeds(records):
     assert all(numbers["step_ms"][arm]["mean"] > 0 for arm in ("before", "after"))
 
 
+@pytest.mark.slow
 def test_small_batch_norms_trains_every_norm_at_every_size(records):
     numbers = records[1]["small-batch-norms"][0]["numbers"]
     assert set(numbers["table"]) == set(small_batch_norms.NORMS)
@@ -483,6 +499,7 @@ def test_small_batch_norms_checks_on_hand_made_accuracies():
     assert failed[0]["why"] == "spread 6.0 pts"
 
 
+@pytest.mark.slow
 def test_every_check_that_fails_says_why_on_one_line_at_80_columns(records):
     """The demo prints one line per failed check: experiment, check and its numbers."""
     from batchnorm_lab.experiment_commands import why_lines
