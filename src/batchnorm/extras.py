@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import NoReturn
@@ -216,9 +217,28 @@ def _traced_call(module: nn.Module, input: fx.Proxy, residual, mask, activation)
             f"torch.fx cannot trace a {type(module).__name__} on its own: trace a model that holds it "
             "(its call is then one node of the graph)"
         )
+    if _quantization_tracer(tracer):
+        warnings.warn(
+            f"torch.ao's FX quantization knows torch's own batch-norm classes only: this "
+            f"{type(module).__name__} is not fused into the convolution or linear layer before it "
+            "and stays a float layer in the quantized model. Call batchnorm.revert(model) before "
+            "prepare_fx / prepare_qat_fx (torch's layers holding the same tensors).",
+            UserWarning,
+            stacklevel=2,
+        )
     args = (input,) if residual is None else (input, residual)
     kwargs = {name: value for name, value in (("mask", mask), ("activation", activation)) if value is not None}
     return tracer.create_proxy("call_module", path, args, kwargs)
+
+
+def _quantization_tracer(tracer: fx.Tracer) -> bool:
+    """Whether `tracer` is torch.ao's prepare_fx / prepare_qat_fx tracer, whose fusion and
+    quantization patterns match modules by exact class (imported here: only tracing gets here)."""
+    try:
+        from torch.ao.quantization.fx.tracer import QuantizationTracer
+    except ImportError:  # pragma: no cover - a torch without torch.ao's FX quantization
+        return False
+    return isinstance(tracer, QuantizationTracer)
 
 
 def _tensors(module) -> tuple[Tensor | None, ...]:

@@ -1,6 +1,7 @@
 """convert / revert: torch's batch norm <-> ours, and fuse=True (activation, residual add)."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -454,9 +455,37 @@ def test_torch_ao_prepare_fx_takes_a_model_with_our_layers():
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_fx
 
-    with pytest.warns(DeprecationWarning):  # torch.ao.quantization's notice
+    with pytest.warns(DeprecationWarning), pytest.warns(UserWarning, match="stays a float layer"):
         prepared = prepare_fx(model, get_default_qconfig_mapping(), (x,))
     torch.testing.assert_close(prepared(x), model(x))
+
+
+def test_torch_ao_fx_quantization_says_to_revert_first_and_then_quantizes_as_torchs():
+    """prepare_fx matches batch norms by exact class, so it leaves ours unfused and in float:
+    it warns; after revert it fuses conv + bn + relu and the quantized model is torch's."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torchs = randomize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))).eval()
+    ours, _ = convert(copy.deepcopy(torchs), fuse=True)
+    x = torch.randn(4, 3, 10, 10)
+    with pytest.warns(UserWarning, match=r"batchnorm.revert\(model\) before prepare_fx"):
+        prepare_fx(copy.deepcopy(ours), get_default_qconfig_mapping(), (x,))
+    with warnings.catch_warnings(record=True) as caught:  # tracing for anything else says nothing
+        warnings.simplefilter("always")
+        fx.symbolic_trace(ours)
+    assert not caught, [str(w.message) for w in caught]
+
+    quantized = []
+    for model in (revert(ours)[0], torchs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            prepared = prepare_fx(model, get_default_qconfig_mapping(), (x,))
+        assert not [w for w in caught if "batchnorm.revert" in str(w.message)]
+        prepared(x)  # calibration
+        quantized.append(convert_fx(prepared))
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in quantized[0].modules())
+    torch.testing.assert_close(quantized[0](x), quantized[1](x), rtol=0, atol=0)
 
 
 def test_torchvision_create_feature_extractor_takes_a_model_with_our_layers():
