@@ -124,8 +124,9 @@ def check_command(
     batches: int = typer.Option(4, "--batches", min=1, help="how many batches to run"),
     json_path: Path = typer.Option(None, "--json", help="also write the report here as JSON"),
 ) -> None:
-    """Check a model's batch-norm layers. Exit code 0: healthy; 1: a problem (error or
-    warning) found; 2: the model, weights or data cannot be loaded (one line on stderr)."""
+    """Check a model's batch-norm layers: exit code 0 healthy, 1 a problem, 2 not loadable.
+
+    Exit code 1: an error or a warning found; 2: the model, weights or data cannot be loaded (stderr says why)."""
     from rich.console import Console
 
     try:
