@@ -500,3 +500,37 @@ def test_torchvision_create_feature_extractor_takes_a_model_with_our_layers():
     for training in (True, False):  # its layers follow the mode as torch's do
         extractor.train(training), expected.train(training)
         torch.testing.assert_close(extractor(x), expected(x), rtol=1e-5, atol=1e-6)
+
+
+def _under_orig_mod(changed: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A model's changes as the same tool reports them for its torch.compile wrapper, the
+    paths in the descriptions taken out again: every path under the wrapper's `_orig_mod`."""
+    return [(f"_orig_mod.{path}" if path else "_orig_mod", what) for path, what in changed]
+
+
+def _without_orig_mod(changed: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(path, what.replace("_orig_mod.", "")) for path, what in changed]
+
+
+def test_a_compiled_model_is_converted_through_its_wrapper_and_runs_the_fused_graph():
+    """torch.fx cannot trace torch.compile's wrapper, and the wrapper is bound to the module it
+    was made with: the tools work on what it runs, and a model whose graph is rewritten comes
+    back as a wrapper of the new module, with the same compile options."""
+    torch.manual_seed(0)
+    model = randomize(ResNet())
+    expected, expected_changes = convert(copy.deepcopy(model), fuse=True)
+    compiled = torch.compile(copy.deepcopy(model), backend="eager")
+    wrapped = compiled._orig_mod
+    got, changes = convert(compiled, fuse=True)
+    assert _without_orig_mod(changes.changed) == _under_orig_mod(expected_changes.changed), changes
+    assert not changes.skipped, changes  # fx traced what the wrapper runs
+    assert type(got) is type(compiled) and got.dynamo_ctx is compiled.dynamo_ctx
+    assert isinstance(got._orig_mod, fx.GraphModule)
+
+    def unfused(*args, **kwargs):
+        raise AssertionError("the wrapper ran the module it was made with, not the fused graph")
+
+    wrapped.forward = unfused
+    x = torch.randn(2, 3, 8, 8)
+    for training in (True, False):
+        torch.testing.assert_close(got.train(training)(x), expected.train(training)(x), rtol=1e-5, atol=1e-6)

@@ -1,6 +1,8 @@
 """fold: evaluation-mode batch norm merged into the layer before it, outputs unchanged."""
 
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -327,3 +329,15 @@ def test_subclasses_of_conv_fold_unless_they_override_the_forward():
     _, changes = fold(model)
     assert changes.changed == [("1", "folded into 0"), ("4", "nothing to fold into: now a per-channel ChannelAffine")]
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_model_folds_as_the_model_it_runs():
+    torch.manual_seed(0)
+    model = randomize(ResNet()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected, expected_changes = fold(copy.deepcopy(model))
+    got, changes = fold(torch.compile(copy.deepcopy(model), backend="eager"))
+    assert [path for path, _ in changes.changed] == [f"_orig_mod.{path}" for path, _ in expected_changes.changed]
+    assert not changes.skipped, changes  # fx traced what the wrapper runs
+    with torch.no_grad():
+        torch.testing.assert_close(got(x), model(x), rtol=1e-5, atol=1e-6)

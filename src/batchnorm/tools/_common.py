@@ -131,11 +131,29 @@ def require_batchnorm(model: nn.Module, tool: str) -> list[tuple[str, nn.Module]
 
 
 def replace(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
-    """Put `new` at `path` ("" replaces the root: the new module is returned as the model)."""
+    """Put `new` at `path` ("" replaces the root: the new module is returned as the model).
+
+    The module a `torch.compile` wrapper runs (its `_orig_mod`) is replaced by a new wrapper
+    of `new` under the same compile options: the wrapper's forward is bound to the module it
+    was made with, so a `new` merely set in its place would never run."""
     if path == "":
         return new
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    if name == "_orig_mod" and compiled_module(parent) is not None:
+        return replace(model, parent_path, parent.dynamo_ctx(new))  # what torch.compile does with a module
     model.set_submodule(path, new)
     return model
+
+
+def compiled_module(module: nn.Module) -> nn.Module | None:
+    """The module that `module` runs compiled when it is torch.compile's wrapper
+    (OptimizedModule), else None. torch's compiler is looked up, not imported: a wrapper
+    exists only where it was imported already."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is not None and isinstance(module, eval_frame.OptimizedModule):
+        return module._orig_mod
+    return None
 
 
 @contextlib.contextmanager

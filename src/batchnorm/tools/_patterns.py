@@ -43,7 +43,7 @@ from torch.utils import _pytree
 
 from .. import activations
 from ..norm_act import BatchNormAct
-from ._common import batchnorm_layers, is_batchnorm, leaves_no_trace, run_example
+from ._common import batchnorm_layers, compiled_module, is_batchnorm, leaves_no_trace, run_example
 from .freeze import frozen_stats
 
 LAYERS = (
@@ -156,6 +156,10 @@ def pairs(model: nn.Module, *, both_modes: bool = False, example_input=None) -> 
     example_input: what to run the model on when fx cannot trace it (`observed_pairs`);
         without it, the order of nn.Sequential containers is used.
     """
+    inner = compiled_module(model)
+    if inner is not None:  # fx cannot trace torch.compile's wrapper: the pairs of what it runs
+        found, why = pairs(inner, both_modes=both_modes, example_input=example_input)
+        return [_prefixed(pair, "_orig_mod.") for pair in found], why
     gm, why = trace_in_both_modes(model) if both_modes else trace(model)
     if gm is None and example_input is not None:
         modes = (not model.training, model.training) if both_modes else (model.training,)
@@ -176,6 +180,17 @@ def pairs(model: nn.Module, *, both_modes: bool = False, example_input=None) -> 
             after = consumer_of(consumer.node, gm, calls)
             found.append(Pair(node.target, consumer, after))
     return found, None
+
+
+def _prefixed(pair: Pair, prefix: str) -> Pair:
+    """`pair` with its module paths under `prefix` (found in a submodule, used from its parent)."""
+
+    def under(consumer: Consumer | None) -> Consumer | None:
+        if consumer is None or consumer.path is None:
+            return consumer
+        return consumer._replace(path=prefix + consumer.path)
+
+    return Pair(prefix + pair.producer, under(pair.consumer), under(pair.after))
 
 
 class _Reads(TorchFunctionMode):
