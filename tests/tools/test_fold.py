@@ -341,3 +341,41 @@ def test_a_compiled_model_folds_as_the_model_it_runs():
     assert not changes.skipped, changes  # fx traced what the wrapper runs
     with torch.no_grad():
         torch.testing.assert_close(got(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def _weight_norm(m):
+    torch.nn.utils.parametrizations.weight_norm(m[0])
+
+
+def _spectral_norm(m):
+    torch.nn.utils.parametrizations.spectral_norm(m[0])
+
+
+def _hook_weight_norm(m):  # the older form: weight_g and weight_v, the weight made by a pre-hook
+    with pytest.warns(FutureWarning):
+        torch.nn.utils.weight_norm(m[0])
+
+
+def _pruned_bias(m):
+    from torch.nn.utils import prune
+
+    prune.l1_unstructured(m[0], "bias", 0.5)
+
+
+@pytest.mark.parametrize("compute", [_weight_norm, _spectral_norm, _hook_weight_norm, _pruned_bias])
+def test_a_layer_whose_weight_or_bias_is_computed_is_not_folded_into(compute):
+    """Folding writes into the layer's weight and bias: where each call computes them from
+    other tensors, the write is undone (pruning, the hook weight norm) or rescaled (a
+    parametrization), and the fold left the model computing something else."""
+    torch.manual_seed(0)
+    model = randomize(nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4)))
+    compute(model)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    folded, changes = fold(model)
+    assert changes.skipped == [("1", changes.skipped[0][1])] and "computed from other tensors" in changes.skipped[0][1]
+    assert changes.changed == [("4", "folded into 3")]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-6)

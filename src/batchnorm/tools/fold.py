@@ -27,6 +27,9 @@ what the model computes:
 - a channel-count mismatch;
 - a producer whose weight or bias is also another module's (tied parameters): scaling it
   would change that module too;
+- a producer whose weight or bias is computed at each call from other tensors (a
+  parametrization such as weight_norm or spectral_norm, the older torch.nn.utils.weight_norm,
+  pruning): the fold written into it would be undone, or scaled by the parametrization;
 - a Linear whose output is not 2-D. A Linear's features are the last dim of its output,
   a batch norm's channels are dim 1: they coincide only for (N, features). With
   `example_input` fold sees each batch norm's input shape; without, a BatchNorm2d/3d or
@@ -201,6 +204,11 @@ def _refusal(bn, channels, source, layer, shape, owners) -> str | None:
     produced = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     if produced != channels:
         return f"has {channels} channels but {source} produces {produced}; not folded"
+    computed = [n for n in ("weight", "bias") if getattr(layer, n) is not None and n not in layer._parameters]
+    if computed:
+        return (f"not folded into {source}: its {' and '.join(computed)} is computed from other tensors at "
+                "every call (a parametrization such as weight_norm or spectral_norm, torch.nn.utils."
+                "weight_norm, or pruning), which would undo or distort the fold; remove that first")  # fmt: skip
     for name in ("weight", "bias"):
         others = [o for o in owners.get(id(getattr(layer, name)), []) if o != source]
         if others:
