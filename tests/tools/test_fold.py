@@ -331,14 +331,20 @@ def test_subclasses_of_conv_fold_unless_they_override_the_forward():
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_compiled_model_folds_as_the_model_it_runs():
+@pytest.mark.parametrize(
+    "wrap, attribute",
+    [(lambda m: torch.compile(m, backend="eager"), "_orig_mod"), (nn.DataParallel, "module")],
+    ids=["torch.compile", "DataParallel"],
+)
+def test_a_wrapped_model_folds_as_the_model_it_runs(wrap, attribute):
+    """torch.fx traces neither wrapper: fold works on the module it runs."""
     torch.manual_seed(0)
     model = randomize(ResNet()).eval()
     x = torch.randn(2, 3, 8, 8)
     expected, expected_changes = fold(copy.deepcopy(model))
-    got, changes = fold(torch.compile(copy.deepcopy(model), backend="eager"))
-    assert [path for path, _ in changes.changed] == [f"_orig_mod.{path}" for path, _ in expected_changes.changed]
-    assert not changes.skipped, changes  # fx traced what the wrapper runs
+    got, changes = fold(wrap(copy.deepcopy(model)))
+    assert [path for path, _ in changes.changed] == [f"{attribute}.{path}" for path, _ in expected_changes.changed]
+    assert not changes.skipped, changes
     with torch.no_grad():
         torch.testing.assert_close(got(x), model(x), rtol=1e-5, atol=1e-6)
 

@@ -146,6 +146,18 @@ def replace(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
     return model
 
 
+def wrapped_module(module: nn.Module) -> tuple[str, nn.Module] | None:
+    """(attribute, module) of the module that `module` runs when it is a wrapper torch.fx
+    cannot trace: torch.compile's (`_orig_mod`), DataParallel's and
+    DistributedDataParallel's (`module`); else None."""
+    inner = compiled_module(module)
+    if inner is not None:
+        return "_orig_mod", inner
+    if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return "module", module.module
+    return None
+
+
 def compiled_module(module: nn.Module) -> nn.Module | None:
     """The module that `module` runs compiled when it is torch.compile's wrapper
     (OptimizedModule), else None. torch's compiler is looked up, not imported: a wrapper

@@ -43,7 +43,7 @@ from torch.utils import _pytree
 
 from .. import activations
 from ..norm_act import BatchNormAct
-from ._common import batchnorm_layers, compiled_module, is_batchnorm, leaves_no_trace, run_example
+from ._common import batchnorm_layers, is_batchnorm, leaves_no_trace, run_example, wrapped_module
 from .freeze import frozen_stats
 
 LAYERS = (
@@ -156,10 +156,11 @@ def pairs(model: nn.Module, *, both_modes: bool = False, example_input=None) -> 
     example_input: what to run the model on when fx cannot trace it (`observed_pairs`);
         without it, the order of nn.Sequential containers is used.
     """
-    inner = compiled_module(model)
-    if inner is not None:  # fx cannot trace torch.compile's wrapper: the pairs of what it runs
+    wrapper = wrapped_module(model)
+    if wrapper is not None:  # fx cannot trace torch.compile's or DataParallel's wrapper: what it runs
+        name, inner = wrapper
         found, why = pairs(inner, both_modes=both_modes, example_input=example_input)
-        return [_prefixed(pair, "_orig_mod.") for pair in found], why
+        return [_prefixed(pair, f"{name}.") for pair in found], why
     gm, why = trace_in_both_modes(model) if both_modes else trace(model)
     if gm is None and example_input is not None:
         modes = (not model.training, model.training) if both_modes else (model.training,)
