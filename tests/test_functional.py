@@ -375,3 +375,26 @@ def test_the_residual_alone_can_need_a_gradient_on_every_path(backend, extra):
         layer(xi, residual=ri, activation="relu").backward(dy)
         grads.append(ri.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (64, 16, 16, 16)], ids=["small", "numba"])
+@pytest.mark.parametrize("kind", ["broadcasts", "other dtype"])
+def test_a_residual_the_kernels_cannot_take_is_added_as_torch_adds_it(shape, kind):
+    """`residual=` means batch norm + residual, then the activation: one that broadcasts
+    (what a converted model's fused `bn(x) + pooled` passes), or of another dtype, is added
+    after the kernels with torch's broadcasting and type promotion."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    if kind == "broadcasts":
+        residual = torch.randn(shape[0], 1, 1, 1, requires_grad=True)
+    else:
+        residual = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    weight, bias = torch.rand(shape[1], requires_grad=True), torch.randn(shape[1], requires_grad=True)
+    inputs = (x, residual, weight, bias)
+    ours = batch_norm(x, None, None, weight, bias, training=True, residual=residual, activation="relu")
+    theirs = torch.relu(torch.nn.functional.batch_norm(x, None, None, weight, bias, training=True) + residual)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(theirs)
+    for a, b in zip(torch.autograd.grad(ours, inputs, dy), torch.autograd.grad(theirs, inputs, dy)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

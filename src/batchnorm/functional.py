@@ -74,7 +74,8 @@ def batch_norm(
     """y = g(gamma * (x - mu) / sqrt(var + eps) + beta + residual), per channel.
 
     Shapes: input (N, C, *spatial); running_mean, running_var, weight, bias (C,) or None;
-    residual like input; mask (N, *spatial) bool. Returns a tensor like input, in the
+    residual like input (or any tensor `batch_norm(x) + residual` takes: one that broadcasts,
+    or of another dtype, is added after the kernels, as torch adds it); mask (N, *spatial) bool. Returns a tensor like input, in the
     input's dtype (statistics are computed in fp32 for fp16/bf16, fp64 for fp64).
 
     As `torch.nn.functional.batch_norm`: the batch statistics normalize when `training`
@@ -102,8 +103,9 @@ def batch_norm(
     """
     x = validation.validate_input(input)
     validation.validate_arguments(x, weight, bias, running_mean, running_var, momentum, eps, activation)
-    if residual is not None:
-        validation.validate_residual(x, residual)
+    added_after = None  # a residual the kernels cannot take, added after them as torch adds it
+    if residual is not None and not validation.residual_fuses(x, residual):
+        added_after, residual = residual, None
     if weight is not None and weight.dim() != 1:  # torch's layer takes (C, 1)
         weight = weight.reshape(-1)
     if bias is not None and bias.dim() != 1:
@@ -125,10 +127,12 @@ def batch_norm(
         unbiased_running_var=unbiased_running_var, mode=mode,
         update=training and running_mean is not None and running_var is not None and not mode.recomputing,
     )  # fmt: skip
-    if activation is not None and activation not in be.fused_activations:
-        # this backend's fused form of the activation is slower than torch's own op after it
+    if added_after is not None or (activation is not None and activation not in be.fused_activations):
+        # the activation after the residual added here, or after the kernels because this
+        # backend's fused form of it is slower than torch's own op after them
         call = call._replace(activation=None)
-        return activations.forward(_PATHS[plan(call)](call), activation)
+        y = _PATHS[plan(call)](call)
+        return activations.forward(y if added_after is None else y + added_after, activation)
     return _PATHS[plan(call)](call)
 
 

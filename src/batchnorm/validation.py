@@ -81,6 +81,27 @@ def validate_residual(x: Tensor, residual: Tensor | None) -> None:
         )
 
 
+def residual_fuses(x: Tensor, residual: Tensor) -> bool:
+    """Whether `residual` can be added inside batch norm's kernels: it has x's shape, dtype
+    and device. Otherwise it must be one that `batch_norm(x) + residual` takes (a shape that
+    broadcasts with x's, any dtype, x's device or a 0-d tensor), which is then how it is added;
+    ValueError for any other."""
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a Tensor, got {type(residual).__name__}")
+    if residual.shape == x.shape and residual.dtype == x.dtype and residual.device == x.device:
+        return True
+    try:
+        torch.broadcast_shapes(x.shape, residual.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"residual has shape {tuple(residual.shape)} but the input has {tuple(x.shape)}; "
+            "the residual is added to the normalized input before the activation, and these do not broadcast"
+        ) from None
+    if residual.device != x.device and residual.dim() > 0:
+        raise ValueError(f"residual is on {residual.device} but the input is on {x.device}; move it with residual.to(x)")
+    return False
+
+
 def validate_training_batch(x: Tensor) -> None:
     """Training needs two values per channel or more (an empty batch is handled apart)."""
     count = x.numel() // x.shape[1]

@@ -534,3 +534,26 @@ def test_a_compiled_model_is_converted_through_its_wrapper_and_runs_the_fused_gr
     x = torch.randn(2, 3, 8, 8)
     for training in (True, False):
         torch.testing.assert_close(got.train(training)(x), expected.train(training)(x), rtol=1e-5, atol=1e-6)
+
+
+class _BroadcastAdd(nn.Module):
+    """relu(bn(conv(x)) + a per-example scalar): an add whose other operand broadcasts."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)) + x.mean((1, 2, 3), keepdim=True))
+
+
+def test_a_fused_add_whose_operand_broadcasts_computes_what_the_model_did():
+    """The graph does not say the add's other operand has the layer's shape: fused, a
+    broadcasting one is added after the kernels (functional.batch_norm), as the model added it."""
+    torch.manual_seed(0)
+    model = randomize(_BroadcastAdd())
+    fused, changes = convert(copy.deepcopy(model), fuse=True)
+    assert ("bn", "fused the activation relu and the residual add of mean") in changes.changed
+    x = torch.randn(4, 3, 6, 6)
+    for training in (True, False):
+        torch.testing.assert_close(fused.train(training)(x), model.train(training)(x), rtol=1e-5, atol=1e-6)

@@ -73,7 +73,8 @@ class Activation(nn.Module):
                 "where the batch norm normalized dim 1, not the Linear's features. Fold the "
                 "unfolded model with fold(model, example_input=x) so fold sees the shapes"
             )
-        validation.validate_residual(x, residual)
+        if residual is not None:
+            validation.residual_fuses(x, residual)  # raises for what batch norm's call refuses
         y = activations.forward(x if residual is None else x + residual, activations.check(activation))
         for module in self.children():
             y = module(y)
