@@ -14,6 +14,7 @@ import os
 import pickle
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import typer
@@ -124,25 +125,30 @@ def check_command(
     batches: int = typer.Option(4, "--batches", min=1, help="how many batches to run"),
     json_path: Path = typer.Option(None, "--json", help="also write the report here as JSON"),
 ) -> None:
-    """Check a model's batch-norm layers: exit code 0 healthy, 1 a problem, 2 not loadable.
+    """Check a model's batch-norm layers: exit code 0 healthy, 1 a problem, 2 not checkable.
 
-    Exit code 1: an error or a warning found; 2: the model, weights or data cannot be loaded (stderr says why)."""
+    Exit code 1: an error or a warning found; 2: the model, weights or data cannot be loaded, or the model fails on the data (stderr says why)."""
     from rich.console import Console
 
+    def cannot_check(why: str) -> NoReturn:
+        Console(stderr=True, soft_wrap=True, highlight=False).print(f"error: {why}", markup=False, style="red")
+        raise typer.Exit(2)
+
+    # Whatever stops the model or data from loading (the factory is user code), or the model
+    # from running on the data, is exit 2, never 1: a CI gate must not read it as findings.
     try:
         model = build(target)
         if weights is not None:
             model.load_state_dict(load_state_dict(weights))
         inputs = data_batches(data, batch_size, batches)
-    # Whatever stops the model or data from loading (the factory is user code) is exit 2,
-    # never 1: a CI gate must not read an unreadable file as findings.
     except Exception as error:
-        Console(stderr=True, soft_wrap=True, highlight=False).print(
-            f"error: {_cannot_load(error)}", markup=False, style="red"
-        )
-        raise typer.Exit(2) from None
+        cannot_check(_cannot_load(error))
     model.eval()
-    report = health.check(model, inputs, max_batches=batches)
+    try:
+        report = health.check(model, inputs, max_batches=batches)
+    except Exception as error:
+        shape = tuple(inputs[0].shape) if inputs else ()
+        cannot_check(f"the model fails on --data {data} (batches of shape {shape}): {_cannot_load(error)}")
     Console().print(report)
     if json_path is not None:
         report.to_json(json_path)

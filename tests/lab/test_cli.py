@@ -62,6 +62,22 @@ def test_check_exit_codes_and_json(factory, tmp_path):
     assert report["batches"] == 2 and ("1.bn", "stale_statistics") in {(f["layer"], f["kind"]) for f in report["findings"]}
 
 
+def test_check_a_model_that_fails_on_the_data_exits_2_with_one_line(factory, tmp_path):
+    """A conv model given the digits' (N, 64) rows cannot be checked: exit 2 (not 1, which a CI
+    gate reads as findings) and one line naming the data's shape, not a traceback."""
+    (tmp_path / "cli_factory_conv.py").write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))\n"
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(tmp_path))
+        result = CliRunner().invoke(app, ["check", "cli_factory_conv:build", "--batches", "1"])
+    assert result.exit_code == 2, result.output
+    assert "the model fails on --data digits (batches of shape (60, 64)): RuntimeError" in result.output
+    assert "Traceback" not in result.output
+
+
 class Payload:
     """A custom class: unpickling it would run arbitrary code from the file."""
 
