@@ -74,9 +74,10 @@ def batch_norm(
     """y = g(gamma * (x - mu) / sqrt(var + eps) + beta + residual), per channel.
 
     Shapes: input (N, C, *spatial); running_mean, running_var, weight, bias (C,) or None;
-    residual like input (or any tensor `batch_norm(x) + residual` takes: one that broadcasts,
-    or of another dtype, is added after the kernels, as torch adds it); mask (N, *spatial) bool. Returns a tensor like input, in the
-    input's dtype (statistics are computed in fp32 for fp16/bf16, fp64 for fp64).
+    residual like input (one that only broadcasts with it, or of another dtype, is added
+    after the kernels, as `batch_norm(x) + residual` adds it); mask (N, *spatial) bool.
+    Returns a tensor like input, in the input's dtype (statistics are computed in fp32 for
+    fp16/bf16, fp64 for fp64), or shaped and typed as that sum for such a residual.
 
     As `torch.nn.functional.batch_norm`: the batch statistics normalize when `training`
     is true or no running statistics are given; in training the running statistics, when
