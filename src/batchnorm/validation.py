@@ -65,19 +65,12 @@ def validate_ndim(x: Tensor, allowed: tuple[int, ...], layer: str) -> None:
 
 
 def validate_residual(x: Tensor, residual: Tensor | None) -> None:
-    if residual is None:
-        return
-    if not isinstance(residual, Tensor):
-        raise TypeError(f"residual must be a Tensor, got {type(residual).__name__}")
-    if residual.shape != x.shape:
+    """A residual that must go into the kernels as it is (SequenceBatchNorm reshapes it with
+    its input): x's shape, dtype and device (`residual_fuses`)."""
+    if residual is not None and not residual_fuses(x, residual):
         raise ValueError(
-            f"residual has shape {tuple(residual.shape)} but the input has {tuple(x.shape)}; "
-            "the residual is added elementwise before the activation and must match"
-        )
-    if residual.device != x.device or residual.dtype != x.dtype:
-        raise ValueError(
-            f"residual is {residual.dtype} on {residual.device} but the input is {x.dtype} on "
-            f"{x.device}; convert it with residual.to(x)"
+            f"residual is {residual.dtype} of shape {tuple(residual.shape)} but the input is {x.dtype} of shape "
+            f"{tuple(x.shape)}; here the residual is added elementwise and must match (residual.to(x) for the dtype)"
         )
 
 
